@@ -1,0 +1,1 @@
+//! Fused slice kernels (see the module docs of each pass).

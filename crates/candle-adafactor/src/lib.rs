@@ -1,0 +1,14 @@
+//! Keras 3 `Adafactor` for [candle](https://github.com/huggingface/candle), step-exact with
+//! Keras 3.15.1, with the memory savings Adafactor promises.
+//!
+//! See [`Adafactor`] for the optimizer and [`AdafactorConfig`] for its arguments.
+#![deny(missing_docs)]
+
+mod composed;
+mod fused;
+mod optimizer;
+mod slot;
+mod weights;
+
+pub use adafactor::{AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite};
+pub use optimizer::{Adafactor, DataPath};
