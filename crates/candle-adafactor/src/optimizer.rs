@@ -464,11 +464,7 @@ impl Adafactor {
     fn apply_checked(&mut self, items: Vec<(usize, Tensor)>) -> Result<()> {
         let plan = StepPlan::new(&self.config, self.raw_iterations);
         let check_finite = self.config.on_nonfinite != OnNonFinite::Propagate;
-        let use_fused = self.config.jit_compile
-            && items
-                .iter()
-                .all(|(i, g)| fused::supports(&self.slots[*i].var) && fused::supports(g))
-            && self.slots.iter().all(|s| fused::supports(&s.var));
+        let use_fused = self.config.jit_compile && fused::eligible(self, &items);
         let finite = if use_fused {
             fused::apply(self, &items, &plan, check_finite)?
         } else {

@@ -1,1 +1,237 @@
-//! Fused slice kernels (see the module docs of each pass).
+//! Fused slice kernels: one Adafactor update in three streaming passes, no full-size temporary.
+//!
+//! For a factored variable (`lead` slices of `n x m`):
+//! 1. [`factored::pass1`] reads the gradient (and the weight, for RMS(x) after weight decay) once
+//!    and accumulates row and column sums of `g^2`. The statistics update is then O(n + m)
+//!    ([`factored::prepare`]).
+//! 2. [`factored::pass2`] reads the gradient again for RMS(u), with `1/sqrt(v_ij) = a_i * b_j`
+//!    from per-row and per-column factors (no per-element square root).
+//! 3. [`factored::pass3`] reads gradient and weight once and writes the weight.
+//!
+//! That is 24 bytes per float32 parameter. Rank 0 and 1 variables use the same idea with their
+//! velocity ([`vector`]). Reductions run in blocks of at most [`CHUNK`] float32 lanes that are
+//! summed in `f64`, so the result does not depend on the number of threads.
+//!
+//! Every kernel takes `&[T]`/`&mut [T]` for `T` in `f32`, `bf16`, `f16` ([`Element`]); statistics
+//! are always `f32` and the update is computed in `f32` and rounded once.
+
+pub mod elementwise;
+pub mod factored;
+pub mod vector;
+
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+
+/// Elements per block of a blocked reduction (f32 partial sums, then f64 across blocks).
+pub const CHUNK: usize = 1024;
+
+/// Tensors with fewer elements than this run on the calling thread: many small tensors are
+/// parallelised across tensors by the caller, not inside each one.
+pub const PARALLEL_THRESHOLD: usize = 1 << 16;
+
+/// Target elements per parallel work unit of one large tensor.
+pub const UNIT_ELEMS: usize = 1 << 15;
+
+/// A weight or gradient element type: converted to `f32` for all arithmetic.
+pub trait Element: Copy + Send + Sync + 'static {
+    /// Converts a slice to `f32` (`out.len() == src.len()`).
+    fn load(src: &[Self], out: &mut [f32]);
+    /// Rounds a slice of `f32` into this type (`out.len() == src.len()`).
+    fn store(src: &[f32], out: &mut [Self]);
+}
+
+impl Element for f32 {
+    #[inline]
+    fn load(src: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(src);
+    }
+    #[inline]
+    fn store(src: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(src);
+    }
+}
+
+impl Element for bf16 {
+    #[inline]
+    fn load(src: &[bf16], out: &mut [f32]) {
+        src.convert_to_f32_slice(out);
+    }
+    #[inline]
+    fn store(src: &[f32], out: &mut [bf16]) {
+        out.convert_from_f32_slice(src);
+    }
+}
+
+impl Element for f16 {
+    #[inline]
+    fn load(src: &[f16], out: &mut [f32]) {
+        src.convert_to_f32_slice(out);
+    }
+    #[inline]
+    fn store(src: &[f32], out: &mut [f16]) {
+        out.convert_from_f32_slice(src);
+    }
+}
+
+/// How a stored gradient element becomes the effective gradient, in Keras's order: unscale by
+/// `loss_scale_factor`, average with the accumulator, clamp by `clipvalue`. Norm clipping is a
+/// scale applied by the passes themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct GradTransform {
+    /// `g / loss_scale_factor`.
+    pub loss_scale: Option<f32>,
+    /// `(g + acc) / k` on the update call of gradient accumulation (needs `acc`).
+    pub accumulate_steps: Option<f32>,
+    /// Clamp to `[-v, v]`.
+    pub clip_value: Option<f32>,
+}
+
+/// The gradient of one variable as the kernels read it.
+#[derive(Debug, Clone, Copy)]
+pub struct Grad<'a, T> {
+    /// The stored gradient.
+    pub g: &'a [T],
+    /// The accumulator, read on the update call of gradient accumulation.
+    pub acc: Option<&'a [f32]>,
+    /// The element transform.
+    pub transform: GradTransform,
+}
+
+impl<'a, T: Element> Grad<'a, T> {
+    /// A plain gradient with no transform.
+    pub fn plain(g: &'a [T]) -> Self {
+        Grad {
+            g,
+            acc: None,
+            transform: GradTransform::default(),
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.g.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.g.is_empty()
+    }
+
+    /// Writes the effective gradient of elements `start..start + out.len()` into `out`.
+    #[inline]
+    pub fn load(&self, start: usize, out: &mut [f32]) {
+        self.load_impl(start, out, false);
+    }
+
+    /// [`Grad::load`], also returning 0 when the unscaled gradient is finite and NaN when it
+    /// holds NaN or infinity (checked before accumulation and clamping, which could hide it).
+    #[inline]
+    pub fn load_checked(&self, start: usize, out: &mut [f32]) -> f32 {
+        self.load_impl(start, out, true)
+    }
+
+    #[inline(always)]
+    fn load_impl(&self, start: usize, out: &mut [f32], check: bool) -> f32 {
+        let end = start + out.len();
+        T::load(&self.g[start..end], out);
+        let t = self.transform;
+        if let Some(l) = t.loss_scale {
+            out.iter_mut().for_each(|o| *o /= l);
+        }
+        let probe = if check { nonfinite_probe(out) } else { 0.0 };
+        if let (Some(k), Some(acc)) = (t.accumulate_steps, self.acc) {
+            for (o, a) in out.iter_mut().zip(&acc[start..end]) {
+                *o = (*o + *a) / k;
+            }
+        }
+        if let Some(v) = t.clip_value {
+            // `clamp` keeps NaN, as Keras's clip does.
+            out.iter_mut().for_each(|o| *o = o.clamp(-v, v));
+        }
+        probe
+    }
+}
+
+/// Decoupled weight decay `x - x * wd * lr`, applied on the fly.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decay {
+    /// `weight_decay`.
+    pub weight_decay: f32,
+    /// The raw learning rate.
+    pub learning_rate: f32,
+}
+
+impl Decay {
+    /// The decayed value, rounded as Keras rounds it.
+    #[inline(always)]
+    pub fn apply(self, x: f32) -> f32 {
+        x - x * self.weight_decay * self.learning_rate
+    }
+}
+
+/// Applies an optional decay to a buffer in place.
+#[inline]
+pub(crate) fn decay_in_place(decay: Option<Decay>, x: &mut [f32]) {
+    if let Some(d) = decay {
+        x.iter_mut().for_each(|v| *v = d.apply(*v));
+    }
+}
+
+/// Sum of squares of a buffer, blocked: f32 lanes within the buffer, returned as f64.
+#[inline]
+pub(crate) fn sum_sq(x: &[f32]) -> f64 {
+    let mut total = 0f64;
+    for block in x.chunks(CHUNK) {
+        let mut lanes = [0f32; 8];
+        let mut it = block.chunks_exact(8);
+        for c in &mut it {
+            for l in 0..8 {
+                lanes[l] += c[l] * c[l];
+            }
+        }
+        let mut s: f32 = it.remainder().iter().map(|v| v * v).sum();
+        s += lanes.iter().sum::<f32>();
+        total += s as f64;
+    }
+    total
+}
+
+/// `x * 0` summed: 0 when every element is finite, NaN otherwise.
+#[inline]
+pub(crate) fn nonfinite_probe(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for l in 0..8 {
+            lanes[l] += c[l] * 0.0;
+        }
+    }
+    it.remainder().iter().map(|v| v * 0.0).sum::<f32>() + lanes.iter().sum::<f32>()
+}
+
+/// Runs `f` over work units, in parallel when `parallel`, keeping the units' order in the
+/// results (so reductions are deterministic).
+pub(crate) fn map_units<U: Send, R: Send>(
+    units: Vec<U>,
+    parallel: bool,
+    f: impl Fn(U) -> R + Sync + Send,
+) -> Vec<R> {
+    if parallel && units.len() > 1 {
+        units.into_par_iter().map(f).collect()
+    } else {
+        units.into_iter().map(f).collect()
+    }
+}
+
+/// Rows per work unit for `rows` rows of `m` elements: about [`UNIT_ELEMS`] elements, and at
+/// most four units per thread so column partial sums stay small.
+pub(crate) fn rows_per_unit(rows: usize, m: usize) -> usize {
+    let by_size = (UNIT_ELEMS / m.max(1)).max(1);
+    let max_units = 4 * rayon::current_num_threads().max(1);
+    by_size.max(rows.div_ceil(max_units)).max(1)
+}
+
+/// Whether a tensor of `len` elements is split across threads.
+pub(crate) fn parallel_for(len: usize) -> bool {
+    len >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1
+}

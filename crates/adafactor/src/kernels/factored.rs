@@ -1,0 +1,271 @@
+//! The three passes for a factored variable (rank >= 2: `lead` slices of `n x m`).
+
+use super::{decay_in_place, map_units, parallel_for, rows_per_unit, Decay, Element, Grad, CHUNK};
+use crate::state::Factoring;
+use rayon::prelude::*;
+
+/// Column partial sums are flushed from f32 to f64 every this many rows.
+const COLUMN_FLUSH_ROWS: usize = 32;
+
+/// What pass 1 learns about a factored variable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pass1 {
+    /// Sum of `g^2` over the last axis, per row (`lead * n`).
+    pub row_sums: Vec<f64>,
+    /// Sum of `g^2` over the second-to-last axis, per column (`lead * m`).
+    pub col_sums: Vec<f64>,
+    /// Sum of `g^2` over the whole tensor (for clipnorm and global_clipnorm).
+    pub sum_sq_grad: f64,
+    /// Sum of `x^2` of the weight after weight decay (for RMS(x)).
+    pub sum_sq_x: f64,
+    /// False when the unscaled gradient holds NaN or infinity (only checked when asked).
+    pub finite: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    slice: usize,
+    row0: usize,
+    rows: usize,
+}
+
+fn units(f: Factoring, parallel: bool) -> Vec<Unit> {
+    let rpu = if parallel {
+        rows_per_unit(f.lead * f.n, f.m).min(f.n.max(1))
+    } else {
+        f.n.max(1)
+    };
+    let mut out = Vec::new();
+    for slice in 0..f.lead {
+        let mut r = 0;
+        while r < f.n {
+            let rows = rpu.min(f.n - r);
+            out.push(Unit {
+                slice,
+                row0: slice * f.n + r,
+                rows,
+            });
+            r += rows;
+        }
+    }
+    out
+}
+
+/// Sum of squares of `g` (blocked, returned in f64) while adding each square into `col`.
+#[inline]
+fn row_sq_and_cols(g: &[f32], col: &mut [f32]) -> f64 {
+    let mut total = 0f64;
+    for (gb, cb) in g.chunks(CHUNK).zip(col.chunks_mut(CHUNK)) {
+        let mut lanes = [0f32; 8];
+        let mut gi = gb.chunks_exact(8);
+        let mut ci = cb.chunks_exact_mut(8);
+        for (gc, cc) in (&mut gi).zip(&mut ci) {
+            for l in 0..8 {
+                let e2 = gc[l] * gc[l];
+                lanes[l] += e2;
+                cc[l] += e2;
+            }
+        }
+        let mut s = 0f32;
+        for (g, c) in gi.remainder().iter().zip(ci.into_remainder()) {
+            let e2 = g * g;
+            s += e2;
+            *c += e2;
+        }
+        total += (s + lanes.iter().sum::<f32>()) as f64;
+    }
+    total
+}
+
+/// Pass 1: row and column sums of the effective gradient squared, the weight's sum of squares
+/// after weight decay, and (when `check_finite`) whether the gradient is finite.
+pub fn pass1<T: Element>(
+    grad: &Grad<'_, T>,
+    x: &[T],
+    decay: Option<Decay>,
+    f: Factoring,
+    check_finite: bool,
+) -> Pass1 {
+    let m = f.m;
+    let parallel = parallel_for(f.len());
+    let outs = map_units(units(f, parallel), parallel, |u| {
+        let mut gbuf = vec![0f32; m];
+        let mut xbuf = vec![0f32; m];
+        let mut col32 = vec![0f32; m];
+        let mut col64 = vec![0f64; m];
+        let mut rows = Vec::with_capacity(u.rows);
+        let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
+        let flush = |col32: &mut [f32], col64: &mut [f64]| {
+            for (a, b) in col64.iter_mut().zip(col32.iter_mut()) {
+                *a += *b as f64;
+                *b = 0.0;
+            }
+        };
+        for k in 0..u.rows {
+            let base = (u.row0 + k) * m;
+            if check_finite {
+                probe += grad.load_checked(base, &mut gbuf);
+            } else {
+                grad.load(base, &mut gbuf);
+            }
+            let rs = row_sq_and_cols(&gbuf, &mut col32);
+            rows.push(rs);
+            se += rs;
+            T::load(&x[base..base + m], &mut xbuf);
+            decay_in_place(decay, &mut xbuf);
+            sx += super::sum_sq(&xbuf);
+            if (k + 1) % COLUMN_FLUSH_ROWS == 0 {
+                flush(&mut col32, &mut col64);
+            }
+        }
+        flush(&mut col32, &mut col64);
+        (u, rows, col64, se, sx, probe)
+    });
+    let mut out = Pass1 {
+        row_sums: vec![0.0; f.lead * f.n],
+        col_sums: vec![0.0; f.lead * m],
+        sum_sq_grad: 0.0,
+        sum_sq_x: 0.0,
+        finite: true,
+    };
+    for (u, rows, col, se, sx, probe) in outs {
+        out.row_sums[u.row0..u.row0 + u.rows].copy_from_slice(&rows);
+        for (a, b) in out.col_sums[u.slice * m..(u.slice + 1) * m]
+            .iter_mut()
+            .zip(&col)
+        {
+            *a += b;
+        }
+        out.sum_sq_grad += se;
+        out.sum_sq_x += sx;
+        out.finite &= probe == 0.0;
+    }
+    out
+}
+
+/// New statistics and the per-row and per-column factors of `1/sqrt(v)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// New row statistics `r` (`lead * n`).
+    pub r: Vec<f32>,
+    /// New column statistics `c` (`lead * m`).
+    pub c: Vec<f32>,
+    /// `a_i = sqrt(mean(r) / r_i)`, the row factor of `1/sqrt(v_ij)`.
+    pub row_factor: Vec<f32>,
+    /// `b_j = 1 / sqrt(c_j)`, the column factor of `1/sqrt(v_ij)`.
+    pub col_factor: Vec<f32>,
+}
+
+/// The O(n + m) statistics update: `r = b2 r + (1 - b2) mean_j(q)`, `c` likewise with
+/// `q = (s g)^2 + eps1`, `s` the norm-clipping scale; then `v_ij = r_i c_j / mean(r)` in
+/// factored form.
+pub fn prepare(
+    p1: &Pass1,
+    r_old: &[f32],
+    c_old: &[f32],
+    f: Factoring,
+    beta2: f32,
+    epsilon_1: f32,
+    grad_scale: f32,
+) -> Prepared {
+    let s2 = (grad_scale as f64) * (grad_scale as f64);
+    let mean_q = |sum: f64, count: usize| (sum * s2 / count as f64 + epsilon_1 as f64) as f32;
+    let ema = |old: f32, q: f32| beta2 * old + (1.0 - beta2) * q;
+    let r: Vec<f32> = p1
+        .row_sums
+        .iter()
+        .zip(r_old)
+        .map(|(s, old)| ema(*old, mean_q(*s, f.m)))
+        .collect();
+    let c: Vec<f32> = p1
+        .col_sums
+        .iter()
+        .zip(c_old)
+        .map(|(s, old)| ema(*old, mean_q(*s, f.n)))
+        .collect();
+    let mut row_factor = vec![0f32; r.len()];
+    if f.n > 0 {
+        for (rs, af) in r.chunks(f.n).zip(row_factor.chunks_mut(f.n)) {
+            let mean = (rs.iter().map(|v| *v as f64).sum::<f64>() / f.n as f64) as f32;
+            for (a, ri) in af.iter_mut().zip(rs) {
+                *a = (mean as f64 / *ri as f64).sqrt() as f32;
+            }
+        }
+    }
+    let col_factor = c
+        .iter()
+        .map(|cj| (1.0 / (*cj as f64).sqrt()) as f32)
+        .collect();
+    Prepared {
+        r,
+        c,
+        row_factor,
+        col_factor,
+    }
+}
+
+/// Pass 2: `sum(u^2)` with `u_ij = s g_ij a_i b_j`, for RMS(u).
+pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_scale: f32) -> f64 {
+    let m = f.m;
+    let parallel = parallel_for(f.len());
+    let s2 = (grad_scale as f64) * (grad_scale as f64);
+    let sums = map_units(units(f, parallel), parallel, |u| {
+        let mut gbuf = vec![0f32; m];
+        let b = &p.col_factor[u.slice * m..(u.slice + 1) * m];
+        let mut total = 0f64;
+        for k in 0..u.rows {
+            let row = u.row0 + k;
+            grad.load(row * m, &mut gbuf);
+            for (g, bj) in gbuf.iter_mut().zip(b) {
+                *g *= bj;
+            }
+            let a = p.row_factor[row] as f64;
+            total += super::sum_sq(&gbuf) * a * a;
+        }
+        total
+    });
+    sums.iter().sum::<f64>() * s2
+}
+
+/// Pass 3: `x = decay(x) - coef * a_i * g_ij * b_j`, with `coef = alpha * s / max(1, RMS(u)/d)`.
+pub fn pass3<T: Element>(
+    x: &mut [T],
+    grad: &Grad<'_, T>,
+    p: &Prepared,
+    f: Factoring,
+    coef: f32,
+    decay: Option<Decay>,
+) {
+    let m = f.m;
+    if m == 0 || f.n == 0 {
+        return;
+    }
+    let parallel = parallel_for(f.len());
+    let rows_chunk = if parallel {
+        rows_per_unit(f.lead * f.n, m)
+    } else {
+        f.lead * f.n
+    };
+    let body = |(ci, xs): (usize, &mut [T])| {
+        let mut gbuf = vec![0f32; m];
+        let mut xbuf = vec![0f32; m];
+        for (k, xrow) in xs.chunks_mut(m).enumerate() {
+            let row = ci * rows_chunk + k;
+            let slice = row / f.n;
+            let b = &p.col_factor[slice * m..(slice + 1) * m];
+            let ca = coef * p.row_factor[row];
+            grad.load(row * m, &mut gbuf);
+            T::load(xrow, &mut xbuf);
+            decay_in_place(decay, &mut xbuf);
+            for ((xv, g), bj) in xbuf.iter_mut().zip(&gbuf).zip(b) {
+                *xv -= ca * g * bj;
+            }
+            T::store(&xbuf, xrow);
+        }
+    };
+    if parallel {
+        x.par_chunks_mut(rows_chunk * m).enumerate().for_each(body);
+    } else {
+        x.chunks_mut(rows_chunk * m).enumerate().for_each(body);
+    }
+}
