@@ -220,17 +220,20 @@ impl AdafactorConfig {
     /// # Errors
     /// With Keras's message: two clip options at once; `gradient_accumulation_steps < 2`;
     /// `ema_momentum` outside [0, 1]; `ema_overwrite_frequency` 0. Ours: a negative or non-finite
-    /// learning rate, epsilon, weight decay or clip value; `clip_threshold <= 0`;
+    /// learning rate (or a constant one beyond float32's range), epsilon, weight decay or clip
+    /// value; `clip_threshold <= 0`;
     /// `loss_scale_factor <= 0`; `beta_2_decay > 0` or non-finite; an invalid schedule.
     pub fn validate(&self) -> Result<()> {
         match &self.learning_rate {
             LearningRate::Constant(lr) => {
-                if !(lr.is_finite() && *lr >= 0.0) {
+                // Keras keeps a constant in a float32 variable (and `get_config` writes it
+                // rounded), so it must also be finite as a float32.
+                if !(lr.is_finite() && *lr >= 0.0 && (*lr as f32).is_finite()) {
                     return Err(Error::invalid(
                         "learning_rate",
                         format!(
-                            "Argument `learning_rate` must be a finite float >= 0. \
-                             Received: learning_rate={lr}"
+                            "Argument `learning_rate` must be a finite float >= 0 (and at most \
+                             float32's maximum). Received: learning_rate={lr}"
                         ),
                     ));
                 }

@@ -146,7 +146,7 @@ impl StepPlan {
         let iterations = completed_updates(cfg, raw_iteration);
         let accumulation = match cfg.gradient_accumulation_steps {
             Some(k) if k >= 2 => {
-                if (raw_iteration + 1) % k == 0 {
+                if (raw_iteration + 1).is_multiple_of(k) {
                     Accumulation::Apply { steps: k }
                 } else {
                     Accumulation::Accumulate
@@ -177,7 +177,7 @@ impl StepPlan {
             },
             overwrite: cfg
                 .ema_overwrite_frequency
-                .is_some_and(|f| f > 0 && (iterations + 1) % f == 0),
+                .is_some_and(|f| f > 0 && (iterations + 1).is_multiple_of(f)),
         });
         StepPlan {
             raw_iteration,

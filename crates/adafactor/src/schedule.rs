@@ -357,7 +357,8 @@ impl LearningRateSchedule {
         }
     }
 
-    /// The learning rate at raw step `step`, computed in float32 as Keras does.
+    /// The learning rate at raw step `step`, computed in float32 as Keras does. Never panics;
+    /// a schedule that fails [`LearningRateSchedule::validate`] may give NaN.
     pub fn value(&self, step: u64) -> f32 {
         let s = step as f32;
         match self {
@@ -381,7 +382,12 @@ impl LearningRateSchedule {
                     .iter()
                     .position(|b| s <= *b as f32)
                     .unwrap_or(boundaries.len());
-                values[idx] as f32
+                // A validated schedule has one more value than boundaries; one built by hand
+                // with fewer values takes its last value (or NaN with none) instead of panicking.
+                values
+                    .get(idx)
+                    .or(values.last())
+                    .map_or(f32::NAN, |v| *v as f32)
             }
             Self::PolynomialDecay {
                 initial_learning_rate,

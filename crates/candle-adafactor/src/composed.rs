@@ -125,7 +125,11 @@ pub(crate) fn compute(
     }
 
     for (slot, n) in slots.iter().zip(new.iter_mut()) {
-        if let Some(x) = n.x.take() {
+        if slot.var.elem_count() == 0 {
+            // Nothing to write; and candle returns an empty operand as is, so `x` may share the
+            // variable's storage, which `Var::set` would refuse at commit.
+            n.x = None;
+        } else if let Some(x) = n.x.take() {
             n.x = Some(x.to_dtype(slot.var.dtype())?.contiguous()?);
         }
     }
@@ -158,6 +162,8 @@ fn clip(grads: &mut [(usize, Tensor)], clip: Clip) -> Result<()> {
                 total += sum_sq(g)?;
             }
             let norm = total.sqrt();
+            // `norm - norm` is Keras's way to turn a non-finite norm into NaN.
+            #[allow(clippy::eq_op)]
             let scale = gc * (1.0 / norm).min(1.0 / gc) + (norm - norm);
             for (_, g) in grads.iter_mut() {
                 *g = mul(g, scale)?;

@@ -407,6 +407,8 @@ fn clip_scales(clip: Clip, first: &[First]) -> Vec<f32> {
             .collect(),
         Clip::GlobalNorm(gc) => {
             let norm = (first.iter().map(First::sum_sq_grad).sum::<f64>() as f32).sqrt();
+            // `norm - norm` is Keras's way to turn a non-finite norm into NaN.
+            #[allow(clippy::eq_op)]
             let scale = gc * (1.0 / norm).min(1.0 / gc) + (norm - norm);
             vec![scale; first.len()]
         }

@@ -77,6 +77,38 @@ fn row_sq_and_cols(g: &[f32], col: &mut [f32]) -> f64 {
     total
 }
 
+/// `x_j -= ca * g_j * b_j`.
+#[inline]
+fn update_row(x: &mut [f32], g: &[f32], b: &[f32], ca: f32) {
+    for ((xv, g), bj) in x.iter_mut().zip(g).zip(b) {
+        *xv -= ca * g * bj;
+    }
+}
+
+/// `sum_j (g_j * b_j)^2`, blocked like [`super::sum_sq`].
+#[inline]
+fn weighted_sum_sq(g: &[f32], b: &[f32]) -> f64 {
+    let mut total = 0f64;
+    for (gb, bb) in g.chunks(CHUNK).zip(b.chunks(CHUNK)) {
+        let mut lanes = [0f32; 8];
+        let mut gi = gb.chunks_exact(8);
+        let mut bi = bb.chunks_exact(8);
+        for (gc, bc) in (&mut gi).zip(&mut bi) {
+            for l in 0..8 {
+                let u = gc[l] * bc[l];
+                lanes[l] += u * u;
+            }
+        }
+        let mut s = 0f32;
+        for (g, b) in gi.remainder().iter().zip(bi.remainder()) {
+            let u = g * b;
+            s += u * u;
+        }
+        total += (s + lanes.iter().sum::<f32>()) as f64;
+    }
+    total
+}
+
 /// Pass 1: row and column sums of the effective gradient squared, the weight's sum of squares
 /// after weight decay, and (when `check_finite`) whether the gradient is finite.
 pub fn pass1<T: Element>(
@@ -103,17 +135,16 @@ pub fn pass1<T: Element>(
         };
         for k in 0..u.rows {
             let base = (u.row0 + k) * m;
-            if check_finite {
-                probe += grad.load_checked(base, &mut gbuf);
-            } else {
-                grad.load(base, &mut gbuf);
-            }
-            let rs = row_sq_and_cols(&gbuf, &mut col32);
+            let g = grad.view(base, &mut gbuf);
+            let rs = row_sq_and_cols(g, &mut col32);
             rows.push(rs);
             se += rs;
-            T::load(&x[base..base + m], &mut xbuf);
-            decay_in_place(decay, &mut xbuf);
-            sx += super::sum_sq(&xbuf);
+            if check_finite && !rs.is_finite() {
+                // Rare: a NaN or infinity, or a finite value whose square overflows. Decide on
+                // the unscaled values themselves.
+                probe += grad.load_checked(base, &mut gbuf);
+            }
+            sx += super::sum_sq(super::decayed_view(&x[base..base + m], decay, &mut xbuf));
             if (k + 1) % COLUMN_FLUSH_ROWS == 0 {
                 flush(&mut col32, &mut col64);
             }
@@ -215,12 +246,8 @@ pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_sc
         let mut total = 0f64;
         for k in 0..u.rows {
             let row = u.row0 + k;
-            grad.load(row * m, &mut gbuf);
-            for (g, bj) in gbuf.iter_mut().zip(b) {
-                *g *= bj;
-            }
             let a = p.row_factor[row] as f64;
-            total += super::sum_sq(&gbuf) * a * a;
+            total += weighted_sum_sq(grad.view(row * m, &mut gbuf), b) * a * a;
         }
         total
     });
@@ -254,12 +281,16 @@ pub fn pass3<T: Element>(
             let slice = row / f.n;
             let b = &p.col_factor[slice * m..(slice + 1) * m];
             let ca = coef * p.row_factor[row];
-            grad.load(row * m, &mut gbuf);
+            let g = grad.view(row * m, &mut gbuf);
+            if decay.is_none() {
+                if let Some(xs) = T::as_f32_mut(xrow) {
+                    update_row(xs, g, b, ca);
+                    continue;
+                }
+            }
             T::load(xrow, &mut xbuf);
             decay_in_place(decay, &mut xbuf);
-            for ((xv, g), bj) in xbuf.iter_mut().zip(&gbuf).zip(b) {
-                *xv -= ca * g * bj;
-            }
+            update_row(&mut xbuf, g, b, ca);
             T::store(&xbuf, xrow);
         }
     };

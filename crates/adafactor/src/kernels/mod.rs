@@ -38,6 +38,16 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn load(src: &[Self], out: &mut [f32]);
     /// Rounds a slice of `f32` into this type (`out.len() == src.len()`).
     fn store(src: &[f32], out: &mut [Self]);
+    /// The slice itself when this type is `f32` (lets kernels skip a conversion buffer).
+    #[inline]
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    /// The mutable slice itself when this type is `f32`.
+    #[inline]
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 impl Element for f32 {
@@ -48,6 +58,14 @@ impl Element for f32 {
     #[inline]
     fn store(src: &[f32], out: &mut [f32]) {
         out.copy_from_slice(src);
+    }
+    #[inline]
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+    #[inline]
+    fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
+        Some(s)
     }
 }
 
@@ -117,6 +135,19 @@ impl<'a, T: Element> Grad<'a, T> {
         self.g.is_empty()
     }
 
+    /// The effective gradient of elements `start..start + buf.len()`: the stored slice itself
+    /// for a plain `f32` gradient, else converted into `buf`.
+    #[inline]
+    pub fn view<'b>(&'b self, start: usize, buf: &'b mut [f32]) -> &'b [f32] {
+        if self.acc.is_none() && self.transform == GradTransform::default() {
+            if let Some(g) = T::as_f32(&self.g[start..start + buf.len()]) {
+                return g;
+            }
+        }
+        self.load(start, buf);
+        buf
+    }
+
     /// Writes the effective gradient of elements `start..start + out.len()` into `out`.
     #[inline]
     pub fn load(&self, start: usize, out: &mut [f32]) {
@@ -167,6 +198,24 @@ impl Decay {
     pub fn apply(self, x: f32) -> f32 {
         x - x * self.weight_decay * self.learning_rate
     }
+}
+
+/// The weight values of `x` after the optional decay: the slice itself for undecayed `f32`,
+/// else converted (and decayed) into `buf`.
+#[inline]
+pub(crate) fn decayed_view<'b, T: Element>(
+    x: &'b [T],
+    decay: Option<Decay>,
+    buf: &'b mut [f32],
+) -> &'b [f32] {
+    if decay.is_none() {
+        if let Some(v) = T::as_f32(x) {
+            return v;
+        }
+    }
+    T::load(x, buf);
+    decay_in_place(decay, buf);
+    buf
 }
 
 /// Applies an optional decay to a buffer in place.
