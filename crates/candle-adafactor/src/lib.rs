@@ -4,6 +4,7 @@
 //! See [`Adafactor`] for the optimizer and [`AdafactorConfig`] for its arguments.
 #![deny(missing_docs)]
 
+mod checkpoint;
 mod composed;
 mod fused;
 mod optimizer;
@@ -11,4 +12,10 @@ mod slot;
 mod weights;
 
 pub use adafactor::{AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite};
+pub use checkpoint::{StateDict, STATE_FORMAT, STATE_FORMAT_VERSION};
 pub use optimizer::{Adafactor, DataPath};
+
+/// The README's code samples, compiled and run as doctests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,1292 @@
+//! Optimizer state checkpoints (safetensors) for exact resume, and Keras state interop.
+//!
+//! The format is documented on [`StateDict`]; the Keras mapping on
+//! [`Adafactor::set_keras_weights`].
+
+use crate::optimizer::{core_err, err, Adafactor};
+use adafactor::{AdafactorConfig, LearningRate};
+use candle_core::{DType, Device, Result, Tensor};
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, View};
+use serde_json::Value;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// The `format` metadata value of an optimizer checkpoint.
+pub const STATE_FORMAT: &str = "candle-adafactor.optimizer-state";
+
+/// The checkpoint format version this library writes; it reads this version and older ones.
+pub const STATE_FORMAT_VERSION: u32 = 1;
+
+/// Relative tolerance of the check that a Keras velocity equals `r_i * c_j / mean(r)`
+/// ([`Adafactor::set_keras_weights`]): Keras computes it in float32 with its own reduction order.
+const VELOCITY_RTOL: f32 = 1e-5;
+
+/// One stored tensor: raw little-endian bytes, as in the file.
+#[derive(Debug, Clone, PartialEq)]
+struct Entry {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &Entry {
+    fn dtype(&self) -> StDtype {
+        // Only dtypes accepted by `st_dtype` are ever stored.
+        st_dtype(self.dtype).unwrap_or(StDtype::U8)
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// An optimizer checkpoint in memory: the state tensors, the Keras config and the format
+/// version. Made by [`Adafactor::state_dict`] or read from safetensors bytes or a file; always
+/// internally consistent (every tensor the config and variables call for, with the right dtype
+/// and shape, and nothing else).
+///
+/// # Format (version 1)
+/// A checkpoint is a safetensors file. Its tensors, keyed by name, are exactly the optimizer's
+/// [`Adafactor::variables`] plus the skipped-step counter, all bit-exact (float32 stays float32):
+///
+/// | tensor | dtype, shape | what |
+/// | --- | --- | --- |
+/// | `iteration` | i64 `[]` | Keras `_iterations`, the raw call count |
+/// | `learning_rate` | f32 `[]` | only for a constant learning rate (equal to the config's) |
+/// | `{name}/average` | f32, the variable's shape | EMA average (with `use_ema`) |
+/// | `{name}/accumulator` | f32, the variable's shape | gradient accumulator (with accumulation) |
+/// | `{name}/r`, `{name}/c` | f32 `[..., n]`, `[..., m]` | row and column statistics (rank >= 2) |
+/// | `{name}/v` | f32, the variable's shape | second moment (rank 0 and 1) |
+/// | any name | its own dtype and shape | variables made by [`Adafactor::add_variable`] |
+/// | `skipped_steps` | i64 `[]` | steps skipped for a non-finite gradient |
+///
+/// The safetensors metadata holds `format` ([`STATE_FORMAT`]), `format_version`
+/// ([`STATE_FORMAT_VERSION`]), `keras_config` (the Keras `get_config()` JSON), `variables` (the
+/// optimizer's variables as `[{"name", "shape"}]`, in build order), `extra_variables` (the names
+/// made by `add_variable`), `checksum` (FNV-1a 64 of every tensor's name and bytes, so that
+/// corrupted data is detected) and `producer`.
+///
+/// Loading matches variables by name (not position), checks everything first and changes nothing
+/// on error. The weight-decay exclusions of [`Adafactor::exclude_from_weight_decay`] are not part
+/// of the state (Keras does not save them either): set them again after building.
+///
+/// ```
+/// use candle_adafactor::{Adafactor, AdafactorConfig, StateDict};
+/// use candle_core::{Device, Tensor, Var};
+/// # fn main() -> candle_core::Result<()> {
+/// let w = Var::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu)?;
+/// let mut opt = Adafactor::new_named(vec![("w".into(), w.clone())], AdafactorConfig::default())?;
+/// opt.apply_gradients(&[(Some(&Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &Device::Cpu)?), &w)])?;
+/// let bytes = opt.state_dict()?.to_safetensors_bytes()?;
+/// let sd = StateDict::from_safetensors_bytes(&bytes)?;
+/// assert_eq!(sd.raw_iterations(), 1);
+/// assert_eq!(sd.names(), ["iteration", "learning_rate", "w/r", "w/c", "skipped_steps"]);
+/// assert_eq!(sd.tensor("w/r")?.dims(), [2]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateDict {
+    format_version: u32,
+    /// The Keras config as JSON text, kept verbatim so that a file round trip is lossless.
+    keras_config: String,
+    variables: Vec<(String, Vec<usize>)>,
+    extras: Vec<String>,
+    entries: Vec<Entry>,
+}
+
+/// What a stored tensor holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Part {
+    Iteration,
+    LearningRate,
+    Average(usize),
+    Accumulator(usize),
+    /// Statistic `k` (`r`, `c` or `v`) of variable `i`.
+    Stat(usize, usize),
+    Extra(usize),
+    SkippedSteps,
+}
+
+/// A tensor the layout calls for.
+struct Item {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    part: Part,
+}
+
+/// The statistics of a variable of `shape`: `r` and `c`, or `v`, with their shapes.
+fn stat_shapes(shape: &[usize]) -> Vec<(&'static str, Vec<usize>)> {
+    let rank = shape.len();
+    if rank >= 2 {
+        let r = shape[..rank - 1].to_vec();
+        let mut c = shape[..rank - 2].to_vec();
+        c.push(shape[rank - 1]);
+        vec![("r", r), ("c", c)]
+    } else {
+        vec![("v", shape.to_vec())]
+    }
+}
+
+/// Every tensor a checkpoint of this config, these variables and these extras holds, in
+/// [`Adafactor::variables`] order, then `skipped_steps`.
+fn layout(
+    cfg: &AdafactorConfig,
+    vars: &[(String, Vec<usize>)],
+    extras: &[(String, DType, Vec<usize>)],
+) -> Vec<Item> {
+    let item = |name: String, dtype, shape: &[usize], part| Item {
+        name,
+        dtype,
+        shape: shape.to_vec(),
+        part,
+    };
+    let mut out = vec![item("iteration".into(), DType::I64, &[], Part::Iteration)];
+    if let LearningRate::Constant(_) = cfg.learning_rate {
+        out.push(item(
+            "learning_rate".into(),
+            DType::F32,
+            &[],
+            Part::LearningRate,
+        ));
+    }
+    if cfg.use_ema {
+        for (i, (name, shape)) in vars.iter().enumerate() {
+            out.push(item(
+                format!("{name}/average"),
+                DType::F32,
+                shape,
+                Part::Average(i),
+            ));
+        }
+    }
+    if cfg.gradient_accumulation_steps.is_some() {
+        for (i, (name, shape)) in vars.iter().enumerate() {
+            out.push(item(
+                format!("{name}/accumulator"),
+                DType::F32,
+                shape,
+                Part::Accumulator(i),
+            ));
+        }
+    }
+    for (i, (name, shape)) in vars.iter().enumerate() {
+        for (k, (suffix, s)) in stat_shapes(shape).into_iter().enumerate() {
+            out.push(item(
+                format!("{name}/{suffix}"),
+                DType::F32,
+                &s,
+                Part::Stat(i, k),
+            ));
+        }
+    }
+    for (i, (name, dtype, shape)) in extras.iter().enumerate() {
+        out.push(item(name.clone(), *dtype, shape, Part::Extra(i)));
+    }
+    out.push(item(
+        "skipped_steps".into(),
+        DType::I64,
+        &[],
+        Part::SkippedSteps,
+    ));
+    out
+}
+
+fn st_dtype(d: DType) -> Option<StDtype> {
+    Some(match d {
+        DType::U8 => StDtype::U8,
+        DType::U32 => StDtype::U32,
+        DType::I16 => StDtype::I16,
+        DType::I32 => StDtype::I32,
+        DType::I64 => StDtype::I64,
+        DType::BF16 => StDtype::BF16,
+        DType::F16 => StDtype::F16,
+        DType::F32 => StDtype::F32,
+        DType::F64 => StDtype::F64,
+        _ => return None,
+    })
+}
+
+fn candle_dtype(d: StDtype) -> Option<DType> {
+    Some(match d {
+        StDtype::U8 => DType::U8,
+        StDtype::U32 => DType::U32,
+        StDtype::I16 => DType::I16,
+        StDtype::I32 => DType::I32,
+        StDtype::I64 => DType::I64,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F16 => DType::F16,
+        StDtype::F32 => DType::F32,
+        StDtype::F64 => DType::F64,
+        _ => return None,
+    })
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// A tensor's elements as little-endian bytes, row-major.
+fn tensor_bytes(t: &Tensor, what: &str) -> Result<Vec<u8>> {
+    fn le<T, const N: usize>(v: Vec<T>, f: fn(T) -> [u8; N]) -> Vec<u8> {
+        v.into_iter().flat_map(f).collect()
+    }
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::U8 => t.to_vec1::<u8>()?,
+        DType::U32 => le(t.to_vec1::<u32>()?, u32::to_le_bytes),
+        DType::I16 => le(t.to_vec1::<i16>()?, i16::to_le_bytes),
+        DType::I32 => le(t.to_vec1::<i32>()?, i32::to_le_bytes),
+        DType::I64 => le(t.to_vec1::<i64>()?, i64::to_le_bytes),
+        DType::BF16 => le(t.to_vec1::<half::bf16>()?, half::bf16::to_le_bytes),
+        DType::F16 => le(t.to_vec1::<half::f16>()?, half::f16::to_le_bytes),
+        DType::F32 => le(t.to_vec1::<f32>()?, f32::to_le_bytes),
+        DType::F64 => le(t.to_vec1::<f64>()?, f64::to_le_bytes),
+        other => {
+            return Err(err(format!(
+                "{what} has dtype {other:?}, which an optimizer checkpoint cannot store"
+            )))
+        }
+    })
+}
+
+fn counter_bytes(what: &str, n: u64) -> Result<Vec<u8>> {
+    let n = i64::try_from(n).map_err(|_| err(format!("`{what}` = {n} does not fit in an i64")))?;
+    Ok(n.to_le_bytes().to_vec())
+}
+
+/// FNV-1a 64 over every entry's name and bytes, in layout order.
+fn checksum(entries: &[Entry]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for e in entries {
+        for &b in e.name.as_bytes().iter().chain([0u8].iter()).chain(&e.data) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// The Keras config keys whose values differ (the instance `name` aside), as readable lines.
+fn config_differences(checkpoint: &Value, optimizer: &Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let a = checkpoint.as_object().unwrap_or(&empty);
+    let b = optimizer.as_object().unwrap_or(&empty);
+    let mut keys: Vec<&String> = a.keys().collect();
+    keys.extend(b.keys().filter(|k| !a.contains_key(*k)));
+    keys.into_iter()
+        .filter(|k| k.as_str() != "name" && !same_json(a.get(*k), b.get(*k)))
+        .map(|k| {
+            let show = |v: Option<&Value>| v.map_or("(absent)".to_string(), Value::to_string);
+            format!(
+                "`{k}` is {} in the checkpoint but {} in the optimizer",
+                show(a.get(k)),
+                show(b.get(k))
+            )
+        })
+        .collect()
+}
+
+/// JSON equality with numbers compared to a relative 1e-12: serde_json's default float parser
+/// is not correctly rounded, so a config that went through JSON text may differ from the original
+/// in the last bit of a float (which no float32 computation can see).
+fn same_json(a: Option<&Value>, b: Option<&Value>) -> bool {
+    match (a, b) {
+        (Some(Value::Number(x)), Some(Value::Number(y))) => match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
+            _ => x == y,
+        },
+        (Some(Value::Array(x)), Some(Value::Array(y))) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(Some(x), Some(y)))
+        }
+        (Some(Value::Object(x)), Some(Value::Object(y))) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| same_json(Some(v), y.get(k)))
+        }
+        (x, y) => x == y,
+    }
+}
+
+fn corrupt(msg: impl std::fmt::Display) -> candle_core::Error {
+    err(format!("corrupt optimizer checkpoint: {msg}"))
+}
+
+impl StateDict {
+    /// The format version the checkpoint was written with.
+    pub fn format_version(&self) -> u32 {
+        self.format_version
+    }
+
+    /// The optimizer's Keras `get_config()` at save time.
+    pub fn keras_config(&self) -> Value {
+        // Checked to be a valid config when the dict was made.
+        serde_json::from_str(&self.keras_config).unwrap_or(Value::Null)
+    }
+
+    /// The saved configuration, to build a matching optimizer (`jit_compile` is not part of the
+    /// Keras config: it is `true`, the default; set it as needed).
+    ///
+    /// # Errors
+    /// None in practice: the config was validated when the dict was made.
+    pub fn config(&self) -> Result<AdafactorConfig> {
+        AdafactorConfig::from_keras_config(&self.keras_config()).map_err(core_err)
+    }
+
+    /// The optimizer's variables at save time: names and shapes, in build order.
+    pub fn variables(&self) -> &[(String, Vec<usize>)] {
+        &self.variables
+    }
+
+    /// Names of the variables made by [`Adafactor::add_variable`].
+    pub fn extra_variables(&self) -> &[String] {
+        &self.extras
+    }
+
+    /// Every tensor name, in [`Adafactor::variables`] order, then `skipped_steps`.
+    pub fn names(&self) -> Vec<&str> {
+        self.entries.iter().map(|e| e.name.as_str()).collect()
+    }
+
+    /// The raw call count (Keras `_iterations`) at save time.
+    pub fn raw_iterations(&self) -> u64 {
+        self.counter("iteration")
+    }
+
+    /// Steps skipped for a non-finite gradient, at save time.
+    pub fn skipped_steps(&self) -> u64 {
+        self.counter("skipped_steps")
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        // Both counters exist and were checked to be non-negative i64 when the dict was made.
+        self.entry(name)
+            .ok()
+            .and_then(|e| <[u8; 8]>::try_from(e.data.as_slice()).ok())
+            .map_or(0, |b| i64::from_le_bytes(b).max(0) as u64)
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| err(format!("the optimizer checkpoint has no tensor `{name}`")))
+    }
+
+    /// One stored tensor, as a new CPU tensor.
+    ///
+    /// # Errors
+    /// No tensor of that name.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        Tensor::from_raw_buffer(&e.data, e.dtype, &e.shape, &Device::Cpu)
+    }
+
+    /// The checkpoint as safetensors bytes (layout: [`StateDict`]).
+    ///
+    /// # Errors
+    /// The safetensors writer fails (it does not for a consistent dict).
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
+        let variables: Vec<Value> = self
+            .variables
+            .iter()
+            .map(|(n, s)| serde_json::json!({"name": n, "shape": s}))
+            .collect();
+        let metadata: HashMap<String, String> = [
+            ("format", STATE_FORMAT.to_string()),
+            ("format_version", self.format_version.to_string()),
+            ("keras_config", self.keras_config.clone()),
+            ("variables", Value::from(variables).to_string()),
+            (
+                "extra_variables",
+                serde_json::json!(self.extras).to_string(),
+            ),
+            ("checksum", checksum(&self.entries)),
+            (
+                "producer",
+                format!("candle-adafactor {}", env!("CARGO_PKG_VERSION")),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        safetensors::serialize(
+            self.entries.iter().map(|e| (e.name.as_str(), e)),
+            Some(metadata),
+        )
+        .map_err(|e| err(format!("writing the optimizer checkpoint failed: {e}")))
+    }
+
+    /// Reads a checkpoint from safetensors bytes, checking that it is complete and consistent.
+    ///
+    /// # Errors
+    /// Truncated or corrupt bytes (bad header, data shorter or longer than the header says,
+    /// checksum mismatch); not an optimizer checkpoint (no `format` metadata); a newer format
+    /// version; an invalid Keras config; a missing, unexpected or misshapen tensor; a
+    /// `learning_rate` tensor that disagrees with the config; a negative counter.
+    pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<StateDict> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| {
+            err(format!(
+                "not a readable safetensors file (truncated or corrupt): {e}"
+            ))
+        })?;
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| corrupt(format!("unreadable header: {e}")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let get = |key: &str| {
+            meta.get(key)
+                .ok_or_else(|| corrupt(format!("the metadata lacks `{key}`")))
+        };
+        match meta.get("format") {
+            Some(f) if f == STATE_FORMAT => {}
+            other => {
+                return Err(err(format!(
+                    "not a candle-adafactor optimizer checkpoint: its safetensors metadata \
+                     `format` is {:?}, expected {STATE_FORMAT:?}",
+                    other.map(String::as_str).unwrap_or("(absent)")
+                )))
+            }
+        }
+        let version: u32 = get("format_version")?
+            .parse()
+            .map_err(|_| corrupt("`format_version` is not a number"))?;
+        if version == 0 {
+            return Err(corrupt("`format_version` is 0"));
+        }
+        if version > STATE_FORMAT_VERSION {
+            return Err(err(format!(
+                "the optimizer checkpoint has format version {version}, written by a newer \
+                 candle-adafactor; this version reads format versions up to \
+                 {STATE_FORMAT_VERSION}"
+            )));
+        }
+        let keras_config = get("keras_config")?.clone();
+        let config = serde_json::from_str(&keras_config)
+            .map_err(|e| corrupt(format!("`keras_config` is not JSON: {e}")))
+            .and_then(|v: Value| {
+                AdafactorConfig::from_keras_config(&v)
+                    .map_err(|e| corrupt(format!("`keras_config` is not a valid config: {e}")))
+            })?;
+        let variables: Vec<(String, Vec<usize>)> = {
+            let list: Value = serde_json::from_str(get("variables")?)
+                .map_err(|e| corrupt(format!("`variables` is not JSON: {e}")))?;
+            let bad = || corrupt("`variables` must be a list of {\"name\", \"shape\"}");
+            let mut out = Vec::new();
+            for v in list.as_array().ok_or_else(bad)? {
+                let name = v["name"].as_str().ok_or_else(bad)?.to_string();
+                let shape = v["shape"]
+                    .as_array()
+                    .ok_or_else(bad)?
+                    .iter()
+                    .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(bad))
+                    .collect::<Result<Vec<_>>>()?;
+                out.push((name, shape));
+            }
+            out
+        };
+        let extras: Vec<String> = serde_json::from_str(get("extra_variables")?)
+            .map_err(|e| corrupt(format!("`extra_variables` is not a list of names: {e}")))?;
+        let extra_specs = extras
+            .iter()
+            .map(|n| {
+                let t = st
+                    .tensor(n)
+                    .map_err(|_| corrupt(format!("extra variable `{n}` has no tensor")))?;
+                let dtype = candle_dtype(t.dtype()).ok_or_else(|| {
+                    corrupt(format!("extra variable `{n}` has dtype {:?}", t.dtype()))
+                })?;
+                Ok((n.clone(), dtype, t.shape().to_vec()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        let items = layout(&config, &variables, &extra_specs);
+        let mut names = HashSet::new();
+        let mut entries = Vec::with_capacity(items.len());
+        for it in &items {
+            if !names.insert(it.name.as_str()) {
+                return Err(corrupt(format!("tensor `{}` is listed twice", it.name)));
+            }
+            let t = st.tensor(&it.name).map_err(|_| {
+                corrupt(format!(
+                    "tensor `{}` is missing (its config and variables call for it)",
+                    it.name
+                ))
+            })?;
+            let dtype = candle_dtype(t.dtype());
+            if dtype != Some(it.dtype) || t.shape() != it.shape.as_slice() {
+                return Err(corrupt(format!(
+                    "tensor `{}` is {:?} {:?}, expected {:?} {:?}",
+                    it.name,
+                    t.dtype(),
+                    t.shape(),
+                    it.dtype,
+                    it.shape
+                )));
+            }
+            entries.push(Entry {
+                name: it.name.clone(),
+                dtype: it.dtype,
+                shape: it.shape.clone(),
+                data: t.data().to_vec(),
+            });
+        }
+        let mut unexpected: Vec<&str> = st
+            .names()
+            .into_iter()
+            .filter(|n| !names.contains(n))
+            .collect();
+        if !unexpected.is_empty() {
+            unexpected.sort_unstable();
+            return Err(corrupt(format!(
+                "unexpected tensors {unexpected:?} (not called for by its config and variables)"
+            )));
+        }
+        let want = get("checksum")?;
+        let got = checksum(&entries);
+        if *want != got {
+            return Err(corrupt(format!(
+                "checksum mismatch (stored {want}, computed {got}): the data is damaged"
+            )));
+        }
+        let sd = StateDict {
+            format_version: version,
+            keras_config,
+            variables,
+            extras,
+            entries,
+        };
+        for name in ["iteration", "skipped_steps"] {
+            let e = sd.entry(name)?;
+            let b: [u8; 8] = e
+                .data
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt(format!("`{name}` is not one i64")))?;
+            if i64::from_le_bytes(b) < 0 {
+                return Err(corrupt(format!("`{name}` is negative")));
+            }
+        }
+        if let LearningRate::Constant(lr) = config.learning_rate {
+            let stored = f32_values(&sd.entry("learning_rate")?.data);
+            if stored.first().map(|x| x.to_bits()) != Some((lr as f32).to_bits()) {
+                return Err(corrupt(format!(
+                    "tensor `learning_rate` ({stored:?}) disagrees with the config's \
+                     learning_rate ({})",
+                    lr as f32
+                )));
+            }
+        }
+        Ok(sd)
+    }
+
+    /// Writes the checkpoint to a safetensors file, through a temporary file in the same folder
+    /// that is renamed over `path`, so an interrupted save leaves any previous file intact.
+    ///
+    /// # Errors
+    /// The file cannot be written (the message names the path).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_safetensors_bytes()?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = std::path::PathBuf::from(tmp);
+        std::fs::write(&tmp, &bytes)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                err(format!(
+                    "cannot write the optimizer checkpoint {}: {e}",
+                    path.display()
+                ))
+            })
+    }
+
+    /// Reads a checkpoint file (see [`StateDict::from_safetensors_bytes`]).
+    ///
+    /// # Errors
+    /// The file cannot be read (the message names the path), or its contents are rejected.
+    pub fn load(path: impl AsRef<Path>) -> Result<StateDict> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| {
+            err(format!(
+                "cannot read the optimizer checkpoint {}: {e}",
+                path.display()
+            ))
+        })?;
+        Self::from_safetensors_bytes(&bytes).map_err(|e| err(format!("{}: {e}", path.display())))
+    }
+}
+
+/// One entry of the Keras `variables` list.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum KerasPart {
+    Iteration,
+    LearningRate,
+    Average(usize),
+    Accumulator(usize),
+    /// The int32 scalar Keras keeps for `r` and `c` of a rank < 2 variable.
+    Dummy,
+    /// `r` (k = 0) or `c` (k = 1) of a rank >= 2 variable.
+    Factor(usize, usize),
+    Velocity(usize),
+    Extra(usize),
+}
+
+/// Keras's rebuilt velocity of one factored variable: per leading slice,
+/// `v[i, j] = (r[i] / mean(r)) * c[j]`, in float32 as Keras computes it. A slice whose `mean(r)`
+/// is 0 (a freshly built optimizer) has a zero velocity.
+fn velocity(r: &[f32], c: &[f32], n: usize, m: usize) -> Vec<f32> {
+    let lead = r.len().checked_div(n).unwrap_or(0);
+    let mut v = Vec::with_capacity(lead * n * m);
+    for l in 0..lead {
+        let rs = &r[l * n..(l + 1) * n];
+        let cs = &c[l * m..(l + 1) * m];
+        let mean = (rs.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32;
+        for &ri in rs {
+            let row = if mean == 0.0 { 0.0 } else { ri / mean };
+            v.extend(cs.iter().map(|&cj| row * cj));
+        }
+    }
+    v
+}
+
+/// Whether a Keras velocity value agrees with the one rebuilt from `r` and `c`.
+fn velocity_agrees(keras: f32, rebuilt: f32, zero_mean: bool) -> bool {
+    if zero_mean {
+        // Zero at build; 0/0 in Keras after a step with zero statistics.
+        return keras == 0.0 || keras.is_nan();
+    }
+    keras == rebuilt
+        || (keras.is_nan() && rebuilt.is_nan())
+        || (keras - rebuilt).abs() <= VELOCITY_RTOL * keras.abs().max(rebuilt.abs())
+}
+
+impl Adafactor {
+    /// A snapshot of the whole optimizer state (layout: [`StateDict`]), to save with
+    /// [`StateDict::save`] or restore with [`Adafactor::load_state_dict`].
+    ///
+    /// # Errors
+    /// The optimizer is not built (it has no state yet); two pieces of state would be stored
+    /// under the same name (an `add_variable` name that a later build also produced); an
+    /// `add_variable` variable of a dtype safetensors cannot hold.
+    pub fn state_dict(&self) -> Result<StateDict> {
+        self.require_built("save its state")?;
+        let vars: Vec<(String, Vec<usize>)> = self
+            .slots
+            .iter()
+            .map(|s| (s.name.clone(), s.var.dims().to_vec()))
+            .collect();
+        let extras: Vec<(String, DType, Vec<usize>)> = self
+            .extra
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dtype(), v.dims().to_vec()))
+            .collect();
+        let items = layout(&self.config, &vars, &extras);
+        let mut names = HashSet::new();
+        let mut entries = Vec::with_capacity(items.len());
+        for it in items {
+            if !names.insert(it.name.clone()) {
+                return Err(err(format!(
+                    "two pieces of optimizer state would both be saved as `{}`; rename the \
+                     variable made by add_variable",
+                    it.name
+                )));
+            }
+            let state_tensor = |t: &Option<Tensor>, what: &str| -> Result<Vec<u8>> {
+                let t = t
+                    .as_ref()
+                    .ok_or_else(|| err(format!("internal: {what} `{}` missing", it.name)))?;
+                tensor_bytes(&t.to_dtype(DType::F32)?, &it.name)
+            };
+            let data = match it.part {
+                Part::Iteration => counter_bytes("iteration", self.raw_iterations)?,
+                Part::SkippedSteps => counter_bytes("skipped_steps", self.skipped_steps)?,
+                Part::LearningRate => {
+                    f32_bytes(&[self.config.learning_rate.value(self.raw_iterations)])
+                }
+                Part::Average(i) => state_tensor(&self.slots[i].ema, "EMA average")?,
+                Part::Accumulator(i) => state_tensor(&self.slots[i].accumulator, "accumulator")?,
+                Part::Stat(i, k) => {
+                    let s = &self.slots[i];
+                    let stats = s.stats.slots(s.var.dims());
+                    let (_, _, values) = stats
+                        .get(k)
+                        .ok_or_else(|| err(format!("internal: statistic `{}`", it.name)))?;
+                    f32_bytes(values)
+                }
+                Part::Extra(i) => tensor_bytes(self.extra[i].1.as_tensor(), &it.name)?,
+            };
+            if st_dtype(it.dtype).is_none() {
+                return Err(err(format!(
+                    "variable `{}` has dtype {:?}, which an optimizer checkpoint cannot store",
+                    it.name, it.dtype
+                )));
+            }
+            let elems: usize = it.shape.iter().product();
+            if data.len() != elems * it.dtype.size_in_bytes() {
+                return Err(err(format!(
+                    "internal: `{}` has {} bytes for shape {:?}",
+                    it.name,
+                    data.len(),
+                    it.shape
+                )));
+            }
+            entries.push(Entry {
+                name: it.name,
+                dtype: it.dtype,
+                shape: it.shape,
+                data,
+            });
+        }
+        Ok(StateDict {
+            format_version: STATE_FORMAT_VERSION,
+            keras_config: self.get_config().to_string(),
+            variables: vars,
+            extras: self.extra.iter().map(|(n, _)| n.clone()).collect(),
+            entries,
+        })
+    }
+
+    /// Restores the state saved by [`Adafactor::state_dict`] into this optimizer, which must be
+    /// built on variables of the same names and shapes (in any order) with the same config.
+    /// Only the optimizer's state changes; the model weights are saved and restored separately.
+    ///
+    /// The configs are compared as Keras config JSON (`get_config()`), except the instance
+    /// `name`; `jit_compile` is not part of it and may differ.
+    ///
+    /// # Errors
+    /// Each names what is wrong, and on any error nothing changes: the optimizer is not built
+    /// (build it on the model's variables first, e.g. with [`Adafactor::new_named`]); the
+    /// configs differ (every differing key is listed); variables missing from the checkpoint or
+    /// absent from the optimizer; a variable whose shape differs; `add_variable` variables that
+    /// differ in name, dtype or shape.
+    pub fn load_state_dict(&mut self, sd: &StateDict) -> Result<()> {
+        self.require_built("load a state")?;
+        let diffs = config_differences(&sd.keras_config(), &self.get_config());
+        if !diffs.is_empty() {
+            return Err(err(format!(
+                "cannot load the optimizer state: the checkpoint's config differs from the \
+                 optimizer's: {}",
+                diffs.join("; ")
+            )));
+        }
+        let saved: HashMap<&str, &[usize]> = sd
+            .variables
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.as_slice()))
+            .collect();
+        let ours: HashSet<&str> = self.slots.iter().map(|s| s.name.as_str()).collect();
+        let missing: Vec<&str> = self
+            .slots
+            .iter()
+            .map(|s| s.name.as_str())
+            .filter(|n| !saved.contains_key(n))
+            .collect();
+        let unknown: Vec<&str> = sd
+            .variables
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !ours.contains(n))
+            .collect();
+        if !missing.is_empty() || !unknown.is_empty() {
+            return Err(err(format!(
+                "cannot load the optimizer state: variables of the optimizer missing from the \
+                 checkpoint: {missing:?}; variables in the checkpoint the optimizer was not built \
+                 with: {unknown:?}"
+            )));
+        }
+        for s in &self.slots {
+            let want = saved.get(s.name.as_str()).copied().unwrap_or_default();
+            if s.var.dims() != want {
+                return Err(err(format!(
+                    "cannot load the optimizer state: variable `{}` has shape {:?} in the \
+                     checkpoint but {:?} in the optimizer",
+                    s.name,
+                    want,
+                    s.var.dims()
+                )));
+            }
+        }
+        let our_extras: Vec<&str> = self.extra.iter().map(|(n, _)| n.as_str()).collect();
+        if our_extras != sd.extras.iter().map(String::as_str).collect::<Vec<_>>() {
+            return Err(err(format!(
+                "cannot load the optimizer state: the checkpoint has add_variable variables \
+                 {:?}, the optimizer {our_extras:?}",
+                sd.extras
+            )));
+        }
+
+        // Everything is consistent: convert, then commit.
+        let cpu = Device::Cpu;
+        let mut extras = Vec::with_capacity(self.extra.len());
+        for (name, var) in &self.extra {
+            let e = sd.entry(name)?;
+            if e.dtype != var.dtype() || e.shape != var.dims() {
+                return Err(err(format!(
+                    "cannot load the optimizer state: add_variable variable `{name}` is {:?} \
+                     {:?} in the checkpoint but {:?} {:?} in the optimizer",
+                    e.dtype,
+                    e.shape,
+                    var.dtype(),
+                    var.dims()
+                )));
+            }
+            extras.push(
+                Tensor::from_raw_buffer(&e.data, e.dtype, &e.shape, &cpu)?
+                    .to_device(var.device())?,
+            );
+        }
+        let mut new_slots = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let full = |suffix: &str| -> Result<Tensor> {
+                let values = f32_values(&sd.entry(&format!("{}/{suffix}", s.name))?.data);
+                Tensor::from_vec(values, s.var.dims(), s.var.device())
+            };
+            let ema = s.ema.as_ref().map(|_| full("average")).transpose()?;
+            let acc = s
+                .accumulator
+                .as_ref()
+                .map(|_| full("accumulator"))
+                .transpose()?;
+            let values = stat_shapes(s.var.dims())
+                .iter()
+                .map(|(suffix, _)| Ok(f32_values(&sd.entry(&format!("{}/{suffix}", s.name))?.data)))
+                .collect::<Result<Vec<_>>>()?;
+            let mut stats = s.stats.clone();
+            stats.set_from(&s.name, &values).map_err(core_err)?;
+            new_slots.push((stats, ema, acc));
+        }
+        let raw = sd.raw_iterations();
+        let skipped = sd.skipped_steps();
+        // Commit. `Var::set` of a fresh tensor of the variable's own dtype, shape and device
+        // cannot fail; it runs first so that nothing else has changed if it ever did.
+        for ((_, var), value) in self.extra.iter().zip(extras) {
+            var.set(&value)?;
+        }
+        for (s, (stats, ema, acc)) in self.slots.iter_mut().zip(new_slots) {
+            s.stats = stats;
+            s.ema = ema;
+            s.accumulator = acc;
+        }
+        self.raw_iterations = raw;
+        self.skipped_steps = skipped;
+        Ok(())
+    }
+
+    /// The optimizer state as safetensors bytes ([`Adafactor::state_dict`] then
+    /// [`StateDict::to_safetensors_bytes`]).
+    ///
+    /// # Errors
+    /// As [`Adafactor::state_dict`].
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
+        self.state_dict()?.to_safetensors_bytes()
+    }
+
+    /// Restores the state from safetensors bytes made by [`Adafactor::to_safetensors_bytes`].
+    ///
+    /// # Errors
+    /// As [`StateDict::from_safetensors_bytes`] and [`Adafactor::load_state_dict`]; nothing
+    /// changes on error.
+    pub fn load_safetensors_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.load_state_dict(&StateDict::from_safetensors_bytes(bytes)?)
+    }
+
+    /// Saves the optimizer state to a safetensors file (written to a temporary file first, then
+    /// renamed). The model weights are not included: save them too, e.g. with
+    /// `candle_nn::VarMap::save`.
+    ///
+    /// ```
+    /// use candle_adafactor::{Adafactor, AdafactorConfig};
+    /// use candle_core::{Device, Tensor, Var};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let w = Var::new(&[1f32, -2.0, 3.0], &dev)?;
+    /// let mut opt = Adafactor::new_named(vec![("w".into(), w.clone())], AdafactorConfig::default())?;
+    /// opt.apply_gradients(&[(Some(&Tensor::new(&[0.1f32, 0.2, -0.3], &dev)?), &w)])?;
+    /// let path = std::env::temp_dir().join(format!("adafactor-doc-{}.safetensors", std::process::id()));
+    /// opt.save_state(&path)?;
+    ///
+    /// // Later: the same variables, a fresh optimizer with the same config, then the state.
+    /// let mut resumed = Adafactor::new_named(vec![("w".into(), w.clone())], AdafactorConfig::default())?;
+    /// resumed.load_state(&path)?;
+    /// assert_eq!(resumed.raw_iterations(), 1);
+    /// assert_eq!(resumed.variables()?[2].1.to_vec1::<f32>()?, opt.variables()?[2].1.to_vec1::<f32>()?);
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Adafactor::state_dict`] and [`StateDict::save`].
+    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.state_dict()?.save(path)
+    }
+
+    /// Restores the optimizer state from a file written by [`Adafactor::save_state`].
+    ///
+    /// # Errors
+    /// As [`StateDict::load`] and [`Adafactor::load_state_dict`]; nothing changes on error.
+    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        self.load_state_dict(&StateDict::load(path)?)
+    }
+
+    fn require_built(&self, what: &str) -> Result<()> {
+        if self.built {
+            Ok(())
+        } else {
+            Err(err(format!(
+                "cannot {what}: optimizer `{}` is not built. Build it on the model's variables \
+                 first (Adafactor::new_named, from_varmap or build_named)",
+                self.config.name
+            )))
+        }
+    }
+
+    /// The Keras `optimizer.variables` list this optimizer corresponds to, as `(path, tensor)`.
+    fn keras_layout(&self) -> Vec<(String, DType, Vec<usize>, KerasPart)> {
+        let opt = &self.config.name;
+        let path_ = |name: &str| name.replace('/', "_");
+        let leaf = |name: &str| name.rsplit('/').next().unwrap_or(name).to_string();
+        let mut out = vec![(
+            format!("{opt}/iteration"),
+            DType::I64,
+            vec![],
+            KerasPart::Iteration,
+        )];
+        if let LearningRate::Constant(_) = self.config.learning_rate {
+            out.push((
+                format!("{opt}/learning_rate"),
+                DType::F32,
+                vec![],
+                KerasPart::LearningRate,
+            ));
+        }
+        if self.config.use_ema {
+            for (i, s) in self.slots.iter().enumerate() {
+                out.push((
+                    format!("{opt}/{}_average", path_(&s.name)),
+                    DType::F32,
+                    s.var.dims().to_vec(),
+                    KerasPart::Average(i),
+                ));
+            }
+        }
+        if self.config.gradient_accumulation_steps.is_some() {
+            for (i, s) in self.slots.iter().enumerate() {
+                out.push((
+                    format!("{opt}/{}_gradient_accumulator", path_(&s.name)),
+                    DType::F32,
+                    s.var.dims().to_vec(),
+                    KerasPart::Accumulator(i),
+                ));
+            }
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            let dims = s.var.dims();
+            let name = format!("{opt}/{}", leaf(&s.name));
+            if dims.len() >= 2 {
+                for (k, (_, shape)) in stat_shapes(dims).into_iter().enumerate() {
+                    out.push((name.clone(), DType::F32, shape, KerasPart::Factor(i, k)));
+                }
+            } else {
+                out.push((name.clone(), DType::I32, vec![], KerasPart::Dummy));
+                out.push((name, DType::I32, vec![], KerasPart::Dummy));
+            }
+            out.push((
+                format!("{opt}/{}_velocity", path_(&s.name)),
+                DType::F32,
+                dims.to_vec(),
+                KerasPart::Velocity(i),
+            ));
+        }
+        for (i, (name, v)) in self.extra.iter().enumerate() {
+            out.push((
+                name.clone(),
+                v.dtype(),
+                v.dims().to_vec(),
+                KerasPart::Extra(i),
+            ));
+        }
+        out
+    }
+
+    /// The optimizer state as a Keras 3 `Adafactor` built on the same variables holds it: Keras's
+    /// `optimizer.variables` as `(path, tensor)`, in Keras's order (see
+    /// [`Adafactor::set_keras_weights`] for the mapping). Tensors are copies.
+    ///
+    /// ```
+    /// use candle_adafactor::{Adafactor, AdafactorConfig};
+    /// use candle_core::{Device, Tensor, Var};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let b = Var::new(&[1f32, 2.0], &dev)?;
+    /// let k = Var::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev)?;
+    /// let opt = Adafactor::new_named(vec![("kernel".into(), k), ("bias".into(), b)], AdafactorConfig::default())?;
+    /// let names: Vec<String> = opt.keras_variables()?.into_iter().map(|(n, _)| n).collect();
+    /// assert_eq!(names, ["adafactor/iteration", "adafactor/learning_rate",
+    ///     "adafactor/kernel", "adafactor/kernel", "adafactor/kernel_velocity",
+    ///     "adafactor/bias", "adafactor/bias", "adafactor/bias_velocity"]);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// A tensor copy fails.
+    pub fn keras_variables(&self) -> Result<Vec<(String, Tensor)>> {
+        let cpu = Device::Cpu;
+        let mut out = Vec::new();
+        for (name, _, shape, part) in self.keras_layout() {
+            let t = match part {
+                KerasPart::Iteration => Tensor::new(self.raw_iterations as i64, &cpu)?,
+                KerasPart::LearningRate => {
+                    Tensor::new(self.config.learning_rate.value(self.raw_iterations), &cpu)?
+                }
+                KerasPart::Average(i) => self.slots[i]
+                    .ema
+                    .as_ref()
+                    .ok_or_else(|| err("internal: EMA average missing"))?
+                    .copy()?,
+                KerasPart::Accumulator(i) => self.slots[i]
+                    .accumulator
+                    .as_ref()
+                    .ok_or_else(|| err("internal: gradient accumulator missing"))?
+                    .copy()?,
+                KerasPart::Dummy => Tensor::new(0i32, &cpu)?,
+                KerasPart::Factor(i, k) => {
+                    let s = &self.slots[i];
+                    let stats = s.stats.slots(s.var.dims());
+                    let values = stats
+                        .get(k)
+                        .ok_or_else(|| err("internal: statistic missing"))?
+                        .2;
+                    Tensor::from_slice(values, shape, &cpu)?
+                }
+                KerasPart::Velocity(i) => {
+                    let s = &self.slots[i];
+                    let dims = s.var.dims();
+                    let stats = s.stats.slots(dims);
+                    let values = if dims.len() >= 2 {
+                        let (n, m) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+                        velocity(stats[0].2, stats[1].2, n, m)
+                    } else {
+                        stats[0].2.to_vec()
+                    };
+                    Tensor::from_vec(values, shape, &cpu)?
+                }
+                KerasPart::Extra(i) => self.extra[i].1.as_tensor().copy()?,
+            };
+            out.push((name, t));
+        }
+        Ok(out)
+    }
+
+    /// Keras `set_weights` with the weights of a Keras 3 `Adafactor` built on the same variables
+    /// (`[v.numpy() for v in optimizer.variables]`), in Keras's order:
+    ///
+    /// | Keras variable | here |
+    /// | --- | --- |
+    /// | `iteration` (int64) | the raw call count |
+    /// | `learning_rate` (float32; only for a constant learning rate) | the constant learning rate |
+    /// | `{path}_average`, one per variable (with `use_ema`) | EMA averages |
+    /// | `{path}_gradient_accumulator`, one per variable (with accumulation) | accumulators |
+    /// | then per variable, rank >= 2: `r` `[..., n]`, `c` `[..., m]`, `{path}_velocity` | `r`, `c`; the velocity is checked and dropped |
+    /// | per variable, rank < 2: two int32 scalar dummies, `{path}_velocity` | the dummies are ignored; the velocity is `v` |
+    /// | variables made by `add_variable`, last | the same |
+    ///
+    /// Keras also stores the full-size velocity of a factored variable. It is a function of `r`
+    /// and `c`: `v[..., i, j] = r[..., i] * c[..., j] / mean(r[..., :])` per leading slice. On
+    /// import it must agree with that to a relative 1e-5 (a slice whose `r` is all zero, as right
+    /// after build, must have a zero velocity); on export ([`Adafactor::keras_variables`]) it is
+    /// rebuilt that way. The paths assume the Keras optimizer has this optimizer's name and each
+    /// variable's Keras path is its name here. The skipped-step counter is not part of Keras's
+    /// state and is left as it is.
+    ///
+    /// # Errors
+    /// Each names the problem; on any error nothing changes: not built (Keras's message); a
+    /// different number of weights; a weight whose shape differs (Keras's message); an iteration
+    /// that is not a whole number >= 0; an invalid learning rate; a velocity inconsistent with
+    /// its variable's `r` and `c` (naming the variable and the first differing index).
+    pub fn set_keras_weights(&mut self, weights: &[Tensor]) -> Result<()> {
+        if !self.built {
+            return Err(err(
+                "You are calling `set_weights()` on an optimizer that has not yet been built. \
+                 Please call `optimizer.build(trainable_variables)` to create the optimizer \
+                 weights before calling `optimizer.set_weights()`.",
+            ));
+        }
+        let layout = self.keras_layout();
+        if layout.len() != weights.len() {
+            return Err(err(format!(
+                "set_keras_weights: a Keras Adafactor built on the {} variables of optimizer \
+                 `{}` has {} variables, got {} weights",
+                self.slots.len(),
+                self.config.name,
+                layout.len(),
+                weights.len()
+            )));
+        }
+        for ((name, _, shape, _), w) in layout.iter().zip(weights) {
+            if w.dims() != shape.as_slice() {
+                return Err(err(format!(
+                    "Optimizer variable {name} has shape {shape:?} not compatible with provided \
+                     weight shape {:?}.",
+                    w.dims()
+                )));
+            }
+        }
+        let floats = |w: &Tensor| -> Result<Vec<f32>> {
+            w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        };
+        let mut raw = self.raw_iterations;
+        let mut config = self.config.clone();
+        let mut emas: Vec<Option<Tensor>> = self.slots.iter().map(|_| None).collect();
+        let mut accs: Vec<Option<Tensor>> = self.slots.iter().map(|_| None).collect();
+        let mut factors: Vec<Vec<Vec<f32>>> = self.slots.iter().map(|_| Vec::new()).collect();
+        let mut extras = Vec::with_capacity(self.extra.len());
+        for ((name, _, _, part), w) in layout.iter().zip(weights) {
+            match *part {
+                KerasPart::Iteration => {
+                    let bad = |got: String| {
+                        err(format!(
+                            "set_keras_weights: {name} must be a whole number in [0, {}], got \
+                             {got}",
+                            i64::MAX
+                        ))
+                    };
+                    raw = if w.dtype().is_float() {
+                        let it = w.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                        // 2^63 is the first float beyond i64::MAX.
+                        if !(it >= 0.0 && it.fract() == 0.0 && it < 9.223_372_036_854_776e18) {
+                            return Err(bad(it.to_string()));
+                        }
+                        it as u64
+                    } else {
+                        let it = w.to_dtype(DType::I64)?.to_scalar::<i64>()?;
+                        u64::try_from(it).map_err(|_| bad(it.to_string()))?
+                    };
+                }
+                KerasPart::LearningRate => {
+                    let lr = w.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                    config.learning_rate = LearningRate::Constant(lr as f64);
+                    config.validate().map_err(core_err)?;
+                }
+                KerasPart::Average(i) => {
+                    emas[i] = Some(Tensor::from_vec(
+                        floats(w)?,
+                        self.slots[i].var.dims(),
+                        self.slots[i].var.device(),
+                    )?)
+                }
+                KerasPart::Accumulator(i) => {
+                    accs[i] = Some(Tensor::from_vec(
+                        floats(w)?,
+                        self.slots[i].var.dims(),
+                        self.slots[i].var.device(),
+                    )?)
+                }
+                KerasPart::Dummy => {}
+                KerasPart::Factor(i, _) => factors[i].push(floats(w)?),
+                KerasPart::Velocity(i) => {
+                    let dims = self.slots[i].var.dims();
+                    let v = floats(w)?;
+                    if dims.len() < 2 {
+                        factors[i].push(v);
+                        continue;
+                    }
+                    let (n, m) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+                    let (r, c) = match factors[i].as_slice() {
+                        [r, c] => (r, c),
+                        _ => return Err(err("internal: r and c precede the velocity")),
+                    };
+                    let rebuilt = velocity(r, c, n, m);
+                    for (k, (&kv, &rv)) in v.iter().zip(&rebuilt).enumerate() {
+                        let slice = k.checked_div(n * m).unwrap_or(0);
+                        let mean: f64 = r[slice * n..(slice + 1) * n]
+                            .iter()
+                            .map(|&x| x as f64)
+                            .sum();
+                        if !velocity_agrees(kv, rv, mean == 0.0) {
+                            return Err(err(format!(
+                                "set_keras_weights: the velocity of variable `{}` ({name}) is \
+                                 not r_i * c_j / mean(r) of its r and c: at flat index {k} it is \
+                                 {kv}, r and c give {rv}; factored statistics cannot hold it",
+                                self.slots[i].name
+                            )));
+                        }
+                    }
+                }
+                KerasPart::Extra(i) => {
+                    let var = &self.extra[i].1;
+                    extras.push(
+                        w.to_dtype(var.dtype())?
+                            .to_device(var.device())?
+                            .contiguous()?
+                            .copy()?,
+                    );
+                }
+            }
+        }
+        let mut stats = Vec::with_capacity(self.slots.len());
+        for (s, values) in self.slots.iter().zip(&factors) {
+            let mut st = s.stats.clone();
+            st.set_from(&s.name, values).map_err(core_err)?;
+            stats.push(st);
+        }
+        // Commit (`Var::set` first: see `load_state_dict`).
+        for ((_, var), value) in self.extra.iter().zip(extras) {
+            var.set(&value)?;
+        }
+        for (((s, st), ema), acc) in self.slots.iter_mut().zip(stats).zip(emas).zip(accs) {
+            s.stats = st;
+            if s.ema.is_some() {
+                s.ema = ema;
+            }
+            if s.accumulator.is_some() {
+                s.accumulator = acc;
+            }
+        }
+        self.raw_iterations = raw;
+        self.config = config;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn velocity_is_per_slice_and_zero_at_build() {
+        // Two slices of a [2, 2, 2] variable: r = [1, 3 | 0, 0], c = [2, 4 | 5, 6].
+        let v = velocity(&[1.0, 3.0, 0.0, 0.0], &[2.0, 4.0, 5.0, 6.0], 2, 2);
+        assert_eq!(v, [1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 0.0]);
+        assert!(velocity_agrees(0.0, 0.0, true));
+        assert!(!velocity_agrees(1.0, 0.0, true));
+        assert!(velocity_agrees(1.0 + 5e-6, 1.0, false));
+        assert!(!velocity_agrees(1.0 + 5e-5, 1.0, false));
+    }
+
+    #[test]
+    fn checksum_sees_every_byte_and_name() {
+        let e = |name: &str, data: Vec<u8>| Entry {
+            name: name.into(),
+            dtype: DType::U8,
+            shape: vec![data.len()],
+            data,
+        };
+        let base = checksum(&[e("a", vec![1, 2, 3])]);
+        assert_ne!(base, checksum(&[e("a", vec![1, 2, 4])]));
+        assert_ne!(base, checksum(&[e("b", vec![1, 2, 3])]));
+        assert_ne!(base, checksum(&[e("a", vec![1, 2]), e("", vec![3])]));
+    }
+}
