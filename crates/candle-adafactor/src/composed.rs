@@ -36,6 +36,13 @@ fn sum_sq(t: &Tensor) -> Result<f32> {
     to_f32(&t.sqr()?.sum_all()?)
 }
 
+/// The mean over `dim` (of size `count`), dividing before summing: a row of large finite
+/// squares whose float32 sum would overflow still has a finite mean (the fused kernels sum in
+/// f64 and agree).
+fn mean(t: &Tensor, dim: D, count: usize) -> Result<Tensor> {
+    div(t, count as f32)?.sum(dim)
+}
+
 /// `sqrt(mean(t^2))` over all elements, as Keras's `_rms`.
 fn rms(t: &Tensor) -> Result<f32> {
     to_f32(&t.sqr()?.mean_all()?.sqrt()?)
@@ -101,7 +108,8 @@ pub(crate) fn compute(
                 }
             }
             let (x, stats) = update_step(g, &x, &slot.stats, u)?;
-            new[*i].x = Some(x);
+            // Rounded to the weight's dtype here: the EMA below reads the stored weight.
+            new[*i].x = Some(x.to_dtype(slot.var.dtype())?);
             new[*i].stats = Some(stats);
         }
     }
@@ -109,7 +117,7 @@ pub(crate) fn compute(
     if let Some(ema) = plan.ema {
         for (slot, n) in slots.iter().zip(new.iter_mut()) {
             let x = match &n.x {
-                Some(x) => x.clone(),
+                Some(x) => x.to_dtype(DType::F32)?,
                 None => slot.var.to_dtype(DType::F32)?,
             };
             let avg = slot
@@ -118,7 +126,7 @@ pub(crate) fn compute(
                 .ok_or_else(|| crate::optimizer::err("internal: EMA average missing"))?;
             let avg = (mul(avg, ema.momentum)? + mul(&x, 1.0 - ema.momentum)?)?;
             if ema.overwrite {
-                n.x = Some(avg.clone());
+                n.x = Some(avg.to_dtype(slot.var.dtype())?);
             }
             n.ema = Some(avg);
         }
@@ -130,7 +138,7 @@ pub(crate) fn compute(
             // variable's storage, which `Var::set` would refuse at commit.
             n.x = None;
         } else if let Some(x) = n.x.take() {
-            n.x = Some(x.to_dtype(slot.var.dtype())?.contiguous()?);
+            n.x = Some(x.contiguous()?);
         }
     }
     Ok(Some(new))
@@ -189,7 +197,7 @@ pub(crate) fn update_step(
     let alpha = u.alpha(rms(x)?);
     let q = add(&g.sqr()?, u.epsilon_1)?;
     let b = u.beta2_t;
-    let (v, stats) = match stats {
+    let (update, stats) = match stats {
         Stats::Factored { factoring, r, c } => {
             let Factoring { lead, n, m } = *factoring;
             let dims = g.dims();
@@ -199,18 +207,24 @@ pub(crate) fn update_step(
             c_shape.push(dims[rank - 1]);
             let r_t = Tensor::from_slice(r, r_shape, dev)?;
             let c_t = Tensor::from_slice(c, c_shape, dev)?;
-            let r_new = (mul(&r_t, b)? + mul(&q.mean(D::Minus1)?, 1.0 - b)?)?;
-            let c_new = (mul(&c_t, b)? + mul(&q.mean(D::Minus2)?, 1.0 - b)?)?;
-            let row = r_new
-                .broadcast_div(&r_new.mean_keepdim(D::Minus1)?)?
+            let r_new = (mul(&r_t, b)? + mul(&mean(&q, D::Minus1, m)?, 1.0 - b)?)?;
+            let c_new = (mul(&c_t, b)? + mul(&mean(&q, D::Minus2, n)?, 1.0 - b)?)?;
+            // 1/sqrt(v_ij) = sqrt(mean(r)) / sqrt(r_i) * 1/sqrt(c_j): Keras's
+            // v = (r / mean(r)) * c, evaluated so that a row of tiny r (a zero gradient row next
+            // to huge ones) cannot underflow v to 0 and turn 0/0 into NaN.
+            let mean_r = div(&r_new, n as f32)?.sum_keepdim(D::Minus1)?;
+            let row = mean_r
+                .sqrt()?
+                .broadcast_div(&r_new.sqrt()?)?
                 .unsqueeze(D::Minus1)?;
-            let v = row.broadcast_mul(&c_new.unsqueeze(rank - 2)?)?;
+            let col = c_new.sqrt()?.recip()?.unsqueeze(rank - 2)?;
+            let inv_sqrt_v = row.broadcast_mul(&col)?;
             let stats = Stats::Factored {
                 factoring: Factoring { lead, n, m },
                 r: r_new.flatten_all()?.to_vec1()?,
                 c: c_new.flatten_all()?.to_vec1()?,
             };
-            (v, stats)
+            (g.broadcast_mul(&inv_sqrt_v)?, stats)
         }
         Stats::Unfactored { v } => {
             let v_t = Tensor::from_slice(v, g.shape(), dev)?;
@@ -218,10 +232,9 @@ pub(crate) fn update_step(
             let stats = Stats::Unfactored {
                 v: v_new.flatten_all()?.to_vec1()?,
             };
-            (v_new, stats)
+            (g.broadcast_div(&v_new.sqrt()?)?, stats)
         }
     };
-    let update = g.broadcast_div(&v.sqrt()?)?;
     let update = div(&update, u.update_clip_divisor(rms(&update)?))?;
     let x = (x - mul(&update, alpha)?)?;
     Ok((x, stats))

@@ -445,7 +445,7 @@ fn second_pass(
                 let prep = factored::prepare(p1, r, c, *factoring, u.beta2_t, u.epsilon_1, scale);
                 let sum_u2 = factored::pass2(&grad, &prep, *factoring, scale);
                 let den = u.update_clip_divisor((sum_u2 / len).sqrt() as f32);
-                (Second::Factored(prep), alpha * scale / den)
+                (Second::Factored(prep), alpha / den)
             }
             (Stats::Unfactored { v }, First::Vector(_)) => {
                 let mut v_new = vec![0f32; v.len()];
@@ -482,7 +482,7 @@ fn third_pass(
             let x = dst_slice::<T>(s, l)?;
             match (second, &slot.stats) {
                 (Second::Factored(p), Stats::Factored { factoring, .. }) => {
-                    factored::pass3(x, &grad, p, *factoring, coef, it.decay)
+                    factored::pass3(x, &grad, p, *factoring, coef, scale, it.decay)
                 }
                 (Second::Vector(v), _) => vector::pass3(x, &grad, v, coef, scale, it.decay),
                 _ => return Err(err("internal: statistics kind mismatch")),

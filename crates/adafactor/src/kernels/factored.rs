@@ -4,9 +4,6 @@ use super::{decay_in_place, map_units, parallel_for, rows_per_unit, Decay, Eleme
 use crate::state::Factoring;
 use rayon::prelude::*;
 
-/// Column partial sums are flushed from f32 to f64 every this many rows.
-const COLUMN_FLUSH_ROWS: usize = 32;
-
 /// What pass 1 learns about a factored variable.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pass1 {
@@ -51,43 +48,41 @@ fn units(f: Factoring, parallel: bool) -> Vec<Unit> {
     out
 }
 
-/// Sum of squares of `g` (blocked, returned in f64) while adding each square into `col`.
+/// Sum of squares of `g` while adding each square into `col`. The squares are float32, as
+/// Keras computes them; the sums are f64, so a row or column of large finite squares whose
+/// float32 sum would overflow still has a finite mean.
 #[inline]
-fn row_sq_and_cols(g: &[f32], col: &mut [f32]) -> f64 {
-    let mut total = 0f64;
-    for (gb, cb) in g.chunks(CHUNK).zip(col.chunks_mut(CHUNK)) {
-        let mut lanes = [0f32; 8];
-        let mut gi = gb.chunks_exact(8);
-        let mut ci = cb.chunks_exact_mut(8);
-        for (gc, cc) in (&mut gi).zip(&mut ci) {
-            for l in 0..8 {
-                let e2 = gc[l] * gc[l];
-                lanes[l] += e2;
-                cc[l] += e2;
-            }
+fn row_sq_and_cols(g: &[f32], col: &mut [f64]) -> f64 {
+    let mut lanes = [0f64; 4];
+    let mut gi = g.chunks_exact(4);
+    let mut ci = col.chunks_exact_mut(4);
+    for (gc, cc) in (&mut gi).zip(&mut ci) {
+        for l in 0..4 {
+            let e2 = (gc[l] * gc[l]) as f64;
+            lanes[l] += e2;
+            cc[l] += e2;
         }
-        let mut s = 0f32;
-        for (g, c) in gi.remainder().iter().zip(ci.into_remainder()) {
-            let e2 = g * g;
-            s += e2;
-            *c += e2;
-        }
-        total += (s + lanes.iter().sum::<f32>()) as f64;
+    }
+    let mut total: f64 = lanes.iter().sum();
+    for (g, c) in gi.remainder().iter().zip(ci.into_remainder()) {
+        let e2 = (g * g) as f64;
+        total += e2;
+        *c += e2;
     }
     total
 }
 
-/// `x_j -= ca * g_j * b_j`.
+/// `x_j -= ca * (s g_j) * b_j`.
 #[inline]
-fn update_row(x: &mut [f32], g: &[f32], b: &[f32], ca: f32) {
+fn update_row(x: &mut [f32], g: &[f32], b: &[f32], ca: f32, s: f32) {
     for ((xv, g), bj) in x.iter_mut().zip(g).zip(b) {
-        *xv -= ca * g * bj;
+        *xv -= ca * (s * g) * bj;
     }
 }
 
-/// `sum_j (g_j * b_j)^2`, blocked like [`super::sum_sq`].
+/// `sum_j ((s g_j) b_j)^2`, blocked like [`super::sum_sq`].
 #[inline]
-fn weighted_sum_sq(g: &[f32], b: &[f32]) -> f64 {
+fn weighted_sum_sq(g: &[f32], b: &[f32], s: f32) -> f64 {
     let mut total = 0f64;
     for (gb, bb) in g.chunks(CHUNK).zip(b.chunks(CHUNK)) {
         let mut lanes = [0f32; 8];
@@ -95,16 +90,16 @@ fn weighted_sum_sq(g: &[f32], b: &[f32]) -> f64 {
         let mut bi = bb.chunks_exact(8);
         for (gc, bc) in (&mut gi).zip(&mut bi) {
             for l in 0..8 {
-                let u = gc[l] * bc[l];
+                let u = s * gc[l] * bc[l];
                 lanes[l] += u * u;
             }
         }
-        let mut s = 0f32;
+        let mut rem = 0f32;
         for (g, b) in gi.remainder().iter().zip(bi.remainder()) {
-            let u = g * b;
-            s += u * u;
+            let u = s * g * b;
+            rem += u * u;
         }
-        total += (s + lanes.iter().sum::<f32>()) as f64;
+        total += (rem + lanes.iter().sum::<f32>()) as f64;
     }
     total
 }
@@ -123,20 +118,13 @@ pub fn pass1<T: Element>(
     let outs = map_units(units(f, parallel), parallel, |u| {
         let mut gbuf = vec![0f32; m];
         let mut xbuf = vec![0f32; m];
-        let mut col32 = vec![0f32; m];
-        let mut col64 = vec![0f64; m];
+        let mut col = vec![0f64; m];
         let mut rows = Vec::with_capacity(u.rows);
         let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
-        let flush = |col32: &mut [f32], col64: &mut [f64]| {
-            for (a, b) in col64.iter_mut().zip(col32.iter_mut()) {
-                *a += *b as f64;
-                *b = 0.0;
-            }
-        };
         for k in 0..u.rows {
             let base = (u.row0 + k) * m;
             let g = grad.view(base, &mut gbuf);
-            let rs = row_sq_and_cols(g, &mut col32);
+            let rs = row_sq_and_cols(g, &mut col);
             rows.push(rs);
             se += rs;
             if check_finite && !rs.is_finite() {
@@ -145,12 +133,8 @@ pub fn pass1<T: Element>(
                 probe += grad.load_checked(base, &mut gbuf);
             }
             sx += super::sum_sq(super::decayed_view(&x[base..base + m], decay, &mut xbuf));
-            if (k + 1) % COLUMN_FLUSH_ROWS == 0 {
-                flush(&mut col32, &mut col64);
-            }
         }
-        flush(&mut col32, &mut col64);
-        (u, rows, col64, se, sx, probe)
+        (u, rows, col, se, sx, probe)
     });
     let mut out = Pass1 {
         row_sums: vec![0.0; f.lead * f.n],
@@ -200,7 +184,10 @@ pub fn prepare(
     grad_scale: f32,
 ) -> Prepared {
     let s2 = (grad_scale as f64) * (grad_scale as f64);
-    let mean_q = |sum: f64, count: usize| (sum * s2 / count as f64 + epsilon_1 as f64) as f32;
+    // A zero scale (clipping by an overflowed norm) zeroes the gradient, even where its sum of
+    // squares overflowed.
+    let mean_sq = |sum: f64| if s2 == 0.0 { 0.0 } else { sum * s2 };
+    let mean_q = |sum: f64, count: usize| (mean_sq(sum) / count as f64 + epsilon_1 as f64) as f32;
     let ema = |old: f32, q: f32| beta2 * old + (1.0 - beta2) * q;
     let r: Vec<f32> = p1
         .row_sums
@@ -235,11 +222,11 @@ pub fn prepare(
     }
 }
 
-/// Pass 2: `sum(u^2)` with `u_ij = s g_ij a_i b_j`, for RMS(u).
+/// Pass 2: `sum(u^2)` with `u_ij = (s g_ij) b_j a_i`, for RMS(u). The scale is applied first,
+/// as clipping does, so that a clipped huge gradient cannot overflow.
 pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_scale: f32) -> f64 {
     let m = f.m;
     let parallel = parallel_for(f.len());
-    let s2 = (grad_scale as f64) * (grad_scale as f64);
     let sums = map_units(units(f, parallel), parallel, |u| {
         let mut gbuf = vec![0f32; m];
         let b = &p.col_factor[u.slice * m..(u.slice + 1) * m];
@@ -247,20 +234,21 @@ pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_sc
         for k in 0..u.rows {
             let row = u.row0 + k;
             let a = p.row_factor[row] as f64;
-            total += weighted_sum_sq(grad.view(row * m, &mut gbuf), b) * a * a;
+            total += weighted_sum_sq(grad.view(row * m, &mut gbuf), b, grad_scale) * a * a;
         }
         total
     });
-    sums.iter().sum::<f64>() * s2
+    sums.iter().sum::<f64>()
 }
 
-/// Pass 3: `x = decay(x) - coef * a_i * g_ij * b_j`, with `coef = alpha * s / max(1, RMS(u)/d)`.
+/// Pass 3: `x = decay(x) - coef * a_i * (s g_ij) * b_j`, with `coef = alpha / max(1, RMS(u)/d)`.
 pub fn pass3<T: Element>(
     x: &mut [T],
     grad: &Grad<'_, T>,
     p: &Prepared,
     f: Factoring,
     coef: f32,
+    grad_scale: f32,
     decay: Option<Decay>,
 ) {
     let m = f.m;
@@ -284,13 +272,13 @@ pub fn pass3<T: Element>(
             let g = grad.view(row * m, &mut gbuf);
             if decay.is_none() {
                 if let Some(xs) = T::as_f32_mut(xrow) {
-                    update_row(xs, g, b, ca);
+                    update_row(xs, g, b, ca, grad_scale);
                     continue;
                 }
             }
             T::load(xrow, &mut xbuf);
             decay_in_place(decay, &mut xbuf);
-            update_row(&mut xbuf, g, b, ca);
+            update_row(&mut xbuf, g, b, ca, grad_scale);
             T::store(&xbuf, xrow);
         }
     };
