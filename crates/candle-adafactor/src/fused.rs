@@ -280,7 +280,7 @@ pub(crate) fn apply(
                 .collect();
             let first: Vec<First> = list
                 .par_iter()
-                .map(|it| first_pass(opt, it, transform, check_finite))
+                .map(|it| first_pass(opt, it, transform, check_finite, u))
                 .collect::<Result<_>>()?;
             if check_finite && first.iter().any(|f| !f.finite()) {
                 return Ok(false);
@@ -367,7 +367,16 @@ fn accumulate_all_finite(
     Ok(flags.into_iter().all(|f| f))
 }
 
-fn first_pass(opt: &Adafactor, it: &Item, transform: GradTransform, check: bool) -> Result<First> {
+fn first_pass(
+    opt: &Adafactor,
+    it: &Item,
+    transform: GradTransform,
+    check: bool,
+    u: &adafactor::UpdateScalars,
+) -> Result<First> {
+    // Without norm clipping the gradient scale is 1 before pass 1 ends, so the statistics update
+    // can be folded into pass 1 and pass 2 skipped.
+    let fold = matches!(u.clip, Clip::None | Clip::Value(_));
     let slot = &opt.slots[it.slot];
     let gr = Read::new(it.grad)?;
     let acc = match transform.accumulate_steps {
@@ -383,8 +392,13 @@ fn first_pass(opt: &Adafactor, it: &Item, transform: GradTransform, check: bool)
         let grad = grad_view::<T>(&gr, acc.as_ref(), transform)?;
         let x = xr.slice::<T>()?;
         Ok(match &slot.stats {
-            Stats::Factored { factoring, .. } => {
-                First::Factored(factored::pass1(&grad, x, it.decay, *factoring, check))
+            Stats::Factored { factoring, r, .. } => {
+                let fold = fold.then_some(factored::RowFold {
+                    r_old: r,
+                    beta2: u.beta2_t,
+                    epsilon_1: u.epsilon_1,
+                });
+                First::Factored(factored::pass1(&grad, x, it.decay, *factoring, check, fold))
             }
             Stats::Unfactored { .. } => First::Vector(vector::pass1(&grad, x, it.decay, check)),
         })
@@ -443,7 +457,10 @@ fn second_pass(
         Ok(match (&slot.stats, first) {
             (Stats::Factored { factoring, r, c }, First::Factored(p1)) => {
                 let prep = factored::prepare(p1, r, c, *factoring, u.beta2_t, u.epsilon_1, scale);
-                let sum_u2 = factored::pass2(&grad, &prep, *factoring, scale);
+                let sum_u2 = match factored::sum_sq_update(p1, &prep, *factoring) {
+                    Some(s) => s,
+                    None => factored::pass2(&grad, &prep, *factoring, scale),
+                };
                 let den = u.update_clip_divisor((sum_u2 / len).sqrt() as f32);
                 (Second::Factored(prep), alpha / den)
             }
