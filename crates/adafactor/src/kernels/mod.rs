@@ -8,8 +8,11 @@
 //!    from per-row and per-column factors (no per-element square root).
 //! 3. [`factored::pass3`] reads gradient and weight once and writes the weight.
 //!
-//! That is 24 bytes per float32 parameter. Rank 0 and 1 variables use the same idea with their
-//! velocity ([`vector`]). Reductions run in blocks of at most [`CHUNK`] float32 lanes that are
+//! That is 24 bytes per float32 parameter. Without norm clipping (the default) the gradient scale
+//! is known before pass 1, so pass 1 also updates the row statistics as it goes and collects
+//! `sum_i g_ij^2 / r_i` per column ([`factored::RowFold`]); RMS(u) then follows from the
+//! statistics alone and pass 2 is skipped: 20 bytes per float32 parameter. Rank 0 and 1 variables
+//! use the same three passes with their velocity ([`vector`]). Reductions run in blocks of at most [`CHUNK`] float32 lanes that are
 //! summed in `f64`, so the result does not depend on the number of threads.
 //!
 //! Every kernel takes `&[T]`/`&mut [T]` for `T` in `f32`, `bf16`, `f16` ([`Element`]); statistics
