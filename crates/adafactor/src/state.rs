@@ -74,18 +74,31 @@ impl Stats {
         }
     }
 
+    /// The slot names and shapes of a variable of `var_shape`: `r` (`[..., n]`) and `c`
+    /// (`[..., m]`) for rank >= 2, else `v` (the variable's shape).
+    pub fn slot_shapes(var_shape: &[usize]) -> Vec<(&'static str, Vec<usize>)> {
+        let rank = var_shape.len();
+        if rank >= 2 {
+            let r = var_shape[..rank - 1].to_vec();
+            let mut c = var_shape[..rank - 2].to_vec();
+            c.push(var_shape[rank - 1]);
+            vec![("r", r), ("c", c)]
+        } else {
+            vec![("v", var_shape.to_vec())]
+        }
+    }
+
     /// The slots as `(suffix, shape, values)`: `r` and `c`, or `v`.
     pub fn slots(&self, var_shape: &[usize]) -> Vec<(&'static str, Vec<usize>, &[f32])> {
-        match self {
-            Stats::Factored { r, c, .. } => {
-                let rank = var_shape.len();
-                let r_shape = var_shape[..rank - 1].to_vec();
-                let mut c_shape = var_shape[..rank - 2].to_vec();
-                c_shape.push(var_shape[rank - 1]);
-                vec![("r", r_shape, r), ("c", c_shape, c)]
-            }
-            Stats::Unfactored { v } => vec![("v", var_shape.to_vec(), v)],
-        }
+        let values: Vec<&[f32]> = match self {
+            Stats::Factored { r, c, .. } => vec![r, c],
+            Stats::Unfactored { v } => vec![v],
+        };
+        Self::slot_shapes(var_shape)
+            .into_iter()
+            .zip(values)
+            .map(|((name, shape), v)| (name, shape, v))
+            .collect()
     }
 
     /// Mutable access to the slots, in [`Stats::slots`] order.

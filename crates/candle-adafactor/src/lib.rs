@@ -7,6 +7,7 @@
 mod checkpoint;
 mod composed;
 mod fused;
+mod keras_weights;
 mod optimizer;
 mod slot;
 mod weights;
