@@ -80,6 +80,52 @@ fn units(f: Factoring, parallel: bool) -> Vec<Unit> {
     out
 }
 
+/// Rows per block of pass 1's float32 fast path.
+const BLOCK_ROWS: usize = 16;
+
+/// `acc += part` elementwise, widening to f64.
+#[inline]
+fn add_into(acc: &mut [f64], part: &[f32]) {
+    for (a, p) in acc.iter_mut().zip(part) {
+        *a += *p as f64;
+    }
+}
+
+/// Pass 1's fast path: the float32 sum of squares of `g` (8 lanes, blocked), adding each
+/// square into `col`.
+#[inline]
+fn row_sq_and_cols_f32(g: &[f32], col: &mut [f32]) -> f32 {
+    let mut total = 0f32;
+    for (gb, cb) in g.chunks(CHUNK).zip(col.chunks_mut(CHUNK)) {
+        let mut lanes = [0f32; 8];
+        let mut gi = gb.chunks_exact(8);
+        let mut ci = cb.chunks_exact_mut(8);
+        for (gc, cc) in (&mut gi).zip(&mut ci) {
+            for l in 0..8 {
+                let e2 = gc[l] * gc[l];
+                lanes[l] += e2;
+                cc[l] += e2;
+            }
+        }
+        let mut rem = 0f32;
+        for (g, c) in gi.remainder().iter().zip(ci.into_remainder()) {
+            let e2 = g * g;
+            rem += e2;
+            *c += e2;
+        }
+        total += rem + lanes.iter().sum::<f32>();
+    }
+    total
+}
+
+/// `w_j += g_j^2 * scale`.
+#[inline]
+fn add_scaled_squares(g: &[f32], scale: f32, w: &mut [f32]) {
+    for (w, g) in w.iter_mut().zip(g) {
+        *w += g * g * scale;
+    }
+}
+
 /// Sum of squares of `g` while adding each square into `col`. The squares are float32, as
 /// Keras computes them; the sums are f64, so a row or column of large finite squares whose
 /// float32 sum would overflow still has a finite mean.
@@ -153,29 +199,63 @@ pub fn pass1<T: Element>(
         let mut xbuf = vec![0f32; m];
         let mut col = vec![0f64; m];
         let mut wcol = vec![0f64; if fold.is_some() { m } else { 0 }];
+        let mut col32 = vec![0f32; m];
+        let mut wcol32 = vec![0f32; wcol.len()];
         let mut rows = Vec::with_capacity(u.rows);
         let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
-        for k in 0..u.rows {
-            let row = u.row0 + k;
-            let base = row * m;
-            let g = grad.view(base, &mut gbuf);
-            let rs = row_sq_and_cols(g, &mut col);
-            if let Some(fold) = fold {
-                let r = new_stat(fold.r_old[row], rs, m, fold.beta2, fold.epsilon_1, 1.0);
-                let inv_r = 1.0 / r as f64;
-                for (w, g) in wcol.iter_mut().zip(g) {
-                    *w += (g * g) as f64 * inv_r;
+        let mut k0 = 0;
+        while k0 < u.rows {
+            let block = BLOCK_ROWS.min(u.rows - k0);
+            // Fast path: float32 sums over a block of rows, added into the f64 totals.
+            col32.fill(0.0);
+            wcol32.fill(0.0);
+            let mut ok = true;
+            for k in k0..k0 + block {
+                let row = u.row0 + k;
+                let g = grad.view(row * m, &mut gbuf);
+                let rs = row_sq_and_cols_f32(g, &mut col32) as f64;
+                ok &= rs.is_finite();
+                if let Some(fold) = fold {
+                    let r = new_stat(fold.r_old[row], rs, m, fold.beta2, fold.epsilon_1, 1.0);
+                    add_scaled_squares(g, (1.0 / r as f64) as f32, &mut wcol32);
+                }
+                rows.push(rs);
+            }
+            ok &= col32.iter().chain(&wcol32).all(|v| v.is_finite());
+            if ok {
+                add_into(&mut col, &col32);
+                add_into(&mut wcol, &wcol32);
+            } else {
+                // Rare: float32 partial sums overflowed (huge but finite squares) or the
+                // gradient is not finite. Redo the block in f64, from cache.
+                rows.truncate(k0);
+                for k in k0..k0 + block {
+                    let row = u.row0 + k;
+                    let base = row * m;
+                    let g = grad.view(base, &mut gbuf);
+                    let rs = row_sq_and_cols(g, &mut col);
+                    if let Some(fold) = fold {
+                        let r = new_stat(fold.r_old[row], rs, m, fold.beta2, fold.epsilon_1, 1.0);
+                        let inv_r = 1.0 / r as f64;
+                        for (w, g) in wcol.iter_mut().zip(g) {
+                            *w += (g * g) as f64 * inv_r;
+                        }
+                    }
+                    rows.push(rs);
+                    if check_finite && !rs.is_finite() {
+                        // Decide on the unscaled values themselves: a NaN or infinity, or only a
+                        // finite value whose square overflows.
+                        probe += grad.load_checked(base, &mut gbuf);
+                    }
                 }
             }
-            rows.push(rs);
-            se += rs;
-            if check_finite && !rs.is_finite() {
-                // Rare: a NaN or infinity, or a finite value whose square overflows. Decide on
-                // the unscaled values themselves.
-                probe += grad.load_checked(base, &mut gbuf);
+            for k in k0..k0 + block {
+                let base = (u.row0 + k) * m;
+                sx += super::sum_sq(super::decayed_view(&x[base..base + m], decay, &mut xbuf));
             }
-            sx += super::sum_sq(super::decayed_view(&x[base..base + m], decay, &mut xbuf));
+            k0 += block;
         }
+        se += rows.iter().sum::<f64>();
         (u, rows, col, wcol, se, sx, probe)
     });
     let mut out = Pass1 {

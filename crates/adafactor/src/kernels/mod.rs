@@ -75,12 +75,29 @@ impl Element for f32 {
 impl Element for bf16 {
     #[inline]
     fn load(src: &[bf16], out: &mut [f32]) {
-        src.convert_to_f32_slice(out);
+        // A bf16 is the top half of an f32.
+        for (o, v) in out.iter_mut().zip(src) {
+            *o = f32::from_bits((v.to_bits() as u32) << 16);
+        }
     }
     #[inline]
     fn store(src: &[f32], out: &mut [bf16]) {
-        out.convert_from_f32_slice(src);
+        for (o, v) in out.iter_mut().zip(src) {
+            *o = bf16::from_bits(f32_to_bf16_bits(*v));
+        }
     }
+}
+
+/// `half::bf16::from_f32`, bit for bit (round to nearest even, NaN kept quiet), written without
+/// branches so that it vectorises.
+#[inline(always)]
+fn f32_to_bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let nan = (x & 0x7FFF_FFFF) > 0x7F80_0000;
+    let round = ((x & 0x8000) != 0) & ((x & 0x17FFF) != 0);
+    let rounded = (x >> 16) + round as u32;
+    let quiet = (x >> 16) | 0x0040;
+    (if nan { quiet } else { rounded }) as u16
 }
 
 impl Element for f16 {
@@ -286,4 +303,54 @@ pub(crate) fn rows_per_unit(rows: usize, m: usize) -> usize {
 /// Whether a tensor of `len` elements is split across threads.
 pub(crate) fn parallel_for(len: usize) -> bool {
     len >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_conversion_matches_half_bit_for_bit() {
+        let mut probes: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            1e-40,
+            3.3895314e38,
+        ];
+        // Every rounding case: ties to even, just above and below a tie, around every exponent.
+        let mut x = 0x0001_0000u32;
+        while x < 0x7F80_0000 {
+            for d in [0u32, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x18000] {
+                probes.push(f32::from_bits(x + d));
+                probes.push(-f32::from_bits(x + d));
+            }
+            x = x.wrapping_mul(3) / 2 + 0x1_0000;
+        }
+        probes.push(f32::from_bits(0x7FC0_1234));
+        probes.push(f32::from_bits(0x7F80_0001));
+        let mut ours = vec![bf16::ZERO; probes.len()];
+        bf16::store(&probes, &mut ours);
+        for (p, o) in probes.iter().zip(&ours) {
+            assert_eq!(
+                o.to_bits(),
+                bf16::from_f32(*p).to_bits(),
+                "{p:e} ({:#x})",
+                p.to_bits()
+            );
+        }
+        let mut back = vec![0f32; ours.len()];
+        bf16::load(&ours, &mut back);
+        for (o, b) in ours.iter().zip(&back) {
+            assert_eq!(o.to_f32().to_bits(), b.to_bits());
+        }
+    }
 }
