@@ -194,70 +194,76 @@ pub fn pass1<T: Element>(
 ) -> Pass1 {
     let m = f.m;
     let parallel = parallel_for(f.len());
-    let outs = map_units(units(f, parallel), parallel, |u| {
-        let mut gbuf = vec![0f32; m];
-        let mut xbuf = vec![0f32; m];
-        let mut col = vec![0f64; m];
-        let mut wcol = vec![0f64; if fold.is_some() { m } else { 0 }];
-        let mut col32 = vec![0f32; m];
-        let mut wcol32 = vec![0f32; wcol.len()];
-        let mut rows = Vec::with_capacity(u.rows);
-        let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
-        let mut k0 = 0;
-        while k0 < u.rows {
-            let block = BLOCK_ROWS.min(u.rows - k0);
-            // Fast path: float32 sums over a block of rows, added into the f64 totals.
-            col32.fill(0.0);
-            wcol32.fill(0.0);
-            let mut ok = true;
-            for k in k0..k0 + block {
-                let row = u.row0 + k;
-                let g = grad.view(row * m, &mut gbuf);
-                let rs = row_sq_and_cols_f32(g, &mut col32) as f64;
-                ok &= rs.is_finite();
-                if let Some(fold) = fold {
-                    let r = new_stat(fold.r_old[row], rs, m, fold.beta2, fold.epsilon_1, 1.0);
-                    add_scaled_squares(g, (1.0 / r as f64) as f32, &mut wcol32);
-                }
-                rows.push(rs);
-            }
-            ok &= col32.iter().chain(&wcol32).all(|v| v.is_finite());
-            if ok {
-                add_into(&mut col, &col32);
-                add_into(&mut wcol, &wcol32);
-            } else {
-                // Rare: float32 partial sums overflowed (huge but finite squares) or the
-                // gradient is not finite. Redo the block in f64, from cache.
-                rows.truncate(k0);
+    let outs = map_units(
+        units(f, parallel),
+        parallel,
+        #[inline(always)]
+        |u| {
+            let mut gbuf = vec![0f32; m];
+            let mut xbuf = vec![0f32; m];
+            let mut col = vec![0f64; m];
+            let mut wcol = vec![0f64; if fold.is_some() { m } else { 0 }];
+            let mut col32 = vec![0f32; m];
+            let mut wcol32 = vec![0f32; wcol.len()];
+            let mut rows = Vec::with_capacity(u.rows);
+            let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
+            let mut k0 = 0;
+            while k0 < u.rows {
+                let block = BLOCK_ROWS.min(u.rows - k0);
+                // Fast path: float32 sums over a block of rows, added into the f64 totals.
+                col32.fill(0.0);
+                wcol32.fill(0.0);
+                let mut ok = true;
                 for k in k0..k0 + block {
                     let row = u.row0 + k;
-                    let base = row * m;
-                    let g = grad.view(base, &mut gbuf);
-                    let rs = row_sq_and_cols(g, &mut col);
+                    let g = grad.view(row * m, &mut gbuf);
+                    let rs = row_sq_and_cols_f32(g, &mut col32) as f64;
+                    ok &= rs.is_finite();
                     if let Some(fold) = fold {
                         let r = new_stat(fold.r_old[row], rs, m, fold.beta2, fold.epsilon_1, 1.0);
-                        let inv_r = 1.0 / r as f64;
-                        for (w, g) in wcol.iter_mut().zip(g) {
-                            *w += (g * g) as f64 * inv_r;
-                        }
+                        add_scaled_squares(g, (1.0 / r as f64) as f32, &mut wcol32);
                     }
                     rows.push(rs);
-                    if check_finite && !rs.is_finite() {
-                        // Decide on the unscaled values themselves: a NaN or infinity, or only a
-                        // finite value whose square overflows.
-                        probe += grad.load_checked(base, &mut gbuf);
+                }
+                ok &= col32.iter().chain(&wcol32).all(|v| v.is_finite());
+                if ok {
+                    add_into(&mut col, &col32);
+                    add_into(&mut wcol, &wcol32);
+                } else {
+                    // Rare: float32 partial sums overflowed (huge but finite squares) or the
+                    // gradient is not finite. Redo the block in f64, from cache.
+                    rows.truncate(k0);
+                    for k in k0..k0 + block {
+                        let row = u.row0 + k;
+                        let base = row * m;
+                        let g = grad.view(base, &mut gbuf);
+                        let rs = row_sq_and_cols(g, &mut col);
+                        if let Some(fold) = fold {
+                            let r =
+                                new_stat(fold.r_old[row], rs, m, fold.beta2, fold.epsilon_1, 1.0);
+                            let inv_r = 1.0 / r as f64;
+                            for (w, g) in wcol.iter_mut().zip(g) {
+                                *w += (g * g) as f64 * inv_r;
+                            }
+                        }
+                        rows.push(rs);
+                        if check_finite && !rs.is_finite() {
+                            // Decide on the unscaled values themselves: a NaN or infinity, or only a
+                            // finite value whose square overflows.
+                            probe += grad.load_checked(base, &mut gbuf);
+                        }
                     }
                 }
+                for k in k0..k0 + block {
+                    let base = (u.row0 + k) * m;
+                    sx += super::sum_sq(super::decayed_view(&x[base..base + m], decay, &mut xbuf));
+                }
+                k0 += block;
             }
-            for k in k0..k0 + block {
-                let base = (u.row0 + k) * m;
-                sx += super::sum_sq(super::decayed_view(&x[base..base + m], decay, &mut xbuf));
-            }
-            k0 += block;
-        }
-        se += rows.iter().sum::<f64>();
-        (u, rows, col, wcol, se, sx, probe)
-    });
+            se += rows.iter().sum::<f64>();
+            (u, rows, col, wcol, se, sx, probe)
+        },
+    );
     let mut out = Pass1 {
         row_sums: vec![0.0; f.lead * f.n],
         col_sums: vec![0.0; f.lead * m],
@@ -377,18 +383,85 @@ pub fn sum_sq_update(p1: &Pass1, p: &Prepared, f: Factoring) -> Option<f64> {
 pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_scale: f32) -> f64 {
     let m = f.m;
     let parallel = parallel_for(f.len());
-    let sums = map_units(units(f, parallel), parallel, |u| {
-        let mut gbuf = vec![0f32; m];
-        let b = &p.col_factor[u.slice * m..(u.slice + 1) * m];
-        let mut total = 0f64;
-        for k in 0..u.rows {
-            let row = u.row0 + k;
-            let a = p.row_factor[row] as f64;
-            total += weighted_sum_sq(grad.view(row * m, &mut gbuf), b, grad_scale) * a * a;
-        }
-        total
-    });
+    let sums = map_units(
+        units(f, parallel),
+        parallel,
+        #[inline(always)]
+        |u| {
+            let mut gbuf = vec![0f32; m];
+            let b = &p.col_factor[u.slice * m..(u.slice + 1) * m];
+            let mut total = 0f64;
+            for k in 0..u.rows {
+                let row = u.row0 + k;
+                let a = p.row_factor[row] as f64;
+                total += weighted_sum_sq(grad.view(row * m, &mut gbuf), b, grad_scale) * a * a;
+            }
+            total
+        },
+    );
     sums.iter().sum::<f64>()
+}
+
+/// Pass 3's inputs, shared by its chunks.
+struct Pass3<'a, 'g, T> {
+    grad: &'a Grad<'g, T>,
+    p: &'a Prepared,
+    f: Factoring,
+    coef: f32,
+    grad_scale: f32,
+    decay: Option<Decay>,
+}
+
+impl<T: Element> Pass3<'_, '_, T> {
+    /// Updates whole rows starting at `first_row`.
+    fn rows(&self, first_row: usize, xs: &mut [T]) {
+        super::vectorized(
+            #[inline(always)]
+            || self.rows_inner(first_row, xs),
+        )
+    }
+
+    #[inline(always)]
+    fn rows_inner(&self, first_row: usize, xs: &mut [T]) {
+        let m = self.f.m;
+        let (grad_scale, decay) = (self.grad_scale, self.decay);
+        let mut gbuf = vec![0f32; m];
+        let mut xbuf = vec![0f32; m];
+        for (k, xrow) in xs.chunks_mut(m).enumerate() {
+            let row = first_row + k;
+            let slice = row / self.f.n;
+            let b = &self.p.col_factor[slice * m..(slice + 1) * m];
+            let ca = self.coef * self.p.row_factor[row];
+            let g = self.grad.view(row * m, &mut gbuf);
+            if decay.is_none() {
+                if let Some(xs) = T::as_f32_mut(xrow) {
+                    update_row(xs, g, b, ca, grad_scale);
+                    continue;
+                }
+            }
+            if T::CHEAP_CONVERSION {
+                // One sweep: convert, decay, update and round each element in registers.
+                let d = decay.unwrap_or(Decay {
+                    weight_decay: 0.0,
+                    learning_rate: 0.0,
+                });
+                let decayed = decay.is_some();
+                for ((xv, g), bj) in xrow.iter_mut().zip(g).zip(b) {
+                    let mut v = xv.to_f32();
+                    if decayed {
+                        v = d.apply(v);
+                    }
+                    v -= ca * (grad_scale * g) * bj;
+                    *xv = T::from_f32(v);
+                }
+                continue;
+            }
+            T::load(xrow, &mut xbuf);
+            decay_in_place(decay, &mut xbuf);
+            update_row(&mut xbuf, g, b, ca, grad_scale);
+            T::store(&xbuf, xrow);
+        }
+    }
 }
 
 /// Pass 3: `x = decay(x) - coef * a_i * (s g_ij) * b_j`, with `coef = alpha / max(1, RMS(u)/d)`.
@@ -411,27 +484,15 @@ pub fn pass3<T: Element>(
     } else {
         f.lead * f.n
     };
-    let body = |(ci, xs): (usize, &mut [T])| {
-        let mut gbuf = vec![0f32; m];
-        let mut xbuf = vec![0f32; m];
-        for (k, xrow) in xs.chunks_mut(m).enumerate() {
-            let row = ci * rows_chunk + k;
-            let slice = row / f.n;
-            let b = &p.col_factor[slice * m..(slice + 1) * m];
-            let ca = coef * p.row_factor[row];
-            let g = grad.view(row * m, &mut gbuf);
-            if decay.is_none() {
-                if let Some(xs) = T::as_f32_mut(xrow) {
-                    update_row(xs, g, b, ca, grad_scale);
-                    continue;
-                }
-            }
-            T::load(xrow, &mut xbuf);
-            decay_in_place(decay, &mut xbuf);
-            update_row(&mut xbuf, g, b, ca, grad_scale);
-            T::store(&xbuf, xrow);
-        }
+    let job = Pass3 {
+        grad,
+        p,
+        f,
+        coef,
+        grad_scale,
+        decay,
     };
+    let body = |(ci, xs): (usize, &mut [T])| job.rows(ci * rows_chunk, xs);
     if parallel {
         x.par_chunks_mut(rows_chunk * m).enumerate().for_each(body);
     } else {

@@ -51,6 +51,13 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
         None
     }
+    /// True when [`Element::to_f32`] and [`Element::from_f32`] are a few integer operations, so
+    /// kernels convert element by element instead of through a buffer.
+    const CHEAP_CONVERSION: bool = false;
+    /// One element to `f32`.
+    fn to_f32(self) -> f32;
+    /// One `f32` rounded to this type (as [`Element::store`] rounds).
+    fn from_f32(v: f32) -> Self;
 }
 
 impl Element for f32 {
@@ -70,6 +77,15 @@ impl Element for f32 {
     fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
         Some(s)
     }
+    const CHEAP_CONVERSION: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
 }
 
 impl Element for bf16 {
@@ -83,8 +99,18 @@ impl Element for bf16 {
     #[inline]
     fn store(src: &[f32], out: &mut [bf16]) {
         for (o, v) in out.iter_mut().zip(src) {
-            *o = bf16::from_bits(f32_to_bf16_bits(*v));
+            *o = Self::from_f32(*v);
         }
+    }
+    const CHEAP_CONVERSION: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // A bf16 is the top half of an f32.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> bf16 {
+        bf16::from_bits(f32_to_bf16_bits(v))
     }
 }
 
@@ -93,7 +119,8 @@ impl Element for bf16 {
 #[inline(always)]
 fn f32_to_bf16_bits(v: f32) -> u16 {
     let x = v.to_bits();
-    let nan = (x & 0x7FFF_FFFF) > 0x7F80_0000;
+    // Signed compare (the masked value fits in i31): vectorises without unsigned compares.
+    let nan = ((x & 0x7FFF_FFFF) as i32) > 0x7F80_0000;
     let round = ((x & 0x8000) != 0) & ((x & 0x17FFF) != 0);
     let rounded = (x >> 16) + round as u32;
     let quiet = (x >> 16) | 0x0040;
@@ -108,6 +135,14 @@ impl Element for f16 {
     #[inline]
     fn store(src: &[f32], out: &mut [f16]) {
         out.convert_from_f32_slice(src);
+    }
+    #[inline]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline]
+    fn from_f32(v: f32) -> f16 {
+        f16::from_f32(v)
     }
 }
 
@@ -278,6 +313,26 @@ pub(crate) fn nonfinite_probe(x: &[f32]) -> f32 {
     it.remainder().iter().map(|v| v * 0.0).sum::<f32>() + lanes.iter().sum::<f32>()
 }
 
+/// Runs `f` compiled for AVX2 when the CPU has it (the standard library checks once), else for
+/// the baseline: the 16-bit conversions need it to vectorise. The kernels' lanes are written out
+/// explicitly and floating-point operations are never contracted or reordered, so both versions
+/// give the same bits.
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
 /// Runs `f` over work units, in parallel when `parallel`, keeping the units' order in the
 /// results (so reductions are deterministic).
 pub(crate) fn map_units<U: Send, R: Send>(
@@ -286,9 +341,9 @@ pub(crate) fn map_units<U: Send, R: Send>(
     f: impl Fn(U) -> R + Sync + Send,
 ) -> Vec<R> {
     if parallel && units.len() > 1 {
-        units.into_par_iter().map(f).collect()
+        units.into_par_iter().map(|u| vectorized(|| f(u))).collect()
     } else {
-        units.into_iter().map(f).collect()
+        units.into_iter().map(|u| vectorized(|| f(u))).collect()
     }
 }
 

@@ -30,19 +30,24 @@ pub fn pass1<T: Element>(
     check_finite: bool,
 ) -> Pass1 {
     let parallel = parallel_for(x.len());
-    let outs = map_units(ranges(x.len(), parallel), parallel, |(s, e)| {
-        let mut gbuf = vec![0f32; e - s];
-        let mut xbuf = vec![0f32; e - s];
-        let probe = if check_finite {
-            grad.load_checked(s, &mut gbuf)
-        } else {
-            grad.load(s, &mut gbuf);
-            0.0
-        };
-        T::load(&x[s..e], &mut xbuf);
-        decay_in_place(decay, &mut xbuf);
-        (super::sum_sq(&gbuf), super::sum_sq(&xbuf), probe)
-    });
+    let outs = map_units(
+        ranges(x.len(), parallel),
+        parallel,
+        #[inline(always)]
+        |(s, e)| {
+            let mut gbuf = vec![0f32; e - s];
+            let mut xbuf = vec![0f32; e - s];
+            let probe = if check_finite {
+                grad.load_checked(s, &mut gbuf)
+            } else {
+                grad.load(s, &mut gbuf);
+                0.0
+            };
+            T::load(&x[s..e], &mut xbuf);
+            decay_in_place(decay, &mut xbuf);
+            (super::sum_sq(&gbuf), super::sum_sq(&xbuf), probe)
+        },
+    );
     outs.iter().fold(
         Pass1 {
             sum_sq_grad: 0.0,
@@ -84,9 +89,17 @@ pub fn pass2<T: Element>(
         super::sum_sq(&gbuf)
     };
     if parallel {
-        v_new.par_chunks_mut(step).enumerate().map(body).sum()
+        v_new
+            .par_chunks_mut(step)
+            .enumerate()
+            .map(|c| super::vectorized(|| body(c)))
+            .sum()
     } else {
-        v_new.chunks_mut(step).enumerate().map(body).sum()
+        v_new
+            .chunks_mut(step)
+            .enumerate()
+            .map(|c| super::vectorized(|| body(c)))
+            .sum()
     }
 }
 
@@ -114,8 +127,12 @@ pub fn pass3<T: Element>(
         T::store(&xbuf, xs);
     };
     if parallel {
-        x.par_chunks_mut(step).enumerate().for_each(body);
+        x.par_chunks_mut(step)
+            .enumerate()
+            .for_each(|c| super::vectorized(|| body(c)));
     } else {
-        x.chunks_mut(step).enumerate().for_each(body);
+        x.chunks_mut(step)
+            .enumerate()
+            .for_each(|c| super::vectorized(|| body(c)));
     }
 }
