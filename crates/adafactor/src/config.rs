@@ -193,15 +193,20 @@ fn py(x: Option<f64>) -> String {
     x.map_or("None".to_string(), |v| v.to_string())
 }
 
+/// Checks a value the update uses as a float32 (as Keras does) both as given and rounded to
+/// float32: `1e-50 > 0` but is 0 as a float32, and `1e39` is finite but not as a float32.
 fn finite_at_least(arg: &str, x: f64, min: f64, strict: bool) -> Result<()> {
-    let ok = x.is_finite() && if strict { x > min } else { x >= min };
-    if ok {
+    let in_range = |v: f64| v.is_finite() && if strict { v > min } else { v >= min };
+    if in_range(x) && in_range((x as f32) as f64) {
         Ok(())
     } else {
         let rel = if strict { ">" } else { ">=" };
         Err(Error::invalid(
             arg,
-            format!("Argument `{arg}` must be a finite number {rel} {min}. Received: {arg}={x}"),
+            format!(
+                "Argument `{arg}` must be a finite number {rel} {min}, also as a float32. \
+                 Received: {arg}={x}"
+            ),
         ))
     }
 }
@@ -221,8 +226,9 @@ impl AdafactorConfig {
     /// With Keras's message: two clip options at once; `gradient_accumulation_steps < 2`;
     /// `ema_momentum` outside [0, 1]; `ema_overwrite_frequency` 0. Ours: a negative or non-finite
     /// learning rate (or a constant one beyond float32's range), epsilon, weight decay or clip
-    /// value; `clip_threshold <= 0`;
-    /// `loss_scale_factor <= 0`; `beta_2_decay > 0` or non-finite; an invalid schedule.
+    /// value; `clip_threshold <= 0`; `loss_scale_factor <= 0`; `beta_2_decay > 0` or non-finite;
+    /// any of these values out of range once rounded to float32 (as the update uses them); an
+    /// invalid schedule.
     pub fn validate(&self) -> Result<()> {
         match &self.learning_rate {
             LearningRate::Constant(lr) => {
@@ -299,7 +305,10 @@ impl AdafactorConfig {
         finite_at_least("epsilon_1", self.epsilon_1, 0.0, false)?;
         finite_at_least("epsilon_2", self.epsilon_2, 0.0, false)?;
         finite_at_least("clip_threshold", self.clip_threshold, 0.0, true)?;
-        if !(self.beta_2_decay.is_finite() && self.beta_2_decay <= 0.0) {
+        if !(self.beta_2_decay.is_finite()
+            && (self.beta_2_decay as f32).is_finite()
+            && self.beta_2_decay <= 0.0)
+        {
             return Err(Error::invalid(
                 "beta_2_decay",
                 format!(

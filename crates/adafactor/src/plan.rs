@@ -146,7 +146,7 @@ impl StepPlan {
         let iterations = completed_updates(cfg, raw_iteration);
         let accumulation = match cfg.gradient_accumulation_steps {
             Some(k) if k >= 2 => {
-                if (raw_iteration + 1).is_multiple_of(k) {
+                if raw_iteration.saturating_add(1).is_multiple_of(k) {
                     Accumulation::Apply { steps: k }
                 } else {
                     Accumulation::Accumulate
@@ -156,7 +156,7 @@ impl StepPlan {
         };
         let update = (accumulation != Accumulation::Accumulate).then(|| {
             let learning_rate = cfg.learning_rate_at(raw_iteration);
-            let t = (iterations + 1) as f32;
+            let t = iterations.saturating_add(1) as f32;
             UpdateScalars {
                 learning_rate,
                 t,
@@ -177,7 +177,7 @@ impl StepPlan {
             },
             overwrite: cfg
                 .ema_overwrite_frequency
-                .is_some_and(|f| f > 0 && (iterations + 1).is_multiple_of(f)),
+                .is_some_and(|f| f > 0 && iterations.saturating_add(1).is_multiple_of(f)),
         });
         StepPlan {
             raw_iteration,

@@ -107,22 +107,135 @@ fn any_json() -> impl Strategy<Value = Value> {
     })
 }
 
-/// A schedule dict: mostly a known class with known keys, sometimes broken.
-fn schedule() -> impl Strategy<Value = Value> {
-    let value = prop_oneof![
-        6 => number(),
-        1 => prop::collection::vec(number(), 0..4).prop_map(Value::Array),
-        1 => leaf(),
-    ];
+/// With probability 1/16, replaces a well-typed value by an arbitrary one.
+fn perturbed(typed: BoxedStrategy<Value>) -> BoxedStrategy<Value> {
+    prop_oneof![15 => typed, 1 => any_json()].boxed()
+}
+
+fn positive() -> BoxedStrategy<Value> {
+    prop_oneof![
+        8 => (0.0f64..2.0).prop_map(float),
+        2 => (1e-12f64..1e-3).prop_map(float),
+        1 => number(),
+    ]
+    .boxed()
+}
+
+fn unit() -> BoxedStrategy<Value> {
+    prop_oneof![8 => (0.0f64..=1.0).prop_map(float), 1 => number()].boxed()
+}
+
+fn steps() -> BoxedStrategy<Value> {
+    prop_oneof![
+        3 => (1i64..100).prop_map(Value::from),
+        1 => (0.5f64..100.0).prop_map(float),
+        1 => number(),
+    ]
+    .boxed()
+}
+
+fn floats(len: std::ops::Range<usize>) -> BoxedStrategy<Value> {
+    prop::collection::vec((0.0f64..10.0).prop_map(float), len)
+        .prop_map(Value::Array)
+        .boxed()
+}
+
+fn boolean() -> BoxedStrategy<Value> {
+    any::<bool>().prop_map(Value::Bool).boxed()
+}
+
+fn name() -> BoxedStrategy<Value> {
+    "[a-zA-Z_/]{0,10}".prop_map(Value::from).boxed()
+}
+
+/// A typed value for a schedule argument.
+fn schedule_value(key: &str) -> BoxedStrategy<Value> {
+    let typed = match key {
+        "decay_steps" | "first_decay_steps" | "warmup_steps" => steps(),
+        "staircase" | "cycle" => boolean(),
+        "name" => name(),
+        "boundaries" => floats(0..4),
+        "values" => floats(1..5),
+        "warmup_target" => prop_oneof![Just(Value::Null), positive()].boxed(),
+        "t_mul" | "m_mul" | "power" => positive(),
+        _ => unit(),
+    };
+    perturbed(typed)
+}
+
+/// The required and the optional keys of each schedule class (`Adam` is not a schedule).
+fn schedule_keys(class: &str) -> (Vec<&'static str>, Vec<&'static str>) {
+    match class {
+        "ExponentialDecay" | "InverseTimeDecay" => (
+            vec!["initial_learning_rate", "decay_steps", "decay_rate"],
+            vec!["staircase", "name"],
+        ),
+        "PiecewiseConstantDecay" => (vec!["boundaries", "values"], vec!["name"]),
+        "PolynomialDecay" => (
+            vec!["initial_learning_rate", "decay_steps"],
+            vec!["end_learning_rate", "power", "cycle", "name"],
+        ),
+        "CosineDecay" => (
+            vec!["initial_learning_rate", "decay_steps"],
+            vec!["alpha", "name", "warmup_target", "warmup_steps"],
+        ),
+        "CosineDecayRestarts" => (
+            vec!["initial_learning_rate", "first_decay_steps"],
+            vec!["t_mul", "m_mul", "alpha", "name"],
+        ),
+        _ => (vec![], SCHEDULE_KEYS.to_vec()),
+    }
+}
+
+/// A schedule dict: a class with its required keys (one occasionally dropped), some optional
+/// ones, values usually well typed (piecewise lists usually of matching lengths), and now and
+/// then an unknown class, a stray key or a config that is not a dict.
+fn schedule() -> BoxedStrategy<Value> {
     (
         prop::sample::select(SCHEDULES.to_vec()),
-        prop::collection::vec((prop::sample::select(SCHEDULE_KEYS.to_vec()), value), 0..7),
         any::<bool>(),
-        prop::option::weighted(0.1, any_json()),
+        prop::option::weighted(0.03, any_json()),
+        prop::option::weighted(0.03, prop::sample::select(SCHEDULE_KEYS.to_vec())),
+        prop::option::weighted(0.05, 0usize..3),
     )
-        .prop_map(|(class, kv, modern, config_override)| {
-            let config: Map<String, Value> =
-                kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        .prop_flat_map(|(class, modern, config_override, stray, drop)| {
+            let (required, optional) = schedule_keys(class);
+            let n = optional.len();
+            (
+                Just((class, modern, config_override, stray, drop, required)),
+                prop::sample::subsequence(optional, 0..=n),
+                (0usize..4, prop::option::weighted(0.05, 0usize..5)),
+            )
+                .prop_flat_map(
+                    |((class, modern, config_override, stray, drop, mut keys), optional, lens)| {
+                        if let Some(i) = drop {
+                            if i < keys.len() {
+                                keys.remove(i);
+                            }
+                        }
+                        keys.extend(optional);
+                        keys.extend(stray);
+                        let (n_boundaries, wrong) = lens;
+                        let values: Vec<BoxedStrategy<(String, Value)>> = keys
+                            .iter()
+                            .map(|k| {
+                                let k = k.to_string();
+                                let typed = match k.as_str() {
+                                    "boundaries" => floats(n_boundaries..n_boundaries + 1),
+                                    "values" => {
+                                        let len = wrong.unwrap_or(n_boundaries + 1);
+                                        floats(len..len + 1)
+                                    }
+                                    _ => schedule_value(&k),
+                                };
+                                typed.prop_map(move |v| (k.clone(), v)).boxed()
+                            })
+                            .collect();
+                        (Just((class, modern, config_override)), values)
+                    },
+                )
+        })
+        .prop_map(|((class, modern, config_override), kv)| {
             let mut m = Map::new();
             if modern {
                 m.insert("module".into(), "keras.optimizers.schedules".into());
@@ -131,25 +244,64 @@ fn schedule() -> impl Strategy<Value = Value> {
             m.insert("class_name".into(), class.into());
             m.insert(
                 "config".into(),
-                config_override.unwrap_or(Value::Object(config)),
+                config_override.unwrap_or(Value::Object(kv.into_iter().collect())),
             );
             Value::Object(m)
         })
+        .boxed()
 }
 
-/// A plausible optimizer config (sometimes wrapped as `keras.optimizers.serialize` does).
+/// A typed value for an optimizer argument.
+fn config_value(key: &str) -> BoxedStrategy<Value> {
+    let optional = |s: BoxedStrategy<Value>| prop_oneof![1 => Just(Value::Null), 2 => s].boxed();
+    let typed = match key {
+        "name" => name(),
+        "learning_rate" => prop_oneof![1 => positive(), 1 => schedule()].boxed(),
+        "weight_decay" | "clipnorm" | "global_clipnorm" | "clipvalue" | "loss_scale_factor" => {
+            optional(positive())
+        }
+        "use_ema" | "relative_step" | "jit_compile" | "is_legacy_optimizer" => boolean(),
+        "ema_momentum" => unit(),
+        "ema_overwrite_frequency" | "gradient_accumulation_steps" => {
+            optional((0i64..6).prop_map(Value::from).boxed())
+        }
+        "beta_2_decay" => prop_oneof![3 => (-2.0f64..=0.0).prop_map(float), 1 => number()].boxed(),
+        "epsilon_1" | "epsilon_2" | "clip_threshold" | "decay" => positive(),
+        "on_nonfinite" => prop::sample::select(vec!["error", "skip", "propagate", "raise"])
+            .prop_map(Value::from)
+            .boxed(),
+        _ => leaf().boxed(),
+    };
+    perturbed(typed)
+}
+
+/// A plausible optimizer config (sometimes wrapped as `keras.optimizers.serialize` does): a
+/// few known keys (rarely an unknown one) with mostly well-typed values.
 fn config_doc() -> impl Strategy<Value = Value> {
-    let value = prop_oneof![
-        8 => leaf(),
-        2 => schedule(),
-        1 => any_json(),
-    ];
     (
-        prop::collection::vec((prop::sample::select(KEYS.to_vec()), value), 0..8),
+        prop::sample::subsequence(KEYS.to_vec(), 0..=6),
         any::<bool>(),
+        any::<bool>(),
+        prop::option::weighted(0.03, "[a-z]{1,6}"),
     )
+        .prop_flat_map(|(mut keys, with_lr, wrap, unknown)| {
+            if with_lr && !keys.contains(&"learning_rate") {
+                keys.push("learning_rate");
+            }
+            if unknown.is_some() {
+                keys.push("beta_1");
+            }
+            let values: Vec<BoxedStrategy<(String, Value)>> = keys
+                .iter()
+                .map(|k| {
+                    let k = k.to_string();
+                    config_value(&k).prop_map(move |v| (k.clone(), v)).boxed()
+                })
+                .collect();
+            (values, Just(wrap))
+        })
         .prop_map(|(kv, wrap)| {
-            let config = Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+            let config = Value::Object(kv.into_iter().collect());
             if wrap {
                 serde_json::json!({"module": "keras.optimizers", "class_name": "Adafactor",
                                    "config": config, "registered_name": null})
@@ -207,7 +359,7 @@ fn check(doc: &Value) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
 
     #[test]
     fn plausible_configs_never_panic_and_round_trip(doc in config_doc()) {

@@ -37,7 +37,13 @@ fn storage_addr(t: &Tensor) -> usize {
 /// The fused path applies when every slot and gradient is supported and no gradient shares
 /// storage with a weight or optimizer tensor (it would be read while written).
 pub(crate) fn eligible(opt: &Adafactor, items: &[(usize, Tensor)]) -> bool {
-    if !opt.slots.iter().all(|s| supports(&s.var)) || !items.iter().all(|(_, g)| supports(g)) {
+    // Empty variables have nothing to fuse (and candle refuses in-place writes to them).
+    if !opt
+        .slots
+        .iter()
+        .all(|s| supports(&s.var) && s.var.elem_count() > 0)
+        || !items.iter().all(|(_, g)| supports(g))
+    {
         return false;
     }
     let mut owned = HashSet::new();

@@ -52,6 +52,10 @@ pub struct Adafactor {
     pub(crate) extra: Vec<(String, Var)>,
 }
 
+/// The largest raw call count (`i64::MAX`, what [`Adafactor::variables`] writes as
+/// `iteration`): a call that would count past it is refused, so the counter never overflows.
+pub(crate) const MAX_ITERATION: u64 = i64::MAX as u64;
+
 /// Which data path an apply takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataPath {
@@ -348,10 +352,17 @@ impl Adafactor {
     /// # Errors
     /// Every gradient `None` (Keras's "No gradients provided for any variable."); a variable the
     /// optimizer was not built with; a gradient whose shape, dtype or device differs from its
-    /// variable's; a non-finite gradient with `on_nonfinite = "error"`. On error nothing changes.
+    /// variable's; a non-finite gradient with `on_nonfinite = "error"`; an iteration counter
+    /// already at `i64::MAX` (only reachable through `set_weights`). On error nothing changes.
     pub fn apply_gradients(&mut self, pairs: &[(Option<&Tensor>, &Var)]) -> Result<u64> {
         if pairs.is_empty() {
             return Ok(self.iterations());
+        }
+        if self.raw_iterations >= MAX_ITERATION {
+            return Err(err(format!(
+                "the `iteration` counter of optimizer `{}` is at its maximum ({MAX_ITERATION})",
+                self.config.name
+            )));
         }
         if !self.built {
             let named = pairs
@@ -365,6 +376,7 @@ impl Adafactor {
             let items = trial.check_pairs(pairs)?;
             trial.exclude_ids = self.exclude_ids.clone();
             trial.exclude_names = self.exclude_names.clone();
+            trial.extra = self.extra.clone();
             trial.apply_checked(items)?;
             *self = trial;
             return Ok(self.iterations());
@@ -376,10 +388,11 @@ impl Adafactor {
 
     /// Keras `update_step(gradient, variable, learning_rate)`: the bare Adafactor rule on one
     /// variable at the current `iterations`, with this learning rate; no clipping, decay, EMA or
-    /// counter change.
+    /// counter change. A non-finite gradient follows `on_nonfinite` (with `"skip"` nothing
+    /// changes but `skipped_steps`).
     ///
     /// # Errors
-    /// As [`Adafactor::apply_gradients`] for one pair.
+    /// As [`Adafactor::apply_gradients`] for one pair; a negative or non-finite `learning_rate`.
     pub fn update_step(
         &mut self,
         gradient: &Tensor,
@@ -387,30 +400,33 @@ impl Adafactor {
         learning_rate: f64,
     ) -> Result<()> {
         let items = self.check_pairs(&[(Some(gradient), variable)])?;
+        let step_config = AdafactorConfig {
+            learning_rate: LearningRate::Constant(learning_rate),
+            gradient_accumulation_steps: None,
+            ..self.config.clone()
+        };
+        step_config.validate().map_err(core_err)?;
         let mut plan = StepPlan::new(&self.config, self.raw_iterations);
-        let mut scalars = adafactor::plan::StepPlan::new(
-            &AdafactorConfig {
-                learning_rate: LearningRate::Constant(learning_rate),
-                gradient_accumulation_steps: None,
-                ..self.config.clone()
-            },
-            self.iterations(),
-        )
-        .update
-        .ok_or_else(|| err("internal: no update scalars"))?;
+        let mut scalars = adafactor::plan::StepPlan::new(&step_config, self.iterations())
+            .update
+            .ok_or_else(|| err("internal: no update scalars"))?;
         scalars.weight_decay = None;
         scalars.clip = adafactor::Clip::None;
         plan.update = Some(scalars);
         plan.accumulation = adafactor::Accumulation::Off;
         plan.ema = None;
         plan.loss_scale_factor = None;
-        let new = composed::compute(self, &items, &plan, false)?.ok_or_else(|| {
-            err(format!(
-                "the gradient of `{}` is not finite",
-                self.slots[items[0].0].name
-            ))
-        })?;
-        self.commit(new)
+        let check_finite = self.config.on_nonfinite != OnNonFinite::Propagate;
+        match composed::compute(self, &items, &plan, check_finite)? {
+            Some(new) => self.commit(new),
+            None if self.config.on_nonfinite == OnNonFinite::Skip => {
+                self.skipped_steps += 1;
+                Ok(())
+            }
+            None => Err(core_err(adafactor::Error::NonFinite {
+                variable: self.slots[items[0].0].name.clone(),
+            })),
+        }
     }
 
     /// Checks every pair before anything changes; returns `(slot index, gradient)` for the
@@ -491,11 +507,17 @@ impl Adafactor {
         Ok(())
     }
 
-    /// Names the first variable whose gradient is not finite (only called on the error path).
+    /// Names the first variable whose gradient is not finite after unscaling by
+    /// `loss_scale_factor`, as both data paths check it (only called on the error path).
     fn first_nonfinite(&self, items: &[(usize, Tensor)]) -> String {
+        let unscale = |g: Tensor| match self.config.loss_scale_factor {
+            Some(f) => g.broadcast_div(&Tensor::new(f as f32, g.device())?),
+            None => Ok(g),
+        };
         for (i, g) in items {
             let finite = g
                 .to_dtype(DType::F32)
+                .and_then(unscale)
                 .and_then(|g| g.affine(0.0, 0.0))
                 .and_then(|z| z.sum_all())
                 .and_then(|s| s.to_scalar::<f32>())

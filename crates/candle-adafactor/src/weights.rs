@@ -7,7 +7,7 @@
 //! `{name}/c` (rank >= 2) or `{name}/v` (rank 0 and 1), then variables made by `add_variable`.
 //! This is Keras's order without the full-size velocity and the int32 dummies Keras keeps.
 
-use crate::optimizer::{err, Adafactor};
+use crate::optimizer::{err, Adafactor, MAX_ITERATION};
 use adafactor::{AdafactorConfig, LearningRate};
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 
@@ -56,7 +56,8 @@ impl Adafactor {
     ///
     /// # Errors
     /// Not built (Keras's message); a different number of weights; a weight whose shape differs
-    /// from its slot's (Keras's message); an invalid learning rate.
+    /// from its slot's (Keras's message); an `iteration` that is not a whole number in
+    /// `[0, i64::MAX]`; an invalid learning rate.
     pub fn set_weights(&mut self, weights: &[Tensor]) -> Result<()> {
         if !self.built {
             return Err(err(
@@ -87,12 +88,7 @@ impl Adafactor {
         // Convert everything first; only then assign.
         let mut it = weights.iter();
         let mut next = || it.next().ok_or_else(|| err("internal: weight count"));
-        let raw = next()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !(raw.is_finite() && raw >= 0.0) {
-            return Err(err(format!(
-                "set_weights: iteration must be >= 0, got {raw}"
-            )));
-        }
+        let raw = iteration_count(next()?)?;
         let mut config = self.config.clone();
         if let LearningRate::Constant(_) = config.learning_rate {
             let lr = next()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
@@ -136,7 +132,7 @@ impl Adafactor {
             extras.push(next()?.to_dtype(v.dtype())?.to_device(v.device())?);
         }
         // Commit.
-        self.raw_iterations = raw as u64;
+        self.raw_iterations = raw;
         self.config = config;
         let mut emas = emas.into_iter();
         let mut accs = accs.into_iter();
@@ -189,6 +185,28 @@ impl Adafactor {
     pub fn moving_average(&self, var: &Var) -> Result<Option<Tensor>> {
         let i = self.slot_index(var)?;
         self.slots[i].ema.as_ref().map(Tensor::copy).transpose()
+    }
+}
+
+/// Reads the `iteration` weight: integer tensors exactly, float tensors when they hold a whole
+/// number; in `[0, MAX_ITERATION]`, the range [`Adafactor::variables`] writes (an i64).
+fn iteration_count(t: &Tensor) -> Result<u64> {
+    let bad = |got: String| {
+        err(format!(
+            "set_weights: `iteration` must be a whole number in [0, {MAX_ITERATION}], got {got}"
+        ))
+    };
+    if t.dtype().is_int() {
+        let v = t.to_dtype(DType::I64)?.to_scalar::<i64>()?;
+        u64::try_from(v).map_err(|_| bad(v.to_string()))
+    } else {
+        let v = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // 2^63 (= MAX_ITERATION + 1) is the first float64 above the range.
+        if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < 9_223_372_036_854_775_808.0 {
+            Ok(v as u64)
+        } else {
+            Err(bad(v.to_string()))
+        }
     }
 }
 

@@ -194,6 +194,7 @@ pub fn pass1<T: Element>(
 ) -> Pass1 {
     let m = f.m;
     let parallel = parallel_for(f.len());
+    let probe_rows = check_finite && grad.transform.clip_value.is_some();
     let outs = map_units(
         units(f, parallel),
         parallel,
@@ -216,7 +217,13 @@ pub fn pass1<T: Element>(
                 let mut ok = true;
                 for k in k0..k0 + block {
                     let row = u.row0 + k;
-                    let g = grad.view(row * m, &mut gbuf);
+                    let g = if probe_rows {
+                        // Clamping would hide an infinity from the sums: probe before it.
+                        probe += grad.load_checked(row * m, &mut gbuf);
+                        &gbuf[..]
+                    } else {
+                        grad.view(row * m, &mut gbuf)
+                    };
                     let rs = row_sq_and_cols_f32(g, &mut col32) as f64;
                     ok &= rs.is_finite();
                     if let Some(fold) = fold {
@@ -247,7 +254,7 @@ pub fn pass1<T: Element>(
                             }
                         }
                         rows.push(rs);
-                        if check_finite && !rs.is_finite() {
+                        if check_finite && !probe_rows && !rs.is_finite() {
                             // Decide on the unscaled values themselves: a NaN or infinity, or only a
                             // finite value whose square overflows.
                             probe += grad.load_checked(base, &mut gbuf);
