@@ -7,9 +7,17 @@ fn for_chunks<A: Send>(dst: &mut [A], f: impl Fn(usize, &mut [A]) + Sync + Send)
     if parallel_for(dst.len()) {
         dst.par_chunks_mut(UNIT_ELEMS)
             .enumerate()
-            .for_each(|(i, c)| super::vectorized(|| f(i * UNIT_ELEMS, c)));
+            .for_each(|(i, c)| {
+                super::vectorized(
+                    #[inline(always)]
+                    || f(i * UNIT_ELEMS, c),
+                )
+            });
     } else if !dst.is_empty() {
-        super::vectorized(|| f(0, dst));
+        super::vectorized(
+            #[inline(always)]
+            || f(0, dst),
+        );
     }
 }
 

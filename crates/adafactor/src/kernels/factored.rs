@@ -42,7 +42,7 @@ pub struct RowFold<'a> {
 
 /// One statistic's update: `b2 * old + (1 - b2) * (s^2 sum / count + eps1)`, shared by pass 1's
 /// fold and [`prepare`] so both compute the same bits.
-#[inline]
+#[inline(always)]
 fn new_stat(old: f32, sum: f64, count: usize, beta2: f32, epsilon_1: f32, s2: f64) -> f32 {
     // A zero scale (clipping by an overflowed norm) zeroes the gradient, even where its sum of
     // squares overflowed.
@@ -84,7 +84,7 @@ fn units(f: Factoring, parallel: bool) -> Vec<Unit> {
 const BLOCK_ROWS: usize = 16;
 
 /// `acc += part` elementwise, widening to f64.
-#[inline]
+#[inline(always)]
 fn add_into(acc: &mut [f64], part: &[f32]) {
     for (a, p) in acc.iter_mut().zip(part) {
         *a += *p as f64;
@@ -92,34 +92,29 @@ fn add_into(acc: &mut [f64], part: &[f32]) {
 }
 
 /// Pass 1's fast path: the float32 sum of squares of `g` (8 lanes, blocked), adding each
-/// square into `col`.
-#[inline]
+/// square into `col` (two simple loops over the cached row, each of which vectorises).
+#[inline(always)]
 fn row_sq_and_cols_f32(g: &[f32], col: &mut [f32]) -> f32 {
+    for (c, g) in col.iter_mut().zip(g) {
+        *c += g * g;
+    }
     let mut total = 0f32;
-    for (gb, cb) in g.chunks(CHUNK).zip(col.chunks_mut(CHUNK)) {
+    for gb in g.chunks(CHUNK) {
         let mut lanes = [0f32; 8];
         let mut gi = gb.chunks_exact(8);
-        let mut ci = cb.chunks_exact_mut(8);
-        for (gc, cc) in (&mut gi).zip(&mut ci) {
+        for gc in &mut gi {
             for l in 0..8 {
-                let e2 = gc[l] * gc[l];
-                lanes[l] += e2;
-                cc[l] += e2;
+                lanes[l] += gc[l] * gc[l];
             }
         }
-        let mut rem = 0f32;
-        for (g, c) in gi.remainder().iter().zip(ci.into_remainder()) {
-            let e2 = g * g;
-            rem += e2;
-            *c += e2;
-        }
+        let rem: f32 = gi.remainder().iter().map(|g| g * g).sum();
         total += rem + lanes.iter().sum::<f32>();
     }
     total
 }
 
 /// `w_j += g_j^2 * scale`.
-#[inline]
+#[inline(always)]
 fn add_scaled_squares(g: &[f32], scale: f32, w: &mut [f32]) {
     for (w, g) in w.iter_mut().zip(g) {
         *w += g * g * scale;
@@ -129,7 +124,7 @@ fn add_scaled_squares(g: &[f32], scale: f32, w: &mut [f32]) {
 /// Sum of squares of `g` while adding each square into `col`. The squares are float32, as
 /// Keras computes them; the sums are f64, so a row or column of large finite squares whose
 /// float32 sum would overflow still has a finite mean.
-#[inline]
+#[inline(always)]
 fn row_sq_and_cols(g: &[f32], col: &mut [f64]) -> f64 {
     let mut lanes = [0f64; 4];
     let mut gi = g.chunks_exact(4);
@@ -151,7 +146,7 @@ fn row_sq_and_cols(g: &[f32], col: &mut [f64]) -> f64 {
 }
 
 /// `x_j -= ca * (s g_j) * b_j`.
-#[inline]
+#[inline(always)]
 fn update_row(x: &mut [f32], g: &[f32], b: &[f32], ca: f32, s: f32) {
     for ((xv, g), bj) in x.iter_mut().zip(g).zip(b) {
         *xv -= ca * (s * g) * bj;
@@ -159,7 +154,7 @@ fn update_row(x: &mut [f32], g: &[f32], b: &[f32], ca: f32, s: f32) {
 }
 
 /// `sum_j ((s g_j) b_j)^2`, blocked like [`super::sum_sq`].
-#[inline]
+#[inline(always)]
 fn weighted_sum_sq(g: &[f32], b: &[f32], s: f32) -> f64 {
     let mut total = 0f64;
     for (gb, bb) in g.chunks(CHUNK).zip(b.chunks(CHUNK)) {

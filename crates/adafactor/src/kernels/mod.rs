@@ -42,12 +42,12 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// Rounds a slice of `f32` into this type (`out.len() == src.len()`).
     fn store(src: &[f32], out: &mut [Self]);
     /// The slice itself when this type is `f32` (lets kernels skip a conversion buffer).
-    #[inline]
+    #[inline(always)]
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
     }
     /// The mutable slice itself when this type is `f32`.
-    #[inline]
+    #[inline(always)]
     fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
         None
     }
@@ -61,19 +61,19 @@ pub trait Element: Copy + Send + Sync + 'static {
 }
 
 impl Element for f32 {
-    #[inline]
+    #[inline(always)]
     fn load(src: &[f32], out: &mut [f32]) {
         out.copy_from_slice(src);
     }
-    #[inline]
+    #[inline(always)]
     fn store(src: &[f32], out: &mut [f32]) {
         out.copy_from_slice(src);
     }
-    #[inline]
+    #[inline(always)]
     fn as_f32(s: &[f32]) -> Option<&[f32]> {
         Some(s)
     }
-    #[inline]
+    #[inline(always)]
     fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
         Some(s)
     }
@@ -89,14 +89,14 @@ impl Element for f32 {
 }
 
 impl Element for bf16 {
-    #[inline]
+    #[inline(always)]
     fn load(src: &[bf16], out: &mut [f32]) {
         // A bf16 is the top half of an f32.
         for (o, v) in out.iter_mut().zip(src) {
             *o = f32::from_bits((v.to_bits() as u32) << 16);
         }
     }
-    #[inline]
+    #[inline(always)]
     fn store(src: &[f32], out: &mut [bf16]) {
         for (o, v) in out.iter_mut().zip(src) {
             *o = Self::from_f32(*v);
@@ -128,19 +128,19 @@ fn f32_to_bf16_bits(v: f32) -> u16 {
 }
 
 impl Element for f16 {
-    #[inline]
+    #[inline(always)]
     fn load(src: &[f16], out: &mut [f32]) {
         src.convert_to_f32_slice(out);
     }
-    #[inline]
+    #[inline(always)]
     fn store(src: &[f32], out: &mut [f16]) {
         out.convert_from_f32_slice(src);
     }
-    #[inline]
+    #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
-    #[inline]
+    #[inline(always)]
     fn from_f32(v: f32) -> f16 {
         f16::from_f32(v)
     }
@@ -192,7 +192,7 @@ impl<'a, T: Element> Grad<'a, T> {
 
     /// The effective gradient of elements `start..start + buf.len()`: the stored slice itself
     /// for a plain `f32` gradient, else converted into `buf`.
-    #[inline]
+    #[inline(always)]
     pub fn view<'b>(&'b self, start: usize, buf: &'b mut [f32]) -> &'b [f32] {
         if self.acc.is_none() && self.transform == GradTransform::default() {
             if let Some(g) = T::as_f32(&self.g[start..start + buf.len()]) {
@@ -204,14 +204,14 @@ impl<'a, T: Element> Grad<'a, T> {
     }
 
     /// Writes the effective gradient of elements `start..start + out.len()` into `out`.
-    #[inline]
+    #[inline(always)]
     pub fn load(&self, start: usize, out: &mut [f32]) {
         self.load_impl(start, out, false);
     }
 
     /// [`Grad::load`], also returning 0 when the unscaled gradient is finite and NaN when it
     /// holds NaN or infinity (checked before accumulation and clamping, which could hide it).
-    #[inline]
+    #[inline(always)]
     pub fn load_checked(&self, start: usize, out: &mut [f32]) -> f32 {
         self.load_impl(start, out, true)
     }
@@ -257,7 +257,7 @@ impl Decay {
 
 /// The weight values of `x` after the optional decay: the slice itself for undecayed `f32`,
 /// else converted (and decayed) into `buf`.
-#[inline]
+#[inline(always)]
 pub(crate) fn decayed_view<'b, T: Element>(
     x: &'b [T],
     decay: Option<Decay>,
@@ -274,7 +274,7 @@ pub(crate) fn decayed_view<'b, T: Element>(
 }
 
 /// Applies an optional decay to a buffer in place.
-#[inline]
+#[inline(always)]
 pub(crate) fn decay_in_place(decay: Option<Decay>, x: &mut [f32]) {
     if let Some(d) = decay {
         x.iter_mut().for_each(|v| *v = d.apply(*v));
@@ -282,7 +282,7 @@ pub(crate) fn decay_in_place(decay: Option<Decay>, x: &mut [f32]) {
 }
 
 /// Sum of squares of a buffer, blocked: f32 lanes within the buffer, returned as f64.
-#[inline]
+#[inline(always)]
 pub(crate) fn sum_sq(x: &[f32]) -> f64 {
     let mut total = 0f64;
     for block in x.chunks(CHUNK) {
@@ -301,7 +301,7 @@ pub(crate) fn sum_sq(x: &[f32]) -> f64 {
 }
 
 /// `x * 0` summed: 0 when every element is finite, NaN otherwise.
-#[inline]
+#[inline(always)]
 pub(crate) fn nonfinite_probe(x: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let mut it = x.chunks_exact(8);
@@ -341,9 +341,25 @@ pub(crate) fn map_units<U: Send, R: Send>(
     f: impl Fn(U) -> R + Sync + Send,
 ) -> Vec<R> {
     if parallel && units.len() > 1 {
-        units.into_par_iter().map(|u| vectorized(|| f(u))).collect()
+        units
+            .into_par_iter()
+            .map(|u| {
+                vectorized(
+                    #[inline(always)]
+                    || f(u),
+                )
+            })
+            .collect()
     } else {
-        units.into_iter().map(|u| vectorized(|| f(u))).collect()
+        units
+            .into_iter()
+            .map(|u| {
+                vectorized(
+                    #[inline(always)]
+                    || f(u),
+                )
+            })
+            .collect()
     }
 }
 

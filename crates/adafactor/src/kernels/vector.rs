@@ -92,13 +92,23 @@ pub fn pass2<T: Element>(
         v_new
             .par_chunks_mut(step)
             .enumerate()
-            .map(|c| super::vectorized(|| body(c)))
+            .map(|c| {
+                super::vectorized(
+                    #[inline(always)]
+                    || body(c),
+                )
+            })
             .sum()
     } else {
         v_new
             .chunks_mut(step)
             .enumerate()
-            .map(|c| super::vectorized(|| body(c)))
+            .map(|c| {
+                super::vectorized(
+                    #[inline(always)]
+                    || body(c),
+                )
+            })
             .sum()
     }
 }
@@ -127,12 +137,18 @@ pub fn pass3<T: Element>(
         T::store(&xbuf, xs);
     };
     if parallel {
-        x.par_chunks_mut(step)
-            .enumerate()
-            .for_each(|c| super::vectorized(|| body(c)));
+        x.par_chunks_mut(step).enumerate().for_each(|c| {
+            super::vectorized(
+                #[inline(always)]
+                || body(c),
+            )
+        });
     } else {
-        x.chunks_mut(step)
-            .enumerate()
-            .for_each(|c| super::vectorized(|| body(c)));
+        x.chunks_mut(step).enumerate().for_each(|c| {
+            super::vectorized(
+                #[inline(always)]
+                || body(c),
+            )
+        });
     }
 }
