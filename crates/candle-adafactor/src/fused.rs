@@ -12,6 +12,7 @@
 //! an error or a refused non-finite gradient leaves everything unchanged.
 
 use crate::optimizer::{err, Adafactor};
+use crate::slot::Slot;
 use adafactor::kernels::{elementwise, factored, vector, Decay, Element, Grad, GradTransform};
 use adafactor::{Accumulation, Clip, Stats, StepPlan};
 use candle_core::{
@@ -177,6 +178,20 @@ fn in_place(
     f: impl Fn(&mut CpuStorage, &Layout) -> Result<()>,
 ) -> Result<()> {
     t.inplace_op1(&InPlace { name, f })
+}
+
+/// A read lock on the slot's accumulator when this call averages with it.
+fn accumulator_read(slot: &Slot, transform: GradTransform) -> Result<Option<Read<'_>>> {
+    match transform.accumulate_steps {
+        Some(_) => {
+            let acc = slot
+                .accumulator
+                .as_ref()
+                .ok_or_else(|| err("internal: accumulator"))?;
+            Ok(Some(Read::new(acc)?))
+        }
+        None => Ok(None),
+    }
 }
 
 /// Pass-1 result of one item.
@@ -385,14 +400,7 @@ fn first_pass(
     let fold = matches!(u.clip, Clip::None | Clip::Value(_));
     let slot = &opt.slots[it.slot];
     let gr = Read::new(it.grad)?;
-    let acc = match transform.accumulate_steps {
-        Some(_) => Some(Read::new(
-            slot.accumulator
-                .as_ref()
-                .ok_or_else(|| err("internal: accumulator"))?,
-        )?),
-        None => None,
-    };
+    let acc = accumulator_read(slot, transform)?;
     let xr = Read::new(slot.var.as_tensor())?;
     with_dtype!(slot.var.dtype(), T => {
         let grad = grad_view::<T>(&gr, acc.as_ref(), transform)?;
@@ -450,14 +458,7 @@ fn second_pass(
     let rms_x = (first.sum_sq_x() / len).sqrt() as f32;
     let alpha = u.alpha(rms_x);
     let gr = Read::new(it.grad)?;
-    let acc = match transform.accumulate_steps {
-        Some(_) => Some(Read::new(
-            slot.accumulator
-                .as_ref()
-                .ok_or_else(|| err("internal: accumulator"))?,
-        )?),
-        None => None,
-    };
+    let acc = accumulator_read(slot, transform)?;
     with_dtype!(slot.var.dtype(), T => {
         let grad = grad_view::<T>(&gr, acc.as_ref(), transform)?;
         Ok(match (&slot.stats, first) {
@@ -491,14 +492,7 @@ fn third_pass(
 ) -> Result<()> {
     let slot = &opt.slots[it.slot];
     let gr = Read::new(it.grad)?;
-    let acc = match transform.accumulate_steps {
-        Some(_) => Some(Read::new(
-            slot.accumulator
-                .as_ref()
-                .ok_or_else(|| err("internal: accumulator"))?,
-        )?),
-        None => None,
-    };
+    let acc = accumulator_read(slot, transform)?;
     with_dtype!(slot.var.dtype(), T => {
         let grad = grad_view::<T>(&gr, acc.as_ref(), transform)?;
         in_place(slot.var.as_tensor(), "adafactor-update", |s, l| {
