@@ -219,13 +219,7 @@ impl Adafactor {
     /// that is not a whole number >= 0; an invalid learning rate; a velocity inconsistent with
     /// its variable's `r` and `c` (naming the variable and the first differing index).
     pub fn set_keras_weights(&mut self, weights: &[Tensor]) -> Result<()> {
-        if !self.built {
-            return Err(err(
-                "You are calling `set_weights()` on an optimizer that has not yet been built. \
-                 Please call `optimizer.build(trainable_variables)` to create the optimizer \
-                 weights before calling `optimizer.set_weights()`.",
-            ));
-        }
+        self.require_built_for_set_weights()?;
         let layout = self.keras_layout();
         if layout.len() != weights.len() {
             return Err(err(format!(

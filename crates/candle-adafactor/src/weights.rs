@@ -59,13 +59,7 @@ impl Adafactor {
     /// from its slot's (Keras's message); an `iteration` that is not a whole number in
     /// `[0, i64::MAX]`; an invalid learning rate.
     pub fn set_weights(&mut self, weights: &[Tensor]) -> Result<()> {
-        if !self.built {
-            return Err(err(
-                "You are calling `set_weights()` on an optimizer that has not yet been built. \
-                 Please call `optimizer.build(trainable_variables)` to create the optimizer \
-                 weights before calling `optimizer.set_weights()`.",
-            ));
-        }
+        self.require_built_for_set_weights()?;
         let current = self.variables()?;
         if current.len() != weights.len() {
             return Err(err(format!(
@@ -149,6 +143,18 @@ impl Adafactor {
             v.set(&value)?;
         }
         Ok(())
+    }
+
+    /// Keras's refusal to set the weights of an optimizer that is not built yet.
+    pub(crate) fn require_built_for_set_weights(&self) -> Result<()> {
+        if self.built {
+            return Ok(());
+        }
+        Err(err(
+            "You are calling `set_weights()` on an optimizer that has not yet been built. \
+             Please call `optimizer.build(trainable_variables)` to create the optimizer \
+             weights before calling `optimizer.set_weights()`.",
+        ))
     }
 
     /// Keras `add_variable(shape, initializer="zeros", dtype, name)`: a zero-initialised variable

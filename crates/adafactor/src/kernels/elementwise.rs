@@ -1,25 +1,7 @@
 //! Whole-tensor elementwise kernels: accumulation, EMA, overwrite, finiteness.
 
-use super::{parallel_for, Element, Grad, UNIT_ELEMS};
+use super::{for_chunks, parallel_for, Element, Grad, UNIT_ELEMS};
 use rayon::prelude::*;
-
-fn for_chunks<A: Send>(dst: &mut [A], f: impl Fn(usize, &mut [A]) + Sync + Send) {
-    if parallel_for(dst.len()) {
-        dst.par_chunks_mut(UNIT_ELEMS)
-            .enumerate()
-            .for_each(|(i, c)| {
-                super::vectorized(
-                    #[inline(always)]
-                    || f(i * UNIT_ELEMS, c),
-                )
-            });
-    } else if !dst.is_empty() {
-        super::vectorized(
-            #[inline(always)]
-            || f(0, dst),
-        );
-    }
-}
 
 /// Whether the unscaled gradient is finite (a read-only pass, for accumulate-only calls).
 pub fn is_finite<T: Element>(grad: &Grad<'_, T>) -> bool {

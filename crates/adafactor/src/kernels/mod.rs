@@ -333,6 +333,54 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f(start, chunk)` over `dst` in chunks of [`UNIT_ELEMS`] elements in parallel when the
+/// tensor is large, else over the whole slice at once (nothing for an empty slice).
+pub(crate) fn for_chunks<A: Send>(dst: &mut [A], f: impl Fn(usize, &mut [A]) + Sync + Send) {
+    if parallel_for(dst.len()) {
+        dst.par_chunks_mut(UNIT_ELEMS)
+            .enumerate()
+            .for_each(|(i, c)| {
+                vectorized(
+                    #[inline(always)]
+                    || f(i * UNIT_ELEMS, c),
+                )
+            });
+    } else if !dst.is_empty() {
+        vectorized(
+            #[inline(always)]
+            || f(0, dst),
+        );
+    }
+}
+
+/// [`for_chunks`] whose chunks each return a partial sum; the sum of the partials, in chunk
+/// order.
+pub(crate) fn sum_chunks<A: Send>(
+    dst: &mut [A],
+    f: impl Fn(usize, &mut [A]) -> f64 + Sync + Send,
+) -> f64 {
+    if parallel_for(dst.len()) {
+        let parts: Vec<f64> = dst
+            .par_chunks_mut(UNIT_ELEMS)
+            .enumerate()
+            .map(|(i, c)| {
+                vectorized(
+                    #[inline(always)]
+                    || f(i * UNIT_ELEMS, c),
+                )
+            })
+            .collect();
+        parts.iter().sum()
+    } else if !dst.is_empty() {
+        vectorized(
+            #[inline(always)]
+            || f(0, dst),
+        )
+    } else {
+        0.0
+    }
+}
+
 /// Runs `f` over work units, in parallel when `parallel`, keeping the units' order in the
 /// results (so reductions are deterministic).
 pub(crate) fn map_units<U: Send, R: Send>(

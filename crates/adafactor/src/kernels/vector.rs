@@ -1,7 +1,6 @@
 //! The three passes for an unfactored variable (rank 0 or 1), which keeps its velocity `v`.
 
 use super::{decay_in_place, map_units, parallel_for, Decay, Element, Grad, UNIT_ELEMS};
-use rayon::prelude::*;
 
 /// What pass 1 learns about an unfactored variable.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,14 +70,7 @@ pub fn pass2<T: Element>(
     epsilon_1: f32,
     grad_scale: f32,
 ) -> f64 {
-    let parallel = parallel_for(v_new.len());
-    let step = if parallel {
-        UNIT_ELEMS
-    } else {
-        v_new.len().max(1)
-    };
-    let body = |(ci, vs): (usize, &mut [f32])| {
-        let start = ci * step;
+    super::sum_chunks(v_new, |start, vs| {
         let mut gbuf = vec![0f32; vs.len()];
         grad.load(start, &mut gbuf);
         for ((v, g), old) in vs.iter_mut().zip(gbuf.iter_mut()).zip(&v_old[start..]) {
@@ -87,30 +79,7 @@ pub fn pass2<T: Element>(
             *g = ge / v.sqrt();
         }
         super::sum_sq(&gbuf)
-    };
-    if parallel {
-        v_new
-            .par_chunks_mut(step)
-            .enumerate()
-            .map(|c| {
-                super::vectorized(
-                    #[inline(always)]
-                    || body(c),
-                )
-            })
-            .sum()
-    } else {
-        v_new
-            .chunks_mut(step)
-            .enumerate()
-            .map(|c| {
-                super::vectorized(
-                    #[inline(always)]
-                    || body(c),
-                )
-            })
-            .sum()
-    }
+    })
 }
 
 /// Pass 3: `x = decay(x) - coef * s g / sqrt(v_new)`, `coef = alpha / max(1, RMS(u)/d)`.
@@ -122,10 +91,7 @@ pub fn pass3<T: Element>(
     grad_scale: f32,
     decay: Option<Decay>,
 ) {
-    let parallel = parallel_for(x.len());
-    let step = if parallel { UNIT_ELEMS } else { x.len().max(1) };
-    let body = |(ci, xs): (usize, &mut [T])| {
-        let start = ci * step;
+    super::for_chunks(x, |start, xs| {
         let mut gbuf = vec![0f32; xs.len()];
         let mut xbuf = vec![0f32; xs.len()];
         grad.load(start, &mut gbuf);
@@ -135,20 +101,5 @@ pub fn pass3<T: Element>(
             *xv -= coef * ((grad_scale * g) / v.sqrt());
         }
         T::store(&xbuf, xs);
-    };
-    if parallel {
-        x.par_chunks_mut(step).enumerate().for_each(|c| {
-            super::vectorized(
-                #[inline(always)]
-                || body(c),
-            )
-        });
-    } else {
-        x.chunks_mut(step).enumerate().for_each(|c| {
-            super::vectorized(
-                #[inline(always)]
-                || body(c),
-            )
-        });
-    }
+    });
 }
