@@ -1,6 +1,6 @@
 //! The three passes for a factored variable (rank >= 2: `lead` slices of `n x m`).
 
-use super::{decay_in_place, map_units, parallel_for, rows_per_unit, Decay, Element, Grad, CHUNK};
+use super::{map_units, parallel_for, rows_per_unit, Decay, Element, Grad, CHUNK};
 use crate::state::Factoring;
 use rayon::prelude::*;
 
@@ -38,6 +38,14 @@ pub struct RowFold<'a> {
     pub beta2: f32,
     /// `epsilon_1`.
     pub epsilon_1: f32,
+}
+
+impl RowFold<'_> {
+    /// `1 / r_i` for the new row statistic of `row`, from its sum of squares over `m` columns.
+    #[inline(always)]
+    fn inv_r(&self, row: usize, sum: f64, m: usize) -> f64 {
+        1.0 / new_stat(self.r_old[row], sum, m, self.beta2, self.epsilon_1, 1.0) as f64
+    }
 }
 
 /// One statistic's update: `b2 * old + (1 - b2) * (s^2 sum / count + eps1)`, shared by pass 1's
@@ -80,6 +88,9 @@ fn units(f: Factoring, parallel: bool) -> Vec<Unit> {
     out
 }
 
+/// Rows ahead that pass 3 prefetches.
+const AHEAD: usize = 4;
+
 /// Rows per block of pass 1's float32 fast path.
 const BLOCK_ROWS: usize = 16;
 
@@ -88,36 +99,6 @@ const BLOCK_ROWS: usize = 16;
 fn add_into(acc: &mut [f64], part: &[f32]) {
     for (a, p) in acc.iter_mut().zip(part) {
         *a += *p as f64;
-    }
-}
-
-/// Pass 1's fast path: the float32 sum of squares of `g` (8 lanes, blocked), adding each
-/// square into `col` (two simple loops over the cached row, each of which vectorises).
-#[inline(always)]
-fn row_sq_and_cols_f32(g: &[f32], col: &mut [f32]) -> f32 {
-    for (c, g) in col.iter_mut().zip(g) {
-        *c += g * g;
-    }
-    let mut total = 0f32;
-    for gb in g.chunks(CHUNK) {
-        let mut lanes = [0f32; 8];
-        let mut gi = gb.chunks_exact(8);
-        for gc in &mut gi {
-            for l in 0..8 {
-                lanes[l] += gc[l] * gc[l];
-            }
-        }
-        let rem: f32 = gi.remainder().iter().map(|g| g * g).sum();
-        total += rem + lanes.iter().sum::<f32>();
-    }
-    total
-}
-
-/// `w_j += g_j^2 * scale`.
-#[inline(always)]
-fn add_scaled_squares(g: &[f32], scale: f32, w: &mut [f32]) {
-    for (w, g) in w.iter_mut().zip(g) {
-        *w += g * g * scale;
     }
 }
 
@@ -143,14 +124,6 @@ fn row_sq_and_cols(g: &[f32], col: &mut [f64]) -> f64 {
         *c += e2;
     }
     total
-}
-
-/// `x_j -= ca * (s g_j) * b_j`.
-#[inline(always)]
-fn update_row(x: &mut [f32], g: &[f32], b: &[f32], ca: f32, s: f32) {
-    for ((xv, g), bj) in x.iter_mut().zip(g).zip(b) {
-        *xv -= ca * (s * g) * bj;
-    }
 }
 
 /// `sum_j ((s g_j) b_j)^2`, blocked like [`super::sum_sq`].
@@ -212,19 +185,47 @@ pub fn pass1<T: Element>(
                 let mut ok = true;
                 for k in k0..k0 + block {
                     let row = u.row0 + k;
-                    let g = if probe_rows {
-                        // Clamping would hide an infinity from the sums: probe before it.
-                        probe += grad.load_checked(row * m, &mut gbuf);
-                        &gbuf[..]
-                    } else {
-                        grad.view(row * m, &mut gbuf)
-                    };
-                    let rs = row_sq_and_cols_f32(g, &mut col32) as f64;
-                    ok &= rs.is_finite();
-                    if let Some(fold) = fold {
-                        let r = new_stat(fold.r_old[row], rs, m, fold.beta2, fold.epsilon_1, 1.0);
-                        add_scaled_squares(g, (1.0 / r as f64) as f32, &mut wcol32);
+                    let base = row * m;
+                    let xr = &x[base..base + m];
+                    if k + AHEAD < u.rows {
+                        let next = base + AHEAD * m;
+                        super::prefetch(&grad.g[next..next + m]);
+                        super::prefetch(&x[next..next + m]);
                     }
+                    let (rs, sxr) = if T::CHEAP_CONVERSION && !probe_rows && grad.is_plain() {
+                        // Gradient and weight converted in registers, one sweep over both.
+                        let gr = &grad.g[base..base + m];
+                        let (rs, sxr) = T::pass1_row(gr, xr, decay, &mut col32);
+                        if let Some(fold) = fold {
+                            T::add_scaled_squares(
+                                gr,
+                                fold.inv_r(row, rs as f64, m) as f32,
+                                &mut wcol32,
+                            );
+                        }
+                        (rs, sxr)
+                    } else {
+                        let g = if probe_rows {
+                            // Clamping would hide an infinity from the sums: probe before it.
+                            probe += grad.load_checked(base, &mut gbuf);
+                            &gbuf[..]
+                        } else {
+                            grad.view(base, &mut gbuf)
+                        };
+                        let xv = super::decayed_view(xr, decay, &mut xbuf);
+                        let (rs, sxr) = f32::pass1_row(g, xv, None, &mut col32);
+                        if let Some(fold) = fold {
+                            f32::add_scaled_squares(
+                                g,
+                                fold.inv_r(row, rs as f64, m) as f32,
+                                &mut wcol32,
+                            );
+                        }
+                        (rs, sxr)
+                    };
+                    let rs = rs as f64;
+                    ok &= rs.is_finite();
+                    sx += sxr;
                     rows.push(rs);
                 }
                 ok &= col32.iter().chain(&wcol32).all(|v| v.is_finite());
@@ -241,9 +242,7 @@ pub fn pass1<T: Element>(
                         let g = grad.view(base, &mut gbuf);
                         let rs = row_sq_and_cols(g, &mut col);
                         if let Some(fold) = fold {
-                            let r =
-                                new_stat(fold.r_old[row], rs, m, fold.beta2, fold.epsilon_1, 1.0);
-                            let inv_r = 1.0 / r as f64;
+                            let inv_r = fold.inv_r(row, rs, m);
                             for (w, g) in wcol.iter_mut().zip(g) {
                                 *w += (g * g) as f64 * inv_r;
                             }
@@ -255,10 +254,6 @@ pub fn pass1<T: Element>(
                             probe += grad.load_checked(base, &mut gbuf);
                         }
                     }
-                }
-                for k in k0..k0 + block {
-                    let base = (u.row0 + k) * m;
-                    sx += super::sum_sq(super::decayed_view(&x[base..base + m], decay, &mut xbuf));
                 }
                 k0 += block;
             }
@@ -427,41 +422,32 @@ impl<T: Element> Pass3<'_, '_, T> {
     fn rows_inner(&self, first_row: usize, xs: &mut [T]) {
         let m = self.f.m;
         let (grad_scale, decay) = (self.grad_scale, self.decay);
-        let mut gbuf = vec![0f32; m];
-        let mut xbuf = vec![0f32; m];
+        let plain = T::CHEAP_CONVERSION && self.grad.is_plain();
+        let mut gbuf = vec![0f32; if plain { 0 } else { m }];
+        let mut xbuf = vec![0f32; if plain { 0 } else { m }];
+        let rows = xs.len() / m;
         for (k, xrow) in xs.chunks_mut(m).enumerate() {
             let row = first_row + k;
+            let base = row * m;
+            if k + AHEAD < rows {
+                let next = base + AHEAD * m;
+                super::prefetch(&self.grad.g[next..next + m]);
+            }
             let slice = row / self.f.n;
             let b = &self.p.col_factor[slice * m..(slice + 1) * m];
             let ca = self.coef * self.p.row_factor[row];
-            let g = self.grad.view(row * m, &mut gbuf);
-            if decay.is_none() {
-                if let Some(xs) = T::as_f32_mut(xrow) {
-                    update_row(xs, g, b, ca, grad_scale);
+            if plain {
+                T::update_row(xrow, &self.grad.g[base..base + m], b, ca, grad_scale, decay);
+            } else {
+                let g = self.grad.view(base, &mut gbuf);
+                if let Some(xf) = T::as_f32_mut(xrow) {
+                    f32::update_row(xf, g, b, ca, grad_scale, decay);
                     continue;
                 }
+                T::load(xrow, &mut xbuf);
+                f32::update_row(&mut xbuf, g, b, ca, grad_scale, decay);
+                T::store(&xbuf, xrow);
             }
-            if T::CHEAP_CONVERSION {
-                // One sweep: convert, decay, update and round each element in registers.
-                let d = decay.unwrap_or(Decay {
-                    weight_decay: 0.0,
-                    learning_rate: 0.0,
-                });
-                let decayed = decay.is_some();
-                for ((xv, g), bj) in xrow.iter_mut().zip(g).zip(b) {
-                    let mut v = xv.to_f32();
-                    if decayed {
-                        v = d.apply(v);
-                    }
-                    v -= ca * (grad_scale * g) * bj;
-                    *xv = T::from_f32(v);
-                }
-                continue;
-            }
-            T::load(xrow, &mut xbuf);
-            decay_in_place(decay, &mut xbuf);
-            update_row(&mut xbuf, g, b, ca, grad_scale);
-            T::store(&xbuf, xrow);
         }
     }
 }
