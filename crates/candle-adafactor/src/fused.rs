@@ -6,7 +6,8 @@
 //! job, not one thread-pool dispatch each):
 //! 1. pass 1 over every gradient (read-only): row/column sums, norms, RMS(x), finiteness;
 //! 2. clipping scales from the pass-1 norms; the O(n + m) statistics update; pass 2 for RMS(u);
-//! 3. pass 3 writes each weight in place; statistics are committed; EMA and overwrite follow.
+//! 3. pass 3 writes each weight in place, in the reverse order of pass 1 (what pass 1 read last
+//!    is still in the last-level cache); statistics are committed; EMA and overwrite follow.
 //!
 //! Nothing is written before pass 3, and pass 3 cannot fail on inputs that passed the checks, so
 //! an error or a refused non-finite gradient leaves everything unchanged.
@@ -314,9 +315,12 @@ pub(crate) fn apply(
                 .map(|((it, f), s)| second_pass(opt, it, f, transform, *s, u))
                 .collect::<Result<_>>()?;
             // Pass 3: the first write.
+            // In the reverse order of pass 1, so that the data pass 1 read last, still in the
+            // last-level cache, is read first.
             list.par_iter()
                 .zip(&second)
                 .zip(&scales)
+                .rev()
                 .try_for_each(|((it, (sec, coef)), s)| {
                     third_pass(opt, it, sec, *coef, *s, transform)
                 })?;

@@ -88,11 +88,8 @@ fn units(f: Factoring, parallel: bool) -> Vec<Unit> {
     out
 }
 
-/// Rows ahead that pass 3 prefetches.
-const AHEAD: usize = 4;
-
 /// Rows per block of pass 1's float32 fast path.
-const BLOCK_ROWS: usize = 16;
+const BLOCK_ROWS: usize = 64;
 
 /// `acc += part` elementwise, widening to f64.
 #[inline(always)]
@@ -183,25 +180,22 @@ pub fn pass1<T: Element>(
                 col32.fill(0.0);
                 wcol32.fill(0.0);
                 let mut ok = true;
+                // The fold of the previous row, done after this row's sweep so that the sweep
+                // does not wait for the previous row's statistic.
+                let mut pending: Option<(&[T], f32)> = None;
                 for k in k0..k0 + block {
                     let row = u.row0 + k;
                     let base = row * m;
                     let xr = &x[base..base + m];
-                    if k + AHEAD < u.rows {
-                        let next = base + AHEAD * m;
-                        super::prefetch(&grad.g[next..next + m]);
-                        super::prefetch(&x[next..next + m]);
-                    }
                     let (rs, sxr) = if T::CHEAP_CONVERSION && !probe_rows && grad.is_plain() {
                         // Gradient and weight converted in registers, one sweep over both.
                         let gr = &grad.g[base..base + m];
                         let (rs, sxr) = T::pass1_row(gr, xr, decay, &mut col32);
+                        if let Some((g_prev, s_prev)) = pending.take() {
+                            T::add_scaled_squares(g_prev, s_prev, &mut wcol32);
+                        }
                         if let Some(fold) = fold {
-                            T::add_scaled_squares(
-                                gr,
-                                fold.inv_r(row, rs as f64, m) as f32,
-                                &mut wcol32,
-                            );
+                            pending = Some((gr, fold.inv_r(row, rs as f64, m) as f32));
                         }
                         (rs, sxr)
                     } else {
@@ -228,7 +222,10 @@ pub fn pass1<T: Element>(
                     sx += sxr;
                     rows.push(rs);
                 }
-                ok &= col32.iter().chain(&wcol32).all(|v| v.is_finite());
+                if let Some((g_prev, s_prev)) = pending {
+                    T::add_scaled_squares(g_prev, s_prev, &mut wcol32);
+                }
+                ok &= super::nonfinite_probe(&col32) + super::nonfinite_probe(&wcol32) == 0.0;
                 if ok {
                     add_into(&mut col, &col32);
                     add_into(&mut wcol, &wcol32);
@@ -425,14 +422,9 @@ impl<T: Element> Pass3<'_, '_, T> {
         let plain = T::CHEAP_CONVERSION && self.grad.is_plain();
         let mut gbuf = vec![0f32; if plain { 0 } else { m }];
         let mut xbuf = vec![0f32; if plain { 0 } else { m }];
-        let rows = xs.len() / m;
         for (k, xrow) in xs.chunks_mut(m).enumerate() {
             let row = first_row + k;
             let base = row * m;
-            if k + AHEAD < rows {
-                let next = base + AHEAD * m;
-                super::prefetch(&self.grad.g[next..next + m]);
-            }
             let slice = row / self.f.n;
             let b = &self.p.col_factor[slice * m..(slice + 1) * m];
             let ca = self.coef * self.p.row_factor[row];
@@ -482,7 +474,11 @@ pub fn pass3<T: Element>(
     };
     let body = |(ci, xs): (usize, &mut [T])| job.rows(ci * rows_chunk, xs);
     if parallel {
-        x.par_chunks_mut(rows_chunk * m).enumerate().for_each(body);
+        // Last rows first: pass 1 reads them last, so they may still be in the last-level cache.
+        x.par_chunks_mut(rows_chunk * m)
+            .enumerate()
+            .rev()
+            .for_each(body);
     } else {
         x.chunks_mut(rows_chunk * m).enumerate().for_each(body);
     }

@@ -21,6 +21,8 @@
 pub mod elementwise;
 pub mod factored;
 mod rows;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 pub mod vector;
 
 use half::{bf16, f16, slice::HalfFloatSliceExt};
@@ -62,7 +64,7 @@ pub trait Element: Copy + Send + Sync + 'static {
 
     /// Pass 1's loop over one row of a factored variable: returns the float32 sum of `g^2`
     /// (each square also added into `col`) and the sum of `x^2` after the optional decay.
-    /// Hand-vectorised for `f32` and `bf16` on CPUs with AVX2; same bits either way.
+    /// Hand-vectorised for `f32` and `bf16` on CPUs with AVX-512 or AVX2; same bits every way.
     #[inline(always)]
     fn pass1_row(g: &[Self], x: &[Self], decay: Option<Decay>, col: &mut [f32]) -> (f32, f64) {
         rows::pass1(g, x, decay, col)
@@ -81,11 +83,17 @@ pub trait Element: Copy + Send + Sync + 'static {
     }
 }
 
-/// Overrides the row loops of [`Element`] with their AVX2 twins when the CPU has AVX2.
+/// Overrides the row loops of [`Element`] with their AVX-512 or AVX2 twins when the CPU has
+/// them.
 macro_rules! wide_rows {
     () => {
         #[inline(always)]
         fn pass1_row(g: &[Self], x: &[Self], decay: Option<Decay>, col: &mut [f32]) -> (f32, f64) {
+            #[cfg(target_arch = "x86_64")]
+            if rows::has_avx512() {
+                // SAFETY: the CPU has AVX-512 F and BW.
+                return unsafe { rows::avx512::pass1(g, x, decay, col) };
+            }
             #[cfg(target_arch = "x86_64")]
             if rows::has_avx2() {
                 // SAFETY: the CPU has AVX2.
@@ -96,6 +104,11 @@ macro_rules! wide_rows {
 
         #[inline(always)]
         fn add_scaled_squares(g: &[Self], scale: f32, w: &mut [f32]) {
+            #[cfg(target_arch = "x86_64")]
+            if rows::has_avx512() {
+                // SAFETY: the CPU has AVX-512 F and BW.
+                return unsafe { rows::avx512::add_scaled_squares(g, scale, w) };
+            }
             #[cfg(target_arch = "x86_64")]
             if rows::has_avx2() {
                 // SAFETY: the CPU has AVX2.
@@ -113,6 +126,11 @@ macro_rules! wide_rows {
             s: f32,
             decay: Option<Decay>,
         ) {
+            #[cfg(target_arch = "x86_64")]
+            if rows::has_avx512() {
+                // SAFETY: the CPU has AVX-512 F and BW.
+                return unsafe { rows::avx512::update(x, g, b, ca, s, decay) };
+            }
             #[cfg(target_arch = "x86_64")]
             if rows::has_avx2() {
                 // SAFETY: the CPU has AVX2.
@@ -384,24 +402,6 @@ pub(crate) fn nonfinite_probe(x: &[f32]) -> f32 {
         }
     }
     it.remainder().iter().map(|v| v * 0.0).sum::<f32>() + lanes.iter().sum::<f32>()
-}
-
-/// Asks the CPU to start loading `s` into cache (a hint; nothing on other architectures).
-#[inline(always)]
-pub(crate) fn prefetch<T>(s: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let p = s.as_ptr() as *const i8;
-        let bytes = std::mem::size_of_val(s);
-        let mut off = 0;
-        while off < bytes {
-            // SAFETY: prefetching is a hint that never faults; the address lies within `s`.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off))
-            };
-            off += 64;
-        }
-    }
 }
 
 /// Runs `f` compiled for AVX2 when the CPU has it (the standard library checks once), else for

@@ -1,0 +1,195 @@
+//! Sixteen float32 lanes on x86: one AVX-512 register or two AVX2 registers, and the element
+//! types (`f32`, `bf16`) that load into them and round out of them.
+//!
+//! The row loops in [`super::rows`] are written once over [`Lanes`] and compiled once per
+//! instruction set (see the `twins!` macro there). Every operation here is a single float32
+//! operation per lane, so both instruction sets give the same bits as the portable loops.
+
+use half::bf16;
+use std::arch::x86_64::*;
+
+/// Sixteen float32 lanes held in the registers of one instruction set.
+///
+/// # Safety
+/// Every method needs the instruction set of the implementing type.
+pub(crate) trait Lanes: Copy {
+    /// All lanes zero.
+    unsafe fn zero() -> Self;
+    /// All lanes `v`.
+    unsafe fn splat(v: f32) -> Self;
+    /// Lane-wise `self + o`.
+    unsafe fn add(self, o: Self) -> Self;
+    /// Lane-wise `self - o`.
+    unsafe fn sub(self, o: Self) -> Self;
+    /// Lane-wise `self * o`.
+    unsafe fn mul(self, o: Self) -> Self;
+    /// Sixteen float32 values from `p`.
+    unsafe fn load(p: *const f32) -> Self;
+    /// The lanes into `p..p + 16`.
+    unsafe fn store(self, p: *mut f32);
+    /// The lanes as an array, in order.
+    #[inline(always)]
+    unsafe fn to_array(self) -> [f32; 16] {
+        let mut out = [0f32; 16];
+        self.store(out.as_mut_ptr());
+        out
+    }
+}
+
+/// An element type that loads into, and rounds out of, lanes of `V`.
+///
+/// # Safety
+/// Both methods need the instruction set of `V`, and `p..p + 16` in bounds.
+pub(crate) trait Wide<V: Lanes>: super::Element {
+    /// Sixteen elements from `p` as float32.
+    unsafe fn load16(p: *const Self) -> V;
+    /// Sixteen float32 lanes rounded into `p..p + 16`.
+    unsafe fn store16(p: *mut Self, v: V);
+}
+
+/// Two AVX2 registers: lanes 0..8, then 8..16.
+#[derive(Clone, Copy)]
+pub(crate) struct Avx2(__m256, __m256);
+
+/// One AVX-512 register.
+#[derive(Clone, Copy)]
+pub(crate) struct Avx512(__m512);
+
+impl Lanes for Avx2 {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Avx2(_mm256_setzero_ps(), _mm256_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Avx2(_mm256_set1_ps(v), _mm256_set1_ps(v))
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        Avx2(_mm256_add_ps(self.0, o.0), _mm256_add_ps(self.1, o.1))
+    }
+    #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        Avx2(_mm256_sub_ps(self.0, o.0), _mm256_sub_ps(self.1, o.1))
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        Avx2(_mm256_mul_ps(self.0, o.0), _mm256_mul_ps(self.1, o.1))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Avx2(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm256_storeu_ps(p, self.0);
+        _mm256_storeu_ps(p.add(8), self.1);
+    }
+}
+
+impl Lanes for Avx512 {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Avx512(_mm512_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Avx512(_mm512_set1_ps(v))
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        Avx512(_mm512_add_ps(self.0, o.0))
+    }
+    #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        Avx512(_mm512_sub_ps(self.0, o.0))
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        Avx512(_mm512_mul_ps(self.0, o.0))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Avx512(_mm512_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm512_storeu_ps(p, self.0)
+    }
+}
+
+impl<V: Lanes> Wide<V> for f32 {
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> V {
+        V::load(p)
+    }
+    #[inline(always)]
+    unsafe fn store16(p: *mut f32, v: V) {
+        v.store(p)
+    }
+}
+
+/// Eight bf16 as float32: a bf16 is the top half of an f32.
+#[inline(always)]
+unsafe fn bf16_load8(p: *const bf16) -> __m256 {
+    let h = _mm_loadu_si128(p as *const __m128i);
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+}
+
+/// `f32_to_bf16_bits` on eight lanes: round to nearest even by adding 0x7FFF plus the lowest
+/// kept bit (a carry into bit 16 is the round-up), NaN kept quiet.
+#[inline(always)]
+unsafe fn bf16_store8(p: *mut bf16, v: __m256) {
+    let x = _mm256_castps_si256(v);
+    let abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFF_FFFF));
+    let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
+    let top = _mm256_srli_epi32::<16>(x);
+    let lsb = _mm256_and_si256(top, _mm256_set1_epi32(1));
+    let biased = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    let rounded = _mm256_srli_epi32::<16>(biased);
+    let quiet = _mm256_or_si256(top, _mm256_set1_epi32(0x40));
+    let bits = _mm256_blendv_epi8(rounded, quiet, nan);
+    // Every lane fits in 16 bits, so the unsigned saturating pack only narrows.
+    let packed = _mm_packus_epi32(
+        _mm256_castsi256_si128(bits),
+        _mm256_extracti128_si256::<1>(bits),
+    );
+    _mm_storeu_si128(p as *mut __m128i, packed);
+}
+
+impl Wide<Avx2> for bf16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const bf16) -> Avx2 {
+        Avx2(bf16_load8(p), bf16_load8(p.add(8)))
+    }
+    #[inline(always)]
+    unsafe fn store16(p: *mut bf16, v: Avx2) {
+        bf16_store8(p, v.0);
+        bf16_store8(p.add(8), v.1);
+    }
+}
+
+impl Wide<Avx512> for bf16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const bf16) -> Avx512 {
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        Avx512(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+            _mm512_cvtepu16_epi32(h),
+        )))
+    }
+    #[inline(always)]
+    unsafe fn store16(p: *mut bf16, v: Avx512) {
+        // As `bf16_store8`, on sixteen lanes.
+        let x = _mm512_castps_si512(v.0);
+        let abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFF_FFFF));
+        let nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F80_0000));
+        let top = _mm512_srli_epi32::<16>(x);
+        let lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
+        let biased = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+        let rounded = _mm512_srli_epi32::<16>(biased);
+        let quiet = _mm512_or_si512(top, _mm512_set1_epi32(0x40));
+        let bits = _mm512_mask_blend_epi32(nan, rounded, quiet);
+        // Every lane fits in 16 bits: narrowing keeps it.
+        _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(bits));
+    }
+}
