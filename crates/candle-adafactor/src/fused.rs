@@ -21,7 +21,6 @@ use candle_core::{
 };
 use half::{bf16, f16};
 use rayon::prelude::*;
-use std::collections::HashSet;
 
 /// Whether a tensor can take the fused path: contiguous, on the CPU, f32/bf16/f16.
 pub(crate) fn supports(t: &Tensor) -> bool {
@@ -48,14 +47,18 @@ pub(crate) fn eligible(opt: &Adafactor, items: &[(usize, Tensor)]) -> bool {
     {
         return false;
     }
-    let mut owned = HashSet::new();
+    // A sorted list, not a hash set: one allocation for thousands of tensors.
+    let mut owned = Vec::with_capacity(opt.slots.len());
     for s in &opt.slots {
-        owned.insert(storage_addr(&s.var));
+        owned.push(storage_addr(&s.var));
         for t in s.ema.iter().chain(s.accumulator.iter()) {
-            owned.insert(storage_addr(t));
+            owned.push(storage_addr(t));
         }
     }
-    items.iter().all(|(_, g)| !owned.contains(&storage_addr(g)))
+    owned.sort_unstable();
+    items
+        .iter()
+        .all(|(_, g)| owned.binary_search(&storage_addr(g)).is_err())
 }
 
 /// A read lock on a contiguous CPU tensor, with its element range.
@@ -324,17 +327,28 @@ pub(crate) fn apply(
                 .try_for_each(|((it, (sec, coef)), s)| {
                     third_pass(opt, it, sec, *coef, *s, transform)
                 })?;
+            // Commit the statistics, in parallel: with thousands of small tensors, moving and
+            // freeing the vectors one by one would take as long as a pass.
+            let mut by_slot: Vec<Option<Second>> = (0..opt.slots.len()).map(|_| None).collect();
             for (it, (sec, _)) in list.iter().zip(second) {
-                let slot = &mut opt.slots[it.slot];
-                match (&mut slot.stats, sec) {
-                    (Stats::Factored { r, c, .. }, Second::Factored(p)) => {
-                        *r = p.r;
-                        *c = p.c;
-                    }
-                    (Stats::Unfactored { v }, Second::Vector(nv)) => *v = nv,
-                    _ => return Err(err("internal: statistics kind changed")),
-                }
+                by_slot[it.slot] = Some(sec);
             }
+            opt.slots
+                .par_iter_mut()
+                .zip(by_slot)
+                .try_for_each(|(slot, sec)| {
+                    match (&mut slot.stats, sec) {
+                        (_, None) => {}
+                        (Stats::Factored { r, c, .. }, Some(Second::Factored(p))) => {
+                            *r = p.r;
+                            *c = p.c;
+                        }
+                        (Stats::Unfactored { v }, Some(Second::Vector(nv))) => *v = nv,
+                        _ => return Err(err("internal: statistics kind changed")),
+                    }
+                    Ok(())
+                })?;
+            first.into_par_iter().for_each(drop);
             if matches!(acc, Accumulation::Apply { .. }) {
                 opt.slots
                     .par_iter()

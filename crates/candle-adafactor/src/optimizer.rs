@@ -432,12 +432,12 @@ impl Adafactor {
     /// Checks every pair before anything changes; returns `(slot index, gradient)` for the
     /// gradients that are present.
     fn check_pairs(&self, pairs: &[(Option<&Tensor>, &Var)]) -> Result<Vec<(usize, Tensor)>> {
-        let mut seen = HashSet::new();
-        let mut items = Vec::new();
+        let mut seen = vec![false; self.slots.len()];
+        let mut items = Vec::with_capacity(pairs.len());
         for (g, v) in pairs {
             let i = self.slot_index(v)?;
             let slot = &self.slots[i];
-            if !seen.insert(i) {
+            if std::mem::replace(&mut seen[i], true) {
                 return Err(err(format!(
                     "variable `{}` appears twice in one apply_gradients call",
                     slot.name

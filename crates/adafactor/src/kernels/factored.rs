@@ -43,9 +43,64 @@ pub struct RowFold<'a> {
 impl RowFold<'_> {
     /// `1 / r_i` for the new row statistic of `row`, from its sum of squares over `m` columns.
     #[inline(always)]
-    fn inv_r(&self, row: usize, sum: f64, m: usize) -> f64 {
+    pub(crate) fn inv_r(&self, row: usize, sum: f64, m: usize) -> f64 {
         1.0 / new_stat(self.r_old[row], sum, m, self.beta2, self.epsilon_1, 1.0) as f64
     }
+}
+
+/// A [`RowFold`] applied to a run of rows: their first row's index in the variable and the
+/// accumulator of `sum_i g_ij^2 / r_i` per column.
+#[derive(Debug)]
+pub struct FoldRows<'a> {
+    /// The fold's inputs.
+    pub fold: RowFold<'a>,
+    /// Index of the run's first row in the variable (rows of all slices counted in order).
+    pub first_row: usize,
+    /// Per-column accumulator (`m` values).
+    pub w: &'a mut [f32],
+}
+
+/// Pass 1's inputs for a run of whole rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass1Rows<'a, T> {
+    /// The gradient's rows.
+    pub g: &'a [T],
+    /// The weight's rows.
+    pub x: &'a [T],
+    /// Row length.
+    pub m: usize,
+    /// The optional weight decay (RMS(x) is of the decayed weight).
+    pub decay: Option<Decay>,
+}
+
+/// Where pass 1 adds a run of rows' sums.
+#[derive(Debug)]
+pub struct Pass1Sums<'a> {
+    /// Float32 column sums of `g^2` (`m` values).
+    pub col: &'a mut [f32],
+    /// The optional row fold.
+    pub fold: Option<FoldRows<'a>>,
+    /// Each row's sum of `g^2` is pushed here.
+    pub row_sums: &'a mut Vec<f64>,
+}
+
+/// What pass 3 needs for a run of rows: `x = decay(x) - coef * a_i * (s g_ij) * b_j`.
+#[derive(Debug, Clone, Copy)]
+pub struct RowUpdate<'a> {
+    /// `b_j` per slice (`lead * m`).
+    pub col_factor: &'a [f32],
+    /// `a_i` per row (`lead * n`).
+    pub row_factor: &'a [f32],
+    /// Rows per slice.
+    pub n: usize,
+    /// Row length.
+    pub m: usize,
+    /// `alpha / max(1, RMS(u) / d)`.
+    pub coef: f32,
+    /// The norm-clipping scale `s`.
+    pub grad_scale: f32,
+    /// The optional weight decay.
+    pub decay: Option<Decay>,
 }
 
 /// One statistic's update: `b2 * old + (1 - b2) * (s^2 sum / count + eps1)`, shared by pass 1's
@@ -86,6 +141,22 @@ fn units(f: Factoring, parallel: bool) -> Vec<Unit> {
         }
     }
     out
+}
+
+/// Where pass 1 adds the sums of rows from `first_row` on.
+#[inline(always)]
+fn sums_into<'a>(
+    fold: Option<RowFold<'a>>,
+    first_row: usize,
+    col: &'a mut [f32],
+    w: &'a mut [f32],
+    row_sums: &'a mut Vec<f64>,
+) -> Pass1Sums<'a> {
+    Pass1Sums {
+        col,
+        fold: fold.map(|fold| FoldRows { fold, first_row, w }),
+        row_sums,
+    }
 }
 
 /// Rows per block of pass 1's float32 fast path.
@@ -165,12 +236,13 @@ pub fn pass1<T: Element>(
         parallel,
         #[inline(always)]
         |u| {
-            let mut gbuf = vec![0f32; m];
-            let mut xbuf = vec![0f32; m];
+            let (mut gbuf, mut xbuf) = (Vec::new(), Vec::new());
             let mut col = vec![0f64; m];
             let mut wcol = vec![0f64; if fold.is_some() { m } else { 0 }];
-            let mut col32 = vec![0f32; m];
-            let mut wcol32 = vec![0f32; wcol.len()];
+            // Float32 column sums of a block, and with a fold its weighted column sums: one
+            // allocation.
+            let mut block_cols = vec![0f32; m + wcol.len()];
+            let (col32, wcol32) = block_cols.split_at_mut(m);
             let mut rows = Vec::with_capacity(u.rows);
             let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
             let mut k0 = 0;
@@ -179,26 +251,25 @@ pub fn pass1<T: Element>(
                 // Fast path: float32 sums over a block of rows, added into the f64 totals.
                 col32.fill(0.0);
                 wcol32.fill(0.0);
-                let mut ok = true;
-                // The fold of the previous row, done after this row's sweep so that the sweep
-                // does not wait for the previous row's statistic.
-                let mut pending: Option<(&[T], f32)> = None;
-                for k in k0..k0 + block {
-                    let row = u.row0 + k;
-                    let base = row * m;
-                    let xr = &x[base..base + m];
-                    let (rs, sxr) = if T::CHEAP_CONVERSION && !probe_rows && grad.is_plain() {
-                        // Gradient and weight converted in registers, one sweep over both.
-                        let gr = &grad.g[base..base + m];
-                        let (rs, sxr) = T::pass1_row(gr, xr, decay, &mut col32);
-                        if let Some((g_prev, s_prev)) = pending.take() {
-                            T::add_scaled_squares(g_prev, s_prev, &mut wcol32);
-                        }
-                        if let Some(fold) = fold {
-                            pending = Some((gr, fold.inv_r(row, rs as f64, m) as f32));
-                        }
-                        (rs, sxr)
-                    } else {
+                let first = u.row0 + k0;
+                if T::CHEAP_CONVERSION && !probe_rows && grad.is_plain() {
+                    // Gradient and weight converted in registers, one sweep over both.
+                    let (b0, b1) = (first * m, (first + block) * m);
+                    let rows_in = Pass1Rows {
+                        g: &grad.g[b0..b1],
+                        x: &x[b0..b1],
+                        m,
+                        decay,
+                    };
+                    sx += T::pass1_rows(
+                        rows_in,
+                        sums_into(fold, first, &mut *col32, &mut *wcol32, &mut rows),
+                    );
+                } else {
+                    gbuf.resize(m, 0.0);
+                    xbuf.resize(m, 0.0);
+                    for row in first..first + block {
+                        let base = row * m;
                         let g = if probe_rows {
                             // Clamping would hide an infinity from the sums: probe before it.
                             probe += grad.load_checked(base, &mut gbuf);
@@ -206,33 +277,29 @@ pub fn pass1<T: Element>(
                         } else {
                             grad.view(base, &mut gbuf)
                         };
-                        let xv = super::decayed_view(xr, decay, &mut xbuf);
-                        let (rs, sxr) = f32::pass1_row(g, xv, None, &mut col32);
-                        if let Some(fold) = fold {
-                            f32::add_scaled_squares(
-                                g,
-                                fold.inv_r(row, rs as f64, m) as f32,
-                                &mut wcol32,
-                            );
-                        }
-                        (rs, sxr)
-                    };
-                    let rs = rs as f64;
-                    ok &= rs.is_finite();
-                    sx += sxr;
-                    rows.push(rs);
+                        let xv = super::decayed_view(&x[base..base + m], decay, &mut xbuf);
+                        let rows_in = Pass1Rows {
+                            g,
+                            x: xv,
+                            m,
+                            decay: None,
+                        };
+                        sx += f32::pass1_rows(
+                            rows_in,
+                            sums_into(fold, row, &mut *col32, &mut *wcol32, &mut rows),
+                        );
+                    }
                 }
-                if let Some((g_prev, s_prev)) = pending {
-                    T::add_scaled_squares(g_prev, s_prev, &mut wcol32);
-                }
-                ok &= super::nonfinite_probe(&col32) + super::nonfinite_probe(&wcol32) == 0.0;
+                let mut ok = rows[k0..].iter().all(|r| r.is_finite());
+                ok &= super::nonfinite_probe(col32) + super::nonfinite_probe(wcol32) == 0.0;
                 if ok {
-                    add_into(&mut col, &col32);
-                    add_into(&mut wcol, &wcol32);
+                    add_into(&mut col, col32);
+                    add_into(&mut wcol, wcol32);
                 } else {
                     // Rare: float32 partial sums overflowed (huge but finite squares) or the
                     // gradient is not finite. Redo the block in f64, from cache.
                     rows.truncate(k0);
+                    gbuf.resize(m, 0.0);
                     for k in k0..k0 + block {
                         let row = u.row0 + k;
                         let base = row * m;
@@ -258,6 +325,20 @@ pub fn pass1<T: Element>(
             (u, rows, col, wcol, se, sx, probe)
         },
     );
+    let mut outs = outs;
+    if f.lead == 1 && outs.len() == 1 {
+        // One unit (a small matrix): its sums are the result, no copy.
+        if let Some((_, rows, col, wcol, se, sx, probe)) = outs.pop() {
+            return Pass1 {
+                row_sums: rows,
+                col_sums: col,
+                sum_sq_grad: se,
+                sum_sq_x: sx,
+                finite: probe == 0.0,
+                weighted_cols: fold.map(|_| wcol),
+            };
+        }
+    }
     let mut out = Pass1 {
         row_sums: vec![0.0; f.lead * f.n],
         col_sums: vec![0.0; f.lead * m],
@@ -313,45 +394,52 @@ pub fn prepare(
     epsilon_1: f32,
     grad_scale: f32,
 ) -> Prepared {
-    let s2 = (grad_scale as f64) * (grad_scale as f64);
-    let r: Vec<f32> = p1
-        .row_sums
-        .iter()
-        .zip(r_old)
-        .map(|(s, old)| new_stat(*old, *s, f.m, beta2, epsilon_1, s2))
-        .collect();
-    let c: Vec<f32> = p1
-        .col_sums
-        .iter()
-        .zip(c_old)
-        .map(|(s, old)| new_stat(*old, *s, f.n, beta2, epsilon_1, s2))
-        .collect();
-    let mut row_factor = vec![0f32; r.len()];
-    let mut row_mean = vec![0f32; f.lead];
-    if f.n > 0 {
-        for ((rs, af), mean_out) in r
-            .chunks(f.n)
-            .zip(row_factor.chunks_mut(f.n))
-            .zip(&mut row_mean)
-        {
-            let mean = (rs.iter().map(|v| *v as f64).sum::<f64>() / f.n as f64) as f32;
-            *mean_out = mean;
-            for (a, ri) in af.iter_mut().zip(rs) {
-                *a = (mean as f64 / *ri as f64).sqrt() as f32;
+    // Vectorised square roots and divisions: per row and column, this is most of a small
+    // matrix's cost outside the passes.
+    super::vectorized(
+        #[inline(always)]
+        || {
+            let s2 = (grad_scale as f64) * (grad_scale as f64);
+            let r: Vec<f32> = p1
+                .row_sums
+                .iter()
+                .zip(r_old)
+                .map(|(s, old)| new_stat(*old, *s, f.m, beta2, epsilon_1, s2))
+                .collect();
+            let c: Vec<f32> = p1
+                .col_sums
+                .iter()
+                .zip(c_old)
+                .map(|(s, old)| new_stat(*old, *s, f.n, beta2, epsilon_1, s2))
+                .collect();
+            let mut row_factor = vec![0f32; r.len()];
+            let mut row_mean = vec![0f32; f.lead];
+            if f.n > 0 {
+                for ((rs, af), mean_out) in r
+                    .chunks(f.n)
+                    .zip(row_factor.chunks_mut(f.n))
+                    .zip(&mut row_mean)
+                {
+                    let mean = (rs.iter().map(|v| *v as f64).sum::<f64>() / f.n as f64) as f32;
+                    *mean_out = mean;
+                    for (a, ri) in af.iter_mut().zip(rs) {
+                        *a = (mean as f64 / *ri as f64).sqrt() as f32;
+                    }
+                }
             }
-        }
-    }
-    let col_factor = c
-        .iter()
-        .map(|cj| (1.0 / (*cj as f64).sqrt()) as f32)
-        .collect();
-    Prepared {
-        r,
-        c,
-        row_factor,
-        col_factor,
-        row_mean,
-    }
+            let col_factor = c
+                .iter()
+                .map(|cj| (1.0 / (*cj as f64).sqrt()) as f32)
+                .collect();
+            Prepared {
+                r,
+                c,
+                row_factor,
+                col_factor,
+                row_mean,
+            }
+        },
+    )
 }
 
 /// `sum(u^2)` from pass 1's [`RowFold`] sums, when it ran with one: pass 2 is then not needed.
@@ -418,28 +506,31 @@ impl<T: Element> Pass3<'_, '_, T> {
     #[inline(always)]
     fn rows_inner(&self, first_row: usize, xs: &mut [T]) {
         let m = self.f.m;
-        let (grad_scale, decay) = (self.grad_scale, self.decay);
-        let plain = T::CHEAP_CONVERSION && self.grad.is_plain();
-        let mut gbuf = vec![0f32; if plain { 0 } else { m }];
-        let mut xbuf = vec![0f32; if plain { 0 } else { m }];
+        let u = RowUpdate {
+            col_factor: &self.p.col_factor,
+            row_factor: &self.p.row_factor,
+            n: self.f.n,
+            m,
+            coef: self.coef,
+            grad_scale: self.grad_scale,
+            decay: self.decay,
+        };
+        if T::CHEAP_CONVERSION && self.grad.is_plain() {
+            let base = first_row * m;
+            T::update_rows(xs, &self.grad.g[base..base + xs.len()], first_row, &u);
+            return;
+        }
+        let (mut gbuf, mut xbuf) = (vec![0f32; m], vec![0f32; m]);
         for (k, xrow) in xs.chunks_mut(m).enumerate() {
             let row = first_row + k;
-            let base = row * m;
-            let slice = row / self.f.n;
-            let b = &self.p.col_factor[slice * m..(slice + 1) * m];
-            let ca = self.coef * self.p.row_factor[row];
-            if plain {
-                T::update_row(xrow, &self.grad.g[base..base + m], b, ca, grad_scale, decay);
-            } else {
-                let g = self.grad.view(base, &mut gbuf);
-                if let Some(xf) = T::as_f32_mut(xrow) {
-                    f32::update_row(xf, g, b, ca, grad_scale, decay);
-                    continue;
-                }
-                T::load(xrow, &mut xbuf);
-                f32::update_row(&mut xbuf, g, b, ca, grad_scale, decay);
-                T::store(&xbuf, xrow);
+            let g = self.grad.view(row * m, &mut gbuf);
+            if let Some(xf) = T::as_f32_mut(xrow) {
+                f32::update_rows(xf, g, row, &u);
+                continue;
             }
+            T::load(xrow, &mut xbuf);
+            f32::update_rows(&mut xbuf, g, row, &u);
+            T::store(&xbuf, xrow);
         }
     }
 }

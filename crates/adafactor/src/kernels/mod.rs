@@ -62,24 +62,21 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// One `f32` rounded to this type (as [`Element::store`] rounds).
     fn from_f32(v: f32) -> Self;
 
-    /// Pass 1's loop over one row of a factored variable: returns the float32 sum of `g^2`
-    /// (each square also added into `col`) and the sum of `x^2` after the optional decay.
-    /// Hand-vectorised for `f32` and `bf16` on CPUs with AVX-512 or AVX2; same bits every way.
+    /// Pass 1's loop over whole rows of a factored variable: each row's float32 sum of `g^2` is
+    /// pushed to `row_sums` and its squares added into `col`; with a fold, each row also adds
+    /// `g^2 / r_i` into the fold's accumulator. Returns the sum of `x^2` after the optional
+    /// decay. Hand-vectorised for `f32` and `bf16` on CPUs with AVX-512 or AVX2; same
+    /// bits every way.
     #[inline(always)]
-    fn pass1_row(g: &[Self], x: &[Self], decay: Option<Decay>, col: &mut [f32]) -> (f32, f64) {
-        rows::pass1(g, x, decay, col)
+    fn pass1_rows(rows: factored::Pass1Rows<'_, Self>, sums: factored::Pass1Sums<'_>) -> f64 {
+        rows::pass1_rows(rows, sums)
     }
 
-    /// Pass 1's row fold: `w_j += g_j^2 * scale`.
+    /// Pass 3's loop over whole rows of a factored variable, the first being row `first_row`:
+    /// `x = decay(x) - coef * a_i * (s g_ij) * b_j`, computed in f32 and rounded once.
     #[inline(always)]
-    fn add_scaled_squares(g: &[Self], scale: f32, w: &mut [f32]) {
-        rows::add_scaled_squares(g, scale, w)
-    }
-
-    /// Pass 3's loop over one row: `x_j = decay(x_j) - ca * (s g_j) * b_j`, rounded once.
-    #[inline(always)]
-    fn update_row(x: &mut [Self], g: &[Self], b: &[f32], ca: f32, s: f32, decay: Option<Decay>) {
-        rows::update(x, g, b, ca, s, decay)
+    fn update_rows(x: &mut [Self], g: &[Self], first_row: usize, u: &factored::RowUpdate<'_>) {
+        rows::update_rows(x, g, first_row, u)
     }
 }
 
@@ -88,55 +85,33 @@ pub trait Element: Copy + Send + Sync + 'static {
 macro_rules! wide_rows {
     () => {
         #[inline(always)]
-        fn pass1_row(g: &[Self], x: &[Self], decay: Option<Decay>, col: &mut [f32]) -> (f32, f64) {
+        fn pass1_rows(rows: factored::Pass1Rows<'_, Self>, sums: factored::Pass1Sums<'_>) -> f64 {
             #[cfg(target_arch = "x86_64")]
             if rows::has_avx512() {
                 // SAFETY: the CPU has AVX-512 F and BW.
-                return unsafe { rows::avx512::pass1(g, x, decay, col) };
+                return unsafe { rows::avx512::pass1_rows(rows, sums) };
             }
             #[cfg(target_arch = "x86_64")]
             if rows::has_avx2() {
                 // SAFETY: the CPU has AVX2.
-                return unsafe { rows::avx2::pass1(g, x, decay, col) };
+                return unsafe { rows::avx2::pass1_rows(rows, sums) };
             }
-            rows::pass1(g, x, decay, col)
+            rows::pass1_rows(rows, sums)
         }
 
         #[inline(always)]
-        fn add_scaled_squares(g: &[Self], scale: f32, w: &mut [f32]) {
+        fn update_rows(x: &mut [Self], g: &[Self], first_row: usize, u: &factored::RowUpdate<'_>) {
             #[cfg(target_arch = "x86_64")]
             if rows::has_avx512() {
                 // SAFETY: the CPU has AVX-512 F and BW.
-                return unsafe { rows::avx512::add_scaled_squares(g, scale, w) };
+                return unsafe { rows::avx512::update_rows(x, g, first_row, u) };
             }
             #[cfg(target_arch = "x86_64")]
             if rows::has_avx2() {
                 // SAFETY: the CPU has AVX2.
-                return unsafe { rows::avx2::add_scaled_squares(g, scale, w) };
+                return unsafe { rows::avx2::update_rows(x, g, first_row, u) };
             }
-            rows::add_scaled_squares(g, scale, w)
-        }
-
-        #[inline(always)]
-        fn update_row(
-            x: &mut [Self],
-            g: &[Self],
-            b: &[f32],
-            ca: f32,
-            s: f32,
-            decay: Option<Decay>,
-        ) {
-            #[cfg(target_arch = "x86_64")]
-            if rows::has_avx512() {
-                // SAFETY: the CPU has AVX-512 F and BW.
-                return unsafe { rows::avx512::update(x, g, b, ca, s, decay) };
-            }
-            #[cfg(target_arch = "x86_64")]
-            if rows::has_avx2() {
-                // SAFETY: the CPU has AVX2.
-                return unsafe { rows::avx2::update(x, g, b, ca, s, decay) };
-            }
-            rows::update(x, g, b, ca, s, decay)
+            rows::update_rows(x, g, first_row, u)
         }
     };
 }

@@ -7,6 +7,7 @@
 //! loops proved fragile: a loop that reads two 16-bit streams and keeps three sums came out
 //! scalar.
 
+use super::factored::{Pass1Rows, Pass1Sums, RowUpdate};
 #[cfg(target_arch = "x86_64")]
 use super::simd;
 use super::{Decay, Element, CHUNK};
@@ -138,6 +139,93 @@ pub(crate) fn update<T: Element>(
             }
         }
     }
+}
+
+/// Pass 1 over whole rows of `m` elements: [`pass1`] on each row (its sum of squares pushed to
+/// `row_sums`, its squares added into `col`), and with a fold, `w += g^2 / r_i` for each row,
+/// done after the next row's sweep so that the sweep does not wait for the row's statistic.
+/// Returns the sum of the rows' `x^2` sums.
+#[inline(always)]
+pub(crate) fn pass1_rows_with<T: Element>(
+    rows: Pass1Rows<'_, T>,
+    sums: Pass1Sums<'_>,
+    sweep: impl Fn(&[T], &[T], &mut [f32]) -> (f32, f64),
+    add: impl Fn(&[T], f32, &mut [f32]),
+) -> f64 {
+    let Pass1Rows { g, x, m, .. } = rows;
+    let Pass1Sums {
+        col,
+        mut fold,
+        row_sums,
+    } = sums;
+    if m == 0 {
+        return 0.0;
+    }
+    let mut sum_x = 0f64;
+    let mut pending: Option<(&[T], f32)> = None;
+    for (k, (gr, xr)) in g.chunks_exact(m).zip(x.chunks_exact(m)).enumerate() {
+        let (rs, sxr) = sweep(gr, xr, col);
+        if let Some(f) = fold.as_mut() {
+            if let Some((gp, sp)) = pending.take() {
+                add(gp, sp, f.w);
+            }
+            let inv_r = f.fold.inv_r(f.first_row + k, rs as f64, m) as f32;
+            pending = Some((gr, inv_r));
+        }
+        row_sums.push(rs as f64);
+        sum_x += sxr;
+    }
+    if let (Some(f), Some((gp, sp))) = (fold.as_mut(), pending) {
+        add(gp, sp, f.w);
+    }
+    sum_x
+}
+
+/// Pass 3 over whole rows of `m` elements, the first being row `first_row` of the variable:
+/// [`update`] on each row with its column and row factors.
+#[inline(always)]
+pub(crate) fn update_rows_with<T: Element>(
+    x: &mut [T],
+    g: &[T],
+    first_row: usize,
+    u: &RowUpdate<'_>,
+    upd: impl Fn(&mut [T], &[T], &[f32], f32),
+) {
+    let (m, n) = (u.m, u.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (mut row, mut slice, mut in_slice) = (first_row, first_row / n, first_row % n);
+    for (xr, gr) in x.chunks_exact_mut(m).zip(g.chunks_exact(m)) {
+        let b = &u.col_factor[slice * m..(slice + 1) * m];
+        upd(xr, gr, b, u.coef * u.row_factor[row]);
+        row += 1;
+        in_slice += 1;
+        if in_slice == n {
+            in_slice = 0;
+            slice += 1;
+        }
+    }
+}
+
+/// Pass 1 over whole rows, portable: see [`pass1_rows_with`].
+#[inline(always)]
+pub(crate) fn pass1_rows<T: Element>(rows: Pass1Rows<'_, T>, sums: Pass1Sums<'_>) -> f64 {
+    let decay = rows.decay;
+    pass1_rows_with(
+        rows,
+        sums,
+        |g, x, c| pass1(g, x, decay, c),
+        add_scaled_squares,
+    )
+}
+
+/// Pass 3 over whole rows, portable: see [`update_rows_with`].
+#[inline(always)]
+pub(crate) fn update_rows<T: Element>(x: &mut [T], g: &[T], first_row: usize, u: &RowUpdate<'_>) {
+    update_rows_with(x, g, first_row, u, |x, g, b, ca| {
+        update(x, g, b, ca, u.grad_scale, u.decay)
+    })
 }
 
 /// True when this CPU runs the AVX-512 twins.
@@ -282,6 +370,49 @@ mod wide {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod wide_rows {
+    use super::simd::{Lanes, Wide};
+    use super::{pass1_rows_with, update_rows_with, wide, Pass1Rows, Pass1Sums, RowUpdate};
+
+    #[inline(always)]
+    pub(super) unsafe fn pass1_rows<V: Lanes, W: Wide<V>>(
+        rows: Pass1Rows<'_, W>,
+        sums: Pass1Sums<'_>,
+    ) -> f64 {
+        let decay = rows.decay;
+        // SAFETY (both closures): the caller has the instruction set of `V`. Inlined, so that
+        // they are compiled with it.
+        pass1_rows_with(
+            rows,
+            sums,
+            #[inline(always)]
+            |g, x, c| unsafe { wide::pass1::<V, W>(g, x, decay, c) },
+            #[inline(always)]
+            |g, s, w| unsafe { wide::add_scaled_squares::<V, W>(g, s, w) },
+        )
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn update_rows<V: Lanes, W: Wide<V>>(
+        x: &mut [W],
+        g: &[W],
+        first_row: usize,
+        u: &RowUpdate<'_>,
+    ) {
+        // SAFETY: the caller has the instruction set of `V`. Inlined, so that it is compiled
+        // with it.
+        update_rows_with(
+            x,
+            g,
+            first_row,
+            u,
+            #[inline(always)]
+            |x, g, b, ca| unsafe { wide::update::<V, W>(x, g, b, ca, u.grad_scale, u.decay) },
+        )
+    }
+}
+
 /// The row loops compiled for one instruction set, with the portable loops' signatures.
 macro_rules! twins {
     ($(#[$doc:meta])* $name:ident, $lanes:ty, $features:literal) => {
@@ -289,49 +420,32 @@ macro_rules! twins {
         #[cfg(target_arch = "x86_64")]
         pub(crate) mod $name {
             use super::simd::Wide;
-            use super::{wide, Decay};
+            use super::{wide_rows, Pass1Rows, Pass1Sums, RowUpdate};
 
-            /// [`super::pass1`].
+            /// [`super::pass1_rows`].
             ///
             /// # Safety
             /// The CPU must have the instruction set.
             #[target_feature(enable = $features)]
-            pub(crate) unsafe fn pass1<W: Wide<$lanes>>(
-                g: &[W],
-                x: &[W],
-                decay: Option<Decay>,
-                col: &mut [f32],
-            ) -> (f32, f64) {
-                wide::pass1::<$lanes, W>(g, x, decay, col)
+            pub(crate) unsafe fn pass1_rows<W: Wide<$lanes>>(
+                rows: Pass1Rows<'_, W>,
+                sums: Pass1Sums<'_>,
+            ) -> f64 {
+                wide_rows::pass1_rows::<$lanes, W>(rows, sums)
             }
 
-            /// [`super::add_scaled_squares`].
+            /// [`super::update_rows`].
             ///
             /// # Safety
             /// The CPU must have the instruction set.
             #[target_feature(enable = $features)]
-            pub(crate) unsafe fn add_scaled_squares<W: Wide<$lanes>>(
-                g: &[W],
-                scale: f32,
-                w: &mut [f32],
-            ) {
-                wide::add_scaled_squares::<$lanes, W>(g, scale, w)
-            }
-
-            /// [`super::update`].
-            ///
-            /// # Safety
-            /// The CPU must have the instruction set.
-            #[target_feature(enable = $features)]
-            pub(crate) unsafe fn update<W: Wide<$lanes>>(
+            pub(crate) unsafe fn update_rows<W: Wide<$lanes>>(
                 x: &mut [W],
                 g: &[W],
-                b: &[f32],
-                ca: f32,
-                s: f32,
-                decay: Option<Decay>,
+                first_row: usize,
+                u: &RowUpdate<'_>,
             ) {
-                wide::update::<$lanes, W>(x, g, b, ca, s, decay)
+                wide_rows::update_rows::<$lanes, W>(x, g, first_row, u)
             }
         }
     };
@@ -353,6 +467,7 @@ twins!(
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+    use crate::kernels::factored::{FoldRows, RowFold};
     use half::bf16;
 
     fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
@@ -367,36 +482,39 @@ mod tests {
             .collect()
     }
 
-    /// Every version of every row loop, on rows of every remainder length and longer than a
-    /// block, with and without decay: the same bits as the portable loop.
+    type Pass1Fn<T> = fn(Pass1Rows<'_, T>, Pass1Sums<'_>) -> f64;
+    type UpdateFn<T> = fn(&mut [T], &[T], usize, &RowUpdate<'_>);
+
+    /// Every version of the row loops, on rows of every remainder length and longer than a
+    /// block, several rows (across slices), with and without decay and fold: the same bits as
+    /// the portable loops.
     fn twins_agree<T: simd::Wide<simd::Avx2> + simd::Wide<simd::Avx512>>(
         from: impl Fn(&[f32]) -> Vec<T>,
     ) {
+        let mut versions: Vec<(Pass1Fn<T>, UpdateFn<T>)> = Vec::new();
         if has_avx2() {
-            // SAFETY (all three closures): the CPU has AVX2.
-            versions_agree(
-                &from,
-                |g, x, d, c| unsafe { avx2::pass1(g, x, d, c) },
-                |g, s, w| unsafe { avx2::add_scaled_squares(g, s, w) },
-                |x, g, b, ca, s, d| unsafe { avx2::update(x, g, b, ca, s, d) },
-            );
+            // SAFETY (both): only called when the CPU has AVX2.
+            versions.push((
+                |rows, sums| unsafe { avx2::pass1_rows(rows, sums) },
+                |x, g, first, u| unsafe { avx2::update_rows(x, g, first, u) },
+            ));
         }
         if has_avx512() {
-            // SAFETY (all three closures): the CPU has AVX-512 F and BW.
-            versions_agree(
-                &from,
-                |g, x, d, c| unsafe { avx512::pass1(g, x, d, c) },
-                |g, s, w| unsafe { avx512::add_scaled_squares(g, s, w) },
-                |x, g, b, ca, s, d| unsafe { avx512::update(x, g, b, ca, s, d) },
-            );
+            // SAFETY (both): only called when the CPU has AVX-512 F and BW.
+            versions.push((
+                |rows, sums| unsafe { avx512::pass1_rows(rows, sums) },
+                |x, g, first, u| unsafe { avx512::update_rows(x, g, first, u) },
+            ));
+        }
+        for (pass1_v, update_v) in versions {
+            versions_agree(&from, pass1_v, update_v);
         }
     }
 
     fn versions_agree<T: Element>(
         from: &impl Fn(&[f32]) -> Vec<T>,
-        pass1_v: impl Fn(&[T], &[T], Option<Decay>, &mut [f32]) -> (f32, f64),
-        fold_v: impl Fn(&[T], f32, &mut [f32]),
-        update_v: impl Fn(&mut [T], &[T], &[f32], f32, f32, Option<Decay>),
+        pass1_v: Pass1Fn<T>,
+        update_v: UpdateFn<T>,
     ) {
         let decays = [
             None,
@@ -405,34 +523,67 @@ mod tests {
                 learning_rate: 0.01,
             }),
         ];
-        for len in (0..40).chain([1023, 1024, 1025, 2100]) {
+        let (n, rows, first) = (2, 3, 1);
+        for m in (0..40).chain([1023, 1024, 1025, 2100]) {
             for decay in decays {
-                let g = from(&values(len as u64, len, 2.0));
-                let x = from(&values(len as u64 + 99, len, 0.2));
-                let b = values(len as u64 + 7, len, 4.0);
-                let col0 = values(len as u64 + 3, len, 1.0);
+                let len = rows * m;
+                let g = from(&values(m as u64, len, 2.0));
+                let x = from(&values(m as u64 + 99, len, 0.2));
+                let col0 = values(m as u64 + 3, m, 1.0);
+                let r_old = values(m as u64 + 5, first + rows, 1.0);
+                let r_old: Vec<f32> = r_old.iter().map(|v| v.abs() + 0.1).collect();
+                let fold = RowFold {
+                    r_old: &r_old,
+                    beta2: 0.3,
+                    epsilon_1: 1e-30,
+                };
+                for folded in [false, true] {
+                    let (mut col_p, mut col_v) = (col0.clone(), col0.clone());
+                    let (mut w_p, mut w_v) = (col0.clone(), col0.clone());
+                    let (mut rows_p, mut rows_v) = (Vec::new(), Vec::new());
+                    let rows_in = Pass1Rows {
+                        g: &g,
+                        x: &x,
+                        m,
+                        decay,
+                    };
+                    let sums = |col, w, row_sums| Pass1Sums {
+                        col,
+                        fold: folded.then_some(FoldRows {
+                            fold,
+                            first_row: first,
+                            w,
+                        }),
+                        row_sums,
+                    };
+                    let sx_p = pass1_rows(rows_in, sums(&mut col_p, &mut w_p, &mut rows_p));
+                    let sx_v = pass1_v(rows_in, sums(&mut col_v, &mut w_v, &mut rows_v));
+                    assert_eq!(sx_p.to_bits(), sx_v.to_bits(), "m {m}");
+                    assert_eq!(rows_p, rows_v, "m {m}");
+                    assert_eq!(bits(&col_p), bits(&col_v), "m {m}");
+                    assert_eq!(bits(&w_p), bits(&w_v), "m {m}");
+                }
 
-                let (mut col_p, mut col_v) = (col0.clone(), col0.clone());
-                let sums_p = pass1(&g, &x, decay, &mut col_p);
-                let sums_v = pass1_v(&g, &x, decay, &mut col_v);
-                assert_eq!(sums_p.0.to_bits(), sums_v.0.to_bits(), "len {len}");
-                assert_eq!(sums_p.1.to_bits(), sums_v.1.to_bits(), "len {len}");
-                assert_eq!(bits(&col_p), bits(&col_v), "len {len}");
-
-                let (mut w_p, mut w_v) = (col0.clone(), col0.clone());
-                add_scaled_squares(&g, 0.37, &mut w_p);
-                fold_v(&g, 0.37, &mut w_v);
-                assert_eq!(bits(&w_p), bits(&w_v), "len {len}");
-
+                let col_factor = values(m as u64 + 7, 3 * m, 4.0);
+                let row_factor = values(m as u64 + 11, first + rows, 2.0);
                 for s in [1.0, 0.9] {
+                    let u = RowUpdate {
+                        col_factor: &col_factor,
+                        row_factor: &row_factor,
+                        n,
+                        m,
+                        coef: 0.013,
+                        grad_scale: s,
+                        decay,
+                    };
                     let (mut x_p, mut x_v) = (x.clone(), x.clone());
-                    update(&mut x_p, &g, &b, 0.013, s, decay);
-                    update_v(&mut x_v, &g, &b, 0.013, s, decay);
+                    update_rows(&mut x_p, &g, first, &u);
+                    update_v(&mut x_v, &g, first, &u);
                     let (x_p, x_v): (Vec<f32>, Vec<f32>) = (
                         x_p.iter().map(|v| v.to_f32()).collect(),
                         x_v.iter().map(|v| v.to_f32()).collect(),
                     );
-                    assert_eq!(bits(&x_p), bits(&x_v), "len {len}, scale {s}");
+                    assert_eq!(bits(&x_p), bits(&x_v), "m {m}, scale {s}");
                 }
             }
         }
