@@ -242,6 +242,19 @@ pub(crate) fn has_avx512() -> bool {
     }
 }
 
+/// True when this CPU runs the AVX-512 twins with the bf16 conversion instruction.
+#[inline(always)]
+pub(crate) fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// True when this CPU runs the AVX2 twins (the standard library checks once and caches).
 #[inline(always)]
 pub(crate) fn has_avx2() -> bool {
@@ -460,8 +473,14 @@ twins!(
 twins!(
     /// The row loops on AVX-512 (one register per sixteen lanes).
     avx512,
-    super::simd::Avx512,
+    super::simd::Avx512<false>,
     "avx512f,avx512bw"
+);
+twins!(
+    /// The row loops on AVX-512 with its bf16 conversion.
+    avx512_bf16,
+    super::simd::Avx512<true>,
+    "avx512f,avx512bw,avx512bf16"
 );
 
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -488,7 +507,9 @@ mod tests {
     /// Every version of the row loops, on rows of every remainder length and longer than a
     /// block, several rows (across slices), with and without decay and fold: the same bits as
     /// the portable loops.
-    fn twins_agree<T: simd::Wide<simd::Avx2> + simd::Wide<simd::Avx512>>(
+    fn twins_agree<
+        T: simd::Wide<simd::Avx2> + simd::Wide<simd::Avx512<false>> + simd::Wide<simd::Avx512<true>>,
+    >(
         from: impl Fn(&[f32]) -> Vec<T>,
     ) {
         let mut versions: Vec<(Pass1Fn<T>, UpdateFn<T>)> = Vec::new();
@@ -504,6 +525,13 @@ mod tests {
             versions.push((
                 |rows, sums| unsafe { avx512::pass1_rows(rows, sums) },
                 |x, g, first, u| unsafe { avx512::update_rows(x, g, first, u) },
+            ));
+        }
+        if has_avx512_bf16() {
+            // SAFETY (both): only called when the CPU has AVX-512 F, BW and BF16.
+            versions.push((
+                |rows, sums| unsafe { avx512_bf16::pass1_rows(rows, sums) },
+                |x, g, first, u| unsafe { avx512_bf16::update_rows(x, g, first, u) },
             ));
         }
         for (pass1_v, update_v) in versions {
@@ -633,7 +661,10 @@ mod tests {
             stores_match_half::<simd::Avx2>(&probes);
         }
         if has_avx512() {
-            stores_match_half::<simd::Avx512>(&probes);
+            stores_match_half::<simd::Avx512<false>>(&probes);
+        }
+        if has_avx512_bf16() {
+            stores_match_half::<simd::Avx512<true>>(&probes);
         }
     }
 }
