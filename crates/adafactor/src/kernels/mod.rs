@@ -389,6 +389,25 @@ pub(crate) fn nonfinite_probe(x: &[f32]) -> f32 {
     it.remainder().iter().map(|v| v * 0.0).sum::<f32>() + lanes.iter().sum::<f32>()
 }
 
+/// Asks the CPU to start loading `s` into cache: a hint, nothing on other architectures.
+#[inline(always)]
+pub(crate) fn prefetch<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = s.as_ptr() as *const i8;
+        let mut off = 0;
+        while off < std::mem::size_of_val(s) {
+            // SAFETY: a prefetch never faults, and the address lies within `s`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off))
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
+}
+
 /// Runs `f` compiled for AVX2 when the CPU has it (the standard library checks once), else for
 /// the baseline: the 16-bit conversions need it to vectorise. The kernels' lanes are written out
 /// explicitly and floating-point operations are never contracted or reordered, so both versions
