@@ -88,7 +88,7 @@ macro_rules! wide_rows {
         fn pass1_rows(rows: factored::Pass1Rows<'_, Self>, sums: factored::Pass1Sums<'_>) -> f64 {
             #[cfg(target_arch = "x86_64")]
             if rows::has_avx512_bf16() {
-                // SAFETY: the CPU has AVX-512 F, BW and BF16.
+                // SAFETY: the CPU has AVX-512 F, BW, DQ and BF16.
                 return unsafe { rows::avx512_bf16::pass1_rows(rows, sums) };
             }
             #[cfg(target_arch = "x86_64")]
@@ -108,7 +108,7 @@ macro_rules! wide_rows {
         fn update_rows(x: &mut [Self], g: &[Self], first_row: usize, u: &factored::RowUpdate<'_>) {
             #[cfg(target_arch = "x86_64")]
             if rows::has_avx512_bf16() {
-                // SAFETY: the CPU has AVX-512 F, BW and BF16.
+                // SAFETY: the CPU has AVX-512 F, BW, DQ and BF16.
                 return unsafe { rows::avx512_bf16::update_rows(x, g, first_row, u) };
             }
             #[cfg(target_arch = "x86_64")]

@@ -251,12 +251,15 @@ pub(crate) fn has_avx512() -> bool {
     }
 }
 
-/// True when this CPU runs the AVX-512 twins with the bf16 conversion instruction.
+/// True when this CPU runs the AVX-512 twins with the bf16 conversion instruction (and DQ's
+/// class test that finds the subnormals it would flush).
 #[inline(always)]
 pub(crate) fn has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        has_avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
+        has_avx512()
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -489,7 +492,7 @@ twins!(
     /// The row loops on AVX-512 with its bf16 conversion.
     avx512_bf16,
     super::simd::Avx512<true>,
-    "avx512f,avx512bw,avx512bf16"
+    "avx512f,avx512bw,avx512dq,avx512bf16"
 );
 
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -537,7 +540,7 @@ mod tests {
             ));
         }
         if has_avx512_bf16() {
-            // SAFETY (both): only called when the CPU has AVX-512 F, BW and BF16.
+            // SAFETY (both): only called when the CPU has AVX-512 F, BW, DQ and BF16.
             versions.push((
                 |rows, sums| unsafe { avx512_bf16::pass1_rows(rows, sums) },
                 |x, g, first, u| unsafe { avx512_bf16::update_rows(x, g, first, u) },

@@ -51,7 +51,7 @@ pub(crate) trait Wide<V: Lanes>: super::Element {
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2(__m256, __m256);
 
-/// One AVX-512 register; `BF16` when the CPU also has AVX-512 BF16, whose one-instruction
+/// One AVX-512 register; `BF16` when the CPU also has AVX-512 BF16 (and DQ), whose one-instruction
 /// rounding to bf16 is used where it gives the same bits (all but subnormal inputs).
 #[derive(Clone, Copy)]
 pub(crate) struct Avx512<const BF16: bool>(__m512);
@@ -180,15 +180,10 @@ impl<const BF16: bool> Wide<Avx512<BF16>> for bf16 {
     }
     #[inline(always)]
     unsafe fn store16(p: *mut bf16, v: Avx512<BF16>) {
-        let x = _mm512_castps_si512(v.0);
-        let abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFF_FFFF));
         if BF16 {
             // The instruction rounds to nearest even and quiets NaN as `half` does, but flushes
             // subnormal inputs to zero: those (rare) vectors take the integer path.
-            let subnormal = _mm512_cmplt_epu32_mask(
-                _mm512_sub_epi32(abs, _mm512_set1_epi32(1)),
-                _mm512_set1_epi32(0x007F_FFFF),
-            );
+            let subnormal = _mm512_fpclass_ps_mask::<0x20>(v.0);
             if subnormal == 0 {
                 let r = _mm512_cvtneps_pbh(v.0);
                 _mm256_storeu_si256(
@@ -199,6 +194,8 @@ impl<const BF16: bool> Wide<Avx512<BF16>> for bf16 {
             }
         }
         // As `bf16_store8`, on sixteen lanes.
+        let x = _mm512_castps_si512(v.0);
+        let abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFF_FFFF));
         let nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F80_0000));
         let top = _mm512_srli_epi32::<16>(x);
         let lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
