@@ -54,9 +54,9 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
         None
     }
-    /// True when [`Element::to_f32`] and [`Element::from_f32`] are a few integer operations, so
-    /// kernels convert element by element instead of through a buffer.
-    const CHEAP_CONVERSION: bool = false;
+    /// True when the row kernels convert this type in registers, element by element, instead
+    /// of through a float32 buffer.
+    const IN_REGISTERS: bool = false;
     /// One element to `f32`.
     fn to_f32(self) -> f32;
     /// One `f32` rounded to this type (as [`Element::store`] rounds).
@@ -143,7 +143,7 @@ impl Element for f32 {
     fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
         Some(s)
     }
-    const CHEAP_CONVERSION: bool = true;
+    const IN_REGISTERS: bool = true;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -170,7 +170,7 @@ impl Element for bf16 {
             *o = Self::from_f32(*v);
         }
     }
-    const CHEAP_CONVERSION: bool = true;
+    const IN_REGISTERS: bool = true;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         // A bf16 is the top half of an f32.
@@ -210,10 +210,13 @@ impl Element for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
+    const IN_REGISTERS: bool = true;
     #[inline(always)]
     fn from_f32(v: f32) -> f16 {
         f16::from_f32(v)
     }
+
+    wide_rows!();
 }
 
 /// How a stored gradient element becomes the effective gradient, in Keras's order: unscale by

@@ -1,6 +1,6 @@
 //! The per-row inner loops of the factored passes, where almost all of a step's time goes.
 //!
-//! Each loop has a portable version and, for `f32` and `bf16`, hand-vectorised twins: [`avx512`]
+//! Each loop has a portable version and, for `f32`, `bf16` and `f16`, hand-vectorised twins: [`avx512`]
 //! (sixteen lanes) and [`avx2`] (eight lanes, twice), taken when the CPU has the instructions.
 //! All versions do the same float32 operations in the same order on the same [`LANES`] lanes (no
 //! fused multiply-add), so they give the same bits. The compiler's own vectorisation of these
@@ -267,12 +267,12 @@ pub(crate) fn has_avx512_bf16() -> bool {
     }
 }
 
-/// True when this CPU runs the AVX2 twins (the standard library checks once and caches).
+/// True when this CPU runs the AVX2 twins (AVX2 and F16C) (the standard library checks once and caches).
 #[inline(always)]
 pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2")
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -477,10 +477,10 @@ macro_rules! twins {
 }
 
 twins!(
-    /// The row loops on AVX2 (two registers per sixteen lanes).
+    /// The row loops on AVX2 and F16C (two registers per sixteen lanes).
     avx2,
     super::simd::Avx2,
-    "avx2"
+    "avx2,f16c"
 );
 twins!(
     /// The row loops on AVX-512 (one register per sixteen lanes).
@@ -499,7 +499,7 @@ twins!(
 mod tests {
     use super::*;
     use crate::kernels::factored::{FoldRows, RowFold};
-    use half::bf16;
+    use half::{bf16, f16};
 
     fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
         let mut s = seed;
@@ -643,40 +643,79 @@ mod tests {
         twins_agree::<bf16>(|v| v.iter().map(|x| bf16::from_f32(*x)).collect());
     }
 
-    /// Rounds the probes sixteen at a time through `V`, and compares with `half`.
-    fn stores_match_half<V: simd::Lanes>(probes: &[f32])
-    where
-        bf16: simd::Wide<V>,
-    {
-        for chunk in probes.chunks(16).filter(|c| c.len() == 16) {
-            let mut out = [bf16::ZERO; 16];
+    #[test]
+    fn vector_twins_match_portable_loops_f16() {
+        twins_agree::<f16>(|v| v.iter().map(|x| f16::from_f32(*x)).collect());
+    }
+
+    /// Loads every 16-bit pattern sixteen at a time through `V` and rounds a range of float32
+    /// values back: both conversions match `half` bit for bit (NaNs by their bits too).
+    fn conversions_match_half<V: simd::Lanes, T: simd::Wide<V>>(probes: &[f32]) {
+        let all: Vec<T> = (0..=u16::MAX)
+            .map(|b| {
+                let mut v = [T::from_f32(0.0)];
+                // SAFETY: a 16-bit element type has exactly 2 bytes and every pattern is a value.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(&b as *const u16 as *const T, v.as_mut_ptr(), 1)
+                };
+                v[0]
+            })
+            .collect();
+        for chunk in all.chunks(16) {
+            let mut out = [0f32; 16];
             // SAFETY: the caller checked the instruction set; sixteen elements on each side.
-            unsafe {
-                let v = V::load(chunk.as_ptr());
-                <bf16 as simd::Wide<V>>::store16(out.as_mut_ptr(), v);
+            unsafe { T::load16(chunk.as_ptr()).store(out.as_mut_ptr()) };
+            for (e, o) in chunk.iter().zip(out) {
+                assert_eq!(o.to_bits(), e.to_f32().to_bits());
             }
+        }
+        for chunk in probes.chunks(16).filter(|c| c.len() == 16) {
+            let mut out = [T::from_f32(0.0); 16];
+            // SAFETY: as above.
+            unsafe { T::store16(out.as_mut_ptr(), V::load(chunk.as_ptr())) };
             for (p, o) in chunk.iter().zip(out) {
-                assert_eq!(o.to_bits(), bf16::from_f32(*p).to_bits(), "{p:e}");
+                let want = T::from_f32(*p);
+                // SAFETY: both are 2-byte values read as their bits.
+                let bits = |v: T| unsafe { std::mem::transmute_copy::<T, u16>(&v) };
+                assert_eq!(bits(o), bits(want), "{p:e}");
             }
         }
     }
 
     #[test]
-    fn vector_bf16_stores_round_like_half() {
-        if !has_avx2() {
-            return;
+    fn vector_f16_conversions_match_half() {
+        // Around every f16 rounding boundary, from f16 subnormals to overflow, and NaNs.
+        let mut probes = vec![f32::NAN, -f32::NAN, f32::INFINITY, 65504.0, 65520.0, 1e-40];
+        probes.push(f32::from_bits(0x7FC0_1234));
+        probes.push(f32::from_bits(0x7F80_0001));
+        probes.push(f32::from_bits(0xFFBF_FFFF));
+        let mut x = 0x3000_0000u32;
+        while x < 0x4800_0000 {
+            for d in [0u32, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x3000] {
+                probes.push(f32::from_bits(x + d));
+                probes.push(-f32::from_bits(x + d));
+            }
+            x += 0x0003_2000;
         }
-        // Ties, near-ties, NaNs, infinities, the largest values: the vector rounding matches
-        // `half` bit for bit.
-        let probes = crate::kernels::tests::bf16_rounding_probes();
         if has_avx2() {
-            stores_match_half::<simd::Avx2>(&probes);
+            conversions_match_half::<simd::Avx2, f16>(&probes);
         }
         if has_avx512() {
-            stores_match_half::<simd::Avx512<false>>(&probes);
+            conversions_match_half::<simd::Avx512<false>, f16>(&probes);
+        }
+    }
+
+    #[test]
+    fn vector_bf16_conversions_match_half() {
+        let probes = crate::kernels::tests::bf16_rounding_probes();
+        if has_avx2() {
+            conversions_match_half::<simd::Avx2, bf16>(&probes);
+        }
+        if has_avx512() {
+            conversions_match_half::<simd::Avx512<false>, bf16>(&probes);
         }
         if has_avx512_bf16() {
-            stores_match_half::<simd::Avx512<true>>(&probes);
+            conversions_match_half::<simd::Avx512<true>, bf16>(&probes);
         }
     }
 }

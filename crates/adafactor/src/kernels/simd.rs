@@ -1,11 +1,11 @@
 //! Sixteen float32 lanes on x86: one AVX-512 register or two AVX2 registers, and the element
-//! types (`f32`, `bf16`) that load into them and round out of them.
+//! types (`f32`, `bf16`, `f16`) that load into them and round out of them.
 //!
 //! The row loops in [`super::rows`] are written once over [`Lanes`] and compiled once per
 //! instruction set (see the `twins!` macro there). Every operation here is a single float32
 //! operation per lane, so both instruction sets give the same bits as the portable loops.
 
-use half::bf16;
+use half::{bf16, f16};
 use std::arch::x86_64::*;
 
 /// Sixteen float32 lanes held in the registers of one instruction set.
@@ -205,5 +205,37 @@ impl<const BF16: bool> Wide<Avx512<BF16>> for bf16 {
         let bits = _mm512_mask_blend_epi32(nan, rounded, quiet);
         // Every lane fits in 16 bits: narrowing keeps it.
         _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(bits));
+    }
+}
+
+/// The hardware conversions round to nearest even, as `half` does.
+const F16_ROUNDING: i32 = _MM_FROUND_TO_NEAREST_INT;
+
+impl Wide<Avx2> for f16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> Avx2 {
+        Avx2(
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            _mm256_cvtph_ps(_mm_loadu_si128(p.add(8) as *const __m128i)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn store16(p: *mut f16, v: Avx2) {
+        _mm_storeu_si128(p as *mut __m128i, _mm256_cvtps_ph::<F16_ROUNDING>(v.0));
+        _mm_storeu_si128(
+            p.add(8) as *mut __m128i,
+            _mm256_cvtps_ph::<F16_ROUNDING>(v.1),
+        );
+    }
+}
+
+impl<const BF16: bool> Wide<Avx512<BF16>> for f16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> Avx512<BF16> {
+        Avx512(_mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)))
+    }
+    #[inline(always)]
+    unsafe fn store16(p: *mut f16, v: Avx512<BF16>) {
+        _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtps_ph::<F16_ROUNDING>(v.0));
     }
 }
