@@ -58,6 +58,9 @@ pub struct FoldRows<'a> {
     pub first_row: usize,
     /// Per-column accumulator (`m` values).
     pub w: &'a mut [f32],
+    /// Scratch for two rows of squares (`2 m` values), so that the fold does not convert and
+    /// square the gradient again.
+    pub squares: &'a mut [f32],
 }
 
 /// Pass 1's inputs for a run of whole rows.
@@ -149,12 +152,17 @@ fn sums_into<'a>(
     fold: Option<RowFold<'a>>,
     first_row: usize,
     col: &'a mut [f32],
-    w: &'a mut [f32],
+    (w, squares): (&'a mut [f32], &'a mut [f32]),
     row_sums: &'a mut Vec<f64>,
 ) -> Pass1Sums<'a> {
     Pass1Sums {
         col,
-        fold: fold.map(|fold| FoldRows { fold, first_row, w }),
+        fold: fold.map(|fold| FoldRows {
+            fold,
+            first_row,
+            w,
+            squares,
+        }),
         row_sums,
     }
 }
@@ -239,10 +247,11 @@ pub fn pass1<T: Element>(
             let (mut gbuf, mut xbuf) = (Vec::new(), Vec::new());
             let mut col = vec![0f64; m];
             let mut wcol = vec![0f64; if fold.is_some() { m } else { 0 }];
-            // Float32 column sums of a block, and with a fold its weighted column sums: one
-            // allocation.
-            let mut block_cols = vec![0f32; m + wcol.len()];
-            let (col32, wcol32) = block_cols.split_at_mut(m);
+            // Float32 column sums of a block, and with a fold its weighted column sums and two
+            // rows of squares: one allocation.
+            let mut block_cols = vec![0f32; m + 3 * wcol.len()];
+            let (col32, rest) = block_cols.split_at_mut(m);
+            let (wcol32, squares) = rest.split_at_mut(wcol.len());
             let mut rows = Vec::with_capacity(u.rows);
             let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
             let mut k0 = 0;
@@ -263,7 +272,13 @@ pub fn pass1<T: Element>(
                     };
                     sx += T::pass1_rows(
                         rows_in,
-                        sums_into(fold, first, &mut *col32, &mut *wcol32, &mut rows),
+                        sums_into(
+                            fold,
+                            first,
+                            &mut *col32,
+                            (&mut *wcol32, &mut *squares),
+                            &mut rows,
+                        ),
                     );
                 } else {
                     gbuf.resize(m, 0.0);
@@ -286,7 +301,13 @@ pub fn pass1<T: Element>(
                         };
                         sx += f32::pass1_rows(
                             rows_in,
-                            sums_into(fold, row, &mut *col32, &mut *wcol32, &mut rows),
+                            sums_into(
+                                fold,
+                                row,
+                                &mut *col32,
+                                (&mut *wcol32, &mut *squares),
+                                &mut rows,
+                            ),
                         );
                     }
                 }

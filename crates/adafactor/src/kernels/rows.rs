@@ -31,19 +31,21 @@ fn lane_sum(lanes: &[f32; LANES]) -> f32 {
     v[0]
 }
 
-/// Pass 1 over one row, in one sweep: the float32 sum of squares of `g` ([`LANES`] lanes, blocked by
-/// [`CHUNK`], blocks added in float32), each square added into `col`, and the sum of squares of
-/// the weight `x` after the optional decay (blocked likewise, blocks added in f64).
+/// Pass 1 over one row, in one sweep: the float32 sum of squares of `g` ([`LANES`] lanes,
+/// blocked by [`CHUNK`], blocks added in float32), each square added into `col` (and written to
+/// `squares` unless it is empty, for the row fold), and the sum of squares of the weight `x`
+/// after the optional decay (blocked likewise, blocks added in f64).
 #[inline(always)]
 pub(crate) fn pass1<T: Element>(
     g: &[T],
     x: &[T],
     decay: Option<Decay>,
     col: &mut [f32],
+    squares: &mut [f32],
 ) -> (f32, f64) {
     match decay {
-        None => pass1_with(g, x, col, |v| v),
-        Some(d) => pass1_with(g, x, col, move |v| d.apply(v)),
+        None => pass1_with(g, x, col, squares, |v| v),
+        Some(d) => pass1_with(g, x, col, squares, move |v| d.apply(v)),
     }
 }
 
@@ -52,9 +54,11 @@ fn pass1_with<T: Element>(
     g: &[T],
     x: &[T],
     col: &mut [f32],
+    squares: &mut [f32],
     xmap: impl Fn(f32) -> f32 + Copy,
 ) -> (f32, f64) {
     let len = g.len().min(x.len()).min(col.len());
+    let keep = !squares.is_empty();
     let (mut total_g, mut total_x) = (0f32, 0f64);
     let mut start = 0;
     while start < len {
@@ -67,13 +71,16 @@ fn pass1_with<T: Element>(
                 let gv = g[j + l].to_f32();
                 let e = gv * gv;
                 col[j + l] += e;
+                if keep {
+                    squares[j + l] = e;
+                }
                 lanes[l] += e;
                 let xv = xmap(x[j + l].to_f32());
                 xlanes[l] += xv * xv;
             }
             j += LANES;
         }
-        let rem = tail_squares_into(&g[j..end], &mut col[j..end]);
+        let rem = tail_squares_into(g, col, squares, j..end);
         let xrem = tail_squares(&x[j..end], xmap);
         total_g += rem + lane_sum(&lanes);
         total_x += (xrem + lane_sum(&xlanes)) as f64;
@@ -82,15 +89,24 @@ fn pass1_with<T: Element>(
     (total_g, total_x)
 }
 
-/// The elements after the last whole group of lanes in a block, one at a time: the sum of their
-/// squares, each square also added into `col`.
+/// The elements `range` after the last whole group of lanes in a block, one at a time: the sum
+/// of their squares, each square also added into `col` (and written to `squares` unless empty).
 #[inline(always)]
-fn tail_squares_into<T: Element>(g: &[T], col: &mut [f32]) -> f32 {
+fn tail_squares_into<T: Element>(
+    g: &[T],
+    col: &mut [f32],
+    squares: &mut [f32],
+    range: std::ops::Range<usize>,
+) -> f32 {
     let mut rem = 0f32;
-    for (g, c) in g.iter().zip(col) {
-        let gv = g.to_f32();
+    let keep = !squares.is_empty();
+    for j in range {
+        let gv = g[j].to_f32();
         let e = gv * gv;
-        *c += e;
+        col[j] += e;
+        if keep {
+            squares[j] = e;
+        }
         rem += e;
     }
     rem
@@ -107,12 +123,11 @@ fn tail_squares<T: Element>(x: &[T], xmap: impl Fn(f32) -> f32) -> f32 {
     rem
 }
 
-/// `w_j += g_j^2 * scale` (pass 1's row fold).
+/// `w_j += e_j * scale`, `e` a row's squares (pass 1's row fold).
 #[inline(always)]
-pub(crate) fn add_scaled_squares<T: Element>(g: &[T], scale: f32, w: &mut [f32]) {
-    for (w, g) in w.iter_mut().zip(g) {
-        let gv = g.to_f32();
-        *w += gv * gv * scale;
+pub(crate) fn add_scaled(e: &[f32], scale: f32, w: &mut [f32]) {
+    for (w, e) in w.iter_mut().zip(e) {
+        *w += e * scale;
     }
 }
 
@@ -146,15 +161,15 @@ pub(crate) fn update<T: Element>(
 const PREFETCH_BYTES: usize = 4096;
 
 /// Pass 1 over whole rows of `m` elements: [`pass1`] on each row (its sum of squares pushed to
-/// `row_sums`, its squares added into `col`), and with a fold, `w += g^2 / r_i` for each row,
-/// done after the next row's sweep so that the sweep does not wait for the row's statistic.
-/// Returns the sum of the rows' `x^2` sums.
+/// `row_sums`, its squares added into `col`), and with a fold, `w += g^2 / r_i` for each row
+/// from the squares the sweep kept, done after the next row's sweep so that the sweep does not
+/// wait for the row's statistic. Returns the sum of the rows' `x^2` sums.
 #[inline(always)]
 pub(crate) fn pass1_rows_with<T: Element>(
     rows: Pass1Rows<'_, T>,
     sums: Pass1Sums<'_>,
-    sweep: impl Fn(&[T], &[T], &mut [f32]) -> (f32, f64),
-    add: impl Fn(&[T], f32, &mut [f32]),
+    sweep: impl Fn(&[T], &[T], &mut [f32], &mut [f32]) -> (f32, f64),
+    add: impl Fn(&[f32], f32, &mut [f32]),
 ) -> f64 {
     let Pass1Rows { g, x, m, .. } = rows;
     let Pass1Sums {
@@ -165,27 +180,34 @@ pub(crate) fn pass1_rows_with<T: Element>(
     if m == 0 {
         return 0.0;
     }
+    // Two rows of squares: this row's, and the previous row's, whose fold is pending.
+    let mut squares: (&mut [f32], &mut [f32]) = (&mut [], &mut []);
+    if let Some(f) = fold.as_mut() {
+        let (a, b) = std::mem::take(&mut f.squares).split_at_mut(m);
+        squares = (a, &mut b[..m]);
+    }
+    let (mut cur, mut prev) = squares;
     let mut sum_x = 0f64;
-    let mut pending: Option<(&[T], f32)> = None;
+    let mut pending: Option<f32> = None;
     let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
     for (k, (gr, xr)) in g.chunks_exact(m).zip(x.chunks_exact(m)).enumerate() {
         let next = (k * m + ahead).min(g.len());
         let end = (next + m).min(g.len());
         super::prefetch(&g[next..end]);
         super::prefetch(&x[next..end]);
-        let (rs, sxr) = sweep(gr, xr, col);
+        let (rs, sxr) = sweep(gr, xr, col, cur);
         if let Some(f) = fold.as_mut() {
-            if let Some((gp, sp)) = pending.take() {
-                add(gp, sp, f.w);
+            if let Some(sp) = pending.take() {
+                add(prev, sp, f.w);
             }
-            let inv_r = f.fold.inv_r(f.first_row + k, rs as f64, m) as f32;
-            pending = Some((gr, inv_r));
+            pending = Some(f.fold.inv_r(f.first_row + k, rs as f64, m) as f32);
+            std::mem::swap(&mut cur, &mut prev);
         }
         row_sums.push(rs as f64);
         sum_x += sxr;
     }
-    if let (Some(f), Some((gp, sp))) = (fold.as_mut(), pending) {
-        add(gp, sp, f.w);
+    if let (Some(f), Some(sp)) = (fold.as_mut(), pending) {
+        add(prev, sp, f.w);
     }
     sum_x
 }
@@ -224,8 +246,8 @@ pub(crate) fn pass1_rows<T: Element>(rows: Pass1Rows<'_, T>, sums: Pass1Sums<'_>
     pass1_rows_with(
         rows,
         sums,
-        |g, x, c| pass1(g, x, decay, c),
-        add_scaled_squares,
+        |g, x, c, e| pass1(g, x, decay, c, e),
+        add_scaled,
     )
 }
 
@@ -293,25 +315,30 @@ mod wide {
         x.sub(x.mul(wd).mul(lr))
     }
 
-    /// The decay's lanes, and whether there is one.
+    /// The decay's lanes (zero without one).
     #[inline(always)]
-    unsafe fn decay_lanes<V: Lanes>(decay: Option<Decay>) -> (bool, V, V) {
+    unsafe fn decay_lanes<V: Lanes>(decay: Option<Decay>) -> (V, V) {
         match decay {
-            Some(d) => (true, V::splat(d.weight_decay), V::splat(d.learning_rate)),
-            None => (false, V::zero(), V::zero()),
+            Some(d) => (V::splat(d.weight_decay), V::splat(d.learning_rate)),
+            None => (V::zero(), V::zero()),
         }
     }
 
+    /// `DECAY`: `decay` is set; `KEEP`: the squares are kept for a fold (fixed per
+    /// instantiation, as in [`update`]).
     #[inline(always)]
-    pub(super) unsafe fn pass1<V: Lanes, W: Wide<V>>(
+    pub(super) unsafe fn pass1<V: Lanes, W: Wide<V>, const DECAY: bool, const KEEP: bool>(
         g: &[W],
         x: &[W],
         decay: Option<Decay>,
         col: &mut [f32],
+        squares: &mut [f32],
     ) -> (f32, f64) {
         let len = g.len().min(x.len()).min(col.len());
-        let (has_decay, wd, lr) = decay_lanes::<V>(decay);
+        let len = if KEEP { len.min(squares.len()) } else { len };
+        let (wd, lr) = decay_lanes::<V>(decay);
         let (gp, xp, cp) = (g.as_ptr(), x.as_ptr(), col.as_mut_ptr());
+        let ep = squares.as_mut_ptr();
         let (mut total_g, mut total_x) = (0f32, 0f64);
         let mut start = 0;
         while start < len {
@@ -323,15 +350,18 @@ mod wide {
                 let gv = W::load16(gp.add(j));
                 let e = gv.mul(gv);
                 V::load(cp.add(j)).add(e).store(cp.add(j));
+                if KEEP {
+                    e.store(ep.add(j));
+                }
                 lanes = lanes.add(e);
                 let mut xv = W::load16(xp.add(j));
-                if has_decay {
+                if DECAY {
                     xv = decayed(xv, wd, lr);
                 }
                 xlanes = xlanes.add(xv.mul(xv));
                 j += LANES;
             }
-            let rem = tail_squares_into(&g[j..end], &mut col[j..end]);
+            let rem = tail_squares_into(g, col, squares, j..end);
             let xrem = match decay {
                 None => tail_squares(&x[j..end], |v| v),
                 Some(d) => tail_squares(&x[j..end], |v| d.apply(v)),
@@ -344,26 +374,25 @@ mod wide {
     }
 
     #[inline(always)]
-    pub(super) unsafe fn add_scaled_squares<V: Lanes, W: Wide<V>>(
-        g: &[W],
-        scale: f32,
-        w: &mut [f32],
-    ) {
-        let len = g.len().min(w.len());
+    pub(super) unsafe fn add_scaled<V: Lanes>(e: &[f32], scale: f32, w: &mut [f32]) {
+        let len = e.len().min(w.len());
         let vs = V::splat(scale);
-        let (gp, wp) = (g.as_ptr(), w.as_mut_ptr());
+        let (ep, wp) = (e.as_ptr(), w.as_mut_ptr());
         let mut j = 0;
         while j + LANES <= len {
             // SAFETY: j + LANES <= len, within both slices.
-            let gv = W::load16(gp.add(j));
-            V::load(wp.add(j)).add(gv.mul(gv).mul(vs)).store(wp.add(j));
+            V::load(wp.add(j))
+                .add(V::load(ep.add(j)).mul(vs))
+                .store(wp.add(j));
             j += LANES;
         }
-        super::add_scaled_squares(&g[j..len], scale, &mut w[j..len]);
+        super::add_scaled(&e[j..len], scale, &mut w[j..len]);
     }
 
+    /// `DECAY`: `decay_by` is set; `SCALED`: `s != 1` (without norm clipping, the default,
+    /// `s * g` is `g`). Fixed per instantiation, so the loop has no branch but its own.
     #[inline(always)]
-    pub(super) unsafe fn update<V: Lanes, W: Wide<V>>(
+    pub(super) unsafe fn update<V: Lanes, W: Wide<V>, const DECAY: bool, const SCALED: bool>(
         x: &mut [W],
         g: &[W],
         b: &[f32],
@@ -372,20 +401,18 @@ mod wide {
         decay_by: Option<Decay>,
     ) {
         let len = x.len().min(g.len()).min(b.len());
-        let (has_decay, wd, lr) = decay_lanes::<V>(decay_by);
+        let (wd, lr) = decay_lanes::<V>(decay_by);
         let (vca, vs) = (V::splat(ca), V::splat(s));
-        // `s * g` is `g` when there is no norm clipping (the default).
-        let scaled = s != 1.0;
         let (xp, gp, bp) = (x.as_mut_ptr(), g.as_ptr(), b.as_ptr());
         let mut j = 0;
         while j + LANES <= len {
             // SAFETY: j + LANES <= len, within all three slices.
             let mut xv = W::load16(xp.add(j));
-            if has_decay {
+            if DECAY {
                 xv = decayed(xv, wd, lr);
             }
             let mut gs = W::load16(gp.add(j));
-            if scaled {
+            if SCALED {
                 gs = vs.mul(gs);
             }
             W::store16(xp.add(j), xv.sub(vca.mul(gs).mul(V::load(bp.add(j)))));
@@ -405,6 +432,20 @@ mod wide_rows {
         rows: Pass1Rows<'_, W>,
         sums: Pass1Sums<'_>,
     ) -> f64 {
+        match (rows.decay.is_some(), sums.fold.is_some()) {
+            (false, false) => pass1_rows_as::<V, W, false, false>(rows, sums),
+            (true, false) => pass1_rows_as::<V, W, true, false>(rows, sums),
+            (false, true) => pass1_rows_as::<V, W, false, true>(rows, sums),
+            (true, true) => pass1_rows_as::<V, W, true, true>(rows, sums),
+        }
+    }
+
+    /// `DECAY`: the rows have a decay; `KEEP`: the sweep keeps the squares for a fold.
+    #[inline(always)]
+    unsafe fn pass1_rows_as<V: Lanes, W: Wide<V>, const DECAY: bool, const KEEP: bool>(
+        rows: Pass1Rows<'_, W>,
+        sums: Pass1Sums<'_>,
+    ) -> f64 {
         let decay = rows.decay;
         // SAFETY (both closures): the caller has the instruction set of `V`. Inlined, so that
         // they are compiled with it.
@@ -412,14 +453,29 @@ mod wide_rows {
             rows,
             sums,
             #[inline(always)]
-            |g, x, c| unsafe { wide::pass1::<V, W>(g, x, decay, c) },
+            |g, x, c, e| unsafe { wide::pass1::<V, W, DECAY, KEEP>(g, x, decay, c, e) },
             #[inline(always)]
-            |g, s, w| unsafe { wide::add_scaled_squares::<V, W>(g, s, w) },
+            |e, s, w| unsafe { wide::add_scaled::<V>(e, s, w) },
         )
     }
 
     #[inline(always)]
     pub(super) unsafe fn update_rows<V: Lanes, W: Wide<V>>(
+        x: &mut [W],
+        g: &[W],
+        first_row: usize,
+        u: &RowUpdate<'_>,
+    ) {
+        match (u.decay.is_some(), u.grad_scale != 1.0) {
+            (false, false) => update_rows_as::<V, W, false, false>(x, g, first_row, u),
+            (true, false) => update_rows_as::<V, W, true, false>(x, g, first_row, u),
+            (false, true) => update_rows_as::<V, W, false, true>(x, g, first_row, u),
+            (true, true) => update_rows_as::<V, W, true, true>(x, g, first_row, u),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn update_rows_as<V: Lanes, W: Wide<V>, const DECAY: bool, const SCALED: bool>(
         x: &mut [W],
         g: &[W],
         first_row: usize,
@@ -433,7 +489,9 @@ mod wide_rows {
             first_row,
             u,
             #[inline(always)]
-            |x, g, b, ca| unsafe { wide::update::<V, W>(x, g, b, ca, u.grad_scale, u.decay) },
+            |x, g, b, ca| unsafe {
+                wide::update::<V, W, DECAY, SCALED>(x, g, b, ca, u.grad_scale, u.decay)
+            },
         )
     }
 }
@@ -587,17 +645,21 @@ mod tests {
                         m,
                         decay,
                     };
-                    let sums = |col, w, row_sums| Pass1Sums {
+                    let (mut sq_p, mut sq_v) = (vec![0f32; 2 * m], vec![0f32; 2 * m]);
+                    let sums = |col, w, squares, row_sums| Pass1Sums {
                         col,
                         fold: folded.then_some(FoldRows {
                             fold,
                             first_row: first,
                             w,
+                            squares,
                         }),
                         row_sums,
                     };
-                    let sx_p = pass1_rows(rows_in, sums(&mut col_p, &mut w_p, &mut rows_p));
-                    let sx_v = pass1_v(rows_in, sums(&mut col_v, &mut w_v, &mut rows_v));
+                    let sums_p = sums(&mut col_p, &mut w_p, &mut sq_p, &mut rows_p);
+                    let sx_p = pass1_rows(rows_in, sums_p);
+                    let sums_v = sums(&mut col_v, &mut w_v, &mut sq_v, &mut rows_v);
+                    let sx_v = pass1_v(rows_in, sums_v);
                     assert_eq!(sx_p.to_bits(), sx_v.to_bits(), "m {m}");
                     assert_eq!(rows_p, rows_v, "m {m}");
                     assert_eq!(bits(&col_p), bits(&col_v), "m {m}");
