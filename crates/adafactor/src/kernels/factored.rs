@@ -58,8 +58,8 @@ pub struct FoldRows<'a> {
     pub first_row: usize,
     /// Per-column accumulator (`m` values).
     pub w: &'a mut [f32],
-    /// Scratch for two rows of squares (`2 m` values), so that the fold does not convert and
-    /// square the gradient again.
+    /// Scratch for two rows of squares (`2 m` values; a shorter one is replaced by an
+    /// allocation), so that the fold does not convert and square the gradient again.
     pub squares: &'a mut [f32],
 }
 

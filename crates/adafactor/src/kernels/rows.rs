@@ -1,11 +1,11 @@
 //! The per-row inner loops of the factored passes, where almost all of a step's time goes.
 //!
-//! Each loop has a portable version and, for `f32`, `bf16` and `f16`, hand-vectorised twins: [`avx512`]
-//! (sixteen lanes) and [`avx2`] (eight lanes, twice), taken when the CPU has the instructions.
-//! All versions do the same float32 operations in the same order on the same [`LANES`] lanes (no
-//! fused multiply-add), so they give the same bits. The compiler's own vectorisation of these
-//! loops proved fragile: a loop that reads two 16-bit streams and keeps three sums came out
-//! scalar.
+//! Each loop has a portable version and, for `f32`, `bf16` and `f16`, hand-vectorised twins:
+//! [`avx512`] and [`avx512_bf16`] (one register per sixteen lanes) and [`avx2`] (two), taken
+//! when the CPU has the instructions. All versions do the same float32 operations in the same
+//! order on the same [`LANES`] lanes (no fused multiply-add), so they give the same bits. The
+//! compiler's own vectorisation of these loops proved fragile: a loop that reads two 16-bit
+//! streams and keeps three sums came out scalar.
 
 use super::factored::{Pass1Rows, Pass1Sums, RowUpdate};
 #[cfg(target_arch = "x86_64")]
@@ -181,9 +181,15 @@ pub(crate) fn pass1_rows_with<T: Element>(
         return 0.0;
     }
     // Two rows of squares: this row's, and the previous row's, whose fold is pending.
+    let mut own: Vec<f32>;
     let mut squares: (&mut [f32], &mut [f32]) = (&mut [], &mut []);
     if let Some(f) = fold.as_mut() {
-        let (a, b) = std::mem::take(&mut f.squares).split_at_mut(m);
+        let mut scratch = std::mem::take(&mut f.squares);
+        if scratch.len() < 2 * m {
+            own = vec![0f32; 2 * m];
+            scratch = &mut own;
+        }
+        let (a, b) = scratch.split_at_mut(m);
         squares = (a, &mut b[..m]);
     }
     let (mut cur, mut prev) = squares;
@@ -289,7 +295,7 @@ pub(crate) fn has_avx512_bf16() -> bool {
     }
 }
 
-/// True when this CPU runs the AVX2 twins (AVX2 and F16C) (the standard library checks once and caches).
+/// True when this CPU runs the AVX2 twins (AVX2 and F16C; the standard library checks once).
 #[inline(always)]
 pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -645,7 +651,8 @@ mod tests {
                         m,
                         decay,
                     };
-                    let (mut sq_p, mut sq_v) = (vec![0f32; 2 * m], vec![0f32; 2 * m]);
+                    // The portable run gets no scratch (it allocates its own).
+                    let (mut sq_p, mut sq_v) = (Vec::new(), vec![0f32; 2 * m]);
                     let sums = |col, w, squares, row_sums| Pass1Sums {
                         col,
                         fold: folded.then_some(FoldRows {
