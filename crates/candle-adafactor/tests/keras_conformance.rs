@@ -233,3 +233,43 @@ fn perturbed_case_is_caught() {
     let m = run_case(&case, false).expect_err("a perturbed EMA must fail");
     assert!(m.contains("EMA of var1") && m.contains("index 0"), "{m}");
 }
+
+/// The fused kernels have portable, AVX2 and AVX-512 versions of their row loops; this run used
+/// the best one the CPU has. Replay the suite with each lesser one (`ADAFACTOR_SIMD`, read once
+/// per process, so in a child process running this same test binary).
+#[test]
+fn keras_conformance_on_every_instruction_set() {
+    if std::env::var_os("ADAFACTOR_SIMD").is_some() {
+        return; // a child run
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    for level in ["portable", "avx2"] {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "keras_conformance",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("ADAFACTOR_SIMD", level)
+            .output()
+            .expect("running the test binary");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "ADAFACTOR_SIMD={level}:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("keras conformance:"))
+            .unwrap_or_else(|| panic!("ADAFACTOR_SIMD={level}: no summary line in\n{text}"));
+        let (passed, total) = line
+            .trim_start_matches("keras conformance: ")
+            .trim_end_matches(" cases passed")
+            .split_once('/')
+            .expect("`P/T` in the summary");
+        assert_eq!(passed, total, "ADAFACTOR_SIMD={level}: {line}");
+        println!("ADAFACTOR_SIMD={level}: {line}");
+    }
+}

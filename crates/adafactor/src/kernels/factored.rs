@@ -261,7 +261,7 @@ pub fn pass1<T: Element>(
                 col32.fill(0.0);
                 wcol32.fill(0.0);
                 let first = u.row0 + k0;
-                if T::IN_REGISTERS && !probe_rows && grad.is_plain() {
+                if T::in_registers() && !probe_rows && grad.is_plain() {
                     // Gradient and weight converted in registers, one sweep over both.
                     let (b0, b1) = (first * m, (first + block) * m);
                     let rows_in = Pass1Rows {
@@ -536,7 +536,7 @@ impl<T: Element> Pass3<'_, '_, T> {
             grad_scale: self.grad_scale,
             decay: self.decay,
         };
-        if T::IN_REGISTERS && self.grad.is_plain() {
+        if T::in_registers() && self.grad.is_plain() {
             let base = first_row * m;
             T::update_rows(xs, &self.grad.g[base..base + xs.len()], first_row, &u);
             return;

@@ -56,7 +56,10 @@ pub trait Element: Copy + Send + Sync + 'static {
     }
     /// True when the row kernels convert this type in registers, element by element, instead
     /// of through a float32 buffer.
-    const IN_REGISTERS: bool = false;
+    #[inline(always)]
+    fn in_registers() -> bool {
+        false
+    }
     /// One element to `f32`.
     fn to_f32(self) -> f32;
     /// One `f32` rounded to this type (as [`Element::store`] rounds).
@@ -86,42 +89,32 @@ macro_rules! wide_rows {
     () => {
         #[inline(always)]
         fn pass1_rows(rows: factored::Pass1Rows<'_, Self>, sums: factored::Pass1Sums<'_>) -> f64 {
-            #[cfg(target_arch = "x86_64")]
-            if rows::has_avx512_bf16() {
-                // SAFETY: the CPU has AVX-512 F, BW, DQ and BF16.
-                return unsafe { rows::avx512_bf16::pass1_rows(rows, sums) };
+            // SAFETY (each arm): `rows::simd()` only picks an instruction set the CPU has.
+            match rows::simd() {
+                #[cfg(target_arch = "x86_64")]
+                rows::Simd::Avx512Bf16 => unsafe { rows::avx512_bf16::pass1_rows(rows, sums) },
+                #[cfg(target_arch = "x86_64")]
+                rows::Simd::Avx512 => unsafe { rows::avx512::pass1_rows(rows, sums) },
+                #[cfg(target_arch = "x86_64")]
+                rows::Simd::Avx2 => unsafe { rows::avx2::pass1_rows(rows, sums) },
+                _ => rows::pass1_rows(rows, sums),
             }
-            #[cfg(target_arch = "x86_64")]
-            if rows::has_avx512() {
-                // SAFETY: the CPU has AVX-512 F and BW.
-                return unsafe { rows::avx512::pass1_rows(rows, sums) };
-            }
-            #[cfg(target_arch = "x86_64")]
-            if rows::has_avx2() {
-                // SAFETY: the CPU has AVX2.
-                return unsafe { rows::avx2::pass1_rows(rows, sums) };
-            }
-            rows::pass1_rows(rows, sums)
         }
 
         #[inline(always)]
         fn update_rows(x: &mut [Self], g: &[Self], first_row: usize, u: &factored::RowUpdate<'_>) {
-            #[cfg(target_arch = "x86_64")]
-            if rows::has_avx512_bf16() {
-                // SAFETY: the CPU has AVX-512 F, BW, DQ and BF16.
-                return unsafe { rows::avx512_bf16::update_rows(x, g, first_row, u) };
+            // SAFETY (each arm): `rows::simd()` only picks an instruction set the CPU has.
+            match rows::simd() {
+                #[cfg(target_arch = "x86_64")]
+                rows::Simd::Avx512Bf16 => unsafe {
+                    rows::avx512_bf16::update_rows(x, g, first_row, u)
+                },
+                #[cfg(target_arch = "x86_64")]
+                rows::Simd::Avx512 => unsafe { rows::avx512::update_rows(x, g, first_row, u) },
+                #[cfg(target_arch = "x86_64")]
+                rows::Simd::Avx2 => unsafe { rows::avx2::update_rows(x, g, first_row, u) },
+                _ => rows::update_rows(x, g, first_row, u),
             }
-            #[cfg(target_arch = "x86_64")]
-            if rows::has_avx512() {
-                // SAFETY: the CPU has AVX-512 F and BW.
-                return unsafe { rows::avx512::update_rows(x, g, first_row, u) };
-            }
-            #[cfg(target_arch = "x86_64")]
-            if rows::has_avx2() {
-                // SAFETY: the CPU has AVX2.
-                return unsafe { rows::avx2::update_rows(x, g, first_row, u) };
-            }
-            rows::update_rows(x, g, first_row, u)
         }
     };
 }
@@ -143,7 +136,10 @@ impl Element for f32 {
     fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
         Some(s)
     }
-    const IN_REGISTERS: bool = true;
+    #[inline(always)]
+    fn in_registers() -> bool {
+        true
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -170,7 +166,10 @@ impl Element for bf16 {
             *o = Self::from_f32(*v);
         }
     }
-    const IN_REGISTERS: bool = true;
+    #[inline(always)]
+    fn in_registers() -> bool {
+        true
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         // A bf16 is the top half of an f32.
@@ -210,7 +209,12 @@ impl Element for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
-    const IN_REGISTERS: bool = true;
+    /// Only with the vector twins: one at a time, `half`'s conversions are far slower than
+    /// its slice conversions.
+    #[inline(always)]
+    fn in_registers() -> bool {
+        rows::simd() >= rows::Simd::Avx2
+    }
     #[inline(always)]
     fn from_f32(v: f32) -> f16 {
         f16::from_f32(v)
@@ -411,7 +415,7 @@ pub(crate) fn prefetch<T>(s: &[T]) {
     let _ = s;
 }
 
-/// Runs `f` compiled for AVX2 when the CPU has it (the standard library checks once), else for
+/// Runs `f` compiled for AVX2 when the row loops may use it ([`rows::simd`]), else for
 /// the baseline: the 16-bit conversions need it to vectorise. The kernels' lanes are written out
 /// explicitly and floating-point operations are never contracted or reordered, so both versions
 /// give the same bits.
@@ -423,8 +427,8 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
+        if rows::simd() >= rows::Simd::Avx2 {
+            // SAFETY: the CPU supports AVX2 (`rows::simd` checked it).
             return unsafe { avx2(f) };
         }
     }

@@ -265,6 +265,45 @@ pub(crate) fn update_rows<T: Element>(x: &mut [T], g: &[T], first_row: usize, u:
     })
 }
 
+/// The instruction sets the row loops can run on, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Simd {
+    /// The portable loops.
+    Portable,
+    /// The [`avx2`] twins.
+    Avx2,
+    /// The [`avx512`] twins.
+    Avx512,
+    /// The [`avx512_bf16`] twins.
+    Avx512Bf16,
+}
+
+/// The instruction set the row loops use: the best this CPU has, capped by the environment
+/// variable `ADAFACTOR_SIMD` (`portable`, `avx2` or `avx512`; other values are ignored) to
+/// compare the versions. Read once per process; every version gives the same bits.
+#[inline(always)]
+pub(crate) fn simd() -> Simd {
+    static CHOSEN: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let best = if has_avx512_bf16() {
+            Simd::Avx512Bf16
+        } else if has_avx512() {
+            Simd::Avx512
+        } else if has_avx2() {
+            Simd::Avx2
+        } else {
+            Simd::Portable
+        };
+        let cap = match std::env::var("ADAFACTOR_SIMD").as_deref() {
+            Ok("portable") => Simd::Portable,
+            Ok("avx2") => Simd::Avx2,
+            Ok("avx512") => Simd::Avx512Bf16,
+            _ => Simd::Avx512Bf16,
+        };
+        best.min(cap)
+    })
+}
+
 /// True when this CPU runs the AVX-512 twins.
 #[inline(always)]
 pub(crate) fn has_avx512() -> bool {

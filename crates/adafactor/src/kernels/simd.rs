@@ -137,10 +137,11 @@ unsafe fn bf16_load8(p: *const bf16) -> __m256 {
     _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
 }
 
-/// `f32_to_bf16_bits` on eight lanes: round to nearest even by adding 0x7FFF plus the lowest
-/// kept bit (a carry into bit 16 is the round-up), NaN kept quiet.
+/// `f32_to_bf16_bits` on eight lanes, as 32-bit lanes holding the 16-bit results: round to
+/// nearest even by adding 0x7FFF plus the lowest kept bit (a carry into bit 16 is the
+/// round-up), NaN kept quiet.
 #[inline(always)]
-unsafe fn bf16_store8(p: *mut bf16, v: __m256) {
+unsafe fn bf16_bits8(v: __m256) -> __m256i {
     let x = _mm256_castps_si256(v);
     let abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFF_FFFF));
     let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
@@ -149,13 +150,7 @@ unsafe fn bf16_store8(p: *mut bf16, v: __m256) {
     let biased = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
     let rounded = _mm256_srli_epi32::<16>(biased);
     let quiet = _mm256_or_si256(top, _mm256_set1_epi32(0x40));
-    let bits = _mm256_blendv_epi8(rounded, quiet, nan);
-    // Every lane fits in 16 bits, so the unsigned saturating pack only narrows.
-    let packed = _mm_packus_epi32(
-        _mm256_castsi256_si128(bits),
-        _mm256_extracti128_si256::<1>(bits),
-    );
-    _mm_storeu_si128(p as *mut __m128i, packed);
+    _mm256_blendv_epi8(rounded, quiet, nan)
 }
 
 impl Wide<Avx2> for bf16 {
@@ -165,8 +160,11 @@ impl Wide<Avx2> for bf16 {
     }
     #[inline(always)]
     unsafe fn store16(p: *mut bf16, v: Avx2) {
-        bf16_store8(p, v.0);
-        bf16_store8(p.add(8), v.1);
+        // Every lane fits in 16 bits, so the unsigned saturating pack only narrows; it packs
+        // within 128-bit halves, and the permute puts the four quarters in order.
+        let packed = _mm256_packus_epi32(bf16_bits8(v.0), bf16_bits8(v.1));
+        let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+        _mm256_storeu_si256(p as *mut __m256i, ordered);
     }
 }
 
@@ -193,7 +191,7 @@ impl<const BF16: bool> Wide<Avx512<BF16>> for bf16 {
                 return;
             }
         }
-        // As `bf16_store8`, on sixteen lanes.
+        // As `bf16_bits8`, on sixteen lanes.
         let x = _mm512_castps_si512(v.0);
         let abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFF_FFFF));
         let nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F80_0000));
