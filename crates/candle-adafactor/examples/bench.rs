@@ -29,7 +29,8 @@ use std::time::Instant;
 type BoxResult<T> = Result<T, Box<dyn Error>>;
 
 const USAGE: &str = "usage: bench --set <t5-small|tiny|many-small> --path <fused|composed> \
---steps <N> [--dtype f32|bf16|f16] [--warmup W] [--triad-mib M] [--triad-reps R]";
+--steps <N> [--dtype f32|bf16|f16] [--warmup W] [--triad-mib M] [--triad-reps R] \
+[--config '<Keras config JSON, merged over the defaults>']";
 
 /// Command-line options.
 #[derive(Debug)]
@@ -41,6 +42,7 @@ struct Args {
     warmup: usize,
     triad_mib: usize,
     triad_reps: usize,
+    config: AdafactorConfig,
 }
 
 fn parse_args() -> BoxResult<Args> {
@@ -52,6 +54,7 @@ fn parse_args() -> BoxResult<Args> {
         warmup: 2,
         triad_mib: 256,
         triad_reps: 10,
+        config: AdafactorConfig::default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,6 +76,7 @@ fn parse_args() -> BoxResult<Args> {
             "--warmup" => args.warmup = number(&value)?,
             "--triad-mib" => args.triad_mib = number(&value)?,
             "--triad-reps" => args.triad_reps = number(&value)?,
+            "--config" => args.config = merged_config(&value)?,
             "--dtype" => {
                 args.dtype = match value.as_str() {
                     "f32" => DType::F32,
@@ -96,6 +100,24 @@ fn parse_args() -> BoxResult<Args> {
         return Err("--triad-mib and --triad-reps must be at least 1".into());
     }
     Ok(args)
+}
+
+/// The default config with the keys of a Keras config JSON object replaced, e.g.
+/// `{"global_clipnorm": 1.0, "weight_decay": 0.01}`.
+fn merged_config(json: &str) -> BoxResult<AdafactorConfig> {
+    let given: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("--config: not JSON ({e})"))?;
+    let given = given
+        .as_object()
+        .ok_or("--config: expected a JSON object of Keras config keys")?;
+    let mut config = AdafactorConfig::default().to_keras_config();
+    let fields = config
+        .as_object_mut()
+        .ok_or("internal: the Keras config is not an object")?;
+    for (k, v) in given {
+        fields.insert(k.clone(), v.clone());
+    }
+    Ok(AdafactorConfig::from_keras_config(&config)?)
 }
 
 /// The parameter shapes of a set, in the order `bench/peers.py` uses.
@@ -282,7 +304,7 @@ fn run() -> BoxResult<()> {
         .collect();
     let config = AdafactorConfig {
         jit_compile: args.path == "fused",
-        ..Default::default()
+        ..args.config.clone()
     };
     let mut opt = Adafactor::new_named(named, config)?;
     let data_path = opt.data_path();
@@ -304,10 +326,12 @@ fn run() -> BoxResult<()> {
         opt.apply_gradients(&pairs)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let expected = (args.warmup + args.steps) as u64;
+    // Every call is an update, or every k-th with gradient accumulation.
+    let applies = (args.warmup + args.steps) as u64;
+    let expected = applies / args.config.gradient_accumulation_steps.unwrap_or(1).max(1);
     if opt.iterations() != expected {
         return Err(format!(
-            "the optimizer counted {} iterations after {expected} applies",
+            "the optimizer counted {} iterations after {applies} applies (expected {expected})",
             opt.iterations()
         )
         .into());
