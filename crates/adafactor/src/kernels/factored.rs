@@ -1,6 +1,6 @@
 //! The three passes for a factored variable (rank >= 2: `lead` slices of `n x m`).
 
-use super::{map_units, parallel_for, rows_per_unit, Decay, Element, Grad, CHUNK};
+use super::{map_units, parallel_for, rows_per_unit, Decay, Element, Grad};
 use crate::state::Factoring;
 use rayon::prelude::*;
 
@@ -198,30 +198,6 @@ fn row_sq_and_cols(g: &[f32], col: &mut [f64]) -> f64 {
         let e2 = (g * g) as f64;
         total += e2;
         *c += e2;
-    }
-    total
-}
-
-/// `sum_j ((s g_j) b_j)^2`, blocked like [`super::sum_sq`].
-#[inline(always)]
-fn weighted_sum_sq(g: &[f32], b: &[f32], s: f32) -> f64 {
-    let mut total = 0f64;
-    for (gb, bb) in g.chunks(CHUNK).zip(b.chunks(CHUNK)) {
-        let mut lanes = [0f32; 8];
-        let mut gi = gb.chunks_exact(8);
-        let mut bi = bb.chunks_exact(8);
-        for (gc, bc) in (&mut gi).zip(&mut bi) {
-            for l in 0..8 {
-                let u = s * gc[l] * bc[l];
-                lanes[l] += u * u;
-            }
-        }
-        let mut rem = 0f32;
-        for (g, b) in gi.remainder().iter().zip(bi.remainder()) {
-            let u = s * g * b;
-            rem += u * u;
-        }
-        total += (rem + lanes.iter().sum::<f32>()) as f64;
     }
     total
 }
@@ -491,13 +467,17 @@ pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_sc
         parallel,
         #[inline(always)]
         |u| {
-            let mut gbuf = vec![0f32; m];
             let b = &p.col_factor[u.slice * m..(u.slice + 1) * m];
+            let a = &p.row_factor[u.row0..u.row0 + u.rows];
+            if T::in_registers() && grad.is_plain() {
+                let g = &grad.g[u.row0 * m..(u.row0 + u.rows) * m];
+                return T::pass2_rows(g, b, a, grad_scale);
+            }
+            let mut gbuf = vec![0f32; m];
             let mut total = 0f64;
-            for k in 0..u.rows {
-                let row = u.row0 + k;
-                let a = p.row_factor[row] as f64;
-                total += weighted_sum_sq(grad.view(row * m, &mut gbuf), b, grad_scale) * a * a;
+            for (k, ak) in a.chunks(1).enumerate() {
+                let g = grad.view((u.row0 + k) * m, &mut gbuf);
+                total += f32::pass2_rows(g, b, ak, grad_scale);
             }
             total
         },

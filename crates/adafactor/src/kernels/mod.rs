@@ -75,6 +75,14 @@ pub trait Element: Copy + Send + Sync + 'static {
         rows::pass1_rows(rows, sums)
     }
 
+    /// Pass 2's loop over whole rows of one slice of a factored variable:
+    /// `sum_k a_k^2 sum_j ((s g_kj) b_j)^2`, `a` the rows' factors, `b` the slice's column
+    /// factors (one per element of a row).
+    #[inline(always)]
+    fn pass2_rows(g: &[Self], b: &[f32], a: &[f32], s: f32) -> f64 {
+        rows::pass2_rows(g, b, a, s)
+    }
+
     /// Pass 3's loop over whole rows of a factored variable, the first being row `first_row`:
     /// `x = decay(x) - coef * a_i * (s g_ij) * b_j`, computed in f32 and rounded once.
     #[inline(always)]
@@ -98,6 +106,20 @@ macro_rules! wide_rows {
                 #[cfg(target_arch = "x86_64")]
                 rows::Simd::Avx2 => unsafe { rows::avx2::pass1_rows(rows, sums) },
                 _ => rows::pass1_rows(rows, sums),
+            }
+        }
+
+        #[inline(always)]
+        fn pass2_rows(g: &[Self], b: &[f32], a: &[f32], s: f32) -> f64 {
+            // SAFETY (each arm): `rows::simd()` only picks an instruction set the CPU has.
+            match rows::simd() {
+                #[cfg(target_arch = "x86_64")]
+                rows::Simd::Avx512Bf16 => unsafe { rows::avx512_bf16::pass2_rows(g, b, a, s) },
+                #[cfg(target_arch = "x86_64")]
+                rows::Simd::Avx512 => unsafe { rows::avx512::pass2_rows(g, b, a, s) },
+                #[cfg(target_arch = "x86_64")]
+                rows::Simd::Avx2 => unsafe { rows::avx2::pass2_rows(g, b, a, s) },
+                _ => rows::pass2_rows(g, b, a, s),
             }
         }
 

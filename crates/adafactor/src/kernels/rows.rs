@@ -245,6 +245,71 @@ pub(crate) fn update_rows_with<T: Element>(
     }
 }
 
+/// Pass 2 over one row: `sum_j ((s g_j) b_j)^2`, blocked like pass 1's sums.
+#[inline(always)]
+fn weighted_sq<T: Element>(g: &[T], b: &[f32], s: f32) -> f64 {
+    let len = g.len().min(b.len());
+    let mut total = 0f64;
+    let mut start = 0;
+    while start < len {
+        let end = (start + CHUNK).min(len);
+        let mut lanes = [0f32; LANES];
+        let mut j = start;
+        while j + LANES <= end {
+            for l in 0..LANES {
+                let u = s * g[j + l].to_f32() * b[j + l];
+                lanes[l] += u * u;
+            }
+            j += LANES;
+        }
+        let rem = tail_weighted_sq(&g[j..end], &b[j..end], s);
+        total += (rem + lane_sum(&lanes)) as f64;
+        start = end;
+    }
+    total
+}
+
+/// The elements after the last whole group of lanes in a block: their `((s g) b)^2`, summed.
+#[inline(always)]
+fn tail_weighted_sq<T: Element>(g: &[T], b: &[f32], s: f32) -> f32 {
+    let mut rem = 0f32;
+    for (g, b) in g.iter().zip(b) {
+        let u = s * g.to_f32() * b;
+        rem += u * u;
+    }
+    rem
+}
+
+/// Pass 2 over whole rows of one slice: `sum_k a_k^2 sum_j ((s g_kj) b_j)^2`, `a` the rows'
+/// factors and `b` the slice's column factors (its length is the row length).
+#[inline(always)]
+pub(crate) fn pass2_rows_with<T: Element>(
+    g: &[T],
+    b: &[f32],
+    a: &[f32],
+    row: impl Fn(&[T]) -> f64,
+) -> f64 {
+    let m = b.len();
+    if m == 0 {
+        return 0.0;
+    }
+    let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
+    let mut total = 0f64;
+    for (k, (gr, ak)) in g.chunks_exact(m).zip(a).enumerate() {
+        let next = (k * m + ahead).min(g.len());
+        super::prefetch(&g[next..(next + m).min(g.len())]);
+        let ak = *ak as f64;
+        total += row(gr) * ak * ak;
+    }
+    total
+}
+
+/// Pass 2 over whole rows, portable: see [`pass2_rows_with`].
+#[inline(always)]
+pub(crate) fn pass2_rows<T: Element>(g: &[T], b: &[f32], a: &[f32], s: f32) -> f64 {
+    pass2_rows_with(g, b, a, |g| weighted_sq(g, b, s))
+}
+
 /// Pass 1 over whole rows, portable: see [`pass1_rows_with`].
 #[inline(always)]
 pub(crate) fn pass1_rows<T: Element>(rows: Pass1Rows<'_, T>, sums: Pass1Sums<'_>) -> f64 {
@@ -352,7 +417,7 @@ pub(crate) fn has_avx2() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod wide {
     use super::simd::{Lanes, Wide};
-    use super::{lane_sum, tail_squares, tail_squares_into, Decay, CHUNK, LANES};
+    use super::{lane_sum, tail_squares, tail_squares_into, tail_weighted_sq, Decay, CHUNK, LANES};
 
     /// `x - x * wd * lr` on every lane, as [`Decay::apply`] rounds it.
     #[inline(always)]
@@ -434,6 +499,39 @@ mod wide {
         super::add_scaled(&e[j..len], scale, &mut w[j..len]);
     }
 
+    /// `SCALED`: `s != 1` (as in [`update`]).
+    #[inline(always)]
+    pub(super) unsafe fn weighted_sq<V: Lanes, W: Wide<V>, const SCALED: bool>(
+        g: &[W],
+        b: &[f32],
+        s: f32,
+    ) -> f64 {
+        let len = g.len().min(b.len());
+        let vs = V::splat(s);
+        let (gp, bp) = (g.as_ptr(), b.as_ptr());
+        let mut total = 0f64;
+        let mut start = 0;
+        while start < len {
+            let end = (start + CHUNK).min(len);
+            let mut lanes = V::zero();
+            let mut j = start;
+            while j + LANES <= end {
+                // SAFETY: j + LANES <= len, within both slices.
+                let mut gs = W::load16(gp.add(j));
+                if SCALED {
+                    gs = vs.mul(gs);
+                }
+                let u = gs.mul(V::load(bp.add(j)));
+                lanes = lanes.add(u.mul(u));
+                j += LANES;
+            }
+            let rem = tail_weighted_sq(&g[j..end], &b[j..end], s);
+            total += (rem + lane_sum(&lanes.to_array())) as f64;
+            start = end;
+        }
+        total
+    }
+
     /// `DECAY`: `decay_by` is set; `SCALED`: `s != 1` (without norm clipping, the default,
     /// `s * g` is `g`). Fixed per instantiation, so the loop has no branch but its own.
     #[inline(always)]
@@ -470,7 +568,9 @@ mod wide {
 #[cfg(target_arch = "x86_64")]
 mod wide_rows {
     use super::simd::{Lanes, Wide};
-    use super::{pass1_rows_with, update_rows_with, wide, Pass1Rows, Pass1Sums, RowUpdate};
+    use super::{
+        pass1_rows_with, pass2_rows_with, update_rows_with, wide, Pass1Rows, Pass1Sums, RowUpdate,
+    };
 
     #[inline(always)]
     pub(super) unsafe fn pass1_rows<V: Lanes, W: Wide<V>>(
@@ -502,6 +602,34 @@ mod wide_rows {
             #[inline(always)]
             |e, s, w| unsafe { wide::add_scaled::<V>(e, s, w) },
         )
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn pass2_rows<V: Lanes, W: Wide<V>>(
+        g: &[W],
+        b: &[f32],
+        a: &[f32],
+        s: f32,
+    ) -> f64 {
+        // SAFETY (both closures): the caller has the instruction set of `V`. Inlined, so that
+        // they are compiled with it.
+        if s != 1.0 {
+            pass2_rows_with(
+                g,
+                b,
+                a,
+                #[inline(always)]
+                |g| unsafe { wide::weighted_sq::<V, W, true>(g, b, s) },
+            )
+        } else {
+            pass2_rows_with(
+                g,
+                b,
+                a,
+                #[inline(always)]
+                |g| unsafe { wide::weighted_sq::<V, W, false>(g, b, s) },
+            )
+        }
     }
 
     #[inline(always)]
@@ -562,6 +690,20 @@ macro_rules! twins {
                 wide_rows::pass1_rows::<$lanes, W>(rows, sums)
             }
 
+            /// [`super::pass2_rows`].
+            ///
+            /// # Safety
+            /// The CPU must have the instruction set.
+            #[target_feature(enable = $features)]
+            pub(crate) unsafe fn pass2_rows<W: Wide<$lanes>>(
+                g: &[W],
+                b: &[f32],
+                a: &[f32],
+                s: f32,
+            ) -> f64 {
+                wide_rows::pass2_rows::<$lanes, W>(g, b, a, s)
+            }
+
             /// [`super::update_rows`].
             ///
             /// # Safety
@@ -618,6 +760,7 @@ mod tests {
 
     type Pass1Fn<T> = fn(Pass1Rows<'_, T>, Pass1Sums<'_>) -> f64;
     type UpdateFn<T> = fn(&mut [T], &[T], usize, &RowUpdate<'_>);
+    type Pass2Fn<T> = fn(&[T], &[f32], &[f32], f32) -> f64;
 
     /// Every version of the row loops, on rows of every remainder length and longer than a
     /// block, several rows (across slices), with and without decay and fold: the same bits as
@@ -627,11 +770,12 @@ mod tests {
     >(
         from: impl Fn(&[f32]) -> Vec<T>,
     ) {
-        let mut versions: Vec<(Pass1Fn<T>, UpdateFn<T>)> = Vec::new();
+        let mut versions: Vec<(Pass1Fn<T>, Pass2Fn<T>, UpdateFn<T>)> = Vec::new();
         if has_avx2() {
             // SAFETY (both): only called when the CPU has AVX2.
             versions.push((
                 |rows, sums| unsafe { avx2::pass1_rows(rows, sums) },
+                |g, b, a, s| unsafe { avx2::pass2_rows(g, b, a, s) },
                 |x, g, first, u| unsafe { avx2::update_rows(x, g, first, u) },
             ));
         }
@@ -639,6 +783,7 @@ mod tests {
             // SAFETY (both): only called when the CPU has AVX-512 F and BW.
             versions.push((
                 |rows, sums| unsafe { avx512::pass1_rows(rows, sums) },
+                |g, b, a, s| unsafe { avx512::pass2_rows(g, b, a, s) },
                 |x, g, first, u| unsafe { avx512::update_rows(x, g, first, u) },
             ));
         }
@@ -646,17 +791,19 @@ mod tests {
             // SAFETY (both): only called when the CPU has AVX-512 F, BW, DQ and BF16.
             versions.push((
                 |rows, sums| unsafe { avx512_bf16::pass1_rows(rows, sums) },
+                |g, b, a, s| unsafe { avx512_bf16::pass2_rows(g, b, a, s) },
                 |x, g, first, u| unsafe { avx512_bf16::update_rows(x, g, first, u) },
             ));
         }
-        for (pass1_v, update_v) in versions {
-            versions_agree(&from, pass1_v, update_v);
+        for (pass1_v, pass2_v, update_v) in versions {
+            versions_agree(&from, pass1_v, pass2_v, update_v);
         }
     }
 
     fn versions_agree<T: Element>(
         from: &impl Fn(&[f32]) -> Vec<T>,
         pass1_v: Pass1Fn<T>,
+        pass2_v: Pass2Fn<T>,
         update_v: UpdateFn<T>,
     ) {
         let decays = [
@@ -715,6 +862,10 @@ mod tests {
                 let col_factor = values(m as u64 + 7, 3 * m, 4.0);
                 let row_factor = values(m as u64 + 11, first + rows, 2.0);
                 for s in [1.0, 0.9] {
+                    let (b, a) = (&col_factor[..m], &row_factor[..rows]);
+                    let sum_p = pass2_rows(&g, b, a, s);
+                    let sum_v = pass2_v(&g, b, a, s);
+                    assert_eq!(sum_p.to_bits(), sum_v.to_bits(), "m {m}, scale {s}");
                     let u = RowUpdate {
                         col_factor: &col_factor,
                         row_factor: &row_factor,
