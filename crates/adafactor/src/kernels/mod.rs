@@ -11,12 +11,17 @@
 //! That is 24 bytes per float32 parameter. Without norm clipping (the default) the gradient scale
 //! is known before pass 1, so pass 1 also updates the row statistics as it goes and collects
 //! `sum_i g_ij^2 / r_i` per column ([`factored::RowFold`]); RMS(u) then follows from the
-//! statistics alone and pass 2 is skipped: 20 bytes per float32 parameter. Rank 0 and 1 variables
-//! use the same three passes with their velocity ([`vector`]). Reductions run in blocks of at most [`CHUNK`] float32 lanes that are
-//! summed in `f64`, so the result does not depend on the number of threads.
+//! statistics alone and pass 2 is skipped: 20 bytes per float32 parameter. Rank 0 and 1
+//! variables use the same three passes with their velocity ([`vector`]). Reductions run in
+//! blocks of at most [`CHUNK`] elements, each summed in float32 lanes and the blocks in `f64`, so
+//! the result does not depend on the number of threads.
 //!
 //! Every kernel takes `&[T]`/`&mut [T]` for `T` in `f32`, `bf16`, `f16` ([`Element`]); statistics
-//! are always `f32` and the update is computed in `f32` and rounded once.
+//! are always `f32` and the update is computed in `f32` and rounded once. The factored passes
+//! spend their time in per-row loops ([`Element::pass1_rows`], [`Element::pass2_rows`],
+//! [`Element::update_rows`]), hand-vectorised for AVX-512 and AVX2 with portable twins that give
+//! the same bits; the environment variable `ADAFACTOR_SIMD` (`portable`, `avx2`, `avx512`) caps
+//! the instruction set they use.
 
 pub mod elementwise;
 pub mod factored;
