@@ -329,6 +329,11 @@ impl<'a, T: Element> Grad<'a, T> {
     #[inline(always)]
     fn load_impl(&self, start: usize, out: &mut [f32], check: bool) -> f32 {
         let end = start + out.len();
+        if self.acc.is_none() {
+            if let Some(src) = T::as_f32(&self.g[start..end]) {
+                return transform_f32(src, out, self.transform, check);
+            }
+        }
         T::load(&self.g[start..end], out);
         let t = self.transform;
         if let Some(l) = t.loss_scale {
@@ -346,6 +351,37 @@ impl<'a, T: Element> Grad<'a, T> {
         }
         probe
     }
+}
+
+/// [`Grad::load_impl`] for a float32 gradient without accumulation, with the first step
+/// writing `out` (no separate copy): unscale, probe (before the clamp), clamp.
+#[inline(always)]
+fn transform_f32(src: &[f32], out: &mut [f32], t: GradTransform, check: bool) -> f32 {
+    match t.loss_scale {
+        Some(l) => {
+            for (o, g) in out.iter_mut().zip(src) {
+                *o = g / l;
+            }
+        }
+        None => {
+            let probe = if check { nonfinite_probe(src) } else { 0.0 };
+            match t.clip_value {
+                Some(c) => {
+                    // `clamp` keeps NaN, as Keras's clip does.
+                    for (o, g) in out.iter_mut().zip(src) {
+                        *o = g.clamp(-c, c);
+                    }
+                }
+                None => out.copy_from_slice(src),
+            }
+            return probe;
+        }
+    }
+    let probe = if check { nonfinite_probe(out) } else { 0.0 };
+    if let Some(c) = t.clip_value {
+        out.iter_mut().for_each(|o| *o = o.clamp(-c, c));
+    }
+    probe
 }
 
 /// Decoupled weight decay `x - x * wd * lr`, applied on the fly.
