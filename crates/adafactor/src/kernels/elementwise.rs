@@ -1,14 +1,21 @@
 //! Whole-tensor elementwise kernels: accumulation, EMA, overwrite, finiteness.
+//!
+//! Each parallel chunk works through blocks of [`CHUNK`] elements with a float32 buffer on the
+//! stack where a conversion is needed: no allocation per chunk (a chunk-sized buffer would be
+//! an `mmap` and its page faults on every call).
 
-use super::{for_chunks, parallel_for, Element, Grad, UNIT_ELEMS};
+use super::{for_chunks, parallel_for, Element, Grad, CHUNK, UNIT_ELEMS};
 use rayon::prelude::*;
 
 /// Whether the unscaled gradient is finite (a read-only pass, for accumulate-only calls).
 pub fn is_finite<T: Element>(grad: &Grad<'_, T>) -> bool {
     let len = grad.len();
     let check = |s: usize, e: usize| {
-        let mut buf = vec![0f32; e - s];
-        grad.load_checked(s, &mut buf) == 0.0
+        let mut buf = [0f32; CHUNK];
+        (s..e).step_by(CHUNK).all(|b| {
+            let n = CHUNK.min(e - b);
+            grad.load_checked(b, &mut buf[..n]) == 0.0
+        })
     };
     if parallel_for(len) {
         (0..len)
@@ -23,10 +30,12 @@ pub fn is_finite<T: Element>(grad: &Grad<'_, T>) -> bool {
 /// Gradient accumulation: `acc += g` (the gradient after unscaling).
 pub fn accumulate<T: Element>(acc: &mut [f32], grad: &Grad<'_, T>) {
     for_chunks(acc, |start, a| {
-        let mut buf = vec![0f32; a.len()];
-        grad.load(start, &mut buf);
-        for (a, g) in a.iter_mut().zip(&buf) {
-            *a += g;
+        let mut buf = [0f32; CHUNK];
+        for (k, ab) in a.chunks_mut(CHUNK).enumerate() {
+            let g = grad.view(start + k * CHUNK, &mut buf[..ab.len()]);
+            for (a, g) in ab.iter_mut().zip(g) {
+                *a += g;
+            }
         }
     });
 }
@@ -34,10 +43,20 @@ pub fn accumulate<T: Element>(acc: &mut [f32], grad: &Grad<'_, T>) {
 /// EMA: `avg = m * avg + (1 - m) * x`.
 pub fn ema<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
     for_chunks(avg, |start, a| {
-        let mut buf = vec![0f32; a.len()];
-        T::load(&x[start..start + a.len()], &mut buf);
-        for (a, x) in a.iter_mut().zip(&buf) {
-            *a = momentum * *a + (1.0 - momentum) * x;
+        let mut buf = [0f32; CHUNK];
+        for (k, ab) in a.chunks_mut(CHUNK).enumerate() {
+            let b0 = start + k * CHUNK;
+            let xs = &x[b0..b0 + ab.len()];
+            let xf = match T::as_f32(xs) {
+                Some(xf) => xf,
+                None => {
+                    T::load(xs, &mut buf[..ab.len()]);
+                    &buf[..ab.len()]
+                }
+            };
+            for (a, x) in ab.iter_mut().zip(xf) {
+                *a = momentum * *a + (1.0 - momentum) * x;
+            }
         }
     });
 }

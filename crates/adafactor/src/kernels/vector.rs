@@ -1,6 +1,6 @@
 //! The three passes for an unfactored variable (rank 0 or 1), which keeps its velocity `v`.
 
-use super::{decay_in_place, map_units, parallel_for, Decay, Element, Grad, UNIT_ELEMS};
+use super::{decay_in_place, map_units, parallel_for, Decay, Element, Grad, CHUNK, UNIT_ELEMS};
 
 /// What pass 1 learns about an unfactored variable.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,17 +34,23 @@ pub fn pass1<T: Element>(
         parallel,
         #[inline(always)]
         |(s, e)| {
-            let mut gbuf = vec![0f32; e - s];
-            let mut xbuf = vec![0f32; e - s];
-            let probe = if check_finite {
-                grad.load_checked(s, &mut gbuf)
-            } else {
-                grad.load(s, &mut gbuf);
-                0.0
-            };
-            T::load(&x[s..e], &mut xbuf);
-            decay_in_place(decay, &mut xbuf);
-            (super::sum_sq(&gbuf), super::sum_sq(&xbuf), probe)
+            // Blocks of CHUNK through stack buffers: the same sums as over the whole range.
+            let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+            let (mut sg, mut sx, mut probe) = (0f64, 0f64, 0f32);
+            for b in (s..e).step_by(CHUNK) {
+                let n = CHUNK.min(e - b);
+                let (gb, xb) = (&mut gbuf[..n], &mut xbuf[..n]);
+                if check_finite {
+                    probe += grad.load_checked(b, gb);
+                } else {
+                    grad.load(b, gb);
+                }
+                T::load(&x[b..b + n], xb);
+                decay_in_place(decay, xb);
+                sg += super::sum_sq(gb);
+                sx += super::sum_sq(xb);
+            }
+            (sg, sx, probe)
         },
     );
     outs.iter().fold(
@@ -71,14 +77,20 @@ pub fn pass2<T: Element>(
     grad_scale: f32,
 ) -> f64 {
     super::sum_chunks(v_new, |start, vs| {
-        let mut gbuf = vec![0f32; vs.len()];
-        grad.load(start, &mut gbuf);
-        for ((v, g), old) in vs.iter_mut().zip(gbuf.iter_mut()).zip(&v_old[start..]) {
-            let ge = grad_scale * *g;
-            *v = beta2 * old + (1.0 - beta2) * (ge * ge + epsilon_1);
-            *g = ge / v.sqrt();
+        let mut gbuf = [0f32; CHUNK];
+        let mut total = 0f64;
+        for (k, vb) in vs.chunks_mut(CHUNK).enumerate() {
+            let b = start + k * CHUNK;
+            let gb = &mut gbuf[..vb.len()];
+            grad.load(b, gb);
+            for ((v, g), old) in vb.iter_mut().zip(gb.iter_mut()).zip(&v_old[b..]) {
+                let ge = grad_scale * *g;
+                *v = beta2 * old + (1.0 - beta2) * (ge * ge + epsilon_1);
+                *g = ge / v.sqrt();
+            }
+            total += super::sum_sq(gb);
         }
-        super::sum_sq(&gbuf)
+        total
     })
 }
 
@@ -92,14 +104,17 @@ pub fn pass3<T: Element>(
     decay: Option<Decay>,
 ) {
     super::for_chunks(x, |start, xs| {
-        let mut gbuf = vec![0f32; xs.len()];
-        let mut xbuf = vec![0f32; xs.len()];
-        grad.load(start, &mut gbuf);
-        T::load(xs, &mut xbuf);
-        decay_in_place(decay, &mut xbuf);
-        for ((xv, g), v) in xbuf.iter_mut().zip(&gbuf).zip(&v_new[start..]) {
-            *xv -= coef * ((grad_scale * g) / v.sqrt());
+        let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+        for (k, xblock) in xs.chunks_mut(CHUNK).enumerate() {
+            let b = start + k * CHUNK;
+            let (gb, xb) = (&mut gbuf[..xblock.len()], &mut xbuf[..xblock.len()]);
+            grad.load(b, gb);
+            T::load(xblock, xb);
+            decay_in_place(decay, xb);
+            for ((xv, g), v) in xb.iter_mut().zip(gb.iter()).zip(&v_new[b..]) {
+                *xv -= coef * ((grad_scale * g) / v.sqrt());
+            }
+            T::store(xb, xblock);
         }
-        T::store(&xbuf, xs);
     });
 }
