@@ -329,59 +329,54 @@ impl<'a, T: Element> Grad<'a, T> {
     #[inline(always)]
     fn load_impl(&self, start: usize, out: &mut [f32], check: bool) -> f32 {
         let end = start + out.len();
-        if self.acc.is_none() {
-            if let Some(src) = T::as_f32(&self.g[start..end]) {
-                return transform_f32(src, out, self.transform, check);
-            }
-        }
-        T::load(&self.g[start..end], out);
         let t = self.transform;
-        if let Some(l) = t.loss_scale {
-            out.iter_mut().for_each(|o| *o /= l);
+        // Until a step writes `out`, a float32 gradient is read where it is stored: the first
+        // step reads it there, so it is not copied first.
+        let mut stored = T::as_f32(&self.g[start..end]);
+        if stored.is_none() {
+            T::load(&self.g[start..end], out);
         }
-        let probe = if check { nonfinite_probe(out) } else { 0.0 };
+        if let Some(l) = t.loss_scale {
+            map_into(out, stored.take(), |g| g / l);
+        }
+        let probe = match (check, stored) {
+            (false, _) => 0.0,
+            (true, Some(g)) => nonfinite_probe(g),
+            (true, None) => nonfinite_probe(out),
+        };
         if let (Some(k), Some(acc)) = (t.accumulate_steps, self.acc) {
-            for (o, a) in out.iter_mut().zip(&acc[start..end]) {
-                *o = (*o + *a) / k;
+            let acc = &acc[start..end];
+            match stored.take() {
+                Some(g) => {
+                    for ((o, g), a) in out.iter_mut().zip(g).zip(acc) {
+                        *o = (*g + *a) / k;
+                    }
+                }
+                None => {
+                    for (o, a) in out.iter_mut().zip(acc) {
+                        *o = (*o + *a) / k;
+                    }
+                }
             }
         }
         if let Some(v) = t.clip_value {
             // `clamp` keeps NaN, as Keras's clip does.
-            out.iter_mut().for_each(|o| *o = o.clamp(-v, v));
+            map_into(out, stored.take(), |g| g.clamp(-v, v));
+        }
+        if let Some(g) = stored {
+            out.copy_from_slice(g);
         }
         probe
     }
 }
 
-/// [`Grad::load_impl`] for a float32 gradient without accumulation, with the first step
-/// writing `out` (no separate copy): unscale, probe (before the clamp), clamp.
+/// `out = f(from)` elementwise, or `out = f(out)` in place without `from`.
 #[inline(always)]
-fn transform_f32(src: &[f32], out: &mut [f32], t: GradTransform, check: bool) -> f32 {
-    match t.loss_scale {
-        Some(l) => {
-            for (o, g) in out.iter_mut().zip(src) {
-                *o = g / l;
-            }
-        }
-        None => {
-            let probe = if check { nonfinite_probe(src) } else { 0.0 };
-            match t.clip_value {
-                Some(c) => {
-                    // `clamp` keeps NaN, as Keras's clip does.
-                    for (o, g) in out.iter_mut().zip(src) {
-                        *o = g.clamp(-c, c);
-                    }
-                }
-                None => out.copy_from_slice(src),
-            }
-            return probe;
-        }
+fn map_into(out: &mut [f32], from: Option<&[f32]>, f: impl Fn(f32) -> f32) {
+    match from {
+        Some(g) => out.iter_mut().zip(g).for_each(|(o, g)| *o = f(*g)),
+        None => out.iter_mut().for_each(|o| *o = f(*o)),
     }
-    let probe = if check { nonfinite_probe(out) } else { 0.0 };
-    if let Some(c) = t.clip_value {
-        out.iter_mut().for_each(|o| *o = o.clamp(-c, c));
-    }
-    probe
 }
 
 /// Decoupled weight decay `x - x * wd * lr`, applied on the fly.
