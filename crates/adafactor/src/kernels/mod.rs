@@ -102,46 +102,33 @@ macro_rules! wide_rows {
     () => {
         #[inline(always)]
         fn pass1_rows(rows: factored::Pass1Rows<'_, Self>, sums: factored::Pass1Sums<'_>) -> f64 {
-            // SAFETY (each arm): `rows::simd()` only picks an instruction set the CPU has.
-            match rows::simd() {
-                #[cfg(target_arch = "x86_64")]
-                rows::Simd::Avx512Bf16 => unsafe { rows::avx512_bf16::pass1_rows(rows, sums) },
-                #[cfg(target_arch = "x86_64")]
-                rows::Simd::Avx512 => unsafe { rows::avx512::pass1_rows(rows, sums) },
-                #[cfg(target_arch = "x86_64")]
-                rows::Simd::Avx2 => unsafe { rows::avx2::pass1_rows(rows, sums) },
-                _ => rows::pass1_rows(rows, sums),
-            }
+            by_simd!(pass1_rows(rows, sums))
         }
 
         #[inline(always)]
         fn pass2_rows(g: &[Self], b: &[f32], a: &[f32], s: f32) -> f64 {
-            // SAFETY (each arm): `rows::simd()` only picks an instruction set the CPU has.
-            match rows::simd() {
-                #[cfg(target_arch = "x86_64")]
-                rows::Simd::Avx512Bf16 => unsafe { rows::avx512_bf16::pass2_rows(g, b, a, s) },
-                #[cfg(target_arch = "x86_64")]
-                rows::Simd::Avx512 => unsafe { rows::avx512::pass2_rows(g, b, a, s) },
-                #[cfg(target_arch = "x86_64")]
-                rows::Simd::Avx2 => unsafe { rows::avx2::pass2_rows(g, b, a, s) },
-                _ => rows::pass2_rows(g, b, a, s),
-            }
+            by_simd!(pass2_rows(g, b, a, s))
         }
 
         #[inline(always)]
         fn update_rows(x: &mut [Self], g: &[Self], first_row: usize, u: &factored::RowUpdate<'_>) {
-            // SAFETY (each arm): `rows::simd()` only picks an instruction set the CPU has.
-            match rows::simd() {
-                #[cfg(target_arch = "x86_64")]
-                rows::Simd::Avx512Bf16 => unsafe {
-                    rows::avx512_bf16::update_rows(x, g, first_row, u)
-                },
-                #[cfg(target_arch = "x86_64")]
-                rows::Simd::Avx512 => unsafe { rows::avx512::update_rows(x, g, first_row, u) },
-                #[cfg(target_arch = "x86_64")]
-                rows::Simd::Avx2 => unsafe { rows::avx2::update_rows(x, g, first_row, u) },
-                _ => rows::update_rows(x, g, first_row, u),
-            }
+            by_simd!(update_rows(x, g, first_row, u))
+        }
+    };
+}
+
+/// Calls the version of a row loop that [`rows::simd`] picked.
+macro_rules! by_simd {
+    ($f:ident($($arg:expr),*)) => {
+        // SAFETY (each arm): `rows::simd()` only picks an instruction set the CPU has.
+        match rows::simd() {
+            #[cfg(target_arch = "x86_64")]
+            rows::Simd::Avx512Bf16 => unsafe { rows::avx512_bf16::$f($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            rows::Simd::Avx512 => unsafe { rows::avx512::$f($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            rows::Simd::Avx2 => unsafe { rows::avx2::$f($($arg),*) },
+            _ => rows::$f($($arg),*),
         }
     };
 }
