@@ -7,6 +7,8 @@
 //! false), with a schedule, EMA with overwrite, weight decay and gradient accumulation stopped
 //! mid-cycle, and with a constant learning rate, clipping and a skipped non-finite step.
 
+mod common;
+
 use candle_adafactor::{
     Adafactor, AdafactorConfig, DataPath, LearningRateSchedule, OnNonFinite, StateDict,
     STATE_FORMAT, STATE_FORMAT_VERSION,
@@ -113,30 +115,12 @@ fn train_step(opt: &mut Adafactor, vars: &[(String, Var)], extra: &Var, k: usize
 
 /// Every weight and every optimizer variable as raw bits.
 fn fingerprint(vars: &[(String, Var)], opt: &Adafactor) -> Vec<(String, Vec<u64>)> {
-    let bits = |t: &Tensor| -> Vec<u64> {
-        let flat = t.flatten_all().expect("flatten");
-        match t.dtype() {
-            DType::I64 => flat
-                .to_vec1::<i64>()
-                .expect("i64")
-                .iter()
-                .map(|x| *x as u64)
-                .collect(),
-            _ => flat
-                .to_dtype(DType::F32)
-                .and_then(|t| t.to_vec1::<f32>())
-                .expect("f32")
-                .iter()
-                .map(|x| x.to_bits() as u64)
-                .collect(),
-        }
-    };
     let mut out: Vec<(String, Vec<u64>)> = vars
         .iter()
-        .map(|(n, v)| (format!("weight {n}"), bits(v.as_tensor())))
+        .map(|(n, v)| (format!("weight {n}"), common::tensor_bits(v.as_tensor())))
         .collect();
     for (n, t) in opt.variables().expect("variables") {
-        out.push((format!("optimizer {n}"), bits(&t)));
+        out.push((format!("optimizer {n}"), common::tensor_bits(&t)));
     }
     out.push(("raw_iterations".into(), vec![opt.raw_iterations()]));
     out.push(("skipped_steps".into(), vec![opt.skipped_steps()]));

@@ -5,15 +5,13 @@
 //! The cases are read from `$ADAFACTOR_CONFORMANCE_DIR` when set, else from the project's copy in
 //! `conformance/keras-3.15.1/`.
 
+mod common;
+
 use candle_adafactor::{Adafactor, DataPath};
 use candle_core::{Device, Tensor, Var};
+use common::close;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-
-/// FORMAT.md's tolerance: `|a - b| <= 1e-6 + 1e-5 * |b|`.
-fn close(got: f32, want: f64) -> bool {
-    (got as f64 - want).abs() <= 1e-6 + 1e-5 * want.abs()
-}
 
 fn floats(v: &Value) -> Vec<f64> {
     v.as_array()

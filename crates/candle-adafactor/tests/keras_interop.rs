@@ -9,8 +9,11 @@
 //! - `keras_weights.json`: a Keras Adafactor on variables of rank 0 to 3: its `variables` at build
 //!   and after 3 steps of fixed gradients, and the model weights after steps 3 and 4.
 
+mod common;
+
 use candle_adafactor::{Adafactor, AdafactorConfig, LearningRateSchedule};
 use candle_core::{DType, Device, Tensor, Var};
+use common::close;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -22,11 +25,6 @@ fn load(name: &str) -> Value {
     let path = interop_dir().join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// FORMAT.md's tolerance for values recorded from Keras: `|a - b| <= 1e-6 + 1e-5 * |b|`.
-fn close(got: f32, want: f64) -> bool {
-    (got as f64 - want).abs() <= 1e-6 + 1e-5 * want.abs()
 }
 
 fn floats(v: &Value) -> Vec<f32> {

@@ -7,6 +7,8 @@
 //! hide in state that `variables()` does not show, a twin optimizer that never saw the failure
 //! takes the same next step and the two are compared bit for bit.
 
+mod common;
+
 use adafactor::LearningRateSchedule;
 use candle_adafactor::{Adafactor, AdafactorConfig, OnNonFinite};
 use candle_core::{DType, Device, Tensor, Var};
@@ -29,57 +31,11 @@ struct Bits {
 }
 
 fn bits_of(name: &str, t: &Tensor) -> Bits {
-    let flat = t.flatten_all().expect("flatten");
-    let bits: Vec<u64> = match t.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()
-            .expect("f32")
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::F64 => flat
-            .to_vec1::<f64>()
-            .expect("f64")
-            .iter()
-            .map(|x| x.to_bits())
-            .collect(),
-        DType::F16 => flat
-            .to_vec1::<f16>()
-            .expect("f16")
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::BF16 => flat
-            .to_vec1::<bf16>()
-            .expect("bf16")
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        DType::I64 => flat
-            .to_vec1::<i64>()
-            .expect("i64")
-            .iter()
-            .map(|x| *x as u64)
-            .collect(),
-        DType::U32 => flat
-            .to_vec1::<u32>()
-            .expect("u32")
-            .iter()
-            .map(|x| *x as u64)
-            .collect(),
-        DType::U8 => flat
-            .to_vec1::<u8>()
-            .expect("u8")
-            .iter()
-            .map(|x| *x as u64)
-            .collect(),
-        other => panic!("{name}: no bit view for dtype {other:?}"),
-    };
     Bits {
         name: name.to_string(),
         dtype: t.dtype(),
         dims: t.dims().to_vec(),
-        bits,
+        bits: common::tensor_bits(t),
     }
 }
 

@@ -8,6 +8,8 @@
 //!   `error`, a counted no-op under `skip`, and a step under `propagate`;
 //! - any other call is a step: `raw_iterations` grows by one.
 
+mod common;
+
 use candle_adafactor::{Adafactor, AdafactorConfig, LearningRateSchedule, OnNonFinite};
 use candle_core::{DType, Device, Tensor, Var};
 use proptest::prelude::*;
@@ -179,16 +181,6 @@ fn make(values: &[f32], dims: &[usize], dtype: DType) -> candle_core::Result<Ten
     Tensor::from_slice(&cycled(values, n), dims, &Device::Cpu)?.to_dtype(dtype)
 }
 
-/// Bits of every element (through float64, which is exact for every dtype used here).
-fn bits(t: &Tensor) -> candle_core::Result<Vec<u64>> {
-    Ok(t.to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?
-        .iter()
-        .map(|x| x.to_bits())
-        .collect())
-}
-
 #[derive(Debug, PartialEq)]
 struct Snapshot {
     counters: (bool, u64, u64, u64),
@@ -201,11 +193,11 @@ fn snapshot(opt: &Adafactor, vars: &[Var]) -> candle_core::Result<Snapshot> {
         tensors.push((
             format!("variable {i}"),
             v.dims().to_vec(),
-            bits(v.as_tensor())?,
+            common::tensor_bits(v.as_tensor()),
         ));
     }
     for (name, t) in opt.variables()? {
-        tensors.push((name, t.dims().to_vec(), bits(&t)?));
+        tensors.push((name, t.dims().to_vec(), common::tensor_bits(&t)));
     }
     Ok(Snapshot {
         counters: (
