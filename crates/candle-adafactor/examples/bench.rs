@@ -2,8 +2,13 @@
 //! machine's memory bandwidth in the same run, to put the step time next to its memory floor.
 //!
 //! ```text
-//! cargo run --release --example bench -- --set <t5-small|tiny|many-small> --path <fused|composed>
-//!     --steps <N> [--dtype f32|bf16|f16] [--warmup W] [--triad-mib M] [--triad-reps R]
+//! cargo run --release --example bench -- --set <t5-small|tiny|many-small> [--path fused|composed]
+//!     [--steps N] [--dtype f32|bf16|f16] [--warmup W] [--triad-mib M] [--triad-reps R]
+//! ```
+//!
+//! `--path` defaults to `fused` and `--steps` to 20.
+//!
+//! ```text
 //! ```
 //!
 //! Weights are normal(0, 0.02) and gradients normal(0, 1e-3), both from a seeded splitmix64
@@ -17,7 +22,7 @@
 //!
 //! The last line is machine-readable:
 //! `bench set=.. path=.. dtype=.. params=.. tensors=.. median_ms=.. min_ms=.. triad_gbps=..
-//! floor_ms=.. state_bytes=..`, where `floor_ms = 24 bytes x params / triad bandwidth` (a fused
+//! floor_ms=.. state_bytes=.. peak_rss_mib=..`, where `floor_ms = 24 bytes x params / triad bandwidth` (a fused
 //! float32 step reads the gradient three times and the weight twice and writes the weight once).
 
 use candle_adafactor::{Adafactor, AdafactorConfig, DataPath};
@@ -28,8 +33,8 @@ use std::time::Instant;
 
 type BoxResult<T> = Result<T, Box<dyn Error>>;
 
-const USAGE: &str = "usage: bench --set <t5-small|tiny|many-small> --path <fused|composed> \
---steps <N> [--dtype f32|bf16|f16] [--warmup W] [--triad-mib M] [--triad-reps R] \
+const USAGE: &str = "usage: bench --set <t5-small|tiny|many-small> [--path fused|composed] \
+[--steps N] [--dtype f32|bf16|f16] [--warmup W] [--triad-mib M] [--triad-reps R] \
 [--config '<Keras config JSON, merged over the defaults>']";
 
 /// Command-line options.
@@ -48,8 +53,8 @@ struct Args {
 fn parse_args() -> BoxResult<Args> {
     let mut args = Args {
         set: String::new(),
-        path: String::new(),
-        steps: 0,
+        path: "fused".to_string(),
+        steps: 20,
         dtype: DType::F32,
         warmup: 2,
         triad_mib: 256,
@@ -90,8 +95,11 @@ fn parse_args() -> BoxResult<Args> {
             other => return Err(format!("unknown option `{other}`\n{USAGE}").into()),
         }
     }
-    if args.set.is_empty() || args.path.is_empty() || args.steps == 0 {
-        return Err(format!("--set, --path and --steps (at least 1) are required\n{USAGE}").into());
+    if args.set.is_empty() {
+        return Err(format!("--set is required (t5-small, tiny or many-small)\n{USAGE}").into());
+    }
+    if args.steps == 0 {
+        return Err("--steps must be at least 1".into());
     }
     if args.path != "fused" && args.path != "composed" {
         return Err(format!("--path `{}`: expected fused or composed", args.path).into());
@@ -369,10 +377,12 @@ fn run() -> BoxResult<()> {
         );
     }
     let floor_ms = 24.0 * params as f64 / (triad * 1e9) * 1e3;
+    // On the last line too, so that memory growth shows in every benchmark run.
+    let peak_rss = hwm.map_or("unknown".to_string(), |h| format!("{h:.1}"));
     println!(
         "bench set={set} path={} dtype={dtype} params={params} tensors={tensors} \
          median_ms={median_ms:.3} min_ms={min_ms:.3} triad_gbps={triad:.2} floor_ms={floor_ms:.3} \
-         state_bytes={}",
+         state_bytes={} peak_rss_mib={peak_rss}",
         args.path,
         opt.state_bytes()
     );

@@ -642,10 +642,8 @@ impl Adafactor {
                     it.name
                 )));
             }
-            let state_tensor = |t: &Option<Tensor>, what: &str| -> Result<Vec<u8>> {
-                let t = t
-                    .as_ref()
-                    .ok_or_else(|| err(format!("internal: {what} `{}` missing", it.name)))?;
+            let state_tensor = |t: Option<&Tensor>, what: &str| -> Result<Vec<u8>> {
+                let t = t.ok_or_else(|| err(format!("internal: {what} `{}` missing", it.name)))?;
                 tensor_bytes(&t.to_dtype(DType::F32)?, &it.name)
             };
             let data = match it.part {
@@ -654,8 +652,8 @@ impl Adafactor {
                 Part::LearningRate => {
                     f32_bytes(&[self.config.learning_rate.value(self.raw_iterations)])
                 }
-                Part::Average(i) => state_tensor(&self.slots[i].ema, "EMA average")?,
-                Part::Accumulator(i) => state_tensor(&self.slots[i].accumulator, "accumulator")?,
+                Part::Average(i) => state_tensor(self.slots[i].ema(), "EMA average")?,
+                Part::Accumulator(i) => state_tensor(self.slots[i].accumulator(), "accumulator")?,
                 Part::Stat(i, k) => {
                     let s = &self.slots[i];
                     let stats = s.stats.slots(s.var.dims());
@@ -792,12 +790,8 @@ impl Adafactor {
                 let values = f32_values(&sd.entry(&format!("{}/{suffix}", s.name))?.data);
                 Tensor::from_vec(values, s.var.dims(), s.var.device())
             };
-            let ema = s.ema.as_ref().map(|_| full("average")).transpose()?;
-            let acc = s
-                .accumulator
-                .as_ref()
-                .map(|_| full("accumulator"))
-                .transpose()?;
+            let ema = s.ema().map(|_| full("average")).transpose()?;
+            let acc = s.accumulator().map(|_| full("accumulator")).transpose()?;
             let values = Stats::slot_shapes(s.var.dims())
                 .iter()
                 .map(|(suffix, _)| Ok(f32_values(&sd.entry(&format!("{}/{suffix}", s.name))?.data)))
@@ -815,8 +809,7 @@ impl Adafactor {
         }
         for (s, (stats, ema, acc)) in self.slots.iter_mut().zip(new_slots) {
             s.stats = stats;
-            s.ema = ema;
-            s.accumulator = acc;
+            s.set_full_state(ema, acc);
         }
         self.raw_iterations = raw;
         self.skipped_steps = skipped;

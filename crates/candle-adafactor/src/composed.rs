@@ -90,7 +90,7 @@ pub(crate) fn compute(
                 *g = div(&(accumulator(opt, *i)? + &*g)?, steps as f32)?;
             }
             for (slot, n) in slots.iter().zip(new.iter_mut()) {
-                if let Some(acc) = &slot.accumulator {
+                if let Some(acc) = slot.accumulator() {
                     n.accumulator = Some(acc.zeros_like()?);
                 }
             }
@@ -121,8 +121,7 @@ pub(crate) fn compute(
                 None => slot.var.to_dtype(DType::F32)?,
             };
             let avg = slot
-                .ema
-                .as_ref()
+                .ema()
                 .ok_or_else(|| crate::optimizer::err("internal: EMA average missing"))?;
             let avg = (mul(avg, ema.momentum)? + mul(&x, 1.0 - ema.momentum)?)?;
             if ema.overwrite {
@@ -146,8 +145,7 @@ pub(crate) fn compute(
 
 fn accumulator(opt: &Adafactor, i: usize) -> Result<&Tensor> {
     opt.slots[i]
-        .accumulator
-        .as_ref()
+        .accumulator()
         .ok_or_else(|| crate::optimizer::err("internal: gradient accumulator missing"))
 }
 

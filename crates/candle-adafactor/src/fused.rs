@@ -51,7 +51,7 @@ pub(crate) fn eligible(opt: &Adafactor, items: &[(usize, Tensor)]) -> bool {
     let mut owned = Vec::with_capacity(opt.slots.len());
     for s in &opt.slots {
         owned.push(storage_addr(&s.var));
-        for t in s.ema.iter().chain(s.accumulator.iter()) {
+        for t in s.kept_tensors() {
             owned.push(storage_addr(t));
         }
     }
@@ -189,8 +189,7 @@ fn accumulator_read(slot: &Slot, transform: GradTransform) -> Result<Option<Read
     match transform.accumulate_steps {
         Some(_) => {
             let acc = slot
-                .accumulator
-                .as_ref()
+                .accumulator()
                 .ok_or_else(|| err("internal: accumulator"))?;
             Ok(Some(Read::new(acc)?))
         }
@@ -270,8 +269,7 @@ pub(crate) fn apply(
             items.par_iter().try_for_each(|(i, g)| {
                 let slot = &opt.slots[*i];
                 let acc = slot
-                    .accumulator
-                    .as_ref()
+                    .accumulator()
                     .ok_or_else(|| err("internal: accumulator"))?;
                 let gr = Read::new(g)?;
                 with_dtype!(g.dtype(), T => {
@@ -352,7 +350,7 @@ pub(crate) fn apply(
             if matches!(acc, Accumulation::Apply { .. }) {
                 opt.slots
                     .par_iter()
-                    .try_for_each(|s| match &s.accumulator {
+                    .try_for_each(|s| match s.accumulator() {
                         Some(a) => in_place(a, "adafactor-zero", |st, l| {
                             elementwise::zero(dst_slice::<f32>(st, l)?);
                             Ok(())
@@ -365,7 +363,7 @@ pub(crate) fn apply(
     }
     if let Some(ema) = plan.ema {
         opt.slots.par_iter().try_for_each(|s| -> Result<()> {
-            let avg = s.ema.as_ref().ok_or_else(|| err("internal: EMA average"))?;
+            let avg = s.ema().ok_or_else(|| err("internal: EMA average"))?;
             {
                 let x = Read::new(s.var.as_tensor())?;
                 with_dtype!(s.var.dtype(), T => {

@@ -154,13 +154,11 @@ impl Adafactor {
                     Tensor::new(self.config.learning_rate.value(self.raw_iterations), &cpu)?
                 }
                 KerasPart::Average(i) => self.slots[i]
-                    .ema
-                    .as_ref()
+                    .ema()
                     .ok_or_else(|| err("internal: EMA average missing"))?
                     .copy()?,
                 KerasPart::Accumulator(i) => self.slots[i]
-                    .accumulator
-                    .as_ref()
+                    .accumulator()
                     .ok_or_else(|| err("internal: gradient accumulator missing"))?
                     .copy()?,
                 KerasPart::Dummy => Tensor::new(0i32, &cpu)?,
@@ -344,12 +342,7 @@ impl Adafactor {
         }
         for (((s, st), ema), acc) in self.slots.iter_mut().zip(stats).zip(emas).zip(accs) {
             s.stats = st;
-            if s.ema.is_some() {
-                s.ema = ema;
-            }
-            if s.accumulator.is_some() {
-                s.accumulator = acc;
-            }
+            s.set_full_state(ema, acc);
         }
         self.raw_iterations = raw;
         self.config = config;

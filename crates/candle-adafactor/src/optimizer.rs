@@ -276,7 +276,7 @@ impl Adafactor {
             .iter()
             .map(|&i| {
                 let s = &self.slots[i];
-                let avg = s.ema.as_ref().ok_or_else(|| err("EMA average missing"))?;
+                let avg = s.ema().ok_or_else(|| err("EMA average missing"))?;
                 Ok((i, avg.to_dtype(s.var.dtype())?))
             })
             .collect::<Result<Vec<_>>>()?;

@@ -27,12 +27,12 @@ impl Adafactor {
             out.push(("learning_rate".into(), Tensor::new(lr as f32, &cpu)?));
         }
         for s in &self.slots {
-            if let Some(e) = &s.ema {
+            if let Some(e) = s.ema() {
                 out.push((format!("{}/average", s.name), e.copy()?));
             }
         }
         for s in &self.slots {
-            if let Some(a) = &s.accumulator {
+            if let Some(a) = s.accumulator() {
                 out.push((format!("{}/accumulator", s.name), a.copy()?));
             }
         }
@@ -94,13 +94,13 @@ impl Adafactor {
         }
         let mut emas = Vec::new();
         for s in &self.slots {
-            if s.ema.is_some() {
+            if s.ema().is_some() {
                 emas.push(to_slot(next()?, s.var.device())?);
             }
         }
         let mut accs = Vec::new();
         for s in &self.slots {
-            if s.accumulator.is_some() {
+            if s.accumulator().is_some() {
                 accs.push(to_slot(next()?, s.var.device())?);
             }
         }
@@ -131,12 +131,13 @@ impl Adafactor {
         let mut emas = emas.into_iter();
         let mut accs = accs.into_iter();
         for (s, st) in self.slots.iter_mut().zip(stats) {
-            if s.ema.is_some() {
-                s.ema = emas.next();
-            }
-            if s.accumulator.is_some() {
-                s.accumulator = accs.next();
-            }
+            let ema = if s.ema().is_some() { emas.next() } else { None };
+            let acc = if s.accumulator().is_some() {
+                accs.next()
+            } else {
+                None
+            };
+            s.set_full_state(ema, acc);
             s.stats = st;
         }
         for ((_, v), value) in self.extra.iter().zip(extras) {
@@ -190,7 +191,7 @@ impl Adafactor {
     /// A variable the optimizer was not built with.
     pub fn moving_average(&self, var: &Var) -> Result<Option<Tensor>> {
         let i = self.slot_index(var)?;
-        self.slots[i].ema.as_ref().map(Tensor::copy).transpose()
+        self.slots[i].ema().map(Tensor::copy).transpose()
     }
 }
 

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::{base, configs};
+
 use adafactor::LearningRateSchedule;
 use candle_adafactor::{Adafactor, AdafactorConfig, OnNonFinite};
 use candle_core::{DType, Device, Tensor, Var};
@@ -236,96 +238,6 @@ fn good_step(opt: &mut Adafactor, vars: &[(String, Var)], step: usize) -> u64 {
     let v: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     opt.apply_gradients(&pairs(&g, &v))
         .unwrap_or_else(|e| panic!("a good step {step} failed: {e}"))
-}
-
-fn base(jit: bool) -> AdafactorConfig {
-    AdafactorConfig {
-        learning_rate: 0.1.into(),
-        jit_compile: jit,
-        ..Default::default()
-    }
-}
-
-/// The configurations the atomicity tests run under: every pipeline stage that keeps state.
-fn configs(jit: bool) -> Vec<(&'static str, AdafactorConfig)> {
-    let b = base(jit);
-    vec![
-        ("plain", b.clone()),
-        (
-            "ema",
-            AdafactorConfig {
-                use_ema: true,
-                ema_momentum: 0.9,
-                ema_overwrite_frequency: Some(2),
-                ..b.clone()
-            },
-        ),
-        (
-            "accumulation2",
-            AdafactorConfig {
-                gradient_accumulation_steps: Some(2),
-                ..b.clone()
-            },
-        ),
-        (
-            "accumulation3",
-            AdafactorConfig {
-                gradient_accumulation_steps: Some(3),
-                ..b.clone()
-            },
-        ),
-        (
-            "weight_decay",
-            AdafactorConfig {
-                weight_decay: Some(0.1),
-                ..b.clone()
-            },
-        ),
-        (
-            "global_clipnorm",
-            AdafactorConfig {
-                global_clipnorm: Some(0.5),
-                ..b.clone()
-            },
-        ),
-        (
-            "clipnorm",
-            AdafactorConfig {
-                clipnorm: Some(0.5),
-                ..b.clone()
-            },
-        ),
-        (
-            "clipvalue",
-            AdafactorConfig {
-                clipvalue: Some(0.25),
-                ..b.clone()
-            },
-        ),
-        (
-            "loss_scale",
-            AdafactorConfig {
-                loss_scale_factor: Some(4.0),
-                ..b.clone()
-            },
-        ),
-        (
-            "everything",
-            AdafactorConfig {
-                learning_rate: LearningRateSchedule::cosine_decay(0.1, 10.0, 0.1, None, 0.0)
-                    .expect("schedule")
-                    .into(),
-                weight_decay: Some(0.05),
-                global_clipnorm: Some(1.0),
-                use_ema: true,
-                ema_momentum: 0.8,
-                ema_overwrite_frequency: Some(3),
-                gradient_accumulation_steps: Some(2),
-                loss_scale_factor: Some(2.0),
-                ..b
-            },
-        ),
-    ]
 }
 
 /// Two optimizers on separate but identical variables.

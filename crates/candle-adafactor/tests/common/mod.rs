@@ -2,6 +2,7 @@
 
 #![allow(dead_code)] // each test file uses only some of them
 
+use candle_adafactor::{AdafactorConfig, LearningRateSchedule};
 use candle_core::{DType, Tensor};
 use half::{bf16, f16};
 
@@ -58,4 +59,96 @@ pub fn tensor_bits(t: &Tensor) -> Vec<u64> {
             .collect(),
         other => panic!("no bit view for dtype {other:?}"),
     }
+}
+
+/// Keras defaults at learning rate 0.1, on the fused (`jit = true`) or the composed path.
+pub fn base(jit: bool) -> AdafactorConfig {
+    AdafactorConfig {
+        learning_rate: 0.1.into(),
+        jit_compile: jit,
+        ..Default::default()
+    }
+}
+
+/// The configurations the atomicity and memory tests run under: every pipeline stage that
+/// keeps state, each alone, and all together (`everything`).
+pub fn configs(jit: bool) -> Vec<(&'static str, AdafactorConfig)> {
+    let b = base(jit);
+    vec![
+        ("plain", b.clone()),
+        (
+            "ema",
+            AdafactorConfig {
+                use_ema: true,
+                ema_momentum: 0.9,
+                ema_overwrite_frequency: Some(2),
+                ..b.clone()
+            },
+        ),
+        (
+            "accumulation2",
+            AdafactorConfig {
+                gradient_accumulation_steps: Some(2),
+                ..b.clone()
+            },
+        ),
+        (
+            "accumulation3",
+            AdafactorConfig {
+                gradient_accumulation_steps: Some(3),
+                ..b.clone()
+            },
+        ),
+        (
+            "weight_decay",
+            AdafactorConfig {
+                weight_decay: Some(0.1),
+                ..b.clone()
+            },
+        ),
+        (
+            "global_clipnorm",
+            AdafactorConfig {
+                global_clipnorm: Some(0.5),
+                ..b.clone()
+            },
+        ),
+        (
+            "clipnorm",
+            AdafactorConfig {
+                clipnorm: Some(0.5),
+                ..b.clone()
+            },
+        ),
+        (
+            "clipvalue",
+            AdafactorConfig {
+                clipvalue: Some(0.25),
+                ..b.clone()
+            },
+        ),
+        (
+            "loss_scale",
+            AdafactorConfig {
+                loss_scale_factor: Some(4.0),
+                ..b.clone()
+            },
+        ),
+        (
+            "everything",
+            AdafactorConfig {
+                learning_rate: LearningRateSchedule::cosine_decay(0.1, 10.0, 0.1, None, 0.0)
+                    .expect("schedule")
+                    .into(),
+                weight_decay: Some(0.05),
+                global_clipnorm: Some(1.0),
+                use_ema: true,
+                ema_momentum: 0.8,
+                ema_overwrite_frequency: Some(3),
+                gradient_accumulation_steps: Some(2),
+                loss_scale_factor: Some(2.0),
+                ..b
+            },
+        ),
+    ]
 }
