@@ -6,6 +6,7 @@
 //! - [`plan`]: which pipeline stages run in one apply, and their scalars (`t`, `beta2_t`, `rho`, ...).
 //! - [`Stats`]: the per-variable statistics (row and column factors only, for rank >= 2).
 //! - [`kernels`]: fused slice kernels over `f32`, `bf16` and `f16` with f32 statistics.
+//! - [`rounding`]: deterministic stochastic rounding into `bf16` and `f16` weights.
 //!
 //! The framework adapters (`candle-adafactor`) own the tensors and call into this crate.
 #![deny(missing_docs)]
@@ -16,6 +17,7 @@ mod exclusions;
 mod json;
 pub mod kernels;
 pub mod plan;
+pub mod rounding;
 mod schedule;
 mod state;
 
