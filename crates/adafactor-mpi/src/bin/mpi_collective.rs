@@ -1,12 +1,13 @@
-//! The collective contract across MPI processes. Run it under mpirun (any number of ranks):
+//! Checks the collective contract across MPI processes; run it under mpirun with any number of
+//! ranks (`tests/mpirun.rs` runs it on two):
 //!
 //! ```sh
-//! cargo test --release --manifest-path crates/adafactor-mpi/Cargo.toml --no-run
-//! mpirun --oversubscribe -np 2 <the mpi_collective binary it names>
+//! cargo build --release --manifest-path crates/adafactor-mpi/Cargo.toml --target-dir target
+//! mpirun --oversubscribe -np 3 target/release/mpi_collective
 //! ```
 //!
 //! Every rank runs every check; a check fails if it fails on any rank. Rank 0 prints one line per
-//! check and `mpi collective: P passed, F failed`; the exit status is 1 if any failed.
+//! check and `mpi collective: P passed, F failed (N ranks)`; the exit status is 1 if any failed.
 
 use adafactor::collective::{
     all_reduce_sum_bucketed, check_same_on_all_ranks, Collective, Fingerprint,
