@@ -109,6 +109,11 @@ pub struct MpiCollective<'u> {
     size: usize,
     order: SumOrder,
     chunk: usize,
+    /// Kept between calls (at most one round each), so that a step's all-reduces do not
+    /// allocate and fault in fresh pages every time.
+    scratch_f32: Vec<f32>,
+    scratch_f64: Vec<f64>,
+    scratch_u64: Vec<u64>,
     _universe: PhantomData<&'u Universe>,
 }
 
@@ -148,6 +153,9 @@ impl<'u> MpiCollective<'u> {
             size,
             order: SumOrder::RankOrder,
             chunk: DEFAULT_CHUNK_ELEMENTS,
+            scratch_f32: Vec::new(),
+            scratch_f64: Vec::new(),
+            scratch_u64: Vec::new(),
             _universe: PhantomData,
         })
     }
@@ -208,8 +216,15 @@ impl<'u> MpiCollective<'u> {
         }
     }
 
-    /// Sums or maximizes `values` across the ranks, in rounds of `self.chunk` elements.
-    fn reduce<T>(&mut self, op: &str, code: u64, values: &mut [T]) -> Result<()>
+    /// Sums or maximizes `values` across the ranks, in rounds of `self.chunk` elements, with
+    /// `scratch` as the receive (rank order) or send (native) buffer.
+    fn reduce<T>(
+        &mut self,
+        op: &str,
+        code: u64,
+        values: &mut [T],
+        scratch: &mut Vec<T>,
+    ) -> Result<()>
     where
         T: Equivalence + Copy + Default + std::ops::AddAssign,
     {
@@ -217,7 +232,6 @@ impl<'u> MpiCollective<'u> {
         if self.size == 1 {
             return Ok(());
         }
-        let mut scratch: Vec<T> = Vec::new();
         for round in values.chunks_mut(self.chunk) {
             match (code, self.order) {
                 (OP_MAX_U64, _) | (_, SumOrder::Native) => {
@@ -230,7 +244,7 @@ impl<'u> MpiCollective<'u> {
                     };
                     self.comm.all_reduce_into(&scratch[..], round, operation);
                 }
-                _ => self.sum_round_in_rank_order(round, &mut scratch),
+                _ => self.sum_round_in_rank_order(round, scratch),
             }
         }
         Ok(())
@@ -304,15 +318,24 @@ impl Collective for MpiCollective<'_> {
     }
 
     fn all_reduce_sum_f32(&mut self, values: &mut [f32]) -> Result<()> {
-        self.reduce("all_reduce_sum_f32", OP_F32, values)
+        let mut scratch = std::mem::take(&mut self.scratch_f32);
+        let done = self.reduce("all_reduce_sum_f32", OP_F32, values, &mut scratch);
+        self.scratch_f32 = scratch;
+        done
     }
 
     fn all_reduce_sum_f64(&mut self, values: &mut [f64]) -> Result<()> {
-        self.reduce("all_reduce_sum_f64", OP_F64, values)
+        let mut scratch = std::mem::take(&mut self.scratch_f64);
+        let done = self.reduce("all_reduce_sum_f64", OP_F64, values, &mut scratch);
+        self.scratch_f64 = scratch;
+        done
     }
 
     fn all_reduce_max_u64(&mut self, values: &mut [u64]) -> Result<()> {
-        self.reduce("all_reduce_max_u64", OP_MAX_U64, values)
+        let mut scratch = std::mem::take(&mut self.scratch_u64);
+        let done = self.reduce("all_reduce_max_u64", OP_MAX_U64, values, &mut scratch);
+        self.scratch_u64 = scratch;
+        done
     }
 
     fn broadcast_bytes(&mut self, root: usize, bytes: &mut Vec<u8>) -> Result<()> {
