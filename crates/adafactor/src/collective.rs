@@ -287,15 +287,25 @@ pub fn buckets(lens: &[usize], elem_bytes: usize, bucket_bytes: usize) -> Result
 /// reduced in place, a bucket of several is packed into one buffer, reduced, and unpacked. The
 /// result is the same as reducing each slice on its own (sums are element-wise).
 ///
+/// The ranks first check that they hold the same slice lengths and bucket size (one 8-byte
+/// all-gather), since otherwise they would make different numbers of calls and wait forever.
+///
 /// # Errors
-/// As [`buckets`] and [`Collective::all_reduce_sum_f32`]; after an error the slices hold partial
-/// results (some buckets summed, others not).
+/// The ranks' slice lengths or bucket sizes differ (nothing is summed), or as [`buckets`] and
+/// [`Collective::all_reduce_sum_f32`]; after an error in a sum the slices hold partial results
+/// (some buckets summed, others not).
 pub fn all_reduce_sum_bucketed(
     comm: &mut dyn Collective,
     slices: &mut [&mut [f32]],
     bucket_bytes: usize,
 ) -> Result<()> {
     let lens: Vec<usize> = slices.iter().map(|s| s.len()).collect();
+    let mut layout = Fingerprint::new();
+    layout.add(&(bucket_bytes as u64).to_le_bytes());
+    for &len in &lens {
+        layout.add(&(len as u64).to_le_bytes());
+    }
+    check_same_on_all_ranks(comm, "the gradient lengths and bucket size", layout)?;
     let mut packed: Vec<f32> = Vec::new();
     for bucket in buckets(&lens, std::mem::size_of::<f32>(), bucket_bytes)? {
         let group = &mut slices[bucket.tensors];

@@ -326,6 +326,26 @@ fn bucketed_sums_equal_per_tensor_sums() {
 }
 
 #[test]
+fn bucketed_sums_with_different_layouts_fail_on_every_rank() {
+    let results = run_ranks(ThreadGroup::new(3).unwrap(), |mut c| {
+        // Rank 1 has one gradient more: it would make one all-reduce more than the others.
+        let mut grads = vec![vec![1.0f32; 100]; if c.rank() == 1 { 3 } else { 2 }];
+        let before = grads.clone();
+        let mut views: Vec<&mut [f32]> = grads.iter_mut().map(|v| v.as_mut_slice()).collect();
+        let outcome = all_reduce_sum_bucketed(&mut c, &mut views, 400);
+        (outcome, grads == before)
+    });
+    for (outcome, untouched) in results {
+        let msg = outcome.unwrap_err().to_string();
+        assert!(
+            msg.contains("gradient lengths and bucket size") && msg.contains("rank 1"),
+            "{msg}"
+        );
+        assert!(untouched);
+    }
+}
+
+#[test]
 fn zero_sizes_are_errors() {
     assert!(ThreadGroup::new(0)
         .unwrap_err()

@@ -163,6 +163,12 @@ fn mismatches_are_errors_on_every_rank(c: &mut MpiCollective) -> Outcome {
         Err(e) if e.to_string().contains("root 0") && e.to_string().contains("root 1") => {}
         other => return Err(format!("roots 1 and 0: {other:?}")),
     }
+    let mut grads = vec![vec![1.0f32; 10]; if r == p - 1 { 3 } else { 2 }];
+    let mut views: Vec<&mut [f32]> = grads.iter_mut().map(|g| g.as_mut_slice()).collect();
+    match all_reduce_sum_bucketed(c, &mut views, 40) {
+        Err(e) if e.to_string().contains("gradient lengths") => {}
+        other => return Err(format!("bucketed sums of 2 and 3 gradients: {other:?}")),
+    }
     let mut v = vec![1.0f32; 2];
     c.all_reduce_sum_f32(&mut v).map_err(err)?;
     if v != vec![p as f32; 2] {
