@@ -136,6 +136,8 @@ impl std::fmt::Debug for MpiCollective<'_> {
 
 impl<'u> MpiCollective<'u> {
     /// All the processes of the job (`MPI_COMM_WORLD`, duplicated), summing in rank order.
+    /// Every rank must call it, in the same order as its other collectives (duplicating a
+    /// communicator is itself a collective call).
     ///
     /// # Errors
     /// MPI runs with less thread support than `MPI_THREAD_SERIALIZED` (initialize it with

@@ -244,6 +244,16 @@ pub struct Bucket {
 /// tensor larger than `bucket_bytes` is a bucket of its own; empty tensors join their neighbours.
 /// The result depends only on the arguments (every rank computes the same buckets).
 ///
+/// ```
+/// use adafactor::collective::buckets;
+///
+/// // float32 tensors of 10, 20, 100 and 5 elements, buckets of at most 128 bytes:
+/// let b = buckets(&[10, 20, 100, 5], 4, 128)?;
+/// assert_eq!(b.iter().map(|b| b.tensors.clone()).collect::<Vec<_>>(), [0..2, 2..3, 3..4]);
+/// assert_eq!(b[0].elements, 30);
+/// # Ok::<(), adafactor::Error>(())
+/// ```
+///
 /// # Errors
 /// `elem_bytes` or `bucket_bytes` is zero.
 pub fn buckets(lens: &[usize], elem_bytes: usize, bucket_bytes: usize) -> Result<Vec<Bucket>> {
@@ -334,6 +344,14 @@ pub fn all_reduce_sum_bucketed(
 /// Largest first (ties: lower index first), each to the rank with the fewest bytes so far (ties:
 /// lower rank). Deterministic; every variable gets exactly one owner; the most and the least
 /// loaded ranks differ by at most the largest variable.
+///
+/// ```
+/// use adafactor::collective::partition_by_bytes;
+///
+/// // Two ranks: the 400-byte variable alone, the rest together (300 bytes).
+/// assert_eq!(partition_by_bytes(&[100, 400, 200], 2)?, [1, 0, 1]);
+/// # Ok::<(), adafactor::Error>(())
+/// ```
 ///
 /// # Errors
 /// `ranks` is zero.
