@@ -286,13 +286,16 @@ fn a_rank_that_leaves_fails_the_others_instead_of_hanging() {
 #[test]
 fn a_rank_that_does_not_come_times_out_on_the_others() {
     let group = ThreadGroup::with_timeout(3, Duration::from_millis(200)).unwrap();
-    let results = run_ranks(group, |mut c| {
+    // Outside the group: rank 2 stays alive (its handle too) until the others have their verdict.
+    let verdicts = Arc::new(std::sync::Barrier::new(3));
+    let results = run_ranks(group, move |mut c| {
         if c.rank() == 2 {
-            // Alive but never joins; waits for the others' verdict so that its handle outlives it.
-            std::thread::sleep(Duration::from_millis(1500));
+            verdicts.wait();
             return None;
         }
-        Some(c.barrier())
+        let outcome = c.barrier();
+        verdicts.wait();
+        Some(outcome)
     });
     for r in results.into_iter().take(2) {
         let msg = r.unwrap().unwrap_err().to_string();
