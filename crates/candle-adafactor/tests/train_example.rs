@@ -309,6 +309,9 @@ fn a_bad_configuration_is_an_error_that_names_it() {
         "{err}"
     );
     cfg.iterations = 10;
+    let short = Corpus::from_text(&CORPUS[..100]).expect("splits");
+    let err = train_run(&short, &spec("adamw"), &cfg, &mut |_| {}).expect_err("rejected");
+    assert!(err.to_string().contains("part of 10 characters"), "{err}");
     cfg.model.heads = 3;
     let err = train_run(&corpus, &spec("adafactor"), &cfg, &mut |_| {}).expect_err("rejected");
     assert!(err.to_string().contains("heads must divide width"), "{err}");

@@ -379,8 +379,8 @@ pub const CURVE_EVERY: usize = 10;
 /// step (and once before training).
 ///
 /// # Errors
-/// A bad configuration, a weight that receives no gradient in the first step, or a failed
-/// tensor operation.
+/// A bad configuration, a corpus part no longer than the context, a weight that receives no
+/// gradient in the first step, or a failed tensor operation.
 pub fn train_run(
     corpus: &Corpus,
     spec: &RunSpec,
@@ -391,6 +391,13 @@ pub fn train_run(
         return Err(msg(format!(
             "batch size ({}), iterations ({}) and eval interval ({}) must be at least 1",
             cfg.batch_size, cfg.iterations, cfg.eval_interval
+        )));
+    }
+    let shortest = corpus.train.len().min(corpus.val.len());
+    if shortest <= cfg.model.context {
+        return Err(msg(format!(
+            "a corpus part of {shortest} characters cannot hold a window of {} tokens",
+            cfg.model.context + 1
         )));
     }
     let start = Instant::now();
