@@ -1,73 +1,68 @@
 //! Command-line options of the `train` example.
 
-use crate::training::{default_runs, parse_learning_rate, RunSpec, TrainConfig};
+use crate::options::{parse_count, parse_runs, parse_seed};
+use crate::training::{OptimizerKind, TrainConfig, PRESETS};
 use std::path::PathBuf;
 
 /// `--help` text.
 pub const USAGE: &str = "\
-Trains an 11-64-64-6 MLP on the red wine quality data (shipped in linfa-datasets) with
-Adafactor and AdamW from the same initial weights and batches, then prints a results table,
-one `result ...` line per run and the path of a chart of loss and accuracy against step.
+Trains a small character-level GPT on tiny Shakespeare with Adafactor and with AdamW, from the
+same initial weights and batches, then prints a results table, one `result ...` line per run,
+a sample of each trained model and the path of a chart of the losses against step.
 
 Usage: cargo run --release --example train -- [OPTIONS]
 
 Options:
-  --epochs N          passes over the training set (default 60)
-  --batch-size N      samples per mini-batch (default 32)
-  --seed N            seed of the split, the initial weights and the batch order (default 42)
-  --optimizers LIST   comma-separated runs (default adafactor,adafactor-paper,adamw):
-                        adafactor        Adafactor, Keras defaults (learning rate 1e-3)
-                        adafactor-paper  Adafactor, the paper's step min(1e-2, 1/sqrt(t))
-                        adamw            candle-nn AdamW (learning rate 1e-3, weight decay 0.01)
-                      NAME@LR sets a run's learning rate, e.g. adafactor@3e-3
-  --lr LR             learning rate of every run given without @LR
+  --full              nanoGPT's whole reference run: 2000 steps (default: 600 steps)
+  --iters N           optimizer steps (overrides --full's and the default)
+  --batch-size N      sequences of 64 characters per step (default 12)
+  --eval-interval N   validation loss every N steps (default 100)
+  --eval-batches N    random validation batches per intermediate evaluation (default 20;
+                      the final evaluation reads the whole validation split)
+  --seed N            seed of the initial weights, the batches and the samples (default 1337)
+  --optimizers LIST   comma-separated runs (default adafactor,adamw):
+                        adafactor                Adafactor, peak step 1e-2, warm-up and cosine
+                                                 decay, global_clipnorm 1.0
+                        adamw                    AdamW as nanoGPT: lr 1e-3, betas (0.9, 0.99),
+                                                 weight decay 0.1, same schedule, clipping 1.0
+                        adafactor-keras-default  Adafactor with Keras's defaults (lr 1e-3)
+                      NAME@LR sets a run's (peak) learning rate, e.g. adafactor@2e-2
   --out DIR           where the chart goes (default: target/adafactor-train)
   -h, --help          this text
 ";
 
 /// Parsed options.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Args {
-    /// Epochs, batch size and seed.
-    pub train: TrainConfig,
-    /// The runs, in order.
-    pub runs: Vec<RunSpec>,
-    /// Output folder of the chart (`None`: the default under `target/`).
-    pub out: Option<PathBuf>,
-}
+pub type Args = crate::options::TrainArgs<TrainConfig, OptimizerKind>;
 
 /// What the command line asks for.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Command {
-    /// Train with these options.
-    Train(Args),
-    /// Print [`USAGE`].
-    Help,
-}
+pub type Command = crate::options::Command<Args>;
 
-fn parse_count(option: &str, value: &str) -> Result<usize, String> {
-    match value.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!(
-            "{option} expects a whole number >= 1, got `{value}`"
-        )),
-    }
-}
+/// The runs when `--optimizers` is not given.
+pub const DEFAULT_RUNS: &str = "adafactor,adamw";
 
-/// Parses the arguments after the program name. Options take their value as the next
-/// argument or after `=` (`--epochs 10` or `--epochs=10`).
+/// Parses the arguments after the program name, for a corpus of `vocab_size` characters.
+/// Options take their value as the next argument or after `=` (`--iters 10`, `--iters=10`).
 ///
 /// # Errors
-/// An unknown option, a missing or invalid value, an unknown or repeated run name.
-pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String> {
-    let mut train = TrainConfig::default();
-    let mut runs: Option<Vec<String>> = None;
-    let mut lr = None;
+/// An unknown option, a missing or invalid value, an unknown or repeated run name, fewer steps
+/// than the 100 warm-up steps.
+pub fn parse_args<I: IntoIterator<Item = String>>(
+    args: I,
+    vocab_size: usize,
+) -> Result<Command, String> {
+    let mut train = TrainConfig::quick(vocab_size);
+    let (mut full, mut iters) = (false, None);
+    let mut runs = DEFAULT_RUNS.to_string();
     let mut out = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(Command::Help);
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "--full" => {
+                full = true;
+                continue;
+            }
+            _ => {}
         }
         let (option, inline) = match arg.split_once('=') {
             Some((o, v)) if o.starts_with("--") => (o.to_string(), Some(v.to_string())),
@@ -75,7 +70,13 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, St
         };
         if !matches!(
             option.as_str(),
-            "--epochs" | "--batch-size" | "--seed" | "--optimizers" | "--lr" | "--out"
+            "--iters"
+                | "--batch-size"
+                | "--eval-interval"
+                | "--eval-batches"
+                | "--seed"
+                | "--optimizers"
+                | "--out"
         ) {
             return Err(format!("unknown argument `{arg}` (see --help)"));
         }
@@ -84,41 +85,27 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, St
             None => return Err(format!("{option} expects a value")),
         };
         match option.as_str() {
-            "--epochs" => train.epochs = parse_count(&option, &value)?,
+            "--iters" => iters = Some(parse_count(&option, &value)?),
             "--batch-size" => train.batch_size = parse_count(&option, &value)?,
-            "--seed" => {
-                train.seed = value
-                    .parse()
-                    .map_err(|_| format!("--seed expects a whole number >= 0, got `{value}`"))?
-            }
-            "--optimizers" => {
-                runs = Some(value.split(',').map(|s| s.trim().to_string()).collect());
-            }
-            "--lr" => lr = Some(parse_learning_rate(&value).map_err(|e| format!("--lr: {e}"))?),
+            "--eval-interval" => train.eval_interval = parse_count(&option, &value)?,
+            "--eval-batches" => train.eval_batches = parse_count(&option, &value)?,
+            "--seed" => train.seed = parse_seed(&value)?,
+            "--optimizers" => runs = value,
             _ => out = Some(PathBuf::from(value)),
         }
     }
-    let mut specs = match runs {
-        None => default_runs(),
-        Some(names) => names
-            .iter()
-            .map(|n| RunSpec::parse(n).map_err(|e| format!("--optimizers: {e}")))
-            .collect::<Result<Vec<_>, _>>()?,
-    };
-    for (i, spec) in specs.iter().enumerate() {
-        if specs[..i].iter().any(|s| s.name == spec.name) {
-            return Err(format!("--optimizers: `{}` is listed twice", spec.name));
-        }
+    if full {
+        train.iterations = TrainConfig::reference(vocab_size).iterations;
     }
-    if let Some(lr) = lr {
-        specs
-            .iter_mut()
-            .filter(|s| !s.name.contains('@'))
-            .for_each(|s| s.learning_rate = lr);
+    if let Some(n) = iters {
+        train.iterations = n;
     }
-    Ok(Command::Train(Args {
-        train,
-        runs: specs,
-        out,
-    }))
+    if train.iterations <= train.warmup {
+        return Err(format!(
+            "--iters must be above the {} warm-up steps, got {}",
+            train.warmup, train.iterations
+        ));
+    }
+    let runs = parse_runs(&runs, &PRESETS).map_err(|e| format!("--optimizers: {e}"))?;
+    Ok(Command::Train(Args { train, runs, out }))
 }

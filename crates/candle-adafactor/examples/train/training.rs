@@ -1,366 +1,326 @@
-//! Training code of the `train` example, shared with `tests/train_example.rs`: the red wine
-//! quality data, the MLP, its seeded initialisation and one training run per optimizer.
+//! The `train` example's training loop, shared with `tests/train_example.rs`: the runs (which
+//! optimizer, which learning-rate schedule), one training run of the GPT, its evaluation and a
+//! generated sample.
 
-use candle_adafactor::{Adafactor, AdafactorConfig};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use crate::data::{batch_at, random_batch, Corpus};
+use crate::model::{build_gpt, named_vars, Gpt, GptConfig};
+use crate::options::Preset;
+use crate::rng::SplitMix64;
+use candle_adafactor::{Adafactor, AdafactorConfig, LearningRateSchedule};
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+use candle_nn::{Optimizer, ParamsAdamW};
 use std::time::Instant;
-
-/// Number of input features of the wine data.
-pub const FEATURES: usize = 11;
-/// Quality scores 3..=8 become classes 0..=5.
-pub const CLASSES: usize = 6;
-/// Lowest quality score in the data (class 0).
-pub const MIN_QUALITY: usize = 3;
-/// Width of both hidden layers.
-pub const HIDDEN: usize = 64;
-/// Fraction of the samples held out for testing.
-pub const TEST_FRACTION: f64 = 0.2;
-
-/// SplitMix64: a tiny seeded generator, so that the split, the initial weights and the batch
-/// order depend on the seed only (never on candle's global RNG).
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator started from `seed`.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A uniform float in [0, 1) with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// A uniform integer in [0, n) (n > 0), by rejection so that it is unbiased.
-    pub fn below(&mut self, n: usize) -> usize {
-        let n = n as u64;
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return (x % n) as usize;
-            }
-        }
-    }
-
-    /// Fisher-Yates shuffle.
-    pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i + 1));
-        }
-    }
-}
-
-/// The red wine quality data, split and standardised.
-#[derive(Debug)]
-pub struct WineData {
-    /// Training features, `(n_train, 11)` float32, standardised with the training statistics.
-    pub train_x: Tensor,
-    /// Training classes, `(n_train,)` u32 in 0..6.
-    pub train_y: Tensor,
-    /// Test features, standardised with the training statistics.
-    pub test_x: Tensor,
-    /// Test classes.
-    pub test_y: Tensor,
-    /// Number of training samples.
-    pub n_train: usize,
-    /// Number of test samples.
-    pub n_test: usize,
-    /// The most frequent class of the training set.
-    pub majority_class: usize,
-    /// Test accuracy of always predicting `majority_class`.
-    pub majority_accuracy: f32,
-}
 
 fn msg(text: String) -> candle_core::Error {
     candle_core::Error::Msg(text)
 }
 
-/// Loads the red wine quality data shipped in `linfa-datasets` (1599 samples, 11 features),
-/// splits it 80/20 with a permutation drawn from `seed`, and standardises every feature with
-/// the mean and standard deviation of the training part.
-///
-/// # Errors
-/// The data is not 11 features with quality scores 3..=8, or a tensor cannot be made.
-pub fn load_wine(seed: u64) -> Result<WineData> {
-    let ds = linfa_datasets::winequality();
-    let (n, d) = (ds.records.nrows(), ds.records.ncols());
-    if d != FEATURES || ds.targets.len() != n || n < 10 {
-        return Err(msg(format!(
-            "wine data: expected {FEATURES} features and one target per sample, got {n} samples \
-             of {d} features and {} targets",
-            ds.targets.len()
-        )));
-    }
-    let features: Vec<f64> = ds.records.iter().copied().collect();
-    let labels = ds
-        .targets
-        .iter()
-        .map(|&q| {
-            if (MIN_QUALITY..MIN_QUALITY + CLASSES).contains(&q) {
-                Ok((q - MIN_QUALITY) as u32)
-            } else {
-                Err(msg(format!(
-                    "wine data: quality score {q} is outside {MIN_QUALITY}..={}",
-                    MIN_QUALITY + CLASSES - 1
-                )))
-            }
-        })
-        .collect::<Result<Vec<u32>>>()?;
-
-    let mut order: Vec<usize> = (0..n).collect();
-    SplitMix64::new(seed).shuffle(&mut order);
-    let n_test = (n as f64 * TEST_FRACTION).round() as usize;
-    let (test_idx, train_idx) = order.split_at(n_test);
-
-    let mut mean = [0f64; FEATURES];
-    let mut var = [0f64; FEATURES];
-    for &i in train_idx {
-        for (j, m) in mean.iter_mut().enumerate() {
-            *m += features[i * FEATURES + j];
-        }
-    }
-    mean.iter_mut().for_each(|m| *m /= train_idx.len() as f64);
-    for &i in train_idx {
-        for (j, v) in var.iter_mut().enumerate() {
-            *v += (features[i * FEATURES + j] - mean[j]).powi(2);
-        }
-    }
-    let std: Vec<f64> = var
-        .iter()
-        .map(|v| (v / train_idx.len() as f64).sqrt())
-        .map(|s| if s > 0.0 { s } else { 1.0 })
-        .collect();
-
-    let take = |idx: &[usize]| -> Result<(Tensor, Tensor)> {
-        let mut x = Vec::with_capacity(idx.len() * FEATURES);
-        for &i in idx {
-            for j in 0..FEATURES {
-                x.push(((features[i * FEATURES + j] - mean[j]) / std[j]) as f32);
-            }
-        }
-        let y: Vec<u32> = idx.iter().map(|&i| labels[i]).collect();
-        Ok((
-            Tensor::from_vec(x, (idx.len(), FEATURES), &Device::Cpu)?,
-            Tensor::from_vec(y, idx.len(), &Device::Cpu)?,
-        ))
-    };
-    let (train_x, train_y) = take(train_idx)?;
-    let (test_x, test_y) = take(test_idx)?;
-
-    let mut counts = [0usize; CLASSES];
-    train_idx
-        .iter()
-        .for_each(|&i| counts[labels[i] as usize] += 1);
-    let majority_class = (0..CLASSES).max_by_key(|&c| counts[c]).unwrap_or(0);
-    let hits = test_idx
-        .iter()
-        .filter(|&&i| labels[i] as usize == majority_class)
-        .count();
-    Ok(WineData {
-        train_x,
-        train_y,
-        test_x,
-        test_y,
-        n_train: train_idx.len(),
-        n_test,
-        majority_class,
-        majority_accuracy: hits as f32 / n_test as f32,
-    })
-}
-
-/// The classifier: 11 -> 64 -> 64 -> 6 with ReLU, built from candle-nn `Linear` layers.
-#[derive(Debug)]
-pub struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
-    fc3: Linear,
-}
-
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.fc1.forward(x)?.relu()?;
-        let x = self.fc2.forward(&x)?.relu()?;
-        self.fc3.forward(&x)
-    }
-}
-
-/// Builds the MLP in a fresh `VarMap` and sets its weights from `seed`: Glorot-uniform weights
-/// and zero biases (Keras's `Dense` defaults), drawn in variable-name order, so that every run
-/// with the same seed starts from the same weights.
-///
-/// # Errors
-/// A tensor cannot be made or set.
-pub fn build_model(seed: u64) -> Result<(VarMap, Mlp)> {
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let model = Mlp {
-        fc1: linear(FEATURES, HIDDEN, vb.pp("fc1"))?,
-        fc2: linear(HIDDEN, HIDDEN, vb.pp("fc2"))?,
-        fc3: linear(HIDDEN, CLASSES, vb.pp("fc3"))?,
-    };
-    let mut vars: Vec<(String, candle_core::Var)> = {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| msg("the VarMap's lock is poisoned".into()))?;
-        data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-    };
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut rng = SplitMix64::new(seed ^ 0x1D_1A11_5EED);
-    for (_, var) in vars {
-        let value = match *var.dims() {
-            [fan_out, fan_in] => {
-                let limit = (6.0 / (fan_in + fan_out) as f64).sqrt();
-                let w: Vec<f32> = (0..fan_out * fan_in)
-                    .map(|_| ((2.0 * rng.next_f64() - 1.0) * limit) as f32)
-                    .collect();
-                Tensor::from_vec(w, (fan_out, fan_in), &Device::Cpu)?
-            }
-            _ => var.zeros_like()?,
-        };
-        var.set(&value)?;
-    }
-    Ok((varmap, model))
-}
-
-/// Number of trainable parameters in a `VarMap`.
-pub fn parameter_count(varmap: &VarMap) -> usize {
-    varmap.all_vars().iter().map(|v| v.elem_count()).sum()
-}
-
-/// Which optimizer a run uses.
+/// Which optimizer a run uses, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptimizerKind {
-    /// `candle_adafactor::Adafactor` with Keras defaults and the run's learning rate.
+    /// Adafactor with the run's learning rate as the peak of a Keras `CosineDecay` schedule with
+    /// linear warm-up, and `global_clipnorm` 1.0.
     Adafactor,
-    /// `candle_nn::AdamW` with candle's defaults (weight decay 0.01) and the run's learning rate.
+    /// Adafactor with Keras's defaults: a constant learning rate, no clipping.
+    AdafactorKerasDefault,
+    /// candle-nn's `AdamW` as nanoGPT sets it up: betas (0.9, 0.99), weight decay 0.1 on
+    /// matrices only, the same warm-up and cosine schedule, gradients clipped to global norm 1.0.
     AdamW,
 }
 
-/// One run: a name (for the table, the chart and the `result` lines), an optimizer and its
-/// learning rate.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunSpec {
-    /// Name shown in the output.
-    pub name: String,
-    /// The optimizer.
-    pub kind: OptimizerKind,
-    /// Its learning rate.
-    pub learning_rate: f64,
-}
+/// One run of this example.
+pub type RunSpec = crate::options::RunSpec<OptimizerKind>;
 
 /// The named runs: `(name, optimizer, default learning rate)`.
-pub const PRESETS: [(&str, OptimizerKind, f64); 3] = [
-    // Keras's default Adafactor(learning_rate=0.001).
-    ("adafactor", OptimizerKind::Adafactor, 1e-3),
-    // The paper's relative step: min(1e-2, 1/sqrt(t)).
-    ("adafactor-paper", OptimizerKind::Adafactor, 1e-2),
+pub const PRESETS: [Preset<OptimizerKind>; 3] = [
+    // The paper's step-size cap 1e-2 as the schedule's peak.
+    ("adafactor", OptimizerKind::Adafactor, 1e-2),
+    // nanoGPT's shakespeare_char setting.
     ("adamw", OptimizerKind::AdamW, 1e-3),
+    // keras.optimizers.Adafactor() as it comes.
+    (
+        "adafactor-keras-default",
+        OptimizerKind::AdafactorKerasDefault,
+        1e-3,
+    ),
 ];
 
-impl RunSpec {
-    /// Parses `NAME` or `NAME@LR`, where NAME is `adafactor` (lr 1e-3), `adafactor-paper`
-    /// (lr 1e-2) or `adamw` (lr 1e-3); `@LR` sets another learning rate, and the run is then
-    /// named as written.
-    ///
-    /// # Errors
-    /// An unknown name, or a learning rate that is not a positive finite number.
-    pub fn parse(text: &str) -> std::result::Result<RunSpec, String> {
-        let (base, lr) = match text.split_once('@') {
-            Some((base, lr)) => (base, Some(lr)),
-            None => (text, None),
-        };
-        let (_, kind, default_lr) = PRESETS
-            .iter()
-            .find(|(name, _, _)| *name == base)
-            .ok_or_else(|| {
-                format!(
-                    "unknown optimizer `{base}` in `{text}`; expected one of {}",
-                    PRESETS.map(|p| p.0).join(", ")
-                )
-            })?;
-        let learning_rate = match lr {
-            Some(lr) => parse_learning_rate(lr).map_err(|e| format!("in `{text}`: {e}"))?,
-            None => *default_lr,
-        };
-        Ok(RunSpec {
-            name: text.to_string(),
-            kind: *kind,
-            learning_rate,
-        })
-    }
-}
-
-/// Parses a learning rate: a positive finite number.
-///
-/// # Errors
-/// Not a number, not finite, or not positive.
-pub fn parse_learning_rate(text: &str) -> std::result::Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(lr) if lr.is_finite() && lr > 0.0 => Ok(lr),
-        _ => Err(format!(
-            "learning rate `{text}` is not a positive finite number"
-        )),
-    }
-}
-
-/// The three runs of the example: Adafactor with Keras defaults, Adafactor with the paper's
-/// step, AdamW.
-pub fn default_runs() -> Vec<RunSpec> {
-    PRESETS
-        .iter()
-        .map(|&(name, kind, learning_rate)| RunSpec {
-            name: name.to_string(),
-            kind,
-            learning_rate,
-        })
-        .collect()
-}
-
-/// Training length, batch size and seed (the same for every run).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Everything about a run but the optimizer (the same for every run).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainConfig {
-    /// Passes over the training set.
-    pub epochs: usize,
-    /// Samples per mini-batch (the last batch of an epoch may be smaller).
+    /// The model's shape.
+    pub model: GptConfig,
+    /// Sequences per batch.
     pub batch_size: usize,
-    /// Seed of the split, the initial weights and the batch order.
+    /// Optimizer steps.
+    pub iterations: usize,
+    /// Linear warm-up steps of the scheduled runs.
+    pub warmup: usize,
+    /// The schedule's floor as a fraction of its peak.
+    pub min_lr_fraction: f64,
+    /// Validation loss every this many steps (and after the last).
+    pub eval_interval: usize,
+    /// Random validation batches per intermediate evaluation (the final one reads the whole
+    /// validation split).
+    pub eval_batches: usize,
+    /// Characters generated after training.
+    pub sample_chars: usize,
+    /// Seed of the initial weights, the batches and the sample.
     pub seed: u64,
 }
 
-impl Default for TrainConfig {
-    fn default() -> Self {
+impl TrainConfig {
+    /// nanoGPT's published CPU setup (4 layers, 4 heads, 128 wide, context 64, batch 12, 2000
+    /// steps, 100 warm-up steps, cosine decay to a tenth) with evaluations every 100 steps.
+    pub fn reference(vocab_size: usize) -> Self {
         TrainConfig {
-            epochs: 60,
-            batch_size: 32,
-            seed: 42,
+            model: GptConfig::reference(vocab_size),
+            batch_size: 12,
+            iterations: 2000,
+            warmup: 100,
+            min_lr_fraction: 0.1,
+            eval_interval: 100,
+            eval_batches: 20,
+            sample_chars: 300,
+            seed: 1337,
+        }
+    }
+
+    /// The default quick run: the reference model and schedule shape, fewer steps.
+    pub fn quick(vocab_size: usize) -> Self {
+        TrainConfig {
+            iterations: 600,
+            ..Self::reference(vocab_size)
+        }
+    }
+
+    /// Tokens per optimizer step.
+    pub fn tokens_per_step(&self) -> usize {
+        self.batch_size * self.model.context
+    }
+
+    /// Warm-up from 0 to `peak` over `warmup` steps, then cosine decay to
+    /// `min_lr_fraction * peak` at the last step (Keras `CosineDecay` with `warmup_target`).
+    ///
+    /// # Errors
+    /// Fewer steps than warm-up steps, or a schedule Keras would reject.
+    pub fn schedule(&self, peak: f64) -> Result<LearningRateSchedule> {
+        if self.iterations <= self.warmup {
+            return Err(msg(format!(
+                "{} iterations leave no room after {} warm-up steps",
+                self.iterations, self.warmup
+            )));
+        }
+        LearningRateSchedule::cosine_decay(
+            0.0,
+            (self.iterations - self.warmup) as f64,
+            self.min_lr_fraction,
+            Some(peak),
+            self.warmup as f64,
+        )
+        .map_err(|e| msg(format!("learning-rate schedule: {e}")))
+    }
+}
+
+/// The optimizers behind one interface; `step` applies this step's gradients.
+// One value per run, so the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
+enum RunOptimizer {
+    Adafactor(Adafactor),
+    AdamW {
+        /// Matrices and embeddings (weight decay 0.1).
+        decayed: candle_nn::AdamW,
+        /// Layer-norm weights (no weight decay).
+        plain: candle_nn::AdamW,
+        schedule: LearningRateSchedule,
+        step: u64,
+    },
+}
+
+/// nanoGPT's gradient clipping: scale every gradient by `max_norm / norm` when the global L2
+/// norm exceeds `max_norm`.
+fn clip_global_norm(grads: &GradStore, vars: &[Var], max_norm: f64) -> Result<GradStore> {
+    let mut sum = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v) {
+            sum += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+    }
+    let norm = sum.sqrt();
+    let mut clipped = GradStore::default();
+    let scale = if norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    for v in vars {
+        if let Some(g) = grads.get(v) {
+            clipped.insert(v, (g * scale)?);
+        }
+    }
+    Ok(clipped)
+}
+
+impl RunOptimizer {
+    fn new(spec: &RunSpec, vars: &[(String, Var)], cfg: &TrainConfig) -> Result<Self> {
+        match spec.kind {
+            OptimizerKind::Adafactor | OptimizerKind::AdafactorKerasDefault => {
+                let config = if spec.kind == OptimizerKind::Adafactor {
+                    AdafactorConfig {
+                        learning_rate: cfg.schedule(spec.learning_rate)?.into(),
+                        global_clipnorm: Some(1.0),
+                        ..AdafactorConfig::default()
+                    }
+                } else {
+                    AdafactorConfig::with_learning_rate(spec.learning_rate)
+                };
+                let opt = Adafactor::new_named(vars.to_vec(), config)?;
+                Ok(RunOptimizer::Adafactor(opt))
+            }
+            OptimizerKind::AdamW => {
+                let (matrices, vectors): (Vec<Var>, Vec<Var>) = vars
+                    .iter()
+                    .map(|(_, v)| v.clone())
+                    .partition(|v| v.rank() >= 2);
+                let params = |weight_decay| ParamsAdamW {
+                    lr: 0.0,
+                    beta1: 0.9,
+                    beta2: 0.99,
+                    eps: 1e-8,
+                    weight_decay,
+                };
+                Ok(RunOptimizer::AdamW {
+                    decayed: candle_nn::AdamW::new(matrices, params(0.1))?,
+                    plain: candle_nn::AdamW::new(vectors, params(0.0))?,
+                    schedule: cfg.schedule(spec.learning_rate)?,
+                    step: 0,
+                })
+            }
+        }
+    }
+
+    /// Bytes of optimizer state.
+    fn state_bytes(&self, params: usize) -> usize {
+        match self {
+            RunOptimizer::Adafactor(o) => o.state_bytes(),
+            // First and second moments: two float32 buffers per parameter.
+            RunOptimizer::AdamW { .. } => 2 * 4 * params,
+        }
+    }
+
+    /// One update from `grads` (clipping and the schedule included).
+    fn step(&mut self, grads: &GradStore, vars: &[(String, Var)]) -> Result<()> {
+        match self {
+            RunOptimizer::Adafactor(o) => {
+                let pairs: Vec<(Option<&Tensor>, &Var)> =
+                    vars.iter().map(|(_, v)| (grads.get(v), v)).collect();
+                o.apply_gradients(&pairs).map(|_| ())
+            }
+            RunOptimizer::AdamW {
+                decayed,
+                plain,
+                schedule,
+                step,
+            } => {
+                let all: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+                let clipped = clip_global_norm(grads, &all, 1.0)?;
+                let lr = schedule.value(*step) as f64;
+                decayed.set_learning_rate(lr);
+                plain.set_learning_rate(lr);
+                decayed.step(&clipped)?;
+                plain.step(&clipped)?;
+                *step += 1;
+                Ok(())
+            }
         }
     }
 }
 
-/// The model's state after an epoch (epoch 0: before training).
+/// Bytes of optimizer state that run `spec` keeps for the model of `cfg`.
+///
+/// # Errors
+/// A bad configuration.
+#[allow(dead_code)] // The example reports the bytes of the runs it trains; the tests use this.
+pub fn optimizer_state_bytes(spec: &RunSpec, cfg: &TrainConfig) -> Result<usize> {
+    let (varmap, _) = build_gpt(cfg.model, cfg.seed)?;
+    let vars = named_vars(&varmap)?;
+    let params = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    Ok(RunOptimizer::new(spec, &vars, cfg)?.state_bytes(params))
+}
+
+/// The names of the variables that `grads` leaves without a gradient or with an all-zero one.
+///
+/// # Errors
+/// A failed tensor operation.
+pub fn weights_without_gradient(vars: &[(String, Var)], grads: &GradStore) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for (name, var) in vars {
+        let live = match grads.get(var) {
+            Some(g) => g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+            None => false,
+        };
+        if !live {
+            missing.push(name.clone());
+        }
+    }
+    Ok(missing)
+}
+
+/// Mean loss over `batch_size`-sequence batches of the windows starting at `starts`.
+fn mean_loss(model: &Gpt, tokens: &[u32], starts: &[usize], batch_size: usize) -> Result<f32> {
+    let context = model.config().context;
+    let mut total = 0f64;
+    for chunk in starts.chunks(batch_size.max(1)) {
+        let b = batch_at(tokens, chunk, context)?;
+        let loss = model.loss(&b.x, &b.y)?.to_scalar::<f32>()?;
+        total += loss as f64 * chunk.len() as f64;
+    }
+    Ok((total / starts.len().max(1) as f64) as f32)
+}
+
+/// Validation loss on `batches` random batches drawn from `seed` (the same windows for every
+/// run at the same step).
+///
+/// # Errors
+/// A failed tensor operation.
+pub fn estimate_val_loss(
+    model: &Gpt,
+    corpus: &Corpus,
+    cfg: &TrainConfig,
+    seed: u64,
+) -> Result<f32> {
+    let context = cfg.model.context;
+    let mut rng = SplitMix64::new(seed);
+    let span = corpus.val.len() - context;
+    let starts: Vec<usize> = (0..cfg.eval_batches * cfg.batch_size)
+        .map(|_| rng.below(span))
+        .collect();
+    mean_loss(model, &corpus.val, &starts, 4 * cfg.batch_size)
+}
+
+/// Validation loss on the whole validation split, cut into consecutive windows of the model's
+/// context (every character but the first of each window is predicted once).
+///
+/// # Errors
+/// A failed tensor operation.
+pub fn full_val_loss(model: &Gpt, corpus: &Corpus) -> Result<f32> {
+    let context = model.config().context;
+    let starts: Vec<usize> = (0..(corpus.val.len() - 1) / context)
+        .map(|i| i * context)
+        .collect();
+    mean_loss(model, &corpus.val, &starts, 64)
+}
+
+/// Progress of a run, reported after every step.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Point {
-    /// Completed epochs.
-    pub epoch: usize,
-    /// Completed optimizer steps.
-    pub step: usize,
-    /// Mean cross-entropy over the whole training set.
+pub struct Tick {
+    /// Completed steps.
+    pub iteration: usize,
+    /// Mean training loss of the steps since the last evaluation.
     pub train_loss: f32,
-    /// Accuracy on the test set.
-    pub test_accuracy: f32,
+    /// Validation loss, at evaluation steps only.
+    pub val_loss: Option<f32>,
 }
 
 /// The outcome of one run.
@@ -368,130 +328,176 @@ pub struct Point {
 pub struct RunResult {
     /// The run.
     pub spec: RunSpec,
-    /// One point per epoch, starting with epoch 0.
-    pub history: Vec<Point>,
+    /// `(step, mean training loss of the steps since the previous point)`, every 10 steps.
+    pub train_curve: Vec<(usize, f32)>,
+    /// `(step, validation loss)` at step 0, every `eval_interval` steps and after the last.
+    pub val_curve: Vec<(usize, f32)>,
+    /// Validation loss on the whole validation split after training.
+    pub val_loss: f32,
+    /// Mean training loss of the last `eval_interval` steps.
+    pub train_loss: f32,
     /// Optimizer state in bytes.
     pub state_bytes: usize,
-    /// Wall time of the run (training and per-epoch evaluation).
+    /// Trainable parameters.
+    pub params: usize,
+    /// Wall time of the run (training, evaluations, sample).
     pub seconds: f64,
+    /// Wall time of the training steps alone.
+    pub train_seconds: f64,
+    /// Of which in the optimizer (`apply_gradients`; for AdamW its steps and the clipping).
+    pub optimizer_seconds: f64,
+    /// Training tokens per second of training time.
+    pub tokens_per_s: f64,
+    /// Text generated by the trained model.
+    pub sample: String,
 }
 
 impl RunResult {
-    /// The point after the last epoch.
-    pub fn last(&self) -> Point {
-        self.history.last().copied().unwrap_or(Point {
-            epoch: 0,
-            step: 0,
-            train_loss: f32::NAN,
-            test_accuracy: f32::NAN,
-        })
+    /// The machine-readable summary line: `result optimizer=NAME val_loss=.. train_loss=..
+    /// state_bytes=.. params=.. tokens_per_s=.. seconds=..`.
+    pub fn result_line(&self) -> String {
+        format!(
+            "result optimizer={} val_loss={:.4} train_loss={:.4} state_bytes={} params={} \
+             tokens_per_s={:.0} seconds={:.2}",
+            self.spec.name,
+            self.val_loss,
+            self.train_loss,
+            self.state_bytes,
+            self.params,
+            self.tokens_per_s,
+            self.seconds
+        )
     }
 }
 
-/// Either optimizer behind one interface (Adafactor boxed: it is the larger).
-enum AnyOptimizer {
-    Adafactor(Box<Adafactor>),
-    AdamW(candle_nn::AdamW),
-}
+/// Steps between two points of the training-loss curve.
+pub const CURVE_EVERY: usize = 10;
 
-impl AnyOptimizer {
-    fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
-        match self {
-            AnyOptimizer::Adafactor(o) => o.backward_step(loss),
-            AnyOptimizer::AdamW(o) => o.backward_step(loss),
-        }
-    }
-}
-
-/// Mean cross-entropy and accuracy of the model on `(x, y)`.
-pub fn evaluate(model: &Mlp, x: &Tensor, y: &Tensor) -> Result<(f32, f32)> {
-    let logits = model.forward(x)?.detach();
-    let loss = candle_nn::loss::cross_entropy(&logits, y)?.to_scalar::<f32>()?;
-    let hits = logits
-        .argmax(D::Minus1)?
-        .eq(y)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    Ok((loss, hits / y.dim(0)? as f32))
-}
-
-/// Trains a freshly initialised model (same weights for every run with `cfg.seed`) with one
-/// optimizer, in mini-batches whose order depends on `cfg.seed` and the epoch only. After each
-/// epoch (and once before training) it evaluates the training loss and the test accuracy and
-/// calls `on_point`.
+/// Trains a freshly initialised GPT (the same weights for every run with `cfg.seed`) with one
+/// optimizer on the same sequence of random training batches, evaluates it every
+/// `eval_interval` steps and at the end, and generates a sample. Calls `on_tick` after every
+/// step (and once before training).
 ///
 /// # Errors
-/// A zero batch size or epoch count, an optimizer that rejects its configuration, or a failed
-/// tensor operation.
+/// A bad configuration, a corpus part no longer than the context, a weight that receives no
+/// gradient in the first step, or a failed tensor operation.
 pub fn train_run(
-    data: &WineData,
+    corpus: &Corpus,
     spec: &RunSpec,
     cfg: &TrainConfig,
-    on_point: &mut dyn FnMut(&Point),
+    on_tick: &mut dyn FnMut(&Tick),
 ) -> Result<RunResult> {
-    if cfg.batch_size == 0 || cfg.epochs == 0 {
+    if cfg.batch_size == 0 || cfg.iterations == 0 || cfg.eval_interval == 0 {
         return Err(msg(format!(
-            "batch size ({}) and epochs ({}) must be at least 1",
-            cfg.batch_size, cfg.epochs
+            "batch size ({}), iterations ({}) and eval interval ({}) must be at least 1",
+            cfg.batch_size, cfg.iterations, cfg.eval_interval
+        )));
+    }
+    let shortest = corpus.train.len().min(corpus.val.len());
+    if shortest <= cfg.model.context {
+        return Err(msg(format!(
+            "a corpus part of {shortest} characters cannot hold a window of {} tokens",
+            cfg.model.context + 1
         )));
     }
     let start = Instant::now();
-    let (varmap, model) = build_model(cfg.seed)?;
-    let (mut opt, state_bytes) = match spec.kind {
-        OptimizerKind::Adafactor => {
-            let opt = Adafactor::from_varmap(
-                &varmap,
-                AdafactorConfig::with_learning_rate(spec.learning_rate),
-            )?;
-            let bytes = opt.state_bytes();
-            (AnyOptimizer::Adafactor(Box::new(opt)), bytes)
+    let (varmap, model) = build_gpt(cfg.model, cfg.seed)?;
+    let vars = named_vars(&varmap)?;
+    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = RunOptimizer::new(spec, &vars, cfg)?;
+    let state_bytes = opt.state_bytes(params);
+
+    let eval_seed = |step: usize| cfg.seed ^ 0xE7A1_0000 ^ step as u64;
+    let first_val = estimate_val_loss(&model, corpus, cfg, eval_seed(0))?;
+    let mut val_curve = vec![(0, first_val)];
+    let mut train_curve = Vec::new();
+    let mut interval_losses = Vec::with_capacity(cfg.eval_interval);
+    let mut curve_losses = Vec::with_capacity(CURVE_EVERY);
+    on_tick(&Tick {
+        iteration: 0,
+        train_loss: f32::NAN,
+        val_loss: Some(first_val),
+    });
+
+    let mut batch_rng = SplitMix64::new(cfg.seed ^ 0xBA7C_4000);
+    let (mut train_seconds, mut optimizer_seconds) = (0f64, 0f64);
+    let mut train_loss = f32::NAN;
+    for iteration in 1..=cfg.iterations {
+        let t0 = Instant::now();
+        let batch = random_batch(
+            &corpus.train,
+            cfg.batch_size,
+            cfg.model.context,
+            &mut batch_rng,
+        )?;
+        let loss = model.loss(&batch.x, &batch.y)?;
+        let grads = loss.backward()?;
+        if iteration == 1 {
+            let missing = weights_without_gradient(&vars, &grads)?;
+            if !missing.is_empty() {
+                return Err(msg(format!(
+                    "these weights receive no gradient: {}",
+                    missing.join(", ")
+                )));
+            }
         }
-        OptimizerKind::AdamW => {
-            let params = ParamsAdamW {
-                lr: spec.learning_rate,
-                ..ParamsAdamW::default()
+        let t1 = Instant::now();
+        opt.step(&grads, &vars)?;
+        optimizer_seconds += t1.elapsed().as_secs_f64();
+        let value = loss.to_scalar::<f32>()?;
+        train_seconds += t0.elapsed().as_secs_f64();
+        if !value.is_finite() {
+            return Err(msg(format!(
+                "run `{}`: the training loss is {value} at step {iteration}",
+                spec.name
+            )));
+        }
+        interval_losses.push(value);
+        curve_losses.push(value);
+        if curve_losses.len() == CURVE_EVERY || iteration == cfg.iterations {
+            train_curve.push((iteration, mean(&curve_losses)));
+            curve_losses.clear();
+        }
+        let running = mean(&interval_losses);
+        let val_loss = if iteration % cfg.eval_interval == 0 || iteration == cfg.iterations {
+            train_loss = running;
+            interval_losses.clear();
+            let v = if iteration == cfg.iterations {
+                full_val_loss(&model, corpus)?
+            } else {
+                estimate_val_loss(&model, corpus, cfg, eval_seed(iteration))?
             };
-            let opt = candle_nn::AdamW::new(varmap.all_vars(), params)?;
-            // First and second moments: two float32 buffers per parameter.
-            (AnyOptimizer::AdamW(opt), 2 * 4 * parameter_count(&varmap))
-        }
-    };
-
-    let mut history = Vec::with_capacity(cfg.epochs + 1);
-    let mut record = |epoch: usize, step: usize, history: &mut Vec<Point>| -> Result<()> {
-        let (train_loss, _) = evaluate(&model, &data.train_x, &data.train_y)?;
-        let (_, test_accuracy) = evaluate(&model, &data.test_x, &data.test_y)?;
-        let point = Point {
-            epoch,
-            step,
-            train_loss,
-            test_accuracy,
+            val_curve.push((iteration, v));
+            Some(v)
+        } else {
+            None
         };
-        on_point(&point);
-        history.push(point);
-        Ok(())
-    };
-    record(0, 0, &mut history)?;
-
-    let mut order: Vec<u32> = (0..data.n_train as u32).collect();
-    let mut step = 0;
-    for epoch in 1..=cfg.epochs {
-        SplitMix64::new(cfg.seed ^ (0xBA7C_4000 + epoch as u64)).shuffle(&mut order);
-        for batch in order.chunks(cfg.batch_size) {
-            let idx = Tensor::from_slice(batch, batch.len(), &Device::Cpu)?;
-            let x = data.train_x.index_select(&idx, 0)?;
-            let y = data.train_y.index_select(&idx, 0)?;
-            let loss = candle_nn::loss::cross_entropy(&model.forward(&x)?, &y)?;
-            opt.backward_step(&loss)?;
-            step += 1;
-        }
-        record(epoch, step, &mut history)?;
+        on_tick(&Tick {
+            iteration,
+            train_loss: running,
+            val_loss,
+        });
     }
+    let val_loss = val_curve.last().map_or(f32::NAN, |p| p.1);
+    let prompt = corpus.tokenizer.encode("\n")?;
+    let mut sample_rng = SplitMix64::new(cfg.seed ^ 0x5A3F_1E00);
+    let sample = model.generate(&prompt, cfg.sample_chars, &mut sample_rng)?;
     Ok(RunResult {
         spec: spec.clone(),
-        history,
+        train_curve,
+        val_curve,
+        val_loss,
+        train_loss,
         state_bytes,
+        params,
         seconds: start.elapsed().as_secs_f64(),
+        train_seconds,
+        optimizer_seconds,
+        tokens_per_s: (cfg.iterations * cfg.tokens_per_step()) as f64 / train_seconds,
+        sample: corpus.tokenizer.decode(&sample),
     })
+}
+
+fn mean(values: &[f32]) -> f32 {
+    values.iter().sum::<f32>() / values.len().max(1) as f32
 }

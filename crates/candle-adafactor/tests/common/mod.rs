@@ -152,3 +152,44 @@ pub fn configs(jit: bool) -> Vec<(&'static str, AdafactorConfig)> {
         ),
     ]
 }
+
+/// A chart written by a training example, decoded.
+pub struct ChartPixels {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    rgb: Vec<[u8; 3]>,
+}
+
+impl ChartPixels {
+    /// Decodes the RGB PNG at `path` (panics when it is not one: these are tests).
+    pub fn read(path: &std::path::Path) -> Self {
+        let decoder = png::Decoder::new(std::io::BufReader::new(
+            std::fs::File::open(path).expect("the chart exists"),
+        ));
+        let mut reader = decoder.read_info().expect("a PNG");
+        let mut pixels = vec![0; reader.output_buffer_size().expect("size")];
+        let info = reader.next_frame(&mut pixels).expect("one frame");
+        assert_eq!(info.color_type, png::ColorType::Rgb);
+        let rgb = pixels.chunks_exact(3).map(|p| [p[0], p[1], p[2]]).collect();
+        ChartPixels {
+            width: info.width,
+            height: info.height,
+            rgb,
+        }
+    }
+
+    /// Dark grey-scale pixels: axes and text.
+    pub fn dark(&self) -> usize {
+        self.rgb
+            .iter()
+            .filter(|p| p[0] < 80 && p[0] == p[1] && p[1] == p[2])
+            .count()
+    }
+
+    /// Pixels of exactly this colour (a run's lines and legend).
+    pub fn of_colour(&self, colour: [u8; 3]) -> usize {
+        self.rgb.iter().filter(|p| **p == colour).count()
+    }
+}
