@@ -534,3 +534,42 @@ fn loaded_state_is_not_shared() {
     assert_eq!(sd, copy);
     assert_eq!(fingerprint(&v2, &o2), o2_before);
 }
+
+/// The checkpoint files in `tests/fixtures`, written by format version 1 as first released
+/// (metadata in hash-map order, FNV-1a checksum): each holds the state after five fused steps of
+/// [`fresh`] and [`train_step`] with one of [`configs`].
+fn v1_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(format!("state-v1-fnv-{name}.safetensors"))
+}
+
+/// Checkpoints written by the first version-1 writer still load, into exactly the state that
+/// five steps make today (and a changed byte in one of them is still caught by its checksum).
+#[test]
+fn first_version_1_checkpoints_still_load() {
+    for (name, cfg) in configs(true) {
+        let (vars, mut trained, extra) = fresh(&cfg);
+        for k in 0..5 {
+            train_step(&mut trained, &vars, &extra, k);
+        }
+        let (_, mut loaded, _) = fresh(&cfg);
+        let path = v1_fixture(name);
+        loaded
+            .load_state(&path)
+            .expect("a version-1 checkpoint loads");
+        let state = |opt: &Adafactor| fingerprint(&[], opt);
+        assert_eq!(state(&loaded), state(&trained), "{name}");
+        assert_ne!(
+            state(&loaded),
+            state(&fresh(&cfg).1),
+            "{name}: the state is not empty"
+        );
+
+        let mut bytes = std::fs::read(&path).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let e = StateDict::from_safetensors_bytes(&bytes).expect_err("damaged");
+        assert!(e.to_string().contains("checksum"), "{name}: {e}");
+    }
+}
