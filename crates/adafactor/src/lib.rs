@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 mod config;
+pub mod engine;
 mod error;
 mod exclusions;
 mod json;

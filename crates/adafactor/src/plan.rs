@@ -21,6 +21,11 @@ pub enum Clip {
 }
 
 impl Clip {
+    /// Whether the clip needs the gradients' norms (`clipnorm`, `global_clipnorm`).
+    pub fn uses_norms(&self) -> bool {
+        matches!(self, Clip::Norm(_) | Clip::GlobalNorm(_))
+    }
+
     /// The clip a config asks for. Values `<= 0` do nothing, as in Keras.
     pub fn from_config(cfg: &AdafactorConfig) -> Clip {
         let on = |v: Option<f64>| v.filter(|v| *v > 0.0).map(|v| v as f32);
@@ -187,6 +192,38 @@ impl StepPlan {
             update,
             ema,
         }
+    }
+}
+
+impl StepPlan {
+    /// The plan of Keras's `update_step(gradient, variable, learning_rate)`: the bare Adafactor
+    /// rule at `cfg`'s completed-update count after `raw_iteration` calls, with this learning
+    /// rate; no unscaling, accumulation, clipping, weight decay or EMA.
+    ///
+    /// # Errors
+    /// A negative or non-finite `learning_rate`.
+    pub fn bare_update(
+        cfg: &AdafactorConfig,
+        raw_iteration: u64,
+        learning_rate: f64,
+    ) -> crate::Result<StepPlan> {
+        let step_config = AdafactorConfig {
+            learning_rate: crate::LearningRate::Constant(learning_rate),
+            gradient_accumulation_steps: None,
+            ..cfg.clone()
+        };
+        step_config.validate()?;
+        let mut plan = StepPlan::new(cfg, raw_iteration);
+        let mut scalars = StepPlan::new(&step_config, completed_updates(cfg, raw_iteration))
+            .update
+            .ok_or_else(|| crate::Error::Internal("no update scalars".into()))?;
+        scalars.weight_decay = None;
+        scalars.clip = Clip::None;
+        plan.update = Some(scalars);
+        plan.accumulation = Accumulation::Off;
+        plan.ema = None;
+        plan.loss_scale_factor = None;
+        Ok(plan)
     }
 }
 

@@ -647,11 +647,12 @@ impl Adafactor {
                 tensor_bytes(&t.to_dtype(DType::F32)?, &it.name)
             };
             let data = match it.part {
-                Part::Iteration => counter_bytes("iteration", self.raw_iterations)?,
-                Part::SkippedSteps => counter_bytes("skipped_steps", self.skipped_steps)?,
-                Part::LearningRate => {
-                    f32_bytes(&[self.config.learning_rate.value(self.raw_iterations)])
-                }
+                Part::Iteration => counter_bytes("iteration", self.counters.raw_iterations)?,
+                Part::SkippedSteps => counter_bytes("skipped_steps", self.counters.skipped_steps)?,
+                Part::LearningRate => f32_bytes(&[self
+                    .config
+                    .learning_rate
+                    .value(self.counters.raw_iterations)]),
                 Part::Average(i) => state_tensor(self.slots[i].ema(), "EMA average")?,
                 Part::Accumulator(i) => state_tensor(self.slots[i].accumulator(), "accumulator")?,
                 Part::Stat(i, k) => {
@@ -811,8 +812,8 @@ impl Adafactor {
             s.stats = stats;
             s.set_full_state(ema, acc);
         }
-        self.raw_iterations = raw;
-        self.skipped_steps = skipped;
+        self.counters.raw_iterations = raw;
+        self.counters.skipped_steps = skipped;
         Ok(())
     }
 

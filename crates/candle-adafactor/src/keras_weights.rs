@@ -149,10 +149,13 @@ impl Adafactor {
         let mut out = Vec::new();
         for (name, _, shape, part) in self.keras_layout() {
             let t = match part {
-                KerasPart::Iteration => Tensor::new(self.raw_iterations as i64, &cpu)?,
-                KerasPart::LearningRate => {
-                    Tensor::new(self.config.learning_rate.value(self.raw_iterations), &cpu)?
-                }
+                KerasPart::Iteration => Tensor::new(self.counters.raw_iterations as i64, &cpu)?,
+                KerasPart::LearningRate => Tensor::new(
+                    self.config
+                        .learning_rate
+                        .value(self.counters.raw_iterations),
+                    &cpu,
+                )?,
                 KerasPart::Average(i) => self.slots[i]
                     .ema()
                     .ok_or_else(|| err("internal: EMA average missing"))?
@@ -241,7 +244,7 @@ impl Adafactor {
         let floats = |w: &Tensor| -> Result<Vec<f32>> {
             w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
         };
-        let mut raw = self.raw_iterations;
+        let mut raw = self.counters.raw_iterations;
         let mut config = self.config.clone();
         let mut emas: Vec<Option<Tensor>> = self.slots.iter().map(|_| None).collect();
         let mut accs: Vec<Option<Tensor>> = self.slots.iter().map(|_| None).collect();
@@ -344,7 +347,7 @@ impl Adafactor {
             s.stats = st;
             s.set_full_state(ema, acc);
         }
-        self.raw_iterations = raw;
+        self.counters.raw_iterations = raw;
         self.config = config;
         Ok(())
     }

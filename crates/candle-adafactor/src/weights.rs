@@ -21,7 +21,7 @@ impl Adafactor {
         let cpu = Device::Cpu;
         let mut out = vec![(
             "iteration".to_string(),
-            Tensor::new(self.raw_iterations as i64, &cpu)?,
+            Tensor::new(self.counters.raw_iterations as i64, &cpu)?,
         )];
         if let LearningRate::Constant(lr) = self.config.learning_rate {
             out.push(("learning_rate".into(), Tensor::new(lr as f32, &cpu)?));
@@ -126,7 +126,7 @@ impl Adafactor {
             extras.push(next()?.to_dtype(v.dtype())?.to_device(v.device())?);
         }
         // Commit.
-        self.raw_iterations = raw;
+        self.counters.raw_iterations = raw;
         self.config = config;
         let mut emas = emas.into_iter();
         let mut accs = accs.into_iter();
