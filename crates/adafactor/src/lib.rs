@@ -10,12 +10,14 @@
 //! The framework adapters (`candle-adafactor`) own the tensors and call into this crate.
 #![deny(missing_docs)]
 
+pub mod checkpoint;
 mod config;
 pub mod engine;
 mod error;
 mod exclusions;
 mod json;
 pub mod kernels;
+pub mod manifest;
 pub mod plan;
 mod schedule;
 mod state;
