@@ -1,6 +1,9 @@
 //! The three passes for an unfactored variable (rank 0 or 1), which keeps its velocity `v`.
 
-use super::{decay_in_place, map_units, parallel_for, Decay, Element, Grad, CHUNK, UNIT_ELEMS};
+use super::element::Element;
+use super::grad::{decay_in_place, Decay, Grad};
+use super::parallel::{for_chunks, map_units, parallel_for, sum_chunks, UNIT_ELEMS};
+use super::reduce::{sum_sq, CHUNK};
 
 /// What pass 1 learns about an unfactored variable.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,8 +50,8 @@ pub fn pass1<T: Element>(
                 }
                 T::load(&x[b..b + n], xb);
                 decay_in_place(decay, xb);
-                sg += super::sum_sq(gb);
-                sx += super::sum_sq(xb);
+                sg += sum_sq(gb);
+                sx += sum_sq(xb);
             }
             (sg, sx, probe)
         },
@@ -76,7 +79,7 @@ pub fn pass2<T: Element>(
     epsilon_1: f32,
     grad_scale: f32,
 ) -> f64 {
-    super::sum_chunks(v_new, |start, vs| {
+    sum_chunks(v_new, |start, vs| {
         let mut gbuf = [0f32; CHUNK];
         let mut total = 0f64;
         for (k, vb) in vs.chunks_mut(CHUNK).enumerate() {
@@ -88,7 +91,7 @@ pub fn pass2<T: Element>(
                 *v = beta2 * old + (1.0 - beta2) * (ge * ge + epsilon_1);
                 *g = ge / v.sqrt();
             }
-            total += super::sum_sq(gb);
+            total += sum_sq(gb);
         }
         total
     })
@@ -103,7 +106,7 @@ pub fn pass3<T: Element>(
     grad_scale: f32,
     decay: Option<Decay>,
 ) {
-    super::for_chunks(x, |start, xs| {
+    for_chunks(x, |start, xs| {
         let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
         for (k, xblock) in xs.chunks_mut(CHUNK).enumerate() {
             let b = start + k * CHUNK;
