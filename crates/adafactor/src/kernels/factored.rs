@@ -1,4 +1,9 @@
 //! The three passes for a factored variable (rank >= 2: `lead` slices of `n x m`).
+//!
+//! The factored second moment is Shazeer & Stern (2018), "Adafactor: Adaptive Learning Rates
+//! with Sublinear Memory Cost", arXiv:1804.04235, Algorithm 4: row statistics
+//! `r = b2 r + (1 - b2) mean_j(g^2 + eps1)`, column statistics `c` likewise, and
+//! `v_ij = r_i c_j / mean(r)`, so the update is `g_ij / sqrt(v_ij)`.
 
 use super::cpu::vectorized;
 use super::dispatch::RowLoops;
@@ -484,5 +489,75 @@ pub fn pass3<T: RowLoops>(
             .for_each(body);
     } else {
         x.chunks_mut(rows_chunk * m).enumerate().for_each(body);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One first step (beta2 = 0) of a 2 x 3 matrix through the three passes, against the
+    /// paper's formulas evaluated directly in f64: `r_i = mean_j(g^2 + eps1)`, `c_j` likewise,
+    /// `v_ij = r_i c_j / mean(r)`, `u = g / sqrt(v)`, `x -= coef * u`; with and without the row
+    /// fold (which skips pass 2), the same bits.
+    #[test]
+    fn three_passes_follow_the_formulas() {
+        let f = Factoring {
+            lead: 1,
+            n: 2,
+            m: 3,
+        };
+        let g = [0.5f32, -1.0, 2.0, 0.25, 3.0, -0.75];
+        let x0 = [1f32, -2.0, 0.5, 0.25, -1.5, 2.0];
+        let eps1 = 1e-30f32;
+        let grad = Grad::plain(&g[..]);
+        let gd: Vec<f64> = g.iter().map(|&v| v as f64).collect();
+        let r: Vec<f64> = (0..2)
+            .map(|i| (0..3).map(|j| gd[i * 3 + j].powi(2)).sum::<f64>() / 3.0)
+            .collect();
+        let c: Vec<f64> = (0..3)
+            .map(|j| (0..2).map(|i| gd[i * 3 + j].powi(2)).sum::<f64>() / 2.0)
+            .collect();
+        let mean_r = (r[0] + r[1]) / 2.0;
+        let coef = 0.1f32;
+        let mut results = Vec::new();
+        for fold in [false, true] {
+            let fold = fold.then_some(RowFold {
+                r_old: &[0.0, 0.0],
+                beta2: 0.0,
+                epsilon_1: eps1,
+            });
+            let p1 = pass1(&grad, &x0, None, f, true, fold);
+            assert!(p1.finite);
+            let prep = prepare(&p1, &[0.0; 2], &[0.0; 3], f, 0.0, eps1, 1.0);
+            for (got, want) in prep.r.iter().zip(&r).chain(prep.c.iter().zip(&c)) {
+                assert!((*got as f64 - want).abs() <= 1e-6 * want, "{got} vs {want}");
+            }
+            let sum_u2 = match sum_sq_update(&p1, &prep, f) {
+                Some(s) => s,
+                None => pass2(&grad, &prep, f, 1.0),
+            };
+            let mut x = x0;
+            pass3(&mut x, &grad, &prep, f, coef, 1.0, None);
+            let mut want_u2 = 0.0;
+            for i in 0..2 {
+                for j in 0..3 {
+                    let u = gd[i * 3 + j] / (r[i] * c[j] / mean_r).sqrt();
+                    want_u2 += u * u;
+                    let want = x0[i * 3 + j] as f64 - coef as f64 * u;
+                    let got = x[i * 3 + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6,
+                        "x[{i},{j}] = {got}, formula {want}"
+                    );
+                }
+            }
+            assert!(
+                (sum_u2 - want_u2).abs() <= 1e-5 * want_u2,
+                "{sum_u2} vs {want_u2}"
+            );
+            results.push(x.map(f32::to_bits));
+        }
+        assert_eq!(results[0], results[1], "the row fold changes no bit");
     }
 }

@@ -121,3 +121,34 @@ pub fn pass3<T: Element>(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keras's own Adafactor test on a vector (`adafactor_test.py`, `test_single_step_1d`):
+    /// x = [1, 2, 3, 4], g = [1, 6, 7, 2], learning rate 0.5, first step (beta2 = 0, rho = 0.5).
+    #[test]
+    fn first_step_matches_keras() {
+        let g = [1f32, 6.0, 7.0, 2.0];
+        let mut x = [1f32, 2.0, 3.0, 4.0];
+        let grad = Grad::plain(&g[..]);
+        let p1 = pass1(&grad, &x, None, true);
+        assert!(p1.finite);
+        assert_eq!(p1.sum_sq_grad, 90.0);
+        assert_eq!(p1.sum_sq_x, 30.0);
+        let mut v = [0f32; 4];
+        let sum_u2 = pass2(&grad, &[0.0; 4], &mut v, 0.0, 1e-30, 1.0);
+        // v = g^2 + eps1, so u = g / |g| and RMS(u) = 1: no update clipping.
+        assert_eq!(v, [1.0, 36.0, 49.0, 4.0]);
+        assert_eq!(sum_u2, 4.0);
+        let alpha = (30f32 / 4.0).sqrt() * 0.5;
+        pass3(&mut x, &grad, &v, alpha, 1.0, None);
+        for (got, want) in x
+            .iter()
+            .zip([-0.36930645f32, 0.63069355, 1.6306936, 2.6306934])
+        {
+            assert!((got - want).abs() < 1e-6, "{got} vs Keras {want}");
+        }
+    }
+}
