@@ -31,6 +31,8 @@ pub enum Error {
         /// The variable whose gradient is not finite.
         variable: String,
     },
+    /// A broken invariant between the pipeline and a backend (a bug, never a user error).
+    Internal(String),
 }
 
 impl Error {
@@ -58,6 +60,7 @@ impl fmt::Display for Error {
                 "the gradient of variable `{variable}` contains NaN or infinity; \
                  the step was refused and nothing was changed (on_nonfinite = \"error\")"
             ),
+            Error::Internal(m) => write!(f, "internal error of the Adafactor pipeline: {m}"),
         }
     }
 }

@@ -21,6 +21,11 @@ pub enum Clip {
 }
 
 impl Clip {
+    /// Whether the clip needs the gradients' norms (`clipnorm`, `global_clipnorm`).
+    pub fn uses_norms(&self) -> bool {
+        matches!(self, Clip::Norm(_) | Clip::GlobalNorm(_))
+    }
+
     /// The clip a config asks for. Values `<= 0` do nothing, as in Keras.
     pub fn from_config(cfg: &AdafactorConfig) -> Clip {
         let on = |v: Option<f64>| v.filter(|v| *v > 0.0).map(|v| v as f32);
@@ -60,12 +65,14 @@ pub struct UpdateScalars {
 }
 
 impl UpdateScalars {
-    /// `alpha = max(epsilon_2, RMS(x)) * rho` (x after weight decay).
+    /// `alpha = max(epsilon_2, RMS(x)) * rho` (x after weight decay): the step relative to the
+    /// parameter scale (the relative step size of Shazeer & Stern, 2018, Algorithm 4).
     pub fn alpha(&self, rms_x: f32) -> f32 {
         self.epsilon_2.max(rms_x) * self.rho
     }
 
-    /// The update-clipping divisor `max(1, RMS(u) / clip_threshold)`.
+    /// The update-clipping divisor `max(1, RMS(u) / clip_threshold)` (the update clipping of
+    /// Shazeer & Stern, 2018).
     pub fn update_clip_divisor(&self, rms_u: f32) -> f32 {
         1f32.max(rms_u / self.clip_threshold)
     }
@@ -119,7 +126,8 @@ pub fn completed_updates(cfg: &AdafactorConfig, raw: u64) -> u64 {
     }
 }
 
-/// `rho_t = min(lr, 1/sqrt(t))`, the step size (a true division, as Keras).
+/// `rho_t = min(lr, 1/sqrt(t))`, the step size (a true division, as Keras): the relative step
+/// size of Shazeer & Stern (2018), arXiv:1804.04235, Algorithm 4.
 ///
 /// ```
 /// assert_eq!(adafactor::plan::rho(1e-2, 1.0), 1e-2);
@@ -129,7 +137,8 @@ pub fn rho(learning_rate: f32, t: f32) -> f32 {
     learning_rate.min(1.0 / t.sqrt())
 }
 
-/// `beta2_t = 1 - t^beta_2_decay`: 0 at the first update, so it needs no bias correction.
+/// `beta2_t = 1 - t^beta_2_decay`: 0 at the first update, so it needs no bias correction
+/// (the increasing decay parameter of Shazeer & Stern, 2018).
 ///
 /// ```
 /// assert_eq!(adafactor::plan::beta2(1.0, -0.8), 0.0);
@@ -187,6 +196,38 @@ impl StepPlan {
             update,
             ema,
         }
+    }
+}
+
+impl StepPlan {
+    /// The plan of Keras's `update_step(gradient, variable, learning_rate)`: the bare Adafactor
+    /// rule at `cfg`'s completed-update count after `raw_iteration` calls, with this learning
+    /// rate; no unscaling, accumulation, clipping, weight decay or EMA.
+    ///
+    /// # Errors
+    /// A negative or non-finite `learning_rate`.
+    pub fn bare_update(
+        cfg: &AdafactorConfig,
+        raw_iteration: u64,
+        learning_rate: f64,
+    ) -> crate::Result<StepPlan> {
+        let step_config = AdafactorConfig {
+            learning_rate: crate::LearningRate::Constant(learning_rate),
+            gradient_accumulation_steps: None,
+            ..cfg.clone()
+        };
+        step_config.validate()?;
+        let mut plan = StepPlan::new(cfg, raw_iteration);
+        let mut scalars = StepPlan::new(&step_config, completed_updates(cfg, raw_iteration))
+            .update
+            .ok_or_else(|| crate::Error::Internal("no update scalars".into()))?;
+        scalars.weight_decay = None;
+        scalars.clip = Clip::None;
+        plan.update = Some(scalars);
+        plan.accumulation = Accumulation::Off;
+        plan.ema = None;
+        plan.loss_scale_factor = None;
+        Ok(plan)
     }
 }
 

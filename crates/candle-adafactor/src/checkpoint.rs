@@ -3,6 +3,8 @@
 //! The format is documented on [`StateDict`].
 
 use crate::optimizer::{core_err, err, Adafactor};
+use adafactor::checkpoint::{checksum, config_differences, verify_checksum, with_sorted_metadata};
+use adafactor::manifest::{self, Kind, Named, Part};
 use adafactor::{AdafactorConfig, LearningRate, Stats};
 use candle_core::{DType, Device, Result, Tensor};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, View};
@@ -15,7 +17,11 @@ use std::path::Path;
 pub const STATE_FORMAT: &str = "candle-adafactor.optimizer-state";
 
 /// The checkpoint format version this library writes; it reads this version and older ones.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+///
+/// Version 2 writes a CRC-32 checksum (`crc32:` and eight hex digits) and its metadata in key
+/// order (the same state always gives the same bytes); version 1 files (FNV-1a checksum) load
+/// as before.
+pub const STATE_FORMAT_VERSION: u32 = 2;
 
 /// One stored tensor: raw little-endian bytes, as in the file.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,7 +53,7 @@ impl View for &Entry {
 /// internally consistent (every tensor the config and variables call for, with the right dtype
 /// and shape, and nothing else).
 ///
-/// # Format (version 1)
+/// # Format (version 2)
 /// A checkpoint is a safetensors file. Its tensors, keyed by name, are exactly the optimizer's
 /// [`Adafactor::variables`] plus the skipped-step counter, all bit-exact (float32 stays float32):
 ///
@@ -65,8 +71,8 @@ impl View for &Entry {
 /// The safetensors metadata holds `format` ([`STATE_FORMAT`]), `format_version`
 /// ([`STATE_FORMAT_VERSION`]), `keras_config` (the Keras `get_config()` JSON), `variables` (the
 /// optimizer's variables as `[{"name", "shape"}]`, in build order), `extra_variables` (the names
-/// made by `add_variable`), `checksum` (FNV-1a 64 of every tensor's name and bytes, so that
-/// corrupted data is detected) and `producer`.
+/// made by `add_variable`), `checksum` (CRC-32 of every tensor's name and bytes, so that
+/// corrupted data is detected; FNV-1a 64 in version 1) and `producer`, in key order.
 ///
 /// Loading matches variables by name (not position), checks everything first and changes nothing
 /// on error. The weight-decay exclusions of [`Adafactor::exclude_from_weight_decay`] are not part
@@ -96,19 +102,6 @@ pub struct StateDict {
     entries: Vec<Entry>,
 }
 
-/// What a stored tensor holds.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Part {
-    Iteration,
-    LearningRate,
-    Average(usize),
-    Accumulator(usize),
-    /// Statistic `k` (`r`, `c` or `v`) of variable `i`.
-    Stat(usize, usize),
-    Extra(usize),
-    SkippedSteps,
-}
-
 /// A tensor the layout calls for.
 struct Item {
     name: String,
@@ -117,68 +110,31 @@ struct Item {
     part: Part,
 }
 
-/// Every tensor a checkpoint of this config, these variables and these extras holds, in
-/// [`Adafactor::variables`] order, then `skipped_steps`.
+/// Every tensor a checkpoint of this config, these variables and these extras (with their
+/// dtypes) holds: the state manifest's checkpoint list ([`manifest::checkpoint`]).
 fn layout(
     cfg: &AdafactorConfig,
-    vars: &[(String, Vec<usize>)],
+    vars: &[Named],
     extras: &[(String, DType, Vec<usize>)],
 ) -> Vec<Item> {
-    let item = |name: String, dtype, shape: &[usize], part| Item {
-        name,
-        dtype,
-        shape: shape.to_vec(),
-        part,
-    };
-    let mut out = vec![item("iteration".into(), DType::I64, &[], Part::Iteration)];
-    if let LearningRate::Constant(_) = cfg.learning_rate {
-        out.push(item(
-            "learning_rate".into(),
-            DType::F32,
-            &[],
-            Part::LearningRate,
-        ));
-    }
-    if cfg.use_ema {
-        for (i, (name, shape)) in vars.iter().enumerate() {
-            out.push(item(
-                format!("{name}/average"),
-                DType::F32,
-                shape,
-                Part::Average(i),
-            ));
-        }
-    }
-    if cfg.gradient_accumulation_steps.is_some() {
-        for (i, (name, shape)) in vars.iter().enumerate() {
-            out.push(item(
-                format!("{name}/accumulator"),
-                DType::F32,
-                shape,
-                Part::Accumulator(i),
-            ));
-        }
-    }
-    for (i, (name, shape)) in vars.iter().enumerate() {
-        for (k, (suffix, s)) in Stats::slot_shapes(shape).into_iter().enumerate() {
-            out.push(item(
-                format!("{name}/{suffix}"),
-                DType::F32,
-                &s,
-                Part::Stat(i, k),
-            ));
-        }
-    }
-    for (i, (name, dtype, shape)) in extras.iter().enumerate() {
-        out.push(item(name.clone(), *dtype, shape, Part::Extra(i)));
-    }
-    out.push(item(
-        "skipped_steps".into(),
-        DType::I64,
-        &[],
-        Part::SkippedSteps,
-    ));
-    out
+    let named: Vec<Named> = extras
+        .iter()
+        .map(|(n, _, s)| (n.clone(), s.clone()))
+        .collect();
+    manifest::checkpoint(cfg, vars, &named)
+        .into_iter()
+        .map(|e| Item {
+            dtype: match e.part.kind() {
+                Kind::I64 => DType::I64,
+                Kind::I32 => DType::I32,
+                Kind::F32 => DType::F32,
+                Kind::Extra(i) => extras[i].1,
+            },
+            name: e.name,
+            shape: e.shape,
+            part: e.part,
+        })
+        .collect()
 }
 
 fn st_dtype(d: DType) -> Option<StDtype> {
@@ -251,55 +207,9 @@ fn counter_bytes(what: &str, n: u64) -> Result<Vec<u8>> {
     Ok(n.to_le_bytes().to_vec())
 }
 
-/// FNV-1a 64 over every entry's name and bytes, in layout order.
-fn checksum(entries: &[Entry]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for e in entries {
-        for &b in e.name.as_bytes().iter().chain([0u8].iter()).chain(&e.data) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    format!("{h:016x}")
-}
-
-/// The Keras config keys whose values differ (the instance `name` aside), as readable lines.
-fn config_differences(checkpoint: &Value, optimizer: &Value) -> Vec<String> {
-    let empty = serde_json::Map::new();
-    let a = checkpoint.as_object().unwrap_or(&empty);
-    let b = optimizer.as_object().unwrap_or(&empty);
-    let mut keys: Vec<&String> = a.keys().collect();
-    keys.extend(b.keys().filter(|k| !a.contains_key(*k)));
-    keys.into_iter()
-        .filter(|k| k.as_str() != "name" && !same_json(a.get(*k), b.get(*k)))
-        .map(|k| {
-            let show = |v: Option<&Value>| v.map_or("(absent)".to_string(), Value::to_string);
-            format!(
-                "`{k}` is {} in the checkpoint but {} in the optimizer",
-                show(a.get(k)),
-                show(b.get(k))
-            )
-        })
-        .collect()
-}
-
-/// JSON equality with numbers compared to a relative 1e-12: serde_json's default float parser
-/// is not correctly rounded, so a config that went through JSON text may differ from the original
-/// in the last bit of a float (which no float32 computation can see).
-fn same_json(a: Option<&Value>, b: Option<&Value>) -> bool {
-    match (a, b) {
-        (Some(Value::Number(x)), Some(Value::Number(y))) => match (x.as_f64(), y.as_f64()) {
-            (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
-            _ => x == y,
-        },
-        (Some(Value::Array(x)), Some(Value::Array(y))) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(Some(x), Some(y)))
-        }
-        (Some(Value::Object(x)), Some(Value::Object(y))) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| same_json(Some(v), y.get(k)))
-        }
-        (x, y) => x == y,
-    }
+/// The checksum of the entries (see [`adafactor::checkpoint::checksum`]).
+fn entries_checksum(entries: &[Entry]) -> String {
+    checksum(entries.iter().map(|e| (e.name.as_str(), e.data.as_slice())))
 }
 
 fn corrupt(msg: impl std::fmt::Display) -> candle_core::Error {
@@ -395,7 +305,7 @@ impl StateDict {
                 "extra_variables",
                 serde_json::json!(self.extras).to_string(),
             ),
-            ("checksum", checksum(&self.entries)),
+            ("checksum", entries_checksum(&self.entries)),
             (
                 "producer",
                 format!("candle-adafactor {}", env!("CARGO_PKG_VERSION")),
@@ -408,6 +318,8 @@ impl StateDict {
             self.entries.iter().map(|e| (e.name.as_str(), e)),
             Some(metadata),
         )
+        .map_err(|e| e.to_string())
+        .and_then(with_sorted_metadata)
         .map_err(|e| err(format!("writing the optimizer checkpoint failed: {e}")))
     }
 
@@ -536,8 +448,8 @@ impl StateDict {
             )));
         }
         let want = get("checksum")?;
-        let got = checksum(&entries);
-        if *want != got {
+        let named = entries.iter().map(|e| (e.name.as_str(), e.data.as_slice()));
+        if let Err(got) = verify_checksum(want, named) {
             return Err(corrupt(format!(
                 "checksum mismatch (stored {want}, computed {got}): the data is damaged"
             )));
@@ -574,25 +486,20 @@ impl StateDict {
     }
 
     /// Writes the checkpoint to a safetensors file, through a temporary file in the same folder
-    /// that is renamed over `path`, so an interrupted save leaves any previous file intact.
+    /// that is flushed to disk and renamed over `path` (then the folder is flushed), so an
+    /// interrupted save leaves any previous file intact and a finished one survives a crash.
     ///
     /// # Errors
     /// The file cannot be written (the message names the path).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let bytes = self.to_safetensors_bytes()?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".partial");
-        let tmp = std::path::PathBuf::from(tmp);
-        std::fs::write(&tmp, &bytes)
-            .and_then(|_| std::fs::rename(&tmp, path))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                err(format!(
-                    "cannot write the optimizer checkpoint {}: {e}",
-                    path.display()
-                ))
-            })
+        adafactor::checkpoint::write_durably(path, &bytes).map_err(|e| {
+            err(format!(
+                "cannot write the optimizer checkpoint {}: {e}",
+                path.display()
+            ))
+        })
     }
 
     /// Reads a checkpoint file (see [`StateDict::from_safetensors_bytes`]).
@@ -621,11 +528,7 @@ impl Adafactor {
     /// `add_variable` variable of a dtype safetensors cannot hold.
     pub fn state_dict(&self) -> Result<StateDict> {
         self.require_built("save its state")?;
-        let vars: Vec<(String, Vec<usize>)> = self
-            .slots
-            .iter()
-            .map(|s| (s.name.clone(), s.var.dims().to_vec()))
-            .collect();
+        let vars = self.var_list();
         let extras: Vec<(String, DType, Vec<usize>)> = self
             .extra
             .iter()
@@ -647,11 +550,12 @@ impl Adafactor {
                 tensor_bytes(&t.to_dtype(DType::F32)?, &it.name)
             };
             let data = match it.part {
-                Part::Iteration => counter_bytes("iteration", self.raw_iterations)?,
-                Part::SkippedSteps => counter_bytes("skipped_steps", self.skipped_steps)?,
-                Part::LearningRate => {
-                    f32_bytes(&[self.config.learning_rate.value(self.raw_iterations)])
-                }
+                Part::Iteration => counter_bytes("iteration", self.counters.raw_iterations)?,
+                Part::SkippedSteps => counter_bytes("skipped_steps", self.counters.skipped_steps)?,
+                Part::LearningRate => f32_bytes(&[self
+                    .config
+                    .learning_rate
+                    .value(self.counters.raw_iterations)]),
                 Part::Average(i) => state_tensor(self.slots[i].ema(), "EMA average")?,
                 Part::Accumulator(i) => state_tensor(self.slots[i].accumulator(), "accumulator")?,
                 Part::Stat(i, k) => {
@@ -663,6 +567,9 @@ impl Adafactor {
                     f32_bytes(values)
                 }
                 Part::Extra(i) => tensor_bytes(self.extra[i].1.as_tensor(), &it.name)?,
+                Part::Dummy | Part::Velocity(_) => {
+                    return Err(err("internal: a Keras-only entry in a checkpoint"))
+                }
             };
             if st_dtype(it.dtype).is_none() {
                 return Err(err(format!(
@@ -811,8 +718,8 @@ impl Adafactor {
             s.stats = stats;
             s.set_full_state(ema, acc);
         }
-        self.raw_iterations = raw;
-        self.skipped_steps = skipped;
+        self.counters.raw_iterations = raw;
+        self.counters.skipped_steps = skipped;
         Ok(())
     }
 
@@ -882,24 +789,5 @@ impl Adafactor {
                 self.config.name
             )))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checksum_sees_every_byte_and_name() {
-        let e = |name: &str, data: Vec<u8>| Entry {
-            name: name.into(),
-            dtype: DType::U8,
-            shape: vec![data.len()],
-            data,
-        };
-        let base = checksum(&[e("a", vec![1, 2, 3])]);
-        assert_ne!(base, checksum(&[e("a", vec![1, 2, 4])]));
-        assert_ne!(base, checksum(&[e("b", vec![1, 2, 3])]));
-        assert_ne!(base, checksum(&[e("a", vec![1, 2]), e("", vec![3])]));
     }
 }

@@ -1,12 +1,14 @@
-//! The composed data path: Keras's apply, one candle tensor op per Keras op, in Keras's order.
+//! The composed data path: the core's stages ([`adafactor::engine`]) with one candle tensor op
+//! per Keras op, on any candle device; the readable reference for the fused path.
 //!
-//! Runs on any candle device and is the readable reference for the fused path. Everything is
-//! computed in float32 into fresh tensors and committed only after the whole step succeeded, so
-//! an error (or a refused non-finite gradient) changes nothing.
+//! Everything is computed in float32 into fresh tensors, staged, and committed by
+//! [`Backend::commit`] only after the whole step succeeded, so an error (or a refused
+//! non-finite gradient) changes nothing.
 
-use crate::optimizer::Adafactor;
-use crate::slot::NewValues;
-use adafactor::{Accumulation, Clip, Factoring, Stats, StepPlan, UpdateScalars};
+use crate::slot::{NewValues, Slot};
+use adafactor::engine::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
+use adafactor::kernels::GradTransform;
+use adafactor::{EmaPlan, Factoring, Stats, UpdateScalars};
 use candle_core::{DType, Result, Tensor, D};
 
 fn scalar(t: &Tensor, s: f32) -> Result<Tensor> {
@@ -53,69 +55,200 @@ fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(to_f32(&t.affine(0.0, 0.0)?.sum_all()?)? == 0.0)
 }
 
-/// Computes one apply. Returns `None` when `check_finite` and a gradient is not finite.
-pub(crate) fn compute(
-    opt: &Adafactor,
-    items: &[(usize, Tensor)],
-    plan: &StepPlan,
-    check_finite: bool,
-) -> Result<Option<Vec<NewValues>>> {
-    let slots = &opt.slots;
-    let mut new: Vec<NewValues> = slots.iter().map(|_| NewValues::default()).collect();
+/// The composed backend over the optimizer's slots and this step's gradients.
+pub(crate) struct Composed<'a> {
+    slots: &'a mut [Slot],
+    grads: &'a [(usize, Tensor)],
+    /// Each gradient in float32, unscaled by `loss_scale_factor` (indexed like `grads`).
+    unscaled: Vec<Option<Tensor>>,
+    staged: Vec<NewValues>,
+}
 
-    // Unscale.
-    let mut grads = Vec::with_capacity(items.len());
-    for (i, g) in items {
-        let mut g = g.to_dtype(DType::F32)?;
-        if let Some(f) = plan.loss_scale_factor {
+/// The measure stage's tensors of one target: the effective gradient and the decayed weight.
+pub(crate) struct Measured {
+    g: Tensor,
+    x: Tensor,
+}
+
+/// The update stage's result of one target.
+pub(crate) struct Updated {
+    x: Tensor,
+    update: Tensor,
+    stats: Stats,
+}
+
+impl<'a> Composed<'a> {
+    /// The backend over `slots` with the gradients of `grads` (`(slot index, gradient)`).
+    pub(crate) fn new(slots: &'a mut [Slot], grads: &'a [(usize, Tensor)]) -> Self {
+        let staged = slots.iter().map(|_| NewValues::default()).collect();
+        Composed {
+            slots,
+            grads,
+            unscaled: vec![None; grads.len()],
+            staged,
+        }
+    }
+
+    /// The `k`-th gradient in float32, unscaled by `loss_scale_factor` (computed once).
+    fn unscaled(&mut self, k: usize, transform: GradTransform) -> Result<Tensor> {
+        if let Some(g) = &self.unscaled[k] {
+            return Ok(g.clone());
+        }
+        let mut g = self.grads[k].1.to_dtype(DType::F32)?;
+        if let Some(f) = transform.loss_scale {
             g = div(&g, f)?;
         }
-        if check_finite && !all_finite(&g)? {
-            return Ok(None);
-        }
-        grads.push((*i, g));
+        self.unscaled[k] = Some(g.clone());
+        Ok(g)
     }
 
-    // Accumulate.
-    match plan.accumulation {
-        Accumulation::Off => {}
-        Accumulation::Accumulate => {
-            for (i, g) in &grads {
-                let acc = accumulator(opt, *i)?;
-                new[*i].accumulator = Some((acc + g)?);
-            }
-        }
-        Accumulation::Apply { steps } => {
-            for (i, g) in grads.iter_mut() {
-                *g = div(&(accumulator(opt, *i)? + &*g)?, steps as f32)?;
-            }
-            for (slot, n) in slots.iter().zip(new.iter_mut()) {
-                if let Some(acc) = slot.accumulator() {
-                    n.accumulator = Some(acc.zeros_like()?);
-                }
-            }
-        }
+    fn accumulator(&self, i: usize) -> Result<&Tensor> {
+        self.slots[i]
+            .accumulator()
+            .ok_or_else(|| crate::optimizer::err("internal: gradient accumulator missing"))
     }
 
-    if let Some(u) = &plan.update {
-        clip(&mut grads, u.clip)?;
-        for (i, g) in &grads {
-            let slot = &slots[*i];
+    /// The position of a target's gradient in `grads`.
+    fn position(&self, target: &Target) -> Result<usize> {
+        self.grads
+            .iter()
+            .position(|(i, _)| *i == target.var)
+            .ok_or_else(|| crate::optimizer::err("internal: a target without a gradient"))
+    }
+}
+
+impl Backend for Composed<'_> {
+    type Error = candle_core::Error;
+    type Measured = Measured;
+    type Updated = Updated;
+
+    fn core_error(e: adafactor::Error) -> candle_core::Error {
+        crate::optimizer::core_err(e)
+    }
+
+    fn check_gradients(&mut self, targets: &[Target], t: GradTransform) -> Result<Vec<bool>> {
+        let mut flags = Vec::with_capacity(targets.len());
+        for target in targets {
+            let k = self.position(target)?;
+            flags.push(all_finite(&self.unscaled(k, t)?)?);
+        }
+        Ok(flags)
+    }
+
+    fn accumulate(&mut self, targets: &[Target], t: GradTransform) -> Result<()> {
+        for target in targets {
+            let k = self.position(target)?;
+            let g = self.unscaled(k, t)?;
+            let acc = (self.accumulator(target.var)? + g)?;
+            self.staged[target.var].accumulator = Some(acc);
+        }
+        Ok(())
+    }
+
+    fn measure(
+        &mut self,
+        targets: &[Target],
+        _stats: &[Stats],
+        ctx: &UpdateContext,
+    ) -> Result<Vec<(Measure, Measured)>> {
+        let t = ctx.transform;
+        let mut out = Vec::with_capacity(targets.len());
+        for target in targets {
+            let k = self.position(target)?;
+            let mut g = self.unscaled(k, t)?;
+            let finite = !ctx.check_finite || all_finite(&g)?;
+            if let Some(steps) = t.accumulate_steps {
+                g = div(&(self.accumulator(target.var)? + &g)?, steps)?;
+            }
+            if let Some(v) = t.clip_value {
+                g = g.clamp(-v, v)?;
+            }
+            let sum_sq_grad = if ctx.scalars.clip.uses_norms() {
+                sum_sq(&g)? as f64
+            } else {
+                0.0
+            };
+            let slot = &self.slots[target.var];
             let mut x = slot.var.to_dtype(DType::F32)?;
-            if let Some(wd) = u.weight_decay {
-                if !opt.excluded_from_decay(slot) {
-                    x = (&x - mul(&mul(&x, wd)?, u.learning_rate)?)?;
-                }
+            if let Some(d) = ctx.decay(target) {
+                x = (&x - mul(&mul(&x, d.weight_decay)?, d.learning_rate)?)?;
             }
-            let (x, stats) = update_step(g, &x, &slot.stats, u)?;
-            // Rounded to the weight's dtype here: the EMA below reads the stored weight.
-            new[*i].x = Some(x.to_dtype(slot.var.dtype())?);
-            new[*i].stats = Some(stats);
+            let m = Measure {
+                sum_sq_grad,
+                rms_x: rms(&x)?,
+                finite,
+            };
+            out.push((m, Measured { g, x }));
         }
+        Ok(out)
     }
 
-    if let Some(ema) = plan.ema {
-        for (slot, n) in slots.iter().zip(new.iter_mut()) {
+    fn update(
+        &mut self,
+        targets: &[Target],
+        stats: &[Stats],
+        measured: &[Measured],
+        scales: &[GradScale],
+        ctx: &UpdateContext,
+    ) -> Result<Vec<(f32, Updated)>> {
+        targets
+            .iter()
+            .zip(measured)
+            .zip(scales)
+            .map(|((target, m), scale)| {
+                // Keras `_clip_gradients`: `tf.clip_by_norm` or the global-norm scale.
+                let g = match *scale {
+                    GradScale::One => m.g.clone(),
+                    GradScale::Ratio { num, den } => div(&mul(&m.g, num)?, den)?,
+                    GradScale::Factor(s) => mul(&m.g, s)?,
+                };
+                let (update, stats) = update_direction(&g, &stats[target.var], &ctx.scalars)?;
+                let rms_u = rms(&update)?;
+                Ok((
+                    rms_u,
+                    Updated {
+                        x: m.x.clone(),
+                        update,
+                        stats,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn write(
+        &mut self,
+        targets: &[Target],
+        _stats: &[Stats],
+        updated: Vec<Updated>,
+        scalars: &[WriteScalars],
+        _ctx: &UpdateContext,
+    ) -> Result<Vec<Stats>> {
+        let mut out = Vec::with_capacity(targets.len());
+        for ((target, up), w) in targets.iter().zip(updated).zip(scalars) {
+            let update = div(&up.update, w.divisor)?;
+            let x = (up.x - mul(&update, w.alpha)?)?;
+            // Rounded to the weight's dtype here: the EMA reads the stored weight.
+            let dtype = self.slots[target.var].var.dtype();
+            self.staged[target.var].x = Some(x.to_dtype(dtype)?);
+            out.push(up.stats);
+        }
+        Ok(out)
+    }
+
+    fn zero_accumulators(&mut self, vars: &[usize]) -> Result<()> {
+        for &i in vars {
+            if let Some(acc) = self.slots[i].accumulator() {
+                self.staged[i].accumulator = Some(acc.zeros_like()?);
+            }
+        }
+        Ok(())
+    }
+
+    fn ema(&mut self, vars: &[usize], ema: EmaPlan) -> Result<()> {
+        for &i in vars {
+            let slot = &self.slots[i];
+            let n = &mut self.staged[i];
             let x = match &n.x {
                 Some(x) => x.to_dtype(DType::F32)?,
                 None => slot.var.to_dtype(DType::F32)?,
@@ -129,70 +262,31 @@ pub(crate) fn compute(
             }
             n.ema = Some(avg);
         }
+        Ok(())
     }
 
-    for (slot, n) in slots.iter().zip(new.iter_mut()) {
-        if slot.var.elem_count() == 0 {
-            // Nothing to write; and candle returns an empty operand as is, so `x` may share the
-            // variable's storage, which `Var::set` would refuse at commit.
-            n.x = None;
-        } else if let Some(x) = n.x.take() {
-            n.x = Some(x.contiguous()?);
+    fn commit(&mut self) -> Result<()> {
+        for (slot, n) in self.slots.iter().zip(self.staged.iter_mut()) {
+            if slot.var.elem_count() == 0 {
+                // Nothing to write; and candle returns an empty operand as is, so `x` may share
+                // the variable's storage, which `Var::set` would refuse.
+                n.x = None;
+            } else if let Some(x) = n.x.take() {
+                n.x = Some(x.contiguous()?);
+            }
         }
+        // `Var::set` of fresh tensors of checked shapes into contiguous variables cannot fail.
+        for (slot, n) in self.slots.iter_mut().zip(std::mem::take(&mut self.staged)) {
+            slot.commit(n)?;
+        }
+        Ok(())
     }
-    Ok(Some(new))
 }
 
-fn accumulator(opt: &Adafactor, i: usize) -> Result<&Tensor> {
-    opt.slots[i]
-        .accumulator()
-        .ok_or_else(|| crate::optimizer::err("internal: gradient accumulator missing"))
-}
-
-/// Keras `_clip_gradients`.
-fn clip(grads: &mut [(usize, Tensor)], clip: Clip) -> Result<()> {
-    match clip {
-        Clip::None => {}
-        Clip::Norm(c) => {
-            // tf.clip_by_norm: g * c / max(||g||, c), unchanged when ||g|| = 0.
-            for (_, g) in grads.iter_mut() {
-                let l2sum = sum_sq(g)?;
-                if l2sum > 0.0 {
-                    *g = div(&mul(g, c)?, l2sum.sqrt().max(c))?;
-                }
-            }
-        }
-        Clip::GlobalNorm(gc) => {
-            let mut total = 0f32;
-            for (_, g) in grads.iter() {
-                total += sum_sq(g)?;
-            }
-            let norm = total.sqrt();
-            // `norm - norm` is Keras's way to turn a non-finite norm into NaN.
-            #[allow(clippy::eq_op)]
-            let scale = gc * (1.0 / norm).min(1.0 / gc) + (norm - norm);
-            for (_, g) in grads.iter_mut() {
-                *g = mul(g, scale)?;
-            }
-        }
-        Clip::Value(v) => {
-            for (_, g) in grads.iter_mut() {
-                *g = g.clamp(-v, v)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Keras `Adafactor.update_step` on float32 tensors: returns the new weight and statistics.
-pub(crate) fn update_step(
-    g: &Tensor,
-    x: &Tensor,
-    stats: &Stats,
-    u: &UpdateScalars,
-) -> Result<(Tensor, Stats)> {
+/// Keras `Adafactor.update_step`'s direction on float32 tensors: the new statistics and
+/// `u = g / sqrt(v)` before update clipping.
+fn update_direction(g: &Tensor, stats: &Stats, u: &UpdateScalars) -> Result<(Tensor, Stats)> {
     let dev = g.device();
-    let alpha = u.alpha(rms(x)?);
     let q = add(&g.sqr()?, u.epsilon_1)?;
     let b = u.beta2_t;
     let (update, stats) = match stats {
@@ -233,7 +327,5 @@ pub(crate) fn update_step(
             (g.broadcast_div(&v_new.sqrt()?)?, stats)
         }
     };
-    let update = div(&update, u.update_clip_divisor(rms(&update)?))?;
-    let x = (x - mul(&update, alpha)?)?;
-    Ok((x, stats))
+    Ok((update, stats))
 }

@@ -3,126 +3,11 @@
 //! [`Adafactor::set_keras_weights`]).
 
 use crate::optimizer::{core_err, err, Adafactor};
-use adafactor::{LearningRate, Stats};
-use candle_core::{DType, Device, Result, Tensor};
-
-/// Relative tolerance of the check that a Keras velocity equals `r_i * c_j / mean(r)`
-/// ([`Adafactor::set_keras_weights`]): Keras computes it in float32 with its own reduction order.
-const VELOCITY_RTOL: f32 = 1e-5;
-
-/// One entry of the Keras `variables` list.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum KerasPart {
-    Iteration,
-    LearningRate,
-    Average(usize),
-    Accumulator(usize),
-    /// The int32 scalar Keras keeps for `r` and `c` of a rank < 2 variable.
-    Dummy,
-    /// `r` (k = 0) or `c` (k = 1) of a rank >= 2 variable.
-    Factor(usize, usize),
-    Velocity(usize),
-    Extra(usize),
-}
-
-/// Keras's rebuilt velocity of one factored variable: per leading slice,
-/// `v[i, j] = (r[i] / mean(r)) * c[j]`, in float32 as Keras computes it. A slice whose `mean(r)`
-/// is 0 (a freshly built optimizer) has a zero velocity.
-fn velocity(r: &[f32], c: &[f32], n: usize, m: usize) -> Vec<f32> {
-    let lead = r.len().checked_div(n).unwrap_or(0);
-    let mut v = Vec::with_capacity(lead * n * m);
-    for l in 0..lead {
-        let rs = &r[l * n..(l + 1) * n];
-        let cs = &c[l * m..(l + 1) * m];
-        let mean = (rs.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32;
-        for &ri in rs {
-            let row = if mean == 0.0 { 0.0 } else { ri / mean };
-            v.extend(cs.iter().map(|&cj| row * cj));
-        }
-    }
-    v
-}
-
-/// Whether a Keras velocity value agrees with the one rebuilt from `r` and `c`.
-fn velocity_agrees(keras: f32, rebuilt: f32, zero_mean: bool) -> bool {
-    if zero_mean {
-        // Zero at build; 0/0 in Keras after a step with zero statistics.
-        return keras == 0.0 || keras.is_nan();
-    }
-    keras == rebuilt
-        || (keras.is_nan() && rebuilt.is_nan())
-        || (keras - rebuilt).abs() <= VELOCITY_RTOL * keras.abs().max(rebuilt.abs())
-}
+use adafactor::manifest::{self, Part};
+use adafactor::LearningRate;
+use candle_core::{DType, Result, Tensor};
 
 impl Adafactor {
-    /// The Keras `optimizer.variables` list this optimizer corresponds to, as `(path, tensor)`.
-    fn keras_layout(&self) -> Vec<(String, DType, Vec<usize>, KerasPart)> {
-        let opt = &self.config.name;
-        let path_ = |name: &str| name.replace('/', "_");
-        let leaf = |name: &str| name.rsplit('/').next().unwrap_or(name).to_string();
-        let mut out = vec![(
-            format!("{opt}/iteration"),
-            DType::I64,
-            vec![],
-            KerasPart::Iteration,
-        )];
-        if let LearningRate::Constant(_) = self.config.learning_rate {
-            out.push((
-                format!("{opt}/learning_rate"),
-                DType::F32,
-                vec![],
-                KerasPart::LearningRate,
-            ));
-        }
-        if self.config.use_ema {
-            for (i, s) in self.slots.iter().enumerate() {
-                out.push((
-                    format!("{opt}/{}_average", path_(&s.name)),
-                    DType::F32,
-                    s.var.dims().to_vec(),
-                    KerasPart::Average(i),
-                ));
-            }
-        }
-        if self.config.gradient_accumulation_steps.is_some() {
-            for (i, s) in self.slots.iter().enumerate() {
-                out.push((
-                    format!("{opt}/{}_gradient_accumulator", path_(&s.name)),
-                    DType::F32,
-                    s.var.dims().to_vec(),
-                    KerasPart::Accumulator(i),
-                ));
-            }
-        }
-        for (i, s) in self.slots.iter().enumerate() {
-            let dims = s.var.dims();
-            let name = format!("{opt}/{}", leaf(&s.name));
-            if dims.len() >= 2 {
-                for (k, (_, shape)) in Stats::slot_shapes(dims).into_iter().enumerate() {
-                    out.push((name.clone(), DType::F32, shape, KerasPart::Factor(i, k)));
-                }
-            } else {
-                out.push((name.clone(), DType::I32, vec![], KerasPart::Dummy));
-                out.push((name, DType::I32, vec![], KerasPart::Dummy));
-            }
-            out.push((
-                format!("{opt}/{}_velocity", path_(&s.name)),
-                DType::F32,
-                dims.to_vec(),
-                KerasPart::Velocity(i),
-            ));
-        }
-        for (i, (name, v)) in self.extra.iter().enumerate() {
-            out.push((
-                name.clone(),
-                v.dtype(),
-                v.dims().to_vec(),
-                KerasPart::Extra(i),
-            ));
-        }
-        out
-    }
-
     /// The optimizer state as a Keras 3 `Adafactor` built on the same variables holds it: Keras's
     /// `optimizer.variables` as `(path, tensor)`, in Keras's order (see
     /// [`Adafactor::set_keras_weights`] for the mapping). Tensors are copies.
@@ -145,49 +30,10 @@ impl Adafactor {
     /// # Errors
     /// A tensor copy fails.
     pub fn keras_variables(&self) -> Result<Vec<(String, Tensor)>> {
-        let cpu = Device::Cpu;
-        let mut out = Vec::new();
-        for (name, _, shape, part) in self.keras_layout() {
-            let t = match part {
-                KerasPart::Iteration => Tensor::new(self.raw_iterations as i64, &cpu)?,
-                KerasPart::LearningRate => {
-                    Tensor::new(self.config.learning_rate.value(self.raw_iterations), &cpu)?
-                }
-                KerasPart::Average(i) => self.slots[i]
-                    .ema()
-                    .ok_or_else(|| err("internal: EMA average missing"))?
-                    .copy()?,
-                KerasPart::Accumulator(i) => self.slots[i]
-                    .accumulator()
-                    .ok_or_else(|| err("internal: gradient accumulator missing"))?
-                    .copy()?,
-                KerasPart::Dummy => Tensor::new(0i32, &cpu)?,
-                KerasPart::Factor(i, k) => {
-                    let s = &self.slots[i];
-                    let stats = s.stats.slots(s.var.dims());
-                    let values = stats
-                        .get(k)
-                        .ok_or_else(|| err("internal: statistic missing"))?
-                        .2;
-                    Tensor::from_slice(values, shape, &cpu)?
-                }
-                KerasPart::Velocity(i) => {
-                    let s = &self.slots[i];
-                    let dims = s.var.dims();
-                    let stats = s.stats.slots(dims);
-                    let values = if dims.len() >= 2 {
-                        let (n, m) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-                        velocity(stats[0].2, stats[1].2, n, m)
-                    } else {
-                        stats[0].2.to_vec()
-                    };
-                    Tensor::from_vec(values, shape, &cpu)?
-                }
-                KerasPart::Extra(i) => self.extra[i].1.as_tensor().copy()?,
-            };
-            out.push((name, t));
-        }
-        Ok(out)
+        manifest::keras(&self.config, &self.var_list(), &self.extra_list())
+            .into_iter()
+            .map(|e| Ok((e.name.clone(), self.entry_tensor(&e)?)))
+            .collect()
     }
 
     /// Keras `set_weights` with the weights of a Keras 3 `Adafactor` built on the same variables
@@ -218,7 +64,7 @@ impl Adafactor {
     /// its variable's `r` and `c` (naming the variable and the first differing index).
     pub fn set_keras_weights(&mut self, weights: &[Tensor]) -> Result<()> {
         self.require_built_for_set_weights()?;
-        let layout = self.keras_layout();
+        let layout = manifest::keras(&self.config, &self.var_list(), &self.extra_list());
         if layout.len() != weights.len() {
             return Err(err(format!(
                 "set_keras_weights: a Keras Adafactor built on the {} variables of optimizer \
@@ -229,7 +75,8 @@ impl Adafactor {
                 weights.len()
             )));
         }
-        for ((name, _, shape, _), w) in layout.iter().zip(weights) {
+        for (e, w) in layout.iter().zip(weights) {
+            let (name, shape) = (&e.name, &e.shape);
             if w.dims() != shape.as_slice() {
                 return Err(err(format!(
                     "Optimizer variable {name} has shape {shape:?} not compatible with provided \
@@ -241,15 +88,16 @@ impl Adafactor {
         let floats = |w: &Tensor| -> Result<Vec<f32>> {
             w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
         };
-        let mut raw = self.raw_iterations;
+        let mut raw = self.counters.raw_iterations;
         let mut config = self.config.clone();
         let mut emas: Vec<Option<Tensor>> = self.slots.iter().map(|_| None).collect();
         let mut accs: Vec<Option<Tensor>> = self.slots.iter().map(|_| None).collect();
         let mut factors: Vec<Vec<Vec<f32>>> = self.slots.iter().map(|_| Vec::new()).collect();
         let mut extras = Vec::with_capacity(self.extra.len());
-        for ((name, _, _, part), w) in layout.iter().zip(weights) {
-            match *part {
-                KerasPart::Iteration => {
+        for (e, w) in layout.iter().zip(weights) {
+            let name = &e.name;
+            match e.part {
+                Part::Iteration => {
                     let bad = |got: String| {
                         err(format!(
                             "set_keras_weights: {name} must be a whole number in [0, {}], got \
@@ -259,38 +107,35 @@ impl Adafactor {
                     };
                     raw = if w.dtype().is_float() {
                         let it = w.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                        // 2^63 is the first float beyond i64::MAX.
-                        if !(it >= 0.0 && it.fract() == 0.0 && it < 9.223_372_036_854_776e18) {
-                            return Err(bad(it.to_string()));
-                        }
-                        it as u64
+                        manifest::iteration_from_float(it).ok_or_else(|| bad(it.to_string()))?
                     } else {
                         let it = w.to_dtype(DType::I64)?.to_scalar::<i64>()?;
                         u64::try_from(it).map_err(|_| bad(it.to_string()))?
                     };
                 }
-                KerasPart::LearningRate => {
+                Part::LearningRate => {
                     let lr = w.to_dtype(DType::F32)?.to_scalar::<f32>()?;
                     config.learning_rate = LearningRate::Constant(lr as f64);
                     config.validate().map_err(core_err)?;
                 }
-                KerasPart::Average(i) => {
+                Part::Average(i) => {
                     emas[i] = Some(Tensor::from_vec(
                         floats(w)?,
                         self.slots[i].var.dims(),
                         self.slots[i].var.device(),
                     )?)
                 }
-                KerasPart::Accumulator(i) => {
+                Part::Accumulator(i) => {
                     accs[i] = Some(Tensor::from_vec(
                         floats(w)?,
                         self.slots[i].var.dims(),
                         self.slots[i].var.device(),
                     )?)
                 }
-                KerasPart::Dummy => {}
-                KerasPart::Factor(i, _) => factors[i].push(floats(w)?),
-                KerasPart::Velocity(i) => {
+                Part::Dummy => {}
+                Part::Stat(i, _) => factors[i].push(floats(w)?),
+                Part::SkippedSteps => return Err(err("internal: not a Keras variable")),
+                Part::Velocity(i) => {
                     let dims = self.slots[i].var.dims();
                     let v = floats(w)?;
                     if dims.len() < 2 {
@@ -302,24 +147,16 @@ impl Adafactor {
                         [r, c] => (r, c),
                         _ => return Err(err("internal: r and c precede the velocity")),
                     };
-                    let rebuilt = velocity(r, c, n, m);
-                    for (k, (&kv, &rv)) in v.iter().zip(&rebuilt).enumerate() {
-                        let slice = k.checked_div(n * m).unwrap_or(0);
-                        let mean: f64 = r[slice * n..(slice + 1) * n]
-                            .iter()
-                            .map(|&x| x as f64)
-                            .sum();
-                        if !velocity_agrees(kv, rv, mean == 0.0) {
-                            return Err(err(format!(
-                                "set_keras_weights: the velocity of variable `{}` ({name}) is \
-                                 not r_i * c_j / mean(r) of its r and c: at flat index {k} it is \
-                                 {kv}, r and c give {rv}; factored statistics cannot hold it",
-                                self.slots[i].name
-                            )));
-                        }
+                    if let Err((k, kv, rv)) = manifest::check_velocity(&v, r, c, n, m) {
+                        return Err(err(format!(
+                            "set_keras_weights: the velocity of variable `{}` ({name}) is not \
+                             r_i * c_j / mean(r) of its r and c: at flat index {k} it is {kv}, \
+                             r and c give {rv}; factored statistics cannot hold it",
+                            self.slots[i].name
+                        )));
                     }
                 }
-                KerasPart::Extra(i) => {
+                Part::Extra(i) => {
                     let var = &self.extra[i].1;
                     extras.push(
                         w.to_dtype(var.dtype())?
@@ -344,24 +181,8 @@ impl Adafactor {
             s.stats = st;
             s.set_full_state(ema, acc);
         }
-        self.raw_iterations = raw;
+        self.counters.raw_iterations = raw;
         self.config = config;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn velocity_is_per_slice_and_zero_at_build() {
-        // Two slices of a [2, 2, 2] variable: r = [1, 3 | 0, 0], c = [2, 4 | 5, 6].
-        let v = velocity(&[1.0, 3.0, 0.0, 0.0], &[2.0, 4.0, 5.0, 6.0], 2, 2);
-        assert_eq!(v, [1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 0.0]);
-        assert!(velocity_agrees(0.0, 0.0, true));
-        assert!(!velocity_agrees(1.0, 0.0, true));
-        assert!(velocity_agrees(1.0 + 5e-6, 1.0, false));
-        assert!(!velocity_agrees(1.0 + 5e-5, 1.0, false));
     }
 }

@@ -1,11 +1,12 @@
 //! `Adafactor`: the optimizer object, its Keras methods and the candle `Optimizer` trait.
 
-use crate::composed;
+use crate::composed::Composed;
 use crate::fused;
-use crate::slot::{NewValues, Slot};
-use adafactor::{AdafactorConfig, LearningRate, NameExclusions, OnNonFinite, StepPlan};
+use crate::slot::Slot;
+use adafactor::engine::{self, Counters, Local, Step, Target};
+use adafactor::{AdafactorConfig, LearningRate, NameExclusions, OnNonFinite, Stats, StepPlan};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, TensorId, Var};
+use candle_core::{Result, Tensor, TensorId, Var};
 use std::collections::{HashMap, HashSet};
 
 /// Converts a core error into a candle error, keeping its message.
@@ -43,10 +44,12 @@ pub struct Adafactor {
     pub(crate) config: AdafactorConfig,
     pub(crate) slots: Vec<Slot>,
     pub(crate) index: HashMap<TensorId, usize>,
-    /// Keras `_iterations`: calls that had at least one gradient (and were not skipped).
-    pub(crate) raw_iterations: u64,
-    pub(crate) skipped_steps: u64,
+    /// Keras `_iterations` (calls that had at least one gradient and were not skipped) and
+    /// the skipped-step count.
+    pub(crate) counters: Counters,
     pub(crate) built: bool,
+    /// The path the last step took (`None` before the first).
+    last_path: Option<DataPath>,
     exclude_ids: HashSet<TensorId>,
     exclude_names: NameExclusions,
     pub(crate) extra: Vec<(String, Var)>,
@@ -77,9 +80,9 @@ impl Adafactor {
             config,
             slots: Vec::new(),
             index: HashMap::new(),
-            raw_iterations: 0,
-            skipped_steps: 0,
+            counters: Counters::default(),
             built: false,
+            last_path: None,
             exclude_ids: HashSet::new(),
             exclude_names: NameExclusions::default(),
             extra: Vec::new(),
@@ -183,22 +186,22 @@ impl Adafactor {
 
     /// Keras `iterations`: completed updates (raw calls // k with gradient accumulation).
     pub fn iterations(&self) -> u64 {
-        adafactor::plan::completed_updates(&self.config, self.raw_iterations)
+        adafactor::plan::completed_updates(&self.config, self.counters.raw_iterations)
     }
 
     /// Keras `_iterations`: `apply_gradients` calls that had at least one gradient.
     pub fn raw_iterations(&self) -> u64 {
-        self.raw_iterations
+        self.counters.raw_iterations
     }
 
     /// Steps skipped because of a non-finite gradient (`on_nonfinite = "skip"`).
     pub fn skipped_steps(&self) -> u64 {
-        self.skipped_steps
+        self.counters.skipped_steps
     }
 
     /// Keras `learning_rate`: the schedule at the raw step, or the constant (as float32).
     pub fn current_learning_rate(&self) -> f32 {
-        self.config.learning_rate_at(self.raw_iterations)
+        self.config.learning_rate_at(self.counters.raw_iterations)
     }
 
     /// Sets a constant learning rate, as assigning `optimizer.learning_rate = x` in Keras.
@@ -298,8 +301,13 @@ impl Adafactor {
         })
     }
 
-    /// The data path an apply on these slots would take.
+    /// The data path the last step took; before the first step, the path the variables allow
+    /// (a step can still run composed when one of its gradients is not a contiguous CPU tensor
+    /// or shares storage with optimizer state, and Keras's bare `update_step` always does).
     pub fn data_path(&self) -> DataPath {
+        if let Some(path) = self.last_path {
+            return path;
+        }
         if self.config.jit_compile && self.slots.iter().all(|s| fused::supports(&s.var)) {
             DataPath::Fused
         } else {
@@ -358,7 +366,7 @@ impl Adafactor {
         if pairs.is_empty() {
             return Ok(self.iterations());
         }
-        if self.raw_iterations >= MAX_ITERATION {
+        if self.counters.raw_iterations >= MAX_ITERATION {
             return Err(err(format!(
                 "the `iteration` counter of optimizer `{}` is at its maximum ({MAX_ITERATION})",
                 self.config.name
@@ -400,33 +408,9 @@ impl Adafactor {
         learning_rate: f64,
     ) -> Result<()> {
         let items = self.check_pairs(&[(Some(gradient), variable)])?;
-        let step_config = AdafactorConfig {
-            learning_rate: LearningRate::Constant(learning_rate),
-            gradient_accumulation_steps: None,
-            ..self.config.clone()
-        };
-        step_config.validate().map_err(core_err)?;
-        let mut plan = StepPlan::new(&self.config, self.raw_iterations);
-        let mut scalars = adafactor::plan::StepPlan::new(&step_config, self.iterations())
-            .update
-            .ok_or_else(|| err("internal: no update scalars"))?;
-        scalars.weight_decay = None;
-        scalars.clip = adafactor::Clip::None;
-        plan.update = Some(scalars);
-        plan.accumulation = adafactor::Accumulation::Off;
-        plan.ema = None;
-        plan.loss_scale_factor = None;
-        let check_finite = self.config.on_nonfinite != OnNonFinite::Propagate;
-        match composed::compute(self, &items, &plan, check_finite)? {
-            Some(new) => self.commit(new),
-            None if self.config.on_nonfinite == OnNonFinite::Skip => {
-                self.skipped_steps += 1;
-                Ok(())
-            }
-            None => Err(core_err(adafactor::Error::NonFinite {
-                variable: self.slots[items[0].0].name.clone(),
-            })),
-        }
+        let plan = StepPlan::bare_update(&self.config, self.counters.raw_iterations, learning_rate)
+            .map_err(core_err)?;
+        self.run(&items, &plan, DataPath::Composed, false)
     }
 
     /// Checks every pair before anything changes; returns `(slot index, gradient)` for the
@@ -478,65 +462,72 @@ impl Adafactor {
 
     /// Runs one planned apply on checked items, on the fused or the composed path.
     fn apply_checked(&mut self, items: Vec<(usize, Tensor)>) -> Result<()> {
-        let plan = StepPlan::new(&self.config, self.raw_iterations);
-        let check_finite = self.config.on_nonfinite != OnNonFinite::Propagate;
-        let use_fused = self.config.jit_compile && fused::eligible(self, &items);
-        let finite = if use_fused {
-            fused::apply(self, &items, &plan, check_finite)?
+        let plan = StepPlan::new(&self.config, self.counters.raw_iterations);
+        let path = if self.config.jit_compile && fused::eligible(self, &items) {
+            DataPath::Fused
         } else {
-            match composed::compute(self, &items, &plan, check_finite)? {
-                Some(new) => {
-                    self.commit(new)?;
-                    true
-                }
-                None => false,
-            }
+            DataPath::Composed
         };
-        if !finite {
-            return match self.config.on_nonfinite {
-                OnNonFinite::Skip => {
-                    self.skipped_steps += 1;
-                    Ok(())
-                }
-                _ => Err(core_err(adafactor::Error::NonFinite {
-                    variable: self.first_nonfinite(&items),
-                })),
-            };
-        }
-        self.raw_iterations += 1;
-        Ok(())
+        self.run(&items, &plan, path, true)
     }
 
-    /// Names the first variable whose gradient is not finite after unscaling by
-    /// `loss_scale_factor`, as both data paths check it (only called on the error path).
-    fn first_nonfinite(&self, items: &[(usize, Tensor)]) -> String {
-        let unscale = |g: Tensor| match self.config.loss_scale_factor {
-            Some(f) => g.broadcast_div(&Tensor::new(f as f32, g.device())?),
-            None => Ok(g),
+    /// Runs the core's pipeline on one path and counts the outcome (`counts`: an
+    /// `apply_gradients` call, which advances `iterations`).
+    fn run(
+        &mut self,
+        items: &[(usize, Tensor)],
+        plan: &StepPlan,
+        path: DataPath,
+        counts: bool,
+    ) -> Result<()> {
+        let targets: Vec<Target> = items
+            .iter()
+            .map(|(i, _)| Target {
+                var: *i,
+                decays: !self.excluded_from_decay(&self.slots[*i]),
+            })
+            .collect();
+        let scope: Vec<usize> = (0..self.slots.len()).collect();
+        let step = Step {
+            plan,
+            targets: &targets,
+            scope: &scope,
+            check_finite: self.config.on_nonfinite != OnNonFinite::Propagate,
         };
-        for (i, g) in items {
-            let finite = g
-                .to_dtype(DType::F32)
-                .and_then(unscale)
-                .and_then(|g| g.affine(0.0, 0.0))
-                .and_then(|z| z.sum_all())
-                .and_then(|s| s.to_scalar::<f32>())
-                .map(|s| s == 0.0)
-                .unwrap_or(false);
-            if !finite {
-                return self.slots[*i].name.clone();
+        // The statistics travel to the pipeline and back (moved, not copied).
+        let mut stats: Vec<Stats> = self
+            .slots
+            .iter_mut()
+            .map(|s| std::mem::replace(&mut s.stats, Stats::Unfactored { v: Vec::new() }))
+            .collect();
+        let outcome = match path {
+            DataPath::Fused => {
+                let buffers = fused::Buffers::new(&self.slots, items);
+                engine::run(
+                    &mut engine::fused::Fused::new(&buffers),
+                    &mut stats,
+                    step,
+                    &Local,
+                )
             }
+            DataPath::Composed => engine::run(
+                &mut Composed::new(&mut self.slots, items),
+                &mut stats,
+                step,
+                &Local,
+            ),
+        };
+        for (slot, st) in self.slots.iter_mut().zip(stats) {
+            slot.stats = st;
         }
-        "<unknown>".to_string()
-    }
-
-    /// Commits computed values; cannot fail after [`composed::compute`] succeeded (fresh tensors
-    /// of checked shapes into contiguous variables).
-    pub(crate) fn commit(&mut self, new: Vec<NewValues>) -> Result<()> {
-        for (slot, values) in self.slots.iter_mut().zip(new) {
-            slot.commit(values)?;
-        }
-        Ok(())
+        let outcome = outcome?;
+        self.last_path = Some(path);
+        let slots = &self.slots;
+        self.counters
+            .record(outcome, self.config.on_nonfinite, counts, |var| {
+                var.map_or_else(|| "<unknown>".into(), |i| slots[i].name.clone())
+            })
+            .map_err(core_err)
     }
 }
 

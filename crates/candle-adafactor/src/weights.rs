@@ -1,53 +1,86 @@
 //! Keras `variables`, `set_weights` and `add_variable`: the optimizer's own state as a named
-//! list in a stable order.
-//!
-//! Order: `iteration` (raw call count, i64 scalar), `learning_rate` (f32 scalar, only for a
-//! constant learning rate), then per variable in build order `{name}/average` (with `use_ema`),
-//! then `{name}/accumulator` (with gradient accumulation), then per variable `{name}/r` and
-//! `{name}/c` (rank >= 2) or `{name}/v` (rank 0 and 1), then variables made by `add_variable`.
-//! This is Keras's order without the full-size velocity and the int32 dummies Keras keeps.
+//! list in a stable order, the order of the core's state manifest
+//! ([`adafactor::manifest::variables`]): `iteration` (raw call count, i64 scalar),
+//! `learning_rate` (f32 scalar, only for a constant learning rate), then per variable in build
+//! order `{name}/average` (with `use_ema`), then `{name}/accumulator` (with gradient
+//! accumulation), then per variable `{name}/r` and `{name}/c` (rank >= 2) or `{name}/v` (rank 0
+//! and 1), then variables made by `add_variable`. This is Keras's order without the full-size
+//! velocity and the int32 dummies Keras keeps.
 
-use crate::optimizer::{err, Adafactor, MAX_ITERATION};
+use crate::optimizer::{core_err, err, Adafactor, MAX_ITERATION};
+use adafactor::manifest::{self, Entry, Named, Part};
 use adafactor::{AdafactorConfig, LearningRate};
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 
 impl Adafactor {
+    /// The variables' names and shapes, in build order (the manifest's input).
+    pub(crate) fn var_list(&self) -> Vec<Named> {
+        self.slots
+            .iter()
+            .map(|s| (s.name.clone(), s.var.dims().to_vec()))
+            .collect()
+    }
+
+    /// The `add_variable` variables' names and shapes.
+    pub(crate) fn extra_list(&self) -> Vec<Named> {
+        self.extra
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+            .collect()
+    }
+
+    /// The current value of one manifest entry, as a new tensor (state tensors on their
+    /// device, statistics and counters on the CPU).
+    pub(crate) fn entry_tensor(&self, e: &Entry) -> Result<Tensor> {
+        let cpu = Device::Cpu;
+        let missing = |what: &str| err(format!("internal: {what} of `{}` missing", e.name));
+        let stat = |i: usize, k: usize| -> Result<&[f32]> {
+            let s = &self.slots[i];
+            let slots = s.stats.slots(s.var.dims());
+            slots
+                .get(k)
+                .map(|x| x.2)
+                .ok_or_else(|| missing("statistic"))
+        };
+        let raw = self.counters.raw_iterations;
+        Ok(match e.part {
+            Part::Iteration => Tensor::new(raw as i64, &cpu)?,
+            Part::SkippedSteps => Tensor::new(self.counters.skipped_steps as i64, &cpu)?,
+            Part::LearningRate => Tensor::new(self.config.learning_rate.value(raw), &cpu)?,
+            Part::Average(i) => self.slots[i]
+                .ema()
+                .ok_or_else(|| missing("EMA average"))?
+                .copy()?,
+            Part::Accumulator(i) => self.slots[i]
+                .accumulator()
+                .ok_or_else(|| missing("gradient accumulator"))?
+                .copy()?,
+            Part::Stat(i, k) => Tensor::from_slice(stat(i, k)?, e.shape.as_slice(), &cpu)?,
+            Part::Dummy => Tensor::new(0i32, &cpu)?,
+            Part::Velocity(i) => {
+                let dims = self.slots[i].var.dims();
+                let values = if dims.len() >= 2 {
+                    let (n, m) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+                    manifest::velocity(stat(i, 0)?, stat(i, 1)?, n, m)
+                } else {
+                    stat(i, 0)?.to_vec()
+                };
+                Tensor::from_vec(values, e.shape.as_slice(), &cpu)?
+            }
+            Part::Extra(i) => self.extra[i].1.as_tensor().copy()?,
+        })
+    }
+
     /// Keras `variables`: every piece of optimizer state, named, as copies (changing them does
     /// not change the optimizer; use [`Adafactor::set_weights`]).
     ///
     /// # Errors
     /// A tensor copy fails.
     pub fn variables(&self) -> Result<Vec<(String, Tensor)>> {
-        let cpu = Device::Cpu;
-        let mut out = vec![(
-            "iteration".to_string(),
-            Tensor::new(self.raw_iterations as i64, &cpu)?,
-        )];
-        if let LearningRate::Constant(lr) = self.config.learning_rate {
-            out.push(("learning_rate".into(), Tensor::new(lr as f32, &cpu)?));
-        }
-        for s in &self.slots {
-            if let Some(e) = s.ema() {
-                out.push((format!("{}/average", s.name), e.copy()?));
-            }
-        }
-        for s in &self.slots {
-            if let Some(a) = s.accumulator() {
-                out.push((format!("{}/accumulator", s.name), a.copy()?));
-            }
-        }
-        for s in &self.slots {
-            for (suffix, shape, values) in s.stats.slots(s.var.dims()) {
-                out.push((
-                    format!("{}/{suffix}", s.name),
-                    Tensor::from_slice(values, shape, &cpu)?,
-                ));
-            }
-        }
-        for (name, v) in &self.extra {
-            out.push((name.clone(), v.as_tensor().copy()?));
-        }
-        Ok(out)
+        manifest::variables(&self.config, &self.var_list(), &self.extra_list())
+            .into_iter()
+            .map(|e| Ok((e.name.clone(), self.entry_tensor(&e)?)))
+            .collect()
     }
 
     /// Keras `set_weights(weights)`: sets the optimizer state from tensors in
@@ -60,83 +93,69 @@ impl Adafactor {
     /// `[0, i64::MAX]`; an invalid learning rate.
     pub fn set_weights(&mut self, weights: &[Tensor]) -> Result<()> {
         self.require_built_for_set_weights()?;
-        let current = self.variables()?;
-        if current.len() != weights.len() {
+        let list = manifest::variables(&self.config, &self.var_list(), &self.extra_list());
+        if list.len() != weights.len() {
             return Err(err(format!(
                 "set_weights: optimizer `{}` has {} variables, got {} weights",
                 self.config.name,
-                current.len(),
+                list.len(),
                 weights.len()
             )));
         }
-        for ((name, cur), w) in current.iter().zip(weights) {
-            if cur.dims() != w.dims() {
+        for (e, w) in list.iter().zip(weights) {
+            if e.shape != w.dims() {
                 return Err(err(format!(
-                    "Optimizer variable {name} has shape {:?} not compatible with provided \
+                    "Optimizer variable {} has shape {:?} not compatible with provided \
                      weight shape {:?}.",
-                    cur.dims(),
+                    e.name,
+                    e.shape,
                     w.dims()
                 )));
             }
         }
         // Convert everything first; only then assign.
-        let mut it = weights.iter();
-        let mut next = || it.next().ok_or_else(|| err("internal: weight count"));
-        let raw = iteration_count(next()?)?;
+        let n = self.slots.len();
+        let mut raw = self.counters.raw_iterations;
         let mut config = self.config.clone();
-        if let LearningRate::Constant(_) = config.learning_rate {
-            let lr = next()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            config = AdafactorConfig {
-                learning_rate: LearningRate::Constant(lr as f64),
-                ..config
-            };
-            config.validate().map_err(crate::optimizer::core_err)?;
-        }
-        let mut emas = Vec::new();
-        for s in &self.slots {
-            if s.ema().is_some() {
-                emas.push(to_slot(next()?, s.var.device())?);
+        let mut emas: Vec<Option<Tensor>> = vec![None; n];
+        let mut accs: Vec<Option<Tensor>> = vec![None; n];
+        let mut values: Vec<Vec<Vec<f32>>> = vec![Vec::new(); n];
+        let mut extras = Vec::new();
+        for (e, w) in list.iter().zip(weights) {
+            match e.part {
+                Part::Iteration => raw = iteration_count(w)?,
+                Part::LearningRate => {
+                    let lr = w.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                    config = AdafactorConfig {
+                        learning_rate: LearningRate::Constant(lr as f64),
+                        ..config
+                    };
+                    config.validate().map_err(core_err)?;
+                }
+                Part::Average(i) => emas[i] = Some(to_slot(w, self.slots[i].var.device())?),
+                Part::Accumulator(i) => accs[i] = Some(to_slot(w, self.slots[i].var.device())?),
+                Part::Stat(i, _) => {
+                    values[i].push(w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+                }
+                Part::Extra(i) => {
+                    let v = &self.extra[i].1;
+                    extras.push(w.to_dtype(v.dtype())?.to_device(v.device())?);
+                }
+                Part::Dummy | Part::Velocity(_) | Part::SkippedSteps => {
+                    return Err(err("internal: not a Keras `variables` entry"))
+                }
             }
         }
-        let mut accs = Vec::new();
-        for s in &self.slots {
-            if s.accumulator().is_some() {
-                accs.push(to_slot(next()?, s.var.device())?);
-            }
-        }
-        let mut stats = Vec::new();
-        for s in &self.slots {
+        let mut stats = Vec::with_capacity(n);
+        for (s, v) in self.slots.iter().zip(&values) {
             let mut st = s.stats.clone();
-            let values = st
-                .slots_mut()
-                .iter()
-                .map(|_| {
-                    next()?
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()
-                })
-                .collect::<Result<Vec<_>>>()?;
-            st.set_from(&s.name, &values)
-                .map_err(crate::optimizer::core_err)?;
+            st.set_from(&s.name, v).map_err(core_err)?;
             stats.push(st);
         }
-        let mut extras = Vec::new();
-        for (_, v) in &self.extra {
-            extras.push(next()?.to_dtype(v.dtype())?.to_device(v.device())?);
-        }
         // Commit.
-        self.raw_iterations = raw;
+        self.counters.raw_iterations = raw;
         self.config = config;
-        let mut emas = emas.into_iter();
-        let mut accs = accs.into_iter();
-        for (s, st) in self.slots.iter_mut().zip(stats) {
-            let ema = if s.ema().is_some() { emas.next() } else { None };
-            let acc = if s.accumulator().is_some() {
-                accs.next()
-            } else {
-                None
-            };
+        for (((s, st), ema), acc) in self.slots.iter_mut().zip(stats).zip(emas).zip(accs) {
             s.set_full_state(ema, acc);
             s.stats = st;
         }
@@ -208,12 +227,7 @@ fn iteration_count(t: &Tensor) -> Result<u64> {
         u64::try_from(v).map_err(|_| bad(v.to_string()))
     } else {
         let v = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        // 2^63 (= MAX_ITERATION + 1) is the first float64 above the range.
-        if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < 9_223_372_036_854_775_808.0 {
-            Ok(v as u64)
-        } else {
-            Err(bad(v.to_string()))
-        }
+        manifest::iteration_from_float(v).ok_or_else(|| bad(v.to_string()))
     }
 }
 

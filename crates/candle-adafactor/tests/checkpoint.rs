@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-const PATHS: [bool; 2] = [true, false];
+use common::PATHS;
 
 /// The model: rank 2, 1, 0 and 3 variables.
 fn initial_vars() -> Vec<(String, Var)> {
@@ -364,7 +364,7 @@ fn failed_loads_change_nothing() {
             "a future format version",
             &edit_header(
                 &good,
-                "\"format_version\":\"1\"",
+                &format!("\"format_version\":\"{STATE_FORMAT_VERSION}\""),
                 "\"format_version\":\"7\"",
             ),
             &["format version 7", "newer"],
@@ -533,4 +533,73 @@ fn loaded_state_is_not_shared() {
     }
     assert_eq!(sd, copy);
     assert_eq!(fingerprint(&v2, &o2), o2_before);
+}
+
+/// The checkpoint files in `tests/fixtures`, written by format version 1 as first released
+/// (metadata in hash-map order, FNV-1a checksum): each holds the state after five fused steps of
+/// [`fresh`] and [`train_step`] with one of [`configs`].
+fn v1_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(format!("state-v1-fnv-{name}.safetensors"))
+}
+
+/// Checkpoints written by the first version-1 writer still load, into exactly the state that
+/// five steps make today (and a changed byte in one of them is still caught by its checksum).
+#[test]
+fn first_version_1_checkpoints_still_load() {
+    for (name, cfg) in configs(true) {
+        let (vars, mut trained, extra) = fresh(&cfg);
+        for k in 0..5 {
+            train_step(&mut trained, &vars, &extra, k);
+        }
+        let (_, mut loaded, _) = fresh(&cfg);
+        let path = v1_fixture(name);
+        loaded
+            .load_state(&path)
+            .expect("a version-1 checkpoint loads");
+        let state = |opt: &Adafactor| fingerprint(&[], opt);
+        assert_eq!(state(&loaded), state(&trained), "{name}");
+        assert_ne!(
+            state(&loaded),
+            state(&fresh(&cfg).1),
+            "{name}: the state is not empty"
+        );
+
+        let mut bytes = std::fs::read(&path).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let e = StateDict::from_safetensors_bytes(&bytes).expect_err("damaged");
+        assert!(e.to_string().contains("checksum"), "{name}: {e}");
+    }
+}
+
+/// One state saved twice (by two optimizers in the same state) gives the same bytes, and a
+/// different state different bytes: checkpoints can be hashed and compared as files.
+#[test]
+fn saving_one_state_twice_gives_the_same_bytes() {
+    for (name, cfg) in configs(true) {
+        let run = || {
+            let (vars, mut opt, extra) = fresh(&cfg);
+            for k in 0..4 {
+                train_step(&mut opt, &vars, &extra, k);
+            }
+            opt
+        };
+        let (a, b) = (run(), run());
+        let bytes = a.to_safetensors_bytes().expect("bytes");
+        assert_eq!(bytes, a.to_safetensors_bytes().expect("again"), "{name}");
+        assert_eq!(bytes, b.to_safetensors_bytes().expect("twin"), "{name}");
+        assert_ne!(
+            bytes,
+            fresh(&cfg).1.to_safetensors_bytes().expect("fresh"),
+            "{name}"
+        );
+        let sd = StateDict::from_safetensors_bytes(&bytes).expect("loads");
+        assert_eq!(
+            sd.to_safetensors_bytes().expect("round trip"),
+            bytes,
+            "{name}"
+        );
+    }
 }

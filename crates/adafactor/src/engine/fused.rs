@@ -1,0 +1,459 @@
+//! The fused backend: the core's slice kernels ([`crate::kernels`]) run in place on a
+//! framework's storage, reached through [`SliceStore`].
+//!
+//! All targets of a stage run in one parallel job (many small tensors make one job, not one
+//! thread-pool dispatch each):
+//! - measure is kernel pass 1 (read-only): row and column sums, norms, RMS(x), finiteness;
+//!   without norm clipping it also folds the row statistics in;
+//! - update is the O(n + m) statistics update and, when needed, pass 2 for RMS(u);
+//! - write is pass 3, in the reverse order of pass 1 (what pass 1 read last is still in the
+//!   last-level cache), the first write of the step.
+
+use super::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
+use crate::error::Error;
+use crate::kernels::{elementwise, factored, vector, Grad, GradTransform, RowLoops};
+use crate::plan::{Clip, EmaPlan};
+use crate::state::Stats;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// A read-only view of a buffer, in its element type.
+#[derive(Debug)]
+pub enum Slice<'a> {
+    /// float32 elements.
+    F32(&'a [f32]),
+    /// bfloat16 elements.
+    Bf16(&'a [bf16]),
+    /// float16 elements.
+    F16(&'a [f16]),
+}
+
+/// A writable view of a buffer, in its element type.
+#[derive(Debug)]
+pub enum SliceMut<'a> {
+    /// float32 elements.
+    F32(&'a mut [f32]),
+    /// bfloat16 elements.
+    Bf16(&'a mut [bf16]),
+    /// float16 elements.
+    F16(&'a mut [f16]),
+}
+
+/// The element types of weights and gradients the fused kernels run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElementType {
+    /// float32.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    F16,
+}
+
+/// One buffer of a variable. Averages and accumulators are always float32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffer {
+    /// The weight (read, and written in place by the write stage and EMA overwrite).
+    Weight,
+    /// This step's gradient (read only).
+    Gradient,
+    /// The EMA average (with `use_ema`).
+    Average,
+    /// The gradient accumulator (with gradient accumulation).
+    Accumulator,
+}
+
+/// Slice access to a framework's buffers, the whole contract of the fused path.
+///
+/// Every call hands `f` a view that is valid for the call only (a framework may hold a lock
+/// meanwhile). Calls come from several threads at once, each on a different variable's buffers
+/// for writes; a write never aliases a read of another buffer (the adapter checks that no
+/// gradient shares storage with a weight, average or accumulator before choosing this path).
+pub trait SliceStore: Sync {
+    /// The adapter's error type.
+    type Error: Send;
+
+    /// A core error as the adapter's error.
+    fn core_error(e: Error) -> Self::Error;
+
+    /// The element type of variable `var`'s weight (its gradient has the same).
+    fn element_type(&self, var: usize) -> ElementType;
+
+    /// Calls `f` with a read-only view of a buffer.
+    ///
+    /// # Errors
+    /// The buffer does not exist or cannot be read.
+    fn read<R>(
+        &self,
+        var: usize,
+        buffer: Buffer,
+        f: impl FnOnce(Slice<'_>) -> R,
+    ) -> Result<R, Self::Error>;
+
+    /// Calls `f` with a writable view of a buffer (never the gradient).
+    ///
+    /// # Errors
+    /// The buffer does not exist or cannot be written.
+    fn write<R>(
+        &self,
+        var: usize,
+        buffer: Buffer,
+        f: impl FnOnce(SliceMut<'_>) -> R,
+    ) -> Result<R, Self::Error>;
+}
+
+/// An element type's views out of [`Slice`] and [`SliceMut`].
+pub trait Typed: RowLoops {
+    /// The view when it holds this type.
+    fn of(s: Slice<'_>) -> Option<&[Self]>;
+    /// The writable view when it holds this type.
+    fn of_mut(s: SliceMut<'_>) -> Option<&mut [Self]>;
+}
+
+macro_rules! typed {
+    ($t:ty, $v:ident) => {
+        impl Typed for $t {
+            fn of(s: Slice<'_>) -> Option<&[$t]> {
+                match s {
+                    Slice::$v(s) => Some(s),
+                    _ => None,
+                }
+            }
+            fn of_mut(s: SliceMut<'_>) -> Option<&mut [$t]> {
+                match s {
+                    SliceMut::$v(s) => Some(s),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+typed!(f32, F32);
+typed!(bf16, Bf16);
+typed!(f16, F16);
+
+/// Runs `$body` with `$T` bound to the Rust type of an [`ElementType`].
+macro_rules! with_type {
+    ($ty:expr, $T:ident => $body:expr) => {
+        match $ty {
+            ElementType::F32 => {
+                type $T = f32;
+                $body
+            }
+            ElementType::Bf16 => {
+                type $T = bf16;
+                $body
+            }
+            ElementType::F16 => {
+                type $T = f16;
+                $body
+            }
+        }
+    };
+}
+
+fn mismatch(var: usize, buffer: Buffer) -> Error {
+    Error::Internal(format!(
+        "fused path: buffer {buffer:?} of variable {var} does not hold the expected element type"
+    ))
+}
+
+/// The fused backend over a [`SliceStore`].
+#[derive(Debug)]
+pub struct Fused<'s, S> {
+    store: &'s S,
+}
+
+impl<'s, S: SliceStore> Fused<'s, S> {
+    /// The backend over `store`.
+    pub fn new(store: &'s S) -> Self {
+        Fused { store }
+    }
+
+    /// Reads a buffer as `&[T]`.
+    fn read_as<T: Typed, R>(
+        &self,
+        var: usize,
+        buffer: Buffer,
+        f: impl FnOnce(&[T]) -> R,
+    ) -> Result<R, S::Error> {
+        self.store
+            .read(var, buffer, |s| T::of(s).map(f))?
+            .ok_or_else(|| S::core_error(mismatch(var, buffer)))
+    }
+
+    /// Writes a buffer as `&mut [T]`.
+    fn write_as<T: Typed, R>(
+        &self,
+        var: usize,
+        buffer: Buffer,
+        f: impl FnOnce(&mut [T]) -> R,
+    ) -> Result<R, S::Error> {
+        self.store
+            .write(var, buffer, |s| T::of_mut(s).map(f))?
+            .ok_or_else(|| S::core_error(mismatch(var, buffer)))
+    }
+
+    /// Calls `f` with variable `var`'s effective gradient: the stored one and, on the update
+    /// call of gradient accumulation, the accumulator, under `transform`.
+    fn with_grad<T: Typed, R>(
+        &self,
+        var: usize,
+        transform: GradTransform,
+        f: impl FnOnce(&Grad<'_, T>) -> R,
+    ) -> Result<R, S::Error> {
+        self.read_as::<T, _>(var, Buffer::Gradient, |g| {
+            match transform.accumulate_steps {
+                Some(_) => self.read_as::<f32, _>(var, Buffer::Accumulator, |acc| {
+                    f(&Grad {
+                        g,
+                        acc: Some(acc),
+                        transform,
+                    })
+                }),
+                None => Ok(f(&Grad {
+                    g,
+                    acc: None,
+                    transform,
+                })),
+            }
+        })?
+    }
+}
+
+/// What the measure stage keeps per target (the pass-1 sums).
+#[derive(Debug)]
+pub enum Measured {
+    /// A factored variable.
+    Factored(factored::Pass1),
+    /// A scalar or vector.
+    Vector(vector::Pass1),
+}
+
+/// What the update stage keeps per target (the new statistics and pass 3's factors).
+#[derive(Debug)]
+pub enum Updated {
+    /// A factored variable.
+    Factored(factored::Prepared),
+    /// A scalar or vector: its new velocity.
+    Vector(Vec<f32>),
+}
+
+fn kind_mismatch() -> Error {
+    Error::Internal("statistics kind mismatch".into())
+}
+
+impl<S: SliceStore> Backend for Fused<'_, S> {
+    type Error = S::Error;
+    type Measured = Measured;
+    type Updated = Updated;
+
+    fn core_error(e: Error) -> S::Error {
+        S::core_error(e)
+    }
+
+    fn check_gradients(
+        &mut self,
+        targets: &[Target],
+        transform: GradTransform,
+    ) -> Result<Vec<bool>, S::Error> {
+        let t = GradTransform {
+            accumulate_steps: None,
+            ..transform
+        };
+        targets
+            .par_iter()
+            .map(|tg| {
+                with_type!(self.store.element_type(tg.var), T => {
+                    self.with_grad::<T, _>(tg.var, t, elementwise::is_finite)
+                })
+            })
+            .collect()
+    }
+
+    fn accumulate(&mut self, targets: &[Target], transform: GradTransform) -> Result<(), S::Error> {
+        let t = GradTransform {
+            accumulate_steps: None,
+            ..transform
+        };
+        targets.par_iter().try_for_each(|tg| {
+            with_type!(self.store.element_type(tg.var), T => {
+                self.with_grad::<T, _>(tg.var, t, |g| {
+                    self.write_as::<f32, _>(tg.var, Buffer::Accumulator, |acc| {
+                        elementwise::accumulate(acc, g)
+                    })
+                })?
+            })
+        })
+    }
+
+    fn measure(
+        &mut self,
+        targets: &[Target],
+        stats: &[Stats],
+        ctx: &UpdateContext,
+    ) -> Result<Vec<(Measure, Measured)>, S::Error> {
+        let u = &ctx.scalars;
+        // Without norm clipping the gradient scale is 1 before pass 1 ends, so the statistics
+        // update can be folded into pass 1 and pass 2 skipped.
+        let fold = matches!(u.clip, Clip::None | Clip::Value(_));
+        targets
+            .par_iter()
+            .map(|tg| {
+                let decay = ctx.decay(tg);
+                let st = &stats[tg.var];
+                with_type!(self.store.element_type(tg.var), T => {
+                    Ok(self.with_grad::<T, _>(tg.var, ctx.transform, |grad| {
+                        self.read_as::<T, _>(tg.var, Buffer::Weight, |x| {
+                            let len = grad.len().max(1) as f64;
+                            let check = ctx.check_finite;
+                            let (p, sum_sq_grad, sum_sq_x, finite) = match st {
+                                Stats::Factored { factoring, r, .. } => {
+                                    let fold = fold.then_some(factored::RowFold {
+                                        r_old: r,
+                                        beta2: u.beta2_t,
+                                        epsilon_1: u.epsilon_1,
+                                    });
+                                    let p = factored::pass1(grad, x, decay, *factoring, check, fold);
+                                    let s = (p.sum_sq_grad, p.sum_sq_x, p.finite);
+                                    (Measured::Factored(p), s.0, s.1, s.2)
+                                }
+                                Stats::Unfactored { .. } => {
+                                    let p = vector::pass1(grad, x, decay, check);
+                                    (Measured::Vector(p), p.sum_sq_grad, p.sum_sq_x, p.finite)
+                                }
+                            };
+                            let m = Measure {
+                                sum_sq_grad,
+                                rms_x: (sum_sq_x / len).sqrt() as f32,
+                                finite,
+                            };
+                            (m, p)
+                        })
+                    })??)
+                })
+            })
+            .collect()
+    }
+
+    fn update(
+        &mut self,
+        targets: &[Target],
+        stats: &[Stats],
+        measured: &[Measured],
+        scales: &[GradScale],
+        ctx: &UpdateContext,
+    ) -> Result<Vec<(f32, Updated)>, S::Error> {
+        let u = &ctx.scalars;
+        targets
+            .par_iter()
+            .zip(measured)
+            .zip(scales)
+            .map(|((tg, first), scale)| {
+                let scale = scale.factor();
+                with_type!(self.store.element_type(tg.var), T => {
+                    self.with_grad::<T, _>(tg.var, ctx.transform, |grad| {
+                        let len = grad.len().max(1) as f64;
+                        match (&stats[tg.var], first) {
+                            (Stats::Factored { factoring, r, c }, Measured::Factored(p1)) => {
+                                let prep = factored::prepare(
+                                    p1, r, c, *factoring, u.beta2_t, u.epsilon_1, scale,
+                                );
+                                let sum_u2 = match factored::sum_sq_update(p1, &prep, *factoring) {
+                                    Some(s) => s,
+                                    None => factored::pass2(grad, &prep, *factoring, scale),
+                                };
+                                Ok(((sum_u2 / len).sqrt() as f32, Updated::Factored(prep)))
+                            }
+                            (Stats::Unfactored { v }, Measured::Vector(_)) => {
+                                let mut v_new = vec![0f32; v.len()];
+                                let sum_u2 = vector::pass2(
+                                    grad, v, &mut v_new, u.beta2_t, u.epsilon_1, scale,
+                                );
+                                Ok(((sum_u2 / len).sqrt() as f32, Updated::Vector(v_new)))
+                            }
+                            _ => Err(kind_mismatch()),
+                        }
+                    })?
+                    .map_err(S::core_error)
+                })
+            })
+            .collect()
+    }
+
+    fn write(
+        &mut self,
+        targets: &[Target],
+        stats: &[Stats],
+        updated: Vec<Updated>,
+        scalars: &[WriteScalars],
+        ctx: &UpdateContext,
+    ) -> Result<Vec<Stats>, S::Error> {
+        // In the reverse order of pass 1, so that the data pass 1 read last, still in the
+        // last-level cache, is read first.
+        targets
+            .par_iter()
+            .zip(&updated)
+            .zip(scalars)
+            .rev()
+            .try_for_each(|((tg, up), w)| {
+                let coef = w.alpha / w.divisor;
+                let scale = w.scale.factor();
+                let decay = ctx.decay(tg);
+                with_type!(self.store.element_type(tg.var), T => {
+                    self.with_grad::<T, _>(tg.var, ctx.transform, |grad| {
+                        self.write_as::<T, _>(tg.var, Buffer::Weight, |x| {
+                            match (up, &stats[tg.var]) {
+                                (Updated::Factored(p), Stats::Factored { factoring, .. }) => {
+                                    factored::pass3(x, grad, p, *factoring, coef, scale, decay);
+                                    Ok(())
+                                }
+                                (Updated::Vector(v), _) => {
+                                    vector::pass3(x, grad, v, coef, scale, decay);
+                                    Ok(())
+                                }
+                                _ => Err(kind_mismatch()),
+                            }
+                        })
+                    })??
+                    .map_err(S::core_error)
+                })
+            })?;
+        updated
+            .into_par_iter()
+            .zip(targets)
+            .map(|(up, tg)| match (up, &stats[tg.var]) {
+                (Updated::Factored(p), Stats::Factored { factoring, .. }) => Ok(Stats::Factored {
+                    factoring: *factoring,
+                    r: p.r,
+                    c: p.c,
+                }),
+                (Updated::Vector(v), Stats::Unfactored { .. }) => Ok(Stats::Unfactored { v }),
+                _ => Err(S::core_error(kind_mismatch())),
+            })
+            .collect()
+    }
+
+    fn zero_accumulators(&mut self, vars: &[usize]) -> Result<(), S::Error> {
+        vars.par_iter()
+            .try_for_each(|&v| self.write_as::<f32, _>(v, Buffer::Accumulator, elementwise::zero))
+    }
+
+    fn ema(&mut self, vars: &[usize], ema: EmaPlan) -> Result<(), S::Error> {
+        vars.par_iter().try_for_each(|&v| {
+            with_type!(self.store.element_type(v), T => {
+                self.read_as::<T, _>(v, Buffer::Weight, |x| {
+                    self.write_as::<f32, _>(v, Buffer::Average, |avg| {
+                        elementwise::ema(avg, x, ema.momentum)
+                    })
+                })??;
+                if ema.overwrite {
+                    self.read_as::<f32, _>(v, Buffer::Average, |avg| {
+                        self.write_as::<T, _>(v, Buffer::Weight, |x| elementwise::assign(x, avg))
+                    })??;
+                }
+                Ok(())
+            })
+        })
+    }
+}

@@ -1,0 +1,465 @@
+//! The step pipeline, written once: one `apply_gradients` call as a chain of named stages over
+//! a [`Backend`] that a framework adapter implements.
+//!
+//! # Stages
+//! Keras's order inside one apply ([`run`]), with the decisions made here and the arithmetic on
+//! tensors left to the backend:
+//! 1. **plan** ([`StepPlan`]): accumulate-only or update call, the update scalars, EMA work.
+//! 2. **accumulate** (accumulate-only calls): [`Backend::check_gradients`] (finiteness of the
+//!    unscaled gradients), then [`Backend::accumulate`] (`acc += g / loss_scale_factor`).
+//! 3. **measure** ([`Backend::measure`]): per variable, the effective gradient (unscaled,
+//!    averaged with the accumulator, clamped by `clipvalue`, see [`GradTransform`]) and its sum
+//!    of squares, RMS of the weight after decoupled weight decay, and finiteness.
+//! 4. **combine** ([`Combine`]): the partial sum of squares and the finiteness flag of the
+//!    variables this process updates are combined into global ones (the identity in one
+//!    process). A non-finite gradient ends the step here: nothing has been written, and the
+//!    [`Outcome`] names the variable.
+//! 5. **clip** ([`clip_scales`]): per-variable `clipnorm` or `global_clipnorm` scales.
+//! 6. **update** ([`Backend::update`]): the new second-moment statistics and RMS of the update,
+//!    `u = g / sqrt(v)` (factored: `v_ij = r_i c_j / mean(r)`), Shazeer & Stern (2018),
+//!    "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", arXiv:1804.04235,
+//!    Algorithm 4 (factored second moments) and its update clipping.
+//! 7. **write** ([`Backend::write`]): `x = decay(x) - alpha * u / max(1, RMS(u) / d)` with
+//!    `alpha = max(epsilon_2, RMS(x)) * rho` (the paper's relative step size).
+//! 8. **zero accumulators**, **EMA** and **overwrite** ([`Backend::zero_accumulators`],
+//!    [`Backend::ema`]), then [`Backend::commit`] and the statistics are committed.
+//!
+//! Nothing is written before stage 7, and a backend's write cannot fail on inputs that passed
+//! stages 1 to 6, so a refused step leaves weights and state as they were.
+//!
+//! # Backends
+//! Two implementations exist: [`fused::Fused`], the core's slice kernels over any
+//! [`fused::SliceStore`] (a framework gives mutable `f32`/`bf16`/`f16` slices of its CPU
+//! storage), and each adapter's composed backend (its own tensor ops, any device). The
+//! statistics are host `f32` vectors owned by the caller and passed to [`run`].
+//!
+//! # How a data-parallel driver or a new framework plugs in
+//! - **A new framework** implements [`fused::SliceStore`] (read and in-place write access to
+//!   its buffers as slices) for its CPU storage, and [`Backend`] with its tensor ops for other
+//!   devices; it keeps [`Stats`] per variable and [`Counters`], calls [`run`] per
+//!   step and derives its `variables()` and checkpoints from [`crate::manifest`].
+//! - **Replicated data parallelism**: all-reduce (average) the gradient buffers before [`run`];
+//!   every rank then runs the ordinary step with [`Local`].
+//! - **Sharded data parallelism (ZeRO-1)**: each rank passes only the [`Target`]s and the
+//!   `scope` of the variables it owns, and a [`Combine`] whose `sum` all-reduces one scalar
+//!   (the global norm's sum of squares) and whose `all` all-reduces the finiteness flag; after
+//!   [`run`], owners broadcast their new weights.
+
+pub mod fused;
+
+use crate::config::OnNonFinite;
+use crate::error::Error;
+use crate::kernels::{Decay, GradTransform};
+use crate::plan::{Accumulation, Clip, EmaPlan, StepPlan, UpdateScalars};
+use crate::state::Stats;
+use rayon::prelude::*;
+
+/// A variable that has a gradient in this step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// The variable's index in the backend (and in the statistics list).
+    pub var: usize,
+    /// False when the variable is excluded from weight decay.
+    pub decays: bool,
+}
+
+/// What the measure stage learns about one variable.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Measure {
+    /// Sum of squares of the effective gradient (for `clipnorm` and `global_clipnorm`; the
+    /// backend may leave it 0 when [`Clip`] is neither).
+    pub sum_sq_grad: f64,
+    /// RMS of the weight after weight decay.
+    pub rms_x: f32,
+    /// False when the unscaled gradient holds NaN or infinity (only checked when asked).
+    pub finite: bool,
+}
+
+/// How the gradient of one variable is scaled by norm clipping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GradScale {
+    /// Unchanged.
+    One,
+    /// `g * num / den` (`clipnorm`, as `tf.clip_by_norm` computes it).
+    Ratio {
+        /// The clip norm.
+        num: f32,
+        /// `max(||g||, clipnorm)`.
+        den: f32,
+    },
+    /// `g * s` (`global_clipnorm`).
+    Factor(f32),
+}
+
+impl GradScale {
+    /// The scale as one factor (what the fused kernels multiply by).
+    pub fn factor(self) -> f32 {
+        match self {
+            GradScale::One => 1.0,
+            GradScale::Ratio { num, den } => num / den,
+            GradScale::Factor(s) => s,
+        }
+    }
+}
+
+/// Everything an update stage needs besides the per-variable data.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateContext {
+    /// The gradient element transform (unscale, accumulator average, `clipvalue`).
+    pub transform: GradTransform,
+    /// The update scalars.
+    pub scalars: UpdateScalars,
+    /// Whether finiteness is checked (`on_nonfinite` is not `"propagate"`).
+    pub check_finite: bool,
+}
+
+impl UpdateContext {
+    /// The decoupled weight decay of a target, when it has one.
+    pub fn decay(&self, target: &Target) -> Option<Decay> {
+        let u = &self.scalars;
+        u.weight_decay.filter(|_| target.decays).map(|wd| Decay {
+            weight_decay: wd,
+            learning_rate: u.learning_rate,
+        })
+    }
+}
+
+/// The scalars of the write stage of one variable.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WriteScalars {
+    /// `alpha = max(epsilon_2, RMS(x)) * rho`.
+    pub alpha: f32,
+    /// The update-clipping divisor `max(1, RMS(u) / clip_threshold)`.
+    pub divisor: f32,
+    /// The norm-clipping scale of the gradient.
+    pub scale: GradScale,
+}
+
+/// The primitive operations of one step on one framework's tensors.
+///
+/// The stages are called in the order of the module docs, each once per step at most, with
+/// all the step's targets at once (so that a backend can run them in parallel). Per-variable
+/// results of one stage that a later stage needs travel in [`Backend::Measured`] and
+/// [`Backend::Updated`].
+pub trait Backend {
+    /// The adapter's error type.
+    type Error;
+    /// What the measure stage keeps per target for the update and write stages.
+    type Measured: Send;
+    /// What the update stage keeps per target for the write stage.
+    type Updated: Send;
+
+    /// A core error as the adapter's error.
+    fn core_error(e: Error) -> Self::Error;
+
+    /// Accumulate-only call: whether each target's gradient, unscaled by `transform`, is
+    /// finite (asked only when finiteness is checked).
+    fn check_gradients(
+        &mut self,
+        targets: &[Target],
+        transform: GradTransform,
+    ) -> Result<Vec<bool>, Self::Error>;
+
+    /// Accumulate-only call: `acc += g` with `g` unscaled by `transform`.
+    fn accumulate(
+        &mut self,
+        targets: &[Target],
+        transform: GradTransform,
+    ) -> Result<(), Self::Error>;
+
+    /// Measure stage (read-only).
+    fn measure(
+        &mut self,
+        targets: &[Target],
+        stats: &[Stats],
+        ctx: &UpdateContext,
+    ) -> Result<Vec<(Measure, Self::Measured)>, Self::Error>;
+
+    /// Update stage (read-only): per target, RMS of the update `u` (before update clipping)
+    /// and what the write stage needs (the new statistics among it).
+    fn update(
+        &mut self,
+        targets: &[Target],
+        stats: &[Stats],
+        measured: &[Self::Measured],
+        scales: &[GradScale],
+        ctx: &UpdateContext,
+    ) -> Result<Vec<(f32, Self::Updated)>, Self::Error>;
+
+    /// Write stage: writes (or stages) the new weights; returns each target's new statistics.
+    fn write(
+        &mut self,
+        targets: &[Target],
+        stats: &[Stats],
+        updated: Vec<Self::Updated>,
+        scalars: &[WriteScalars],
+        ctx: &UpdateContext,
+    ) -> Result<Vec<Stats>, Self::Error>;
+
+    /// Sets the accumulators of these variables to zero (after an update that used them).
+    fn zero_accumulators(&mut self, vars: &[usize]) -> Result<(), Self::Error>;
+
+    /// `avg = m * avg + (1 - m) * x` for these variables, then `x = avg` when `overwrite`.
+    fn ema(&mut self, vars: &[usize], ema: EmaPlan) -> Result<(), Self::Error>;
+
+    /// Makes staged values visible (a backend that writes in place has nothing to do).
+    fn commit(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// Where per-process partial results become global ones: the identity in one process; an
+/// all-reduce across ranks when each rank updates only the variables it owns.
+pub trait Combine {
+    /// The sum over processes of a partial sum (of squares of gradients).
+    ///
+    /// # Errors
+    /// The exchange failed.
+    fn sum(&self, local: f64) -> Result<f64, Error>;
+
+    /// True when every process says true (every gradient finite).
+    ///
+    /// # Errors
+    /// The exchange failed.
+    fn all(&self, local: bool) -> Result<bool, Error>;
+}
+
+/// The single-process [`Combine`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Local;
+
+impl Combine for Local {
+    fn sum(&self, local: f64) -> Result<f64, Error> {
+        Ok(local)
+    }
+    fn all(&self, local: bool) -> Result<bool, Error> {
+        Ok(local)
+    }
+}
+
+/// One step to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    /// The plan of this call.
+    pub plan: &'a StepPlan,
+    /// The variables with a gradient, in call order.
+    pub targets: &'a [Target],
+    /// The variables whose accumulator and EMA this process keeps (all, in one process).
+    pub scope: &'a [usize],
+    /// Whether finiteness is checked (`on_nonfinite` is not `"propagate"`).
+    pub check_finite: bool,
+}
+
+/// How a step ended (errors aside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The step ran.
+    Applied,
+    /// A gradient holds NaN or infinity and finiteness is checked: nothing was written.
+    NonFinite {
+        /// The first such variable of this process (`None` when only another process saw one).
+        var: Option<usize>,
+    },
+}
+
+/// The step counters every adapter keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// Keras `_iterations`: calls that had at least one gradient and were not skipped.
+    pub raw_iterations: u64,
+    /// Steps skipped for a non-finite gradient (`on_nonfinite = "skip"`).
+    pub skipped_steps: u64,
+}
+
+impl Counters {
+    /// Counts a step's outcome under the `on_nonfinite` policy: an applied step counts one
+    /// call when `counts` (an `apply_gradients` call, not Keras's bare `update_step`); a refused
+    /// one counts a skipped step (`"skip"`) or is an error naming the variable (`"error"`).
+    /// `"propagate"` never refuses.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] with `on_nonfinite = "error"`, naming `name_of(var)`.
+    pub fn record(
+        &mut self,
+        outcome: Outcome,
+        policy: OnNonFinite,
+        counts: bool,
+        name_of: impl FnOnce(Option<usize>) -> String,
+    ) -> Result<(), Error> {
+        match outcome {
+            Outcome::Applied => {
+                if counts {
+                    self.raw_iterations += 1;
+                }
+                Ok(())
+            }
+            Outcome::NonFinite { .. } if policy == OnNonFinite::Skip => {
+                self.skipped_steps += 1;
+                Ok(())
+            }
+            Outcome::NonFinite { var } => Err(Error::NonFinite {
+                variable: name_of(var),
+            }),
+        }
+    }
+}
+
+/// Norm-clipping scales, one per target, from the targets' partial sums of squares and the
+/// global sum (Keras `_clip_gradients`, in float32).
+pub fn clip_scales(clip: Clip, sums: &[f64], global_sum: f64) -> Vec<GradScale> {
+    match clip {
+        Clip::Norm(c) => sums
+            .iter()
+            .map(|s| {
+                let l2sum = *s as f32;
+                if l2sum > 0.0 {
+                    GradScale::Ratio {
+                        num: c,
+                        den: l2sum.sqrt().max(c),
+                    }
+                } else {
+                    GradScale::One
+                }
+            })
+            .collect(),
+        Clip::GlobalNorm(gc) => {
+            let norm = (global_sum as f32).sqrt();
+            // `norm - norm` is Keras's way to turn a non-finite norm into NaN.
+            #[allow(clippy::eq_op)]
+            let scale = gc * (1.0 / norm).min(1.0 / gc) + (norm - norm);
+            vec![GradScale::Factor(scale); sums.len()]
+        }
+        Clip::None | Clip::Value(_) => vec![GradScale::One; sums.len()],
+    }
+}
+
+/// The gradient transform of a planned call.
+pub fn transform(plan: &StepPlan) -> GradTransform {
+    GradTransform {
+        loss_scale: plan.loss_scale_factor,
+        accumulate_steps: match plan.accumulation {
+            Accumulation::Apply { steps } => Some(steps as f32),
+            _ => None,
+        },
+        clip_value: match plan.update.map(|u| u.clip) {
+            Some(Clip::Value(v)) => Some(v),
+            _ => None,
+        },
+    }
+}
+
+/// Runs one planned step: the stages of the module docs, in order. `stats` holds every
+/// variable's statistics (indexed by [`Target::var`]) and is updated when the step applies.
+///
+/// # Errors
+/// A backend or [`Combine`] error; an update call without update scalars. Nothing the backend
+/// reported as written is undone, so backends only fail before their first write.
+pub fn run<B: Backend, C: Combine>(
+    backend: &mut B,
+    stats: &mut [Stats],
+    step: Step<'_>,
+    combine: &C,
+) -> Result<Outcome, B::Error> {
+    let Step {
+        plan,
+        targets,
+        scope,
+        check_finite,
+    } = step;
+    let transform = transform(plan);
+    let mut new_stats = None;
+    match (plan.accumulation, plan.update) {
+        (Accumulation::Accumulate, _) => {
+            if check_finite {
+                let flags = backend.check_gradients(targets, transform)?;
+                if let Some(outcome) = refuse(targets, &flags, combine).map_err(B::core_error)? {
+                    return Ok(outcome);
+                }
+            }
+            backend.accumulate(targets, transform)?;
+        }
+        (acc, Some(scalars)) => {
+            let ctx = UpdateContext {
+                transform,
+                scalars,
+                check_finite,
+            };
+            let (measures, measured): (Vec<Measure>, Vec<B::Measured>) =
+                backend.measure(targets, stats, &ctx)?.into_iter().unzip();
+            if check_finite {
+                let flags: Vec<bool> = measures.iter().map(|m| m.finite).collect();
+                if let Some(outcome) = refuse(targets, &flags, combine).map_err(B::core_error)? {
+                    return Ok(outcome);
+                }
+            }
+            let sums: Vec<f64> = measures.iter().map(|m| m.sum_sq_grad).collect();
+            let global = match scalars.clip {
+                Clip::GlobalNorm(_) => combine.sum(sums.iter().sum()).map_err(B::core_error)?,
+                _ => 0.0,
+            };
+            let scales = clip_scales(scalars.clip, &sums, global);
+            let (rms_u, updated): (Vec<f32>, Vec<B::Updated>) = backend
+                .update(targets, stats, &measured, &scales, &ctx)?
+                .into_iter()
+                .unzip();
+            let write: Vec<WriteScalars> = measures
+                .iter()
+                .zip(&rms_u)
+                .zip(&scales)
+                .map(|((m, r), s)| WriteScalars {
+                    alpha: scalars.alpha(m.rms_x),
+                    divisor: scalars.update_clip_divisor(*r),
+                    scale: *s,
+                })
+                .collect();
+            new_stats = Some(backend.write(targets, stats, updated, &write, &ctx)?);
+            // Freed in parallel: with thousands of small tensors, freeing one by one would take
+            // as long as a pass.
+            measured.into_par_iter().for_each(drop);
+            if matches!(acc, Accumulation::Apply { .. }) {
+                backend.zero_accumulators(scope)?;
+            }
+        }
+        (_, None) => {
+            let e = Error::Internal("an update call without update scalars".into());
+            return Err(B::core_error(e));
+        }
+    }
+    if let Some(ema) = plan.ema {
+        backend.ema(scope, ema)?;
+    }
+    backend.commit()?;
+    if let Some(new) = new_stats {
+        commit_stats(stats, targets, new);
+    }
+    Ok(Outcome::Applied)
+}
+
+/// The outcome of a refused step, when a finiteness flag (here or in another process) is false.
+fn refuse<C: Combine>(
+    targets: &[Target],
+    flags: &[bool],
+    combine: &C,
+) -> Result<Option<Outcome>, Error> {
+    let first = targets.iter().zip(flags).find(|(_, f)| !**f);
+    if combine.all(first.is_none())? {
+        return Ok(None);
+    }
+    Ok(Some(Outcome::NonFinite {
+        var: first.map(|(t, _)| t.var),
+    }))
+}
+
+/// Installs new statistics, in parallel (moving and freeing thousands of vectors one by one
+/// takes as long as a pass).
+fn commit_stats(stats: &mut [Stats], targets: &[Target], new: Vec<Stats>) {
+    let mut by_var: Vec<Option<Stats>> = (0..stats.len()).map(|_| None).collect();
+    for (t, s) in targets.iter().zip(new) {
+        by_var[t.var] = Some(s);
+    }
+    stats.par_iter_mut().zip(by_var).for_each(|(slot, s)| {
+        if let Some(s) = s {
+            *slot = s;
+        }
+    });
+}
