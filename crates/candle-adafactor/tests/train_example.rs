@@ -327,7 +327,7 @@ fn options_default_to_a_quick_run_of_adafactor_and_adamw() {
         panic!("no arguments means train")
     };
     assert_eq!(a.train, TrainConfig::quick(65));
-    assert_eq!(a.train.iterations, 600);
+    assert_eq!(a.train.iterations, 400);
     assert_eq!(a.train.model, GptConfig::reference(65));
     let kinds: Vec<_> = a
         .runs

@@ -13,7 +13,7 @@ a sample of each trained model and the path of a chart of the losses against ste
 Usage: cargo run --release --example train -- [OPTIONS]
 
 Options:
-  --full              nanoGPT's whole reference run: 2000 steps (default: 600 steps)
+  --full              nanoGPT's whole reference run: 2000 steps (default: 400 steps)
   --iters N           optimizer steps (overrides --full's and the default)
   --batch-size N      sequences of 64 characters per step (default 12)
   --eval-interval N   validation loss every N steps (default 100)

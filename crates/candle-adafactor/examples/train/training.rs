@@ -90,7 +90,7 @@ impl TrainConfig {
     /// The default quick run: the reference model and schedule shape, fewer steps.
     pub fn quick(vocab_size: usize) -> Self {
         TrainConfig {
-            iterations: 600,
+            iterations: 400,
             ..Self::reference(vocab_size)
         }
     }
