@@ -7,6 +7,7 @@
 //! - [`Stats`]: the per-variable statistics (row and column factors only, for rank >= 2).
 //! - [`collective`]: the contract of data-parallel training (sums and bytes across ranks), an
 //!   in-process group of threads implementing it, gradient buckets and a byte-balanced partition.
+//! - [`data_parallel`]: replicated and sharded (ZeRO-1) data parallelism around the step pipeline.
 //! - [`kernels`]: fused slice kernels over `f32`, `bf16` and `f16` with f32 statistics.
 //! - [`rounding`]: deterministic stochastic rounding into `bf16` and `f16` weights.
 //!
@@ -16,6 +17,7 @@
 pub mod checkpoint;
 pub mod collective;
 mod config;
+pub mod data_parallel;
 pub mod engine;
 mod error;
 mod exclusions;

@@ -29,12 +29,18 @@ pub(crate) struct NewValues {
 }
 
 impl Slot {
-    pub fn new(name: String, var: Var, cfg: &AdafactorConfig) -> Result<Self> {
+    /// A slot with zero state; `full_state` false leaves out the EMA average and the
+    /// accumulator (a variable another rank owns in sharded data parallelism).
+    pub fn new(name: String, var: Var, cfg: &AdafactorConfig, full_state: bool) -> Result<Self> {
         let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
         Ok(Slot {
             stats: Stats::zeros(var.dims()),
-            ema: if cfg.use_ema { Some(zeros()?) } else { None },
-            accumulator: if cfg.gradient_accumulation_steps.is_some() {
+            ema: if cfg.use_ema && full_state {
+                Some(zeros()?)
+            } else {
+                None
+            },
+            accumulator: if cfg.gradient_accumulation_steps.is_some() && full_state {
                 Some(zeros()?)
             } else {
                 None
