@@ -11,7 +11,7 @@
 
 use super::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
 use crate::error::Error;
-use crate::kernels::{elementwise, factored, vector, Element, Grad, GradTransform};
+use crate::kernels::{elementwise, factored, vector, Grad, GradTransform, RowLoops};
 use crate::plan::{Clip, EmaPlan};
 use crate::state::Stats;
 use half::{bf16, f16};
@@ -103,7 +103,7 @@ pub trait SliceStore: Sync {
 }
 
 /// An element type's views out of [`Slice`] and [`SliceMut`].
-pub trait Typed: Element {
+pub trait Typed: RowLoops {
     /// The view when it holds this type.
     fn of(s: Slice<'_>) -> Option<&[Self]>;
     /// The writable view when it holds this type.

@@ -18,9 +18,9 @@
 //! 6. **update** ([`Backend::update`]): the new second-moment statistics and RMS of the update,
 //!    `u = g / sqrt(v)` (factored: `v_ij = r_i c_j / mean(r)`), Shazeer & Stern (2018),
 //!    "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", arXiv:1804.04235,
-//!    Algorithm 4 (factored second moments) and section 5 (update clipping).
+//!    Algorithm 4 (factored second moments) and its update clipping.
 //! 7. **write** ([`Backend::write`]): `x = decay(x) - alpha * u / max(1, RMS(u) / d)` with
-//!    `alpha = max(epsilon_2, RMS(x)) * rho` (relative step size, section 7 of the paper).
+//!    `alpha = max(epsilon_2, RMS(x)) * rho` (the paper's relative step size).
 //! 8. **zero accumulators**, **EMA** and **overwrite** ([`Backend::zero_accumulators`],
 //!    [`Backend::ema`]), then [`Backend::commit`] and the statistics are committed.
 //!
@@ -36,7 +36,7 @@
 //! # How a data-parallel driver or a new framework plugs in
 //! - **A new framework** implements [`fused::SliceStore`] (read and in-place write access to
 //!   its buffers as slices) for its CPU storage, and [`Backend`] with its tensor ops for other
-//!   devices; it keeps [`Stats`](crate::Stats) per variable and [`Counters`], calls [`run`] per
+//!   devices; it keeps [`Stats`] per variable and [`Counters`], calls [`run`] per
 //!   step and derives its `variables()` and checkpoints from [`crate::manifest`].
 //! - **Replicated data parallelism**: all-reduce (average) the gradient buffers before [`run`];
 //!   every rank then runs the ordinary step with [`Local`].
