@@ -1,6 +1,6 @@
 //! Data-parallel training of the `train` example's model with Adafactor, on a group of ranks
-//! that are threads of this process (the `adafactor-mpi` crate's `train` example runs the same
-//! code on MPI processes: `mpirun -np 2 target/release/examples/train`).
+//! that are threads of this process (the `adafactor-mpi` crate's `train_mpi` example runs the same
+//! code on MPI processes: `mpirun -np 2 target/release/examples/train_mpi`).
 //!
 //! `cargo run --release --example train_data_parallel -- --ranks 2 --mode sharded`
 //!

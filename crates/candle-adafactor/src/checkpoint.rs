@@ -759,7 +759,9 @@ impl Adafactor {
                 .map(|(suffix, _)| Ok(f32_values(&sd.entry(&format!("{}/{suffix}", s.name))?.data)))
                 .collect::<Result<Vec<_>>>()?;
             let mut stats = s.stats.clone();
-            stats.set_from(&s.name, &values).map_err(core_err)?;
+            if s.full_state {
+                stats.set_from(&s.name, &values).map_err(core_err)?;
+            }
             new_slots.push((stats, ema, acc));
         }
         let raw = sd.raw_iterations();

@@ -166,8 +166,9 @@ impl<'c> DataParallel<'c> {
         self.sharding.mode()
     }
 
-    /// The optimizer of this rank (in sharded mode it holds EMA averages and accumulators only
-    /// for the variables this rank owns).
+    /// The optimizer of this rank. In sharded mode it holds statistics, EMA averages and
+    /// accumulators only for the variables this rank owns, so its own `variables()` and
+    /// `state_dict()` are incomplete: use [`DataParallel::state_dict`].
     pub fn optimizer(&self) -> &Adafactor {
         &self.opt
     }

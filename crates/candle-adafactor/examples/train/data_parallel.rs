@@ -2,10 +2,10 @@
 //! seeded weights, sees the same batches, computes the gradient of its own share of each batch
 //! (an equal slice of its rows) and steps a [`DataParallel`] Adafactor, which averages the
 //! gradients across the ranks. Shared by `examples/train_data_parallel.rs` (ranks are threads)
-//! and the `adafactor-mpi` crate's `train` example (ranks are MPI processes).
+//! and the `adafactor-mpi` crate's `train_mpi` example (ranks are MPI processes).
 
 use crate::training::{
-    build_model, evaluate, Point, RunResult, RunSpec, SplitMix64, TrainConfig, WineData,
+    build_model, measure_point, Point, RunResult, RunSpec, SplitMix64, TrainConfig, WineData,
 };
 use adafactor::collective::Collective;
 use candle_adafactor::{AdafactorConfig, DataParallel, Mode};
@@ -90,14 +90,7 @@ pub fn train_rank<'c>(
 
     let mut history = Vec::with_capacity(cfg.epochs + 1);
     let mut record = |epoch: usize, step: usize, history: &mut Vec<Point>| -> Result<()> {
-        let (train_loss, _) = evaluate(&model, &data.train_x, &data.train_y)?;
-        let (_, test_accuracy) = evaluate(&model, &data.test_x, &data.test_y)?;
-        let point = Point {
-            epoch,
-            step,
-            train_loss,
-            test_accuracy,
-        };
+        let point = measure_point(&model, data, epoch, step)?;
         on_point(&point);
         history.push(point);
         Ok(())

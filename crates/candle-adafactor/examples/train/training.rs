@@ -416,6 +416,21 @@ pub fn evaluate(model: &Mlp, x: &Tensor, y: &Tensor) -> Result<(f32, f32)> {
     Ok((loss, hits / y.dim(0)? as f32))
 }
 
+/// The training loss and test accuracy of the model after `epoch` epochs (`step` steps).
+///
+/// # Errors
+/// A failed tensor operation.
+pub fn measure_point(model: &Mlp, data: &WineData, epoch: usize, step: usize) -> Result<Point> {
+    let (train_loss, _) = evaluate(model, &data.train_x, &data.train_y)?;
+    let (_, test_accuracy) = evaluate(model, &data.test_x, &data.test_y)?;
+    Ok(Point {
+        epoch,
+        step,
+        train_loss,
+        test_accuracy,
+    })
+}
+
 /// Trains a freshly initialised model (same weights for every run with `cfg.seed`) with one
 /// optimizer, in mini-batches whose order depends on `cfg.seed` and the epoch only. After each
 /// epoch (and once before training) it evaluates the training loss and the test accuracy and
@@ -460,14 +475,7 @@ pub fn train_run(
 
     let mut history = Vec::with_capacity(cfg.epochs + 1);
     let mut record = |epoch: usize, step: usize, history: &mut Vec<Point>| -> Result<()> {
-        let (train_loss, _) = evaluate(&model, &data.train_x, &data.train_y)?;
-        let (_, test_accuracy) = evaluate(&model, &data.test_x, &data.test_y)?;
-        let point = Point {
-            epoch,
-            step,
-            train_loss,
-            test_accuracy,
-        };
+        let point = measure_point(&model, data, epoch, step)?;
         on_point(&point);
         history.push(point);
         Ok(())

@@ -3,8 +3,8 @@
 //!
 //! ```sh
 //! cargo build --release --manifest-path crates/adafactor-mpi/Cargo.toml --target-dir target \
-//!     --example train
-//! mpirun --oversubscribe -np 2 target/release/examples/train --mode sharded
+//!     --example train_mpi
+//! mpirun --oversubscribe -np 2 target/release/examples/train_mpi --mode sharded
 //! ```
 //!
 //! Rank 0 prints the `train` example's `result` line plus `ranks=N mode=M
