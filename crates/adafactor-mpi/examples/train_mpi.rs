@@ -48,15 +48,17 @@ fn main() -> BoxResult<()> {
     if all.iter().any(|b| b.as_slice() != mine[0].to_le_bytes()) {
         return Err("the ranks ended with different results".into());
     }
-    mine[0] = result.run.state_bytes as u64;
+    let bytes = result.run.state_bytes as u64;
+    mine[0] = bytes;
     control.all_reduce_max_u64(&mut mine)?;
+    let total = control.sum_f64(bytes as f64)? as usize;
     println!(
         "rank {} of {}: {} state bytes",
         result.rank, result.ranks, result.run.state_bytes
     );
     control.barrier()?;
     if result.rank == 0 {
-        println!("{}", result.result_line());
+        println!("{}", result.result_line(total, mine[0] as usize));
     }
     Ok(())
 }

@@ -103,7 +103,9 @@ fn run() -> Result<(), Box<dyn Error>> {
                 r.rank, r.ranks, r.run.state_bytes
             );
         }
-        println!("{}", results[0].result_line());
+        let bytes = results.iter().map(|r| r.run.state_bytes);
+        let (total, most) = (bytes.clone().sum(), bytes.max().unwrap_or(0));
+        println!("{}", results[0].result_line(total, most));
     }
     Ok(())
 }

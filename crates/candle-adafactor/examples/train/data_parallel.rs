@@ -26,9 +26,10 @@ pub struct RankResult {
 }
 
 impl RankResult {
-    /// The `result ...` line of the single-process example plus `ranks`, `mode` and
-    /// `state_bytes_per_rank`.
-    pub fn result_line(&self) -> String {
+    /// The `result ...` line of the single-process example (`state_bytes`: the sum over the
+    /// ranks, `total`) plus `ranks`, `mode` and `state_bytes_per_rank` (the most a rank keeps,
+    /// `most`).
+    pub fn result_line(&self, total: usize, most: usize) -> String {
         let last = self.run.last();
         format!(
             "result optimizer={} test_accuracy={:.4} train_loss={:.4} state_bytes={} \
@@ -36,11 +37,11 @@ impl RankResult {
             self.run.spec.name,
             last.test_accuracy,
             last.train_loss,
-            self.run.state_bytes,
+            total,
             self.run.seconds,
             self.ranks,
             self.mode.name(),
-            self.run.state_bytes
+            most
         )
     }
 }
