@@ -11,7 +11,7 @@
 //! - **Sharded** (ZeRO stage 1): variables are partitioned across ranks, balanced by bytes
 //!   ([`Sharding`]); a rank keeps EMA averages and accumulators only for the variables it owns
 //!   and updates only those ([`run_sharded`]), then the owners share the new weights
-//!   ([`all_gather_keyed`]). The global norm and the non-finite decision are collective.
+//!   ([`all_gather_packed`]). The global norm and the non-finite decision are collective.
 //!
 //! # Bit-exactness of the global norm
 //! One process sums the per-variable sums of squares in call order. Adding per-rank partial
@@ -149,55 +149,84 @@ pub fn average_gradients(
     Ok(())
 }
 
-/// Every other rank's `(key, bytes)` entries, given this rank's: one all-gather. Used to share
-/// the owners' new weights after a sharded step and to gather a sharded checkpoint.
+/// Appends one `(key, bytes)` entry to a buffer for [`all_gather_packed`].
+pub fn pack_entry(buf: &mut Vec<u8>, key: usize, bytes: &[u8]) {
+    buf.extend_from_slice(&(key as u64).to_le_bytes());
+    buf.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    buf.extend_from_slice(bytes);
+}
+
+/// [`pack_entry`] of float32 values as little-endian bytes (without an intermediate copy).
+pub fn pack_entry_f32(buf: &mut Vec<u8>, key: usize, values: &[f32]) {
+    buf.extend_from_slice(&(key as u64).to_le_bytes());
+    buf.extend_from_slice(&(4 * values.len() as u64).to_le_bytes());
+    buf.reserve(4 * values.len());
+    for x in values {
+        buf.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// Shares this rank's entries (packed by [`pack_entry`]) with every rank in one all-gather and
+/// calls `f(key, bytes)` for each entry of every other rank, in rank order. The buffer is freed
+/// once sent, and entries are read in place (no copy), to keep the peak memory of sharing the
+/// weights of a large model low.
 ///
 /// # Errors
-/// The transport failed, or a rank sent a malformed buffer.
-pub fn all_gather_keyed(
+/// The transport failed, a rank sent a malformed buffer, or `f` failed.
+pub fn all_gather_packed(
     comm: &mut dyn Collective,
-    mine: &[(usize, &[u8])],
-) -> Result<Vec<(usize, Vec<u8>)>> {
-    let total: usize = mine.iter().map(|(_, b)| 16 + b.len()).sum();
-    let mut packed = Vec::with_capacity(total);
-    for (key, bytes) in mine {
-        packed.extend_from_slice(&(*key as u64).to_le_bytes());
-        packed.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        packed.extend_from_slice(bytes);
-    }
+    packed: Vec<u8>,
+    mut f: impl FnMut(usize, &[u8]) -> Result<()>,
+) -> Result<()> {
     let all = comm.all_gather_bytes(&packed)?;
     drop(packed);
     let me = comm.rank();
-    let mut out = Vec::new();
     for (rank, buf) in all.into_iter().enumerate() {
         if rank == me {
             continue;
         }
+        let truncated = || {
+            collective_error(
+                "all_gather_packed",
+                format!("rank {rank} sent a truncated entry"),
+            )
+        };
         let mut at = 0;
         while at < buf.len() {
             let word = |at: usize| -> Result<usize> {
                 buf.get(at..at + 8)
                     .and_then(|b| <[u8; 8]>::try_from(b).ok())
                     .map(|b| u64::from_le_bytes(b) as usize)
-                    .ok_or_else(|| {
-                        collective_error(
-                            "all_gather_keyed",
-                            format!("rank {rank} sent a truncated entry"),
-                        )
-                    })
+                    .ok_or_else(truncated)
             };
             let key = word(at)?;
             let len = word(at + 8)?;
-            let bytes = buf.get(at + 16..at + 16 + len).ok_or_else(|| {
-                collective_error(
-                    "all_gather_keyed",
-                    format!("rank {rank} sent a truncated entry"),
-                )
-            })?;
-            out.push((key, bytes.to_vec()));
+            let bytes = buf.get(at + 16..at + 16 + len).ok_or_else(truncated)?;
+            f(key, bytes)?;
             at += 16 + len;
         }
     }
+    Ok(())
+}
+
+/// Every other rank's `(key, bytes)` entries, given this rank's ([`all_gather_packed`] into
+/// owned entries). Used to gather a sharded checkpoint.
+///
+/// # Errors
+/// As [`all_gather_packed`].
+pub fn all_gather_keyed(
+    comm: &mut dyn Collective,
+    mine: &[(usize, &[u8])],
+) -> Result<Vec<(usize, Vec<u8>)>> {
+    let mut packed = Vec::with_capacity(mine.iter().map(|(_, b)| 16 + b.len()).sum());
+    for (key, bytes) in mine {
+        pack_entry(&mut packed, *key, bytes);
+    }
+    let mut out = Vec::new();
+    all_gather_packed(comm, packed, |key, bytes| {
+        out.push((key, bytes.to_vec()));
+        Ok(())
+    })?;
     Ok(out)
 }
 

@@ -5,7 +5,9 @@
 use crate::checkpoint::StateDict;
 use crate::optimizer::{core_err, err, Adafactor};
 use adafactor::collective::{check_same_on_all_ranks, Collective, Fingerprint};
-use adafactor::data_parallel::{all_gather_keyed, average_gradients, Sharding};
+use adafactor::data_parallel::{
+    all_gather_keyed, all_gather_packed, average_gradients, pack_entry, pack_entry_f32, Sharding,
+};
 use adafactor::engine::Outcome;
 use adafactor::{AdafactorConfig, StepPlan};
 use candle_core::{DType, Result, Tensor, Var};
@@ -301,54 +303,65 @@ impl<'c> DataParallel<'c> {
         } else {
             self.sharding.owned()
         };
-        let bytes = owned
+        let total: usize = owned
             .iter()
-            .map(|&i| {
-                let w = self.opt.slots[i].var.as_tensor();
-                let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
-            })
-            .collect::<Result<Vec<Vec<u8>>>>()?;
-        let status = [u8::from(failed)];
-        let mut mine: Vec<(usize, &[u8])> = vec![(STATUS, &status)];
-        mine.extend(owned.iter().copied().zip(bytes.iter().map(Vec::as_slice)));
-        let got = all_gather_keyed(self.comm.as_mut(), &mine).map_err(core_err)?;
-        drop(bytes);
-        if got
-            .iter()
-            .any(|(k, b)| *k == STATUS && b.first() == Some(&1))
-            || failed
-        {
-            return Err(err(
-                "a rank failed in a sharded step; the ranks' weights may now differ (restart \
-                 from a checkpoint)",
-            ));
+            .map(|&i| 16 + 4 * self.opt.slots[i].var.elem_count())
+            .sum();
+        let mut packed = Vec::with_capacity(17 + total);
+        pack_entry(&mut packed, STATUS, &[u8::from(failed)]);
+        for &i in &owned {
+            let w = self.opt.slots[i].var.as_tensor();
+            let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            pack_entry_f32(&mut packed, i, &v);
         }
+        let mut others_failed = false;
         let mut updates = Vec::new();
-        for (i, b) in got.into_iter().filter(|(k, _)| *k != STATUS) {
-            let slot = self.opt.slots.get(i).ok_or_else(|| {
-                err(format!(
-                    "a rank sent the weights of variable {i}, which does not exist"
-                ))
+        let slots = &self.opt.slots;
+        let sharding = &self.sharding;
+        all_gather_packed(self.comm.as_mut(), packed, |i, b| {
+            if i == STATUS {
+                others_failed |= b.first() == Some(&1);
+                return Ok(());
+            }
+            let slot = slots.get(i).ok_or_else(|| {
+                adafactor::Error::invalid(
+                    "weights",
+                    format!("a rank sent the weights of variable {i}, which does not exist"),
+                )
             })?;
-            if self.sharding.owns(i) || b.len() != 4 * slot.var.elem_count() {
-                return Err(err(format!(
-                    "a rank sent {} bytes of weights for `{}` (this rank owns it: {})",
-                    b.len(),
-                    slot.name,
-                    self.sharding.owns(i)
-                )));
+            if sharding.owns(i) || b.len() != 4 * slot.var.elem_count() {
+                return Err(adafactor::Error::invalid(
+                    "weights",
+                    format!(
+                        "a rank sent {} bytes of weights for `{}` (this rank owns it: {})",
+                        b.len(),
+                        slot.name,
+                        sharding.owns(i)
+                    ),
+                ));
             }
             let v: Vec<f32> = b
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            let t = Tensor::from_vec(v, slot.var.shape(), slot.var.device())?
-                .to_dtype(slot.var.dtype())?;
-            updates.push((i, t));
+            let t = Tensor::from_vec(v, slot.var.shape(), slot.var.device())
+                .and_then(|t| t.to_dtype(slot.var.dtype()))
+                .and_then(|t| slot.var.set(&t));
+            updates.push((i, t.map_err(|e| e.to_string())));
+            Ok(())
+        })
+        .map_err(core_err)?;
+        if others_failed || failed {
+            return Err(err(
+                "a rank failed in a sharded step; the ranks' weights may now differ (restart \
+                 from a checkpoint)",
+            ));
         }
-        for (i, t) in updates {
-            self.opt.slots[i].var.set(&t)?;
+        if let Some((i, Err(e))) = updates.into_iter().find(|(_, r)| r.is_err()) {
+            return Err(err(format!(
+                "could not set the weights of `{}` sent by its owner: {e}",
+                self.opt.slots[i].name
+            )));
         }
         Ok(())
     }
