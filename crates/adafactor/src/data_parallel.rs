@@ -283,7 +283,7 @@ impl<B: Backend> Backend for Recording<'_, B> {
         &mut self,
         targets: &[Target],
         stats: &[Stats],
-        measured: &[Self::Measured],
+        measured: &[(Measure, Self::Measured)],
         scales: &[GradScale],
         ctx: &UpdateContext,
     ) -> std::result::Result<Vec<(f32, Self::Updated)>, Self::Error> {
@@ -294,7 +294,7 @@ impl<B: Backend> Backend for Recording<'_, B> {
         &mut self,
         targets: &[Target],
         stats: &[Stats],
-        updated: Vec<Self::Updated>,
+        updated: Vec<(f32, Self::Updated)>,
         scalars: &[WriteScalars],
         ctx: &UpdateContext,
     ) -> std::result::Result<Vec<Stats>, Self::Error> {

@@ -181,7 +181,7 @@ pub trait Backend {
         &mut self,
         targets: &[Target],
         stats: &[Stats],
-        measured: &[Self::Measured],
+        measured: &[(Measure, Self::Measured)],
         scales: &[GradScale],
         ctx: &UpdateContext,
     ) -> Result<Vec<(f32, Self::Updated)>, Self::Error>;
@@ -191,7 +191,7 @@ pub trait Backend {
         &mut self,
         targets: &[Target],
         stats: &[Stats],
-        updated: Vec<Self::Updated>,
+        updated: Vec<(f32, Self::Updated)>,
         scalars: &[WriteScalars],
         ctx: &UpdateContext,
     ) -> Result<Vec<Stats>, Self::Error>;
@@ -384,31 +384,29 @@ pub fn run<B: Backend, C: Combine>(
                 scalars,
                 check_finite,
             };
-            let (measures, measured): (Vec<Measure>, Vec<B::Measured>) =
-                backend.measure(targets, stats, &ctx)?.into_iter().unzip();
+            // Kept as pairs, not unzipped: with thousands of small tensors every list of the
+            // step is a large allocation of its own.
+            let measured = backend.measure(targets, stats, &ctx)?;
             if check_finite {
-                let flags: Vec<bool> = measures.iter().map(|m| m.finite).collect();
+                let flags: Vec<bool> = measured.iter().map(|(m, _)| m.finite).collect();
                 if let Some(outcome) = refuse(targets, &flags, combine).map_err(B::core_error)? {
                     return Ok(outcome);
                 }
             }
-            let sums: Vec<f64> = measures.iter().map(|m| m.sum_sq_grad).collect();
+            let sums: Vec<f64> = measured.iter().map(|(m, _)| m.sum_sq_grad).collect();
             let global = match scalars.clip {
                 Clip::GlobalNorm(_) => combine.sum(sums.iter().sum()).map_err(B::core_error)?,
                 _ => 0.0,
             };
             let scales = clip_scales(scalars.clip, &sums, global);
-            let (rms_u, updated): (Vec<f32>, Vec<B::Updated>) = backend
-                .update(targets, stats, &measured, &scales, &ctx)?
-                .into_iter()
-                .unzip();
-            let write: Vec<WriteScalars> = measures
+            let updated = backend.update(targets, stats, &measured, &scales, &ctx)?;
+            let write: Vec<WriteScalars> = measured
                 .iter()
-                .zip(&rms_u)
+                .zip(&updated)
                 .zip(&scales)
-                .map(|((m, r), s)| WriteScalars {
+                .map(|(((m, _), (rms_u, _)), s)| WriteScalars {
                     alpha: scalars.alpha(m.rms_x),
-                    divisor: scalars.update_clip_divisor(*r),
+                    divisor: scalars.update_clip_divisor(*rms_u),
                     scale: *s,
                 })
                 .collect();
