@@ -366,6 +366,30 @@ impl<'c> DataParallel<'c> {
         Ok(())
     }
 
+    /// Keras `finalize_variable_values` on every variable: with `use_ema`, copies each
+    /// variable's moving average into it (in sharded mode the owners copy theirs and share the
+    /// weights); without, does nothing. A collective call.
+    ///
+    /// # Errors
+    /// As [`Adafactor::finalize_variable_values`]; the weight exchange failed.
+    pub fn finalize_variable_values(&mut self) -> Result<()> {
+        if !self.opt.config().use_ema {
+            return Ok(());
+        }
+        let owned: Vec<Var> = self
+            .sharding
+            .owned()
+            .into_iter()
+            .map(|i| self.opt.slots[i].var.clone())
+            .collect();
+        let refs: Vec<&Var> = owned.iter().collect();
+        let done = self.opt.finalize_variable_values(&refs);
+        if self.sharding.mode() == Mode::Sharded {
+            self.share_weights(done.is_err())?;
+        }
+        done
+    }
+
     /// The whole optimizer state (as [`Adafactor::state_dict`] of one process), gathered from
     /// the owners in sharded mode: an ordinary state file's content, loadable by any world
     /// size. A collective call; every rank gets the whole state.

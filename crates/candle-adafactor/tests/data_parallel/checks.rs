@@ -238,6 +238,8 @@ struct Run<'a> {
     steps: Range<usize>,
     nan_at: NanAt,
     save: Option<&'a PathBuf>,
+    /// Calls `finalize_variable_values` after the steps (one more snapshot).
+    finalize: bool,
 }
 
 fn rank_run<'c>(run: &Run<'_>, comm: Box<dyn Collective + 'c>) -> Result<Steps, String> {
@@ -271,6 +273,14 @@ fn rank_run<'c>(run: &Run<'_>, comm: Box<dyn Collective + 'c>) -> Result<Steps, 
     }
     if let Some(p) = run.save {
         dp.save_state(p).map_err(e)?;
+    }
+    if run.finalize {
+        dp.finalize_variable_values().map_err(e)?;
+        out.push(Ok(Snapshot {
+            weights: weight_bits(&vars),
+            state: Vec::new(),
+            skipped: dp.optimizer().skipped_steps(),
+        }));
     }
     Ok(out)
 }
@@ -314,7 +324,8 @@ fn shared_path(tag: &str) -> PathBuf {
 /// One check, run on every rank of a group.
 #[derive(Debug, Clone)]
 pub enum Case {
-    /// The mode on every rank equals one process fed the averaged gradient, after every step.
+    /// The mode on every rank equals one process fed the averaged gradient, after every step
+    /// and after `finalize_variable_values`.
     Equivalence {
         /// A name of [`configs`].
         config: &'static str,
@@ -458,7 +469,13 @@ impl Case {
                     .map(|(_, c)| c)
                     .ok_or("unknown config")?;
                 let weights = initial_weights(*dtype);
-                let (want, _) = single(&cfg, ranks, *dtype, &weights, (None, 0..STEPS), None)?;
+                let (want, reference) =
+                    single(&cfg, ranks, *dtype, &weights, (None, 0..STEPS), None)?;
+                let vars_ref: Vec<(String, Var)> = reference
+                    .trainable_variables()
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), (*v).clone()))
+                    .collect();
                 if let Some(Err(e)) = want.iter().find(|s| s.is_err()) {
                     return Err(format!("the reference run fails: {e}"));
                 }
@@ -471,7 +488,18 @@ impl Case {
                     steps: 0..STEPS,
                     nan_at: None,
                     save: None,
+                    finalize: true,
                 };
+                let mut want = want;
+                let refs: Vec<&Var> = vars_ref.iter().map(|(_, v)| v).collect();
+                reference
+                    .finalize_variable_values(&refs)
+                    .map_err(|e| e.to_string())?;
+                want.push(Ok(Snapshot {
+                    weights: weight_bits(&vars_ref),
+                    state: Vec::new(),
+                    skipped: reference.skipped_steps(),
+                }));
                 same(&format!("rank {rank}"), &rank_run(&run, comm)?, &want)
             }
             Case::NonFinite { policy, mode, step } => {
@@ -492,6 +520,7 @@ impl Case {
                     steps: 0..STEPS,
                     nan_at,
                     save: None,
+                    finalize: false,
                 };
                 let got = rank_run(&run, comm)?;
                 match (policy, &got[STEPS - 1], &got[*step]) {
@@ -521,6 +550,7 @@ impl Case {
                         steps: 0..stop,
                         nan_at: None,
                         save: Some(&path),
+                        finalize: false,
                     };
                     let first = rank_run(&run, comm)?;
                     let at_stop = first[stop - 1].clone()?;
@@ -553,6 +583,7 @@ impl Case {
                         steps: stop..STEPS,
                         nan_at: None,
                         save: None,
+                        finalize: false,
                     };
                     same(
                         &format!("rank {rank}"),
