@@ -144,7 +144,9 @@ fn averaged_grads(ranks: usize, step: usize, dtype: DType, nan_at: NanAt) -> Vec
             for g in &per_rank[1..] {
                 sum = (sum + g[v].to_dtype(DType::F32).expect("f32")).expect("add");
             }
-            (sum / ranks as f64)
+            // A division, as the average is computed (`/ 3` and `* (1/3)` differ).
+            let n = Tensor::new(ranks as f32, &Device::Cpu).expect("ranks");
+            sum.broadcast_div(&n)
                 .and_then(|t| t.to_dtype(dtype))
                 .expect("average")
         })
