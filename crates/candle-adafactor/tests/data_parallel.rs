@@ -1,4 +1,5 @@
-//! Data-parallel training on groups of threads (2, and 3 for some): every case of `data_parallel/checks.rs`
+//! Data-parallel training on groups of threads (2, and 3 for some): every case of
+//! `data_parallel/checks.rs`
 //! (replicated and sharded training equal one process fed the averaged gradient, bit for bit,
 //! on both data paths, with a schedule, weight decay with exclusions, `global_clipnorm`, EMA
 //! with overwrite and accumulation stopped mid-cycle; a non-finite gradient on one rank; ranks
