@@ -1,4 +1,4 @@
-//! Runs the `mpi_collective` checks on two processes under `mpirun` (OpenMPI's
+//! Runs the `mpi_collective` and `mpi_data_parallel` checks on two processes under `mpirun` (OpenMPI's
 //! `--oversubscribe`, so two cores or fewer suffice; `--allow-run-as-root` when root).
 
 use std::io::Read;
@@ -15,14 +15,14 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-#[test]
-fn collective_contract_holds_on_two_ranks() {
+/// Runs `binary` on two ranks; returns its output once it exits, failing after [`LIMIT`].
+fn run_on_two_ranks(binary: &str, closing: &str) {
     let mut cmd = Command::new("mpirun");
     cmd.args(["--oversubscribe", "-np", "2"]);
     if is_root() {
         cmd.arg("--allow-run-as-root");
     }
-    cmd.arg(env!("CARGO_BIN_EXE_mpi_collective"))
+    cmd.arg(binary)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| {
@@ -68,7 +68,23 @@ fn collective_contract_holds_on_two_ranks() {
     let last = out.lines().last().unwrap_or_default();
     assert!(status.success(), "mpirun exited with {status}: {last}");
     assert!(
-        last.starts_with("mpi collective: ") && last.ends_with(" passed, 0 failed (2 ranks)"),
+        last.starts_with(closing) && last.ends_with(" passed, 0 failed (2 ranks)"),
         "unexpected closing line: {last:?}"
+    );
+}
+
+#[test]
+fn collective_contract_holds_on_two_ranks() {
+    run_on_two_ranks(env!("CARGO_BIN_EXE_mpi_collective"), "mpi collective: ");
+}
+
+/// Replicated and sharded training on two MPI processes equal one process fed the averaged
+/// gradient, bit for bit; NaN on one rank, disagreeing ranks, checkpoints across world sizes,
+/// the state per rank (the cases `candle-adafactor` runs on threads).
+#[test]
+fn data_parallel_checks_hold_on_two_ranks() {
+    run_on_two_ranks(
+        env!("CARGO_BIN_EXE_mpi_data_parallel"),
+        "mpi data parallel: ",
     );
 }

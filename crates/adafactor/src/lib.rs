@@ -9,10 +9,11 @@
 //! - [`engine`]: the step pipeline, written once, over a [`engine::Backend`] that a framework
 //!   adapter implements; [`engine::fused`] runs the kernels over a framework's slices.
 //! - [`Stats`]: the per-variable statistics (row and column factors only, for rank >= 2).
-//! - [`manifest`]: what the optimizer's state is, and the orders it is listed in.
-//! - [`checkpoint`]: the framework-free part of the checkpoint format.
 //! - [`collective`]: the contract of data-parallel training (sums and bytes across ranks), an
 //!   in-process group of threads implementing it, gradient buckets and a byte-balanced partition.
+//! - [`data_parallel`]: replicated and sharded (ZeRO-1) data parallelism around the step pipeline.
+//! - [`manifest`]: what the optimizer's state is, and the orders it is listed in.
+//! - [`checkpoint`]: the framework-free part of the checkpoint format.
 //! - [`kernels`]: fused slice kernels over `f32`, `bf16` and `f16` with f32 statistics.
 //! - [`rounding`]: deterministic stochastic rounding into `bf16` and `f16` weights.
 //!
@@ -44,6 +45,7 @@
 pub mod checkpoint;
 pub mod collective;
 mod config;
+pub mod data_parallel;
 pub mod engine;
 mod error;
 mod exclusions;

@@ -270,6 +270,36 @@ impl StateDict {
             .map_or(0, |b| i64::from_le_bytes(b).max(0) as u64)
     }
 
+    /// The data of entry `index` (in file order), to share with the other ranks.
+    pub(crate) fn entry_data(&self, index: usize) -> Result<&[u8]> {
+        self.entries
+            .get(index)
+            .map(|e| e.data.as_slice())
+            .ok_or_else(|| err(format!("internal: no checkpoint entry {index}")))
+    }
+
+    /// Fills entry `index` (left empty by a sharded rank) with the owner's data.
+    ///
+    /// # Errors
+    /// No such entry, or the data does not have the entry's size.
+    pub(crate) fn fill(&mut self, index: usize, data: Vec<u8>) -> Result<()> {
+        let e = self.entries.get_mut(index).ok_or_else(|| {
+            err(format!(
+                "a rank sent checkpoint entry {index}, which is not one"
+            ))
+        })?;
+        let want = e.shape.iter().product::<usize>() * e.dtype.size_in_bytes();
+        if data.len() != want {
+            return Err(err(format!(
+                "a rank sent {} bytes for checkpoint entry `{}`, which has {want}",
+                data.len(),
+                e.name
+            )));
+        }
+        e.data = data;
+        Ok(())
+    }
+
     fn entry(&self, name: &str) -> Result<&Entry> {
         self.entries
             .iter()
@@ -527,7 +557,19 @@ impl Adafactor {
     /// under the same name (an `add_variable` name that a later build also produced); an
     /// `add_variable` variable of a dtype safetensors cannot hold.
     pub fn state_dict(&self) -> Result<StateDict> {
+        Ok(self.state_dict_of_owned(&|_| true)?.0)
+    }
+
+    /// [`Adafactor::state_dict`] on one rank of a sharded group: the entries of the variables
+    /// `i` without `owns(i)` (their statistics, average and accumulator) are left empty, for
+    /// [`StateDict::fill`] with the owners' entries. Also returns every per-variable entry as
+    /// `(entry index, variable)`.
+    pub(crate) fn state_dict_of_owned(
+        &self,
+        owns: &dyn Fn(usize) -> bool,
+    ) -> Result<(StateDict, Vec<(usize, usize)>)> {
         self.require_built("save its state")?;
+        let mut per_var = Vec::new();
         let vars = self.var_list();
         let extras: Vec<(String, DType, Vec<usize>)> = self
             .extra
@@ -549,6 +591,18 @@ impl Adafactor {
                 let t = t.ok_or_else(|| err(format!("internal: {what} `{}` missing", it.name)))?;
                 tensor_bytes(&t.to_dtype(DType::F32)?, &it.name)
             };
+            if let Part::Average(i) | Part::Accumulator(i) | Part::Stat(i, _) = it.part {
+                per_var.push((entries.len(), i));
+                if !owns(i) {
+                    entries.push(Entry {
+                        name: it.name,
+                        dtype: it.dtype,
+                        shape: it.shape,
+                        data: Vec::new(),
+                    });
+                    continue;
+                }
+            }
             let data = match it.part {
                 Part::Iteration => counter_bytes("iteration", self.counters.raw_iterations)?,
                 Part::SkippedSteps => counter_bytes("skipped_steps", self.counters.skipped_steps)?,
@@ -593,13 +647,14 @@ impl Adafactor {
                 data,
             });
         }
-        Ok(StateDict {
+        let sd = StateDict {
             format_version: STATE_FORMAT_VERSION,
             keras_config: self.get_config().to_string(),
             variables: vars,
             extras: self.extra.iter().map(|(n, _)| n.clone()).collect(),
             entries,
-        })
+        };
+        Ok((sd, per_var))
     }
 
     /// Restores the state saved by [`Adafactor::state_dict`] into this optimizer, which must be
@@ -704,7 +759,9 @@ impl Adafactor {
                 .map(|(suffix, _)| Ok(f32_values(&sd.entry(&format!("{}/{suffix}", s.name))?.data)))
                 .collect::<Result<Vec<_>>>()?;
             let mut stats = s.stats.clone();
-            stats.set_from(&s.name, &values).map_err(core_err)?;
+            if s.full_state {
+                stats.set_from(&s.name, &values).map_err(core_err)?;
+            }
             new_slots.push((stats, ema, acc));
         }
         let raw = sd.raw_iterations();

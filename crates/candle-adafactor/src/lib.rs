@@ -1,11 +1,13 @@
 //! Keras 3 `Adafactor` for [candle](https://github.com/huggingface/candle), step-exact with
 //! Keras 3.15.1, with the memory savings Adafactor promises.
 //!
-//! See [`Adafactor`] for the optimizer and [`AdafactorConfig`] for its arguments.
+//! See [`Adafactor`] for the optimizer and [`AdafactorConfig`] for its arguments, and
+//! [`DataParallel`] for data-parallel training across ranks (threads or MPI processes).
 #![deny(missing_docs)]
 
 mod checkpoint;
 mod composed;
+mod data_parallel;
 mod fused;
 mod keras_weights;
 mod optimizer;
@@ -14,6 +16,7 @@ mod weights;
 
 pub use adafactor::{AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite};
 pub use checkpoint::{StateDict, STATE_FORMAT, STATE_FORMAT_VERSION};
+pub use data_parallel::{DataParallel, Mode, DEFAULT_BUCKET_BYTES};
 pub use optimizer::{Adafactor, DataPath};
 
 /// The README's code samples, compiled and run as doctests.

@@ -3,7 +3,9 @@
 use crate::composed::Composed;
 use crate::fused;
 use crate::slot::Slot;
-use adafactor::engine::{self, Counters, Local, Step, Target};
+use adafactor::collective::Collective;
+use adafactor::data_parallel::{run_sharded, Sharding};
+use adafactor::engine::{self, Counters, Local, Outcome, Step, Target};
 use adafactor::{AdafactorConfig, LearningRate, NameExclusions, OnNonFinite, Stats, StepPlan};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId, Var};
@@ -154,6 +156,16 @@ impl Adafactor {
     /// # Errors
     /// Already built; a duplicate name or variable.
     pub fn build_named(&mut self, vars: Vec<(String, Var)>) -> Result<()> {
+        self.build_named_keeping(vars, &|_| true)
+    }
+
+    /// [`Adafactor::build_named`] where only the (float) variables `i` with `keeps(i)` get an
+    /// EMA average and an accumulator (the variables a rank owns in sharded data parallelism).
+    pub(crate) fn build_named_keeping(
+        &mut self,
+        vars: Vec<(String, Var)>,
+        keeps: &dyn Fn(usize) -> bool,
+    ) -> Result<()> {
         if self.built {
             return Err(err(format!(
                 "optimizer `{}` is already built on {} variables; build it once",
@@ -171,7 +183,8 @@ impl Adafactor {
             if index.insert(var.id(), slots.len()).is_some() {
                 return Err(err(format!("variable `{name}` is listed twice")));
             }
-            slots.push(Slot::new(name, var, &self.config)?);
+            let keep = keeps(slots.len());
+            slots.push(Slot::new(name, var, &self.config, keep)?);
         }
         self.slots = slots;
         self.index = index;
@@ -415,7 +428,10 @@ impl Adafactor {
 
     /// Checks every pair before anything changes; returns `(slot index, gradient)` for the
     /// gradients that are present.
-    fn check_pairs(&self, pairs: &[(Option<&Tensor>, &Var)]) -> Result<Vec<(usize, Tensor)>> {
+    pub(crate) fn check_pairs(
+        &self,
+        pairs: &[(Option<&Tensor>, &Var)],
+    ) -> Result<Vec<(usize, Tensor)>> {
         let mut seen = vec![false; self.slots.len()];
         let mut items = Vec::with_capacity(pairs.len());
         for (g, v) in pairs {
@@ -463,12 +479,42 @@ impl Adafactor {
     /// Runs one planned apply on checked items, on the fused or the composed path.
     fn apply_checked(&mut self, items: Vec<(usize, Tensor)>) -> Result<()> {
         let plan = StepPlan::new(&self.config, self.counters.raw_iterations);
-        let path = if self.config.jit_compile && fused::eligible(self, &items) {
+        let path = self.path_for(&items);
+        self.run(&items, &plan, path, true)
+    }
+
+    /// The data path an apply of these checked items takes.
+    pub(crate) fn path_for(&self, items: &[(usize, Tensor)]) -> DataPath {
+        if self.config.jit_compile && fused::eligible(self, items) {
             DataPath::Fused
         } else {
             DataPath::Composed
+        }
+    }
+
+    /// One sharded apply of checked items (every rank's gradients, already averaged): this
+    /// rank updates the variables it owns; the caller records the outcome
+    /// ([`Adafactor::record`]) and shares the new weights.
+    pub(crate) fn apply_sharded(
+        &mut self,
+        items: &[(usize, Tensor)],
+        comm: &mut dyn Collective,
+        sharding: &Sharding,
+    ) -> Result<Outcome> {
+        let plan = StepPlan::new(&self.config, self.counters.raw_iterations);
+        let order: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
+        let owned: Vec<(usize, Tensor)> = items
+            .iter()
+            .filter(|(i, _)| sharding.owns(*i))
+            .cloned()
+            .collect();
+        let path = self.path_for(items);
+        let shard = Shard {
+            comm,
+            order: &order,
+            scope: sharding.owned(),
         };
-        self.run(&items, &plan, path, true)
+        self.run_on(&owned, &plan, path, Some(shard))
     }
 
     /// Runs the core's pipeline on one path and counts the outcome (`counts`: an
@@ -480,6 +526,19 @@ impl Adafactor {
         path: DataPath,
         counts: bool,
     ) -> Result<()> {
+        let outcome = self.run_on(items, plan, path, None)?;
+        self.record(outcome, counts)
+    }
+
+    /// [`Adafactor::run`] on one rank of a sharded group when `shard` is given (`items` are
+    /// then this rank's owned variables).
+    fn run_on(
+        &mut self,
+        items: &[(usize, Tensor)],
+        plan: &StepPlan,
+        path: DataPath,
+        shard: Option<Shard<'_>>,
+    ) -> Result<Outcome> {
         let targets: Vec<Target> = items
             .iter()
             .map(|(i, _)| Target {
@@ -488,7 +547,10 @@ impl Adafactor {
                     || !self.excluded_from_decay(&self.slots[*i]),
             })
             .collect();
-        let scope: Vec<usize> = (0..self.slots.len()).collect();
+        let scope: Vec<usize> = match &shard {
+            Some(sh) => sh.scope.clone(),
+            None => (0..self.slots.len()).collect(),
+        };
         let step = Step {
             plan,
             targets: &targets,
@@ -501,21 +563,29 @@ impl Adafactor {
             .iter_mut()
             .map(|s| std::mem::replace(&mut s.stats, Stats::Unfactored { v: Vec::new() }))
             .collect();
-        let outcome = match path {
-            DataPath::Fused => {
+        let n = self.slots.len();
+        let outcome = match (path, shard) {
+            (DataPath::Fused, shard) => {
                 let buffers = fused::Buffers::new(&self.slots, items);
-                engine::run(
-                    &mut engine::fused::Fused::new(&buffers),
-                    &mut stats,
-                    step,
-                    &Local,
-                )
+                let mut backend = engine::fused::Fused::new(&buffers);
+                match shard {
+                    None => engine::run(&mut backend, &mut stats, step, &Local),
+                    Some(sh) => run_sharded(&mut backend, &mut stats, step, sh.comm, sh.order, n),
+                }
             }
-            DataPath::Composed => engine::run(
+            (DataPath::Composed, None) => engine::run(
                 &mut Composed::new(&mut self.slots, items),
                 &mut stats,
                 step,
                 &Local,
+            ),
+            (DataPath::Composed, Some(sh)) => run_sharded(
+                &mut Composed::new(&mut self.slots, items),
+                &mut stats,
+                step,
+                sh.comm,
+                sh.order,
+                n,
             ),
         };
         for (slot, st) in self.slots.iter_mut().zip(stats) {
@@ -523,13 +593,30 @@ impl Adafactor {
         }
         let outcome = outcome?;
         self.last_path = Some(path);
+        Ok(outcome)
+    }
+
+    /// Counts a step's outcome (see [`Counters::record`]).
+    pub(crate) fn record(&mut self, outcome: Outcome, counts: bool) -> Result<()> {
         let slots = &self.slots;
         self.counters
             .record(outcome, self.config.on_nonfinite, counts, |var| {
-                var.map_or_else(|| "<unknown>".into(), |i| slots[i].name.clone())
+                var.map_or_else(
+                    || "<a variable updated by another rank>".into(),
+                    |i| slots[i].name.clone(),
+                )
             })
             .map_err(core_err)
     }
+}
+
+/// One rank's part of a sharded step.
+struct Shard<'a> {
+    comm: &'a mut dyn Collective,
+    /// Every variable with a gradient (on every rank), in call order.
+    order: &'a [usize],
+    /// The variables this rank owns.
+    scope: Vec<usize>,
 }
 
 impl candle_nn::Optimizer for Adafactor {

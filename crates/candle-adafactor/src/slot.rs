@@ -15,6 +15,9 @@ pub(crate) struct Slot {
     pub name: String,
     pub var: Var,
     pub stats: Stats,
+    /// False for a variable another rank owns (sharded data parallelism): no statistics, EMA
+    /// average or accumulator are kept for it.
+    pub full_state: bool,
     ema: Option<Tensor>,
     accumulator: Option<Tensor>,
 }
@@ -29,12 +32,23 @@ pub(crate) struct NewValues {
 }
 
 impl Slot {
-    pub fn new(name: String, var: Var, cfg: &AdafactorConfig) -> Result<Self> {
+    /// A slot with zero state; `full_state` false keeps none (a variable another rank owns in
+    /// sharded data parallelism).
+    pub fn new(name: String, var: Var, cfg: &AdafactorConfig, full_state: bool) -> Result<Self> {
         let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
         Ok(Slot {
-            stats: Stats::zeros(var.dims()),
-            ema: if cfg.use_ema { Some(zeros()?) } else { None },
-            accumulator: if cfg.gradient_accumulation_steps.is_some() {
+            stats: if full_state {
+                Stats::zeros(var.dims())
+            } else {
+                Stats::Unfactored { v: Vec::new() }
+            },
+            full_state,
+            ema: if cfg.use_ema && full_state {
+                Some(zeros()?)
+            } else {
+                None
+            },
+            accumulator: if cfg.gradient_accumulation_steps.is_some() && full_state {
                 Some(zeros()?)
             } else {
                 None

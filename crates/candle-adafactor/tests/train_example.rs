@@ -46,27 +46,6 @@ fn small_corpus() -> Corpus {
     Corpus::from_text(&CORPUS[..40_000]).expect("the corpus splits")
 }
 
-/// 1 layer, 2 heads, width 32, context 16, batch 8.
-fn tiny(vocab_size: usize, iterations: usize) -> TrainConfig {
-    TrainConfig {
-        model: GptConfig {
-            vocab_size,
-            context: 16,
-            layers: 1,
-            heads: 2,
-            width: 32,
-        },
-        batch_size: 8,
-        iterations,
-        warmup: 5,
-        min_lr_fraction: 0.1,
-        eval_interval: 20,
-        eval_batches: 2,
-        sample_chars: 40,
-        seed: 7,
-    }
-}
-
 fn spec(name: &str) -> RunSpec {
     RunSpec::parse(name, &PRESETS).expect("a preset name parses")
 }
@@ -100,7 +79,7 @@ fn the_corpus_is_tiny_shakespeare_split_90_10() {
 #[test]
 fn every_weight_receives_a_gradient_and_a_missing_one_is_named() {
     let corpus = small_corpus();
-    let cfg = tiny(corpus.tokenizer.vocab_size(), 1);
+    let cfg = TrainConfig::tiny(corpus.tokenizer.vocab_size(), 1);
     let (varmap, gpt) = build_gpt(cfg.model, cfg.seed).expect("builds");
     let vars = named_vars(&varmap).expect("vars");
     // Embeddings, and per block two layer norms and four matrices, a final norm and the head.
@@ -126,7 +105,7 @@ fn every_weight_receives_a_gradient_and_a_missing_one_is_named() {
 
 #[test]
 fn the_model_is_causal() {
-    let cfg = tiny(65, 1);
+    let cfg = TrainConfig::tiny(65, 1);
     let (_, gpt) = build_gpt(cfg.model, cfg.seed).expect("builds");
     let a: Vec<u32> = (0..16).map(|i| (i * 7 % 65) as u32).collect();
     let mut b = a.clone();
@@ -156,7 +135,7 @@ fn the_model_is_causal() {
 
 #[test]
 fn the_initial_weights_depend_on_the_seed_only() {
-    let cfg = tiny(65, 1);
+    let cfg = TrainConfig::tiny(65, 1);
     let weights = |seed| -> Vec<(String, Vec<f32>)> {
         let (varmap, _) = build_gpt(cfg.model, seed).expect("builds");
         named_vars(&varmap)
@@ -191,7 +170,7 @@ fn the_initial_weights_depend_on_the_seed_only() {
 
 fn short_run(corpus: &Corpus, name: &str, iterations: usize) -> (RunResult, Vec<Tick>) {
     let mut ticks = Vec::new();
-    let cfg = tiny(corpus.tokenizer.vocab_size(), iterations);
+    let cfg = TrainConfig::tiny(corpus.tokenizer.vocab_size(), iterations);
     let run = train_run(corpus, &spec(name), &cfg, &mut |t: &Tick| ticks.push(*t)).expect("trains");
     (run, ticks)
 }
@@ -301,7 +280,7 @@ fn adafactor_keeps_under_one_percent_of_adamw_state_on_the_reference_model() {
 #[test]
 fn a_bad_configuration_is_an_error_that_names_it() {
     let corpus = small_corpus();
-    let mut cfg = tiny(corpus.tokenizer.vocab_size(), 4);
+    let mut cfg = TrainConfig::tiny(corpus.tokenizer.vocab_size(), 4);
     let err = train_run(&corpus, &spec("adamw"), &cfg, &mut |_| {}).expect_err("rejected");
     assert!(
         err.to_string()

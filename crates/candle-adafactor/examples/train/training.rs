@@ -95,6 +95,29 @@ impl TrainConfig {
         }
     }
 
+    /// A model and run small enough for tests: 1 layer, 2 heads, width 32, context 16, batch 8,
+    /// 5 warm-up steps, an evaluation every 20 steps.
+    #[allow(dead_code)] // the examples' tests use it
+    pub fn tiny(vocab_size: usize, iterations: usize) -> Self {
+        TrainConfig {
+            model: GptConfig {
+                vocab_size,
+                context: 16,
+                layers: 1,
+                heads: 2,
+                width: 32,
+            },
+            batch_size: 8,
+            iterations,
+            warmup: 5,
+            min_lr_fraction: 0.1,
+            eval_interval: 20,
+            eval_batches: 2,
+            sample_chars: 40,
+            seed: 7,
+        }
+    }
+
     /// Tokens per optimizer step.
     pub fn tokens_per_step(&self) -> usize {
         self.batch_size * self.model.context
@@ -162,19 +185,42 @@ fn clip_global_norm(grads: &GradStore, vars: &[Var], max_norm: f64) -> Result<Gr
     Ok(clipped)
 }
 
+/// The Adafactor configuration of an Adafactor run (`None` for AdamW).
+///
+/// # Errors
+/// A schedule Keras would reject.
+pub fn adafactor_config(spec: &RunSpec, cfg: &TrainConfig) -> Result<Option<AdafactorConfig>> {
+    Ok(match spec.kind {
+        OptimizerKind::Adafactor => Some(AdafactorConfig {
+            learning_rate: cfg.schedule(spec.learning_rate)?.into(),
+            global_clipnorm: Some(1.0),
+            ..AdafactorConfig::default()
+        }),
+        OptimizerKind::AdafactorKerasDefault => {
+            Some(AdafactorConfig::with_learning_rate(spec.learning_rate))
+        }
+        OptimizerKind::AdamW => None,
+    })
+}
+
+/// What the training loop asks of an optimizer.
+pub trait Stepper {
+    /// One update from this step's gradients (clipping and the schedule included).
+    ///
+    /// # Errors
+    /// The optimizer refuses the step.
+    fn step(&mut self, grads: &GradStore, vars: &[(String, Var)]) -> Result<()>;
+
+    /// Bytes of optimizer state this process keeps for a model of `params` parameters.
+    fn state_bytes(&self, params: usize) -> usize;
+}
+
 impl RunOptimizer {
     fn new(spec: &RunSpec, vars: &[(String, Var)], cfg: &TrainConfig) -> Result<Self> {
         match spec.kind {
             OptimizerKind::Adafactor | OptimizerKind::AdafactorKerasDefault => {
-                let config = if spec.kind == OptimizerKind::Adafactor {
-                    AdafactorConfig {
-                        learning_rate: cfg.schedule(spec.learning_rate)?.into(),
-                        global_clipnorm: Some(1.0),
-                        ..AdafactorConfig::default()
-                    }
-                } else {
-                    AdafactorConfig::with_learning_rate(spec.learning_rate)
-                };
+                let config = adafactor_config(spec, cfg)?
+                    .ok_or_else(|| msg(format!("run `{}` is not an Adafactor run", spec.name)))?;
                 let opt = Adafactor::new_named(vars.to_vec(), config)?;
                 Ok(RunOptimizer::Adafactor(opt))
             }
@@ -199,8 +245,9 @@ impl RunOptimizer {
             }
         }
     }
+}
 
-    /// Bytes of optimizer state.
+impl Stepper for RunOptimizer {
     fn state_bytes(&self, params: usize) -> usize {
         match self {
             RunOptimizer::Adafactor(o) => o.state_bytes(),
@@ -209,7 +256,6 @@ impl RunOptimizer {
         }
     }
 
-    /// One update from `grads` (clipping and the schedule included).
     fn step(&mut self, grads: &GradStore, vars: &[(String, Var)]) -> Result<()> {
         match self {
             RunOptimizer::Adafactor(o) => {
@@ -334,7 +380,7 @@ pub struct RunResult {
     pub val_curve: Vec<(usize, f32)>,
     /// Validation loss on the whole validation split after training.
     pub val_loss: f32,
-    /// Mean training loss of the last `eval_interval` steps.
+    /// Mean training loss of the last `eval_interval` steps (on this process's share of each batch).
     pub train_loss: f32,
     /// Optimizer state in bytes.
     pub state_bytes: usize,
@@ -356,13 +402,19 @@ impl RunResult {
     /// The machine-readable summary line: `result optimizer=NAME val_loss=.. train_loss=..
     /// state_bytes=.. params=.. tokens_per_s=.. seconds=..`.
     pub fn result_line(&self) -> String {
+        self.result_line_with(self.state_bytes)
+    }
+
+    /// [`RunResult::result_line`] with `state_bytes` in place of the run's own (a data-parallel
+    /// run reports the sum over its ranks).
+    pub fn result_line_with(&self, state_bytes: usize) -> String {
         format!(
             "result optimizer={} val_loss={:.4} train_loss={:.4} state_bytes={} params={} \
              tokens_per_s={:.0} seconds={:.2}",
             self.spec.name,
             self.val_loss,
             self.train_loss,
-            self.state_bytes,
+            state_bytes,
             self.params,
             self.tokens_per_s,
             self.seconds
@@ -387,10 +439,56 @@ pub fn train_run(
     cfg: &TrainConfig,
     on_tick: &mut dyn FnMut(&Tick),
 ) -> Result<RunResult> {
+    let make = |vars: &[(String, Var)]| RunOptimizer::new(spec, vars, cfg);
+    train_with(corpus, spec, cfg, Share::WHOLE, make, on_tick)
+}
+
+/// The rows of every batch that one process of a data-parallel group computes the gradient of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// This process's rank.
+    pub rank: usize,
+    /// The number of processes.
+    pub ranks: usize,
+}
+
+impl Share {
+    /// The whole batch (one process).
+    pub const WHOLE: Share = Share { rank: 0, ranks: 1 };
+
+    /// Rows `[start, end)` of a batch of `len` rows: equal shares when `ranks` divides `len`.
+    pub fn rows(&self, len: usize) -> (usize, usize) {
+        (
+            len * self.rank / self.ranks,
+            len * (self.rank + 1) / self.ranks,
+        )
+    }
+}
+
+/// [`train_run`] with the optimizer made by `make` from the model's variables, computing the
+/// gradient of `share`'s rows of every batch only (every process of a data-parallel group draws
+/// the same batches and evaluates the same weights).
+///
+/// # Errors
+/// As [`train_run`]; also a share of a batch with no rows.
+pub fn train_with<S: Stepper>(
+    corpus: &Corpus,
+    spec: &RunSpec,
+    cfg: &TrainConfig,
+    share: Share,
+    make: impl FnOnce(&[(String, Var)]) -> Result<S>,
+    on_tick: &mut dyn FnMut(&Tick),
+) -> Result<RunResult> {
     if cfg.batch_size == 0 || cfg.iterations == 0 || cfg.eval_interval == 0 {
         return Err(msg(format!(
             "batch size ({}), iterations ({}) and eval interval ({}) must be at least 1",
             cfg.batch_size, cfg.iterations, cfg.eval_interval
+        )));
+    }
+    if share.ranks == 0 || share.rank >= share.ranks || share.ranks > cfg.batch_size {
+        return Err(msg(format!(
+            "rank {} of {} cannot take a share of a batch of {} sequences",
+            share.rank, share.ranks, cfg.batch_size
         )));
     }
     let shortest = corpus.train.len().min(corpus.val.len());
@@ -404,7 +502,7 @@ pub fn train_run(
     let (varmap, model) = build_gpt(cfg.model, cfg.seed)?;
     let vars = named_vars(&varmap)?;
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = RunOptimizer::new(spec, &vars, cfg)?;
+    let mut opt = make(&vars)?;
     let state_bytes = opt.state_bytes(params);
 
     let eval_seed = |step: usize| cfg.seed ^ 0xE7A1_0000 ^ step as u64;
@@ -430,7 +528,12 @@ pub fn train_run(
             cfg.model.context,
             &mut batch_rng,
         )?;
-        let loss = model.loss(&batch.x, &batch.y)?;
+        let loss = if share == Share::WHOLE {
+            model.loss(&batch.x, &batch.y)?
+        } else {
+            let (a, b) = share.rows(cfg.batch_size);
+            model.loss(&batch.x.narrow(0, a, b - a)?, &batch.y.narrow(0, a, b - a)?)?
+        };
         let grads = loss.backward()?;
         if iteration == 1 {
             let missing = weights_without_gradient(&vars, &grads)?;
