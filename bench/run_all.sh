@@ -1,38 +1,58 @@
 #!/usr/bin/env bash
 # Runs the optimizer-step benchmark side by side in one go: our bench (fused and composed paths,
-# float32, plus fused bfloat16 and float16 on t5-small) on the sets t5-small, tiny and many-small,
-# set by set next to the peer implementations (bench/peers.py, on t5small and tiny); prints a
-# summary table in Markdown.
+# float32, plus fused bfloat16 and float16 on t5-small) set by set next to the peer
+# implementations (bench/peers.py: Keras 3 under XLA and without, optax under jax.jit, torch),
+# then single tensors of awkward shapes; prints summary tables in Markdown.
 #
 # Usage: bench/run_all.sh            (from anywhere; runs in the repository root)
 # Environment:
-#   PEERS_PY   Python with the peers installed (default /work/venv-peers/bin/python); set up with
-#              python3 -m venv /work/venv-peers && /work/venv-peers/bin/pip install \
-#                tensorflow-cpu==2.21.0 keras==3.15.1 jax optax torch
+#   PEERS_PY   Python with the peers installed. Default: target/peers-venv/bin/python, created
+#              on first use with the pinned versions below (a few minutes and about 4 GB of
+#              downloads, mostly torch; needs python3 with venv and PyPI).
+#   PEERS=0    skip the peers (ours only; nothing is installed)
+#   SETS       the parameter sets, in order (default "t5-small t5-base resnet50 tiny many-small")
+#   SHAPES     the single-tensor shapes (default: the list below; SHAPES= for none)
 #   OUT_DIR    where raw logs and summary.tsv go (default target/bench-run)
 #   ROUNDS     how many times the whole sequence runs (default 2); the summary keeps, for each
 #              row, the round with the lowest median (other processes only ever slow a run down)
 #   QUICK=1    fewer steps and one round (a smoke run of the script itself)
-# Needs /usr/bin/time (Debian package `time`) for peak RSS.
+# Needs /usr/bin/time (Debian package `time`) for the peers' peak RSS.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PEERS_PY=${PEERS_PY:-/work/venv-peers/bin/python}
 OUT_DIR=${OUT_DIR:-target/bench-run}
 mkdir -p "$OUT_DIR"
 TSV="$OUT_DIR/summary.tsv"
 TIME=/usr/bin/time
+SETS=${SETS:-t5-small t5-base resnet50 tiny many-small}
+SHAPES=${SHAPES-4096x4096 16x16x256x256 64x262144 16777216 4194304x4 1048576x4x4 16777216x1 1x16777216 4x4194304}
+PEERS=${PEERS:-1}
+# The versions BENCHMARKS.md was measured with.
+PEER_PACKAGES="tensorflow-cpu==2.21.0 keras==3.15.1 jax==0.10.2 jaxlib==0.10.2 optax==0.2.8 torch==2.15.0"
+
 if [[ ! -x $TIME ]]; then
     echo "run_all.sh: $TIME is missing (apt-get install time)" >&2
     exit 1
 fi
 
+if [[ $PEERS == 1 && -z ${PEERS_PY:-} ]]; then
+    PEERS_PY=target/peers-venv/bin/python
+    if [[ ! -x $PEERS_PY ]] || ! "$PEERS_PY" -c 'import keras, optax, torch' 2>/dev/null; then
+        echo "== creating the peers' Python environment in target/peers-venv"
+        echo "   ($PEER_PACKAGES; a few minutes, about 4 GB of downloads; PEERS=0 skips the peers)"
+        start=$(date +%s)
+        python3 -m venv target/peers-venv
+        target/peers-venv/bin/pip install --quiet --disable-pip-version-check $PEER_PACKAGES
+        echo "   done in $(($(date +%s) - start)) s"
+    fi
+fi
+
 if [[ ${QUICK:-0} == 1 ]]; then
-    T5_STEPS=3; TINY_STEPS=5; MANY_STEPS=2; PEER_T5_STEPS=3; PEER_TINY_STEPS=5
     ROUNDS=${ROUNDS:-1}
+    LARGE_STEPS=3; TINY_STEPS=5; PEER_LARGE_STEPS=3; PEER_TINY_STEPS=5
 else
     ROUNDS=${ROUNDS:-2}
-    T5_STEPS=20; TINY_STEPS=50; MANY_STEPS=10; PEER_T5_STEPS=20; PEER_TINY_STEPS=50
+    LARGE_STEPS=20; TINY_STEPS=50; PEER_LARGE_STEPS=20; PEER_TINY_STEPS=50
 fi
 
 echo "== machine"
@@ -43,48 +63,49 @@ echo "memory: $(free -g | awk '/^Mem:/ {print $2 " GiB"}')"
 echo "rustc: $(rustc --version)"
 echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+[[ $PEERS == 1 ]] && "$PEERS_PY" -c 'import tensorflow as tf, keras, jax, optax, torch; print("peers: tensorflow", tf.__version__, "keras", keras.__version__, "jax", jax.__version__, "optax", optax.__version__, "torch", torch.__version__)' 2>/dev/null || true
 
 echo "== build"
 cargo build --release --example bench -p candle-adafactor
 BENCH=target/release/examples/bench
 
-printf 'impl\tset\tdtype\tparams\ttensors\tmedian_ms\tmin_ms\ttriad_gbps\tpeak_rss_mib\tnote\n' >"$TSV"
+printf 'impl\tset\tdtype\tparams\ttensors\tmedian_ms\tmin_ms\ttriad_gbps\tpeak_rss_mib\tideal_ms\tnote\n' >"$TSV"
 
-# ours SET PATH DTYPE STEPS WARMUP
+# ours SET PATH DTYPE STEPS WARMUP [--shape]
 ours() {
-    local set=$1 path=$2 dtype=$3 steps=$4 warmup=$5
+    local set=$1 path=$2 dtype=$3 steps=$4 warmup=$5 flag=${6:---set}
     local log="$OUT_DIR/ours-$set-$path-$dtype-r$round.log"
-    echo "== ours: --set $set --path $path --dtype $dtype --steps $steps --warmup $warmup"
-    if ! $TIME -f 'maxrss_kb=%M' "$BENCH" --set "$set" --path "$path" --dtype "$dtype" \
-        --steps "$steps" --warmup "$warmup" >"$log" 2>&1; then
+    echo "== ours: $flag $set --path $path --dtype $dtype --steps $steps --warmup $warmup"
+    if ! "$BENCH" "$flag" "$set" --path "$path" --dtype "$dtype" --steps "$steps" \
+        --warmup "$warmup" --triad-mib 64 >"$log" 2>&1; then
         cat "$log"
-        printf 'ours-%s\t%s\t%s\t-\t-\t-\t-\t-\t-\tfailed (see %s)\n' "$path" "$set" "$dtype" "$log" >>"$TSV"
+        printf 'ours-%s\t%s\t%s\t-\t-\t-\t-\t-\t-\t-\tfailed (see %s)\n' "$path" "$set" "$dtype" "$log" >>"$TSV"
         return
     fi
-    grep -v '^maxrss_kb=' "$log"
-    local last note="" rss
+    cat "$log"
+    local last note=""
     last=$(grep '^bench ' "$log" | tail -1)
-    rss=$(sed -n 's/^maxrss_kb=//p' "$log" | tail -1)
     if [[ $path == fused ]] && grep -q '^data_path=Composed' "$log"; then
-        note="pending: fused kernels not landed (ran composed ops)"
+        note="ran composed ops"
     fi
-    awk -v impl="ours-$path" -v rss="$rss" -v note="$note" '{
+    awk -v impl="ours-$path" -v note="$note" '{
         for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
-        printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.1f\t%s\n", impl, f["set"], f["dtype"], f["params"],
-            f["tensors"], f["median_ms"], f["min_ms"], f["triad_gbps"], rss / 1024, note
+        printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", impl, f["set"], f["dtype"], f["params"],
+            f["tensors"], f["median_ms"], f["min_ms"], f["triad_gbps"], f["peak_rss_mib"],
+            f["ideal_ms"], note
     }' <<<"$last" >>"$TSV"
 }
 
 # peer NAME SET STEPS
 peer() {
-    local name=$1 set=$2 steps=$3
-    local log="$OUT_DIR/peer-$name-$set-r$round.log" ourset=$2
-    [[ $set == t5small ]] && ourset=t5-small
+    local name=$1 ourset=$2 steps=$3
+    local set=${ourset//-/}
+    local log="$OUT_DIR/peer-$name-$set-r$round.log"
     echo "== peer: $name --set $set --steps $steps"
-    if [[ ! -x $PEERS_PY ]] || ! $TIME -f 'maxrss_kb=%M' "$PEERS_PY" bench/peers.py "$name" \
+    if [[ $PEERS != 1 ]] || ! $TIME -f 'maxrss_kb=%M' "$PEERS_PY" bench/peers.py "$name" \
         --set "$set" --steps "$steps" >"$log" 2>&1; then
         tail -3 "$log" 2>/dev/null || true
-        printf '%s\t%s\tf32\t-\t-\t-\t-\t-\t-\tnot run (peer missing or failed)\n' "$name" "$ourset" >>"$TSV"
+        printf '%s\t%s\tf32\t-\t-\t-\t-\t-\t-\t-\tnot run (peer skipped or failed)\n' "$name" "$ourset" >>"$TSV"
         return
     fi
     local line rss
@@ -93,7 +114,7 @@ peer() {
     echo "$line"
     awk -F'\t' -v set="$ourset" -v rss="$rss" '{
         for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
-        printf "%s\t%s\tf32\t%s\t-\t%s\t%s\t-\t%.1f\t\n", $1, set, f["params"], f["median_ms"],
+        printf "%s\t%s\tf32\t%s\t-\t%s\t%s\t-\t%.1f\t-\t\n", $1, set, f["params"], f["median_ms"],
             f["min_ms"], rss / 1024
     }' <<<"$line" >>"$TSV"
 }
@@ -101,27 +122,32 @@ peer() {
 for round in $(seq 1 "$ROUNDS"); do
     echo "== round $round of $ROUNDS (load average $(cut -d' ' -f1-3 /proc/loadavg))"
     # Set by set, ours next to the peers, so that both see the same machine.
-    ours t5-small fused f32 "$T5_STEPS" 3
-    ours t5-small composed f32 "$((T5_STEPS / 2))" 2
-    ours t5-small fused bf16 "$T5_STEPS" 3
-    ours t5-small fused f16 "$T5_STEPS" 3
-    for name in keras-tf keras-tf-nojit optax torch torch-foreach; do
-        peer "$name" t5small "$PEER_T5_STEPS"
+    for set in $SETS; do
+        steps=$LARGE_STEPS; peer_steps=$PEER_LARGE_STEPS; warmup=3
+        [[ $set == tiny ]] && { steps=$TINY_STEPS; peer_steps=$PEER_TINY_STEPS; warmup=5; }
+        [[ $set == many-small || $set == t5-base ]] && steps=$((steps / 2))
+        ours "$set" fused f32 "$steps" "$warmup"
+        ours "$set" composed f32 "$(((steps + 1) / 2))" 2
+        if [[ $set == t5-small || $set == t5-base ]]; then
+            ours "$set" fused bf16 "$steps" "$warmup"
+            ours "$set" fused f16 "$steps" "$warmup"
+        fi
+        [[ $set == many-small ]] && continue
+        for name in keras-tf keras-tf-nojit optax torch torch-foreach; do
+            peer "$name" "$set" "$peer_steps"
+        done
     done
-    ours tiny fused f32 "$TINY_STEPS" 5
-    ours tiny composed f32 "$TINY_STEPS" 5
-    for name in keras-tf keras-tf-nojit optax torch torch-foreach; do
-        peer "$name" tiny "$PEER_TINY_STEPS"
+    for shape in $SHAPES; do
+        ours "$shape" fused f32 "$((LARGE_STEPS / 2))" 2 --shape
+        ours "$shape" composed f32 "$((LARGE_STEPS / 4 + 1))" 1 --shape
     done
-    ours many-small fused f32 "$MANY_STEPS" 2
-    ours many-small composed f32 "$MANY_STEPS" 2
 done
 
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-# Summary: for each row the round with the lowest median; every floor uses the best triad
-# bandwidth of the whole run (noise only lowers a triad measurement) and 24 bytes per parameter;
-# floor/median = floor_ms / median_ms; "vs fused" = median / ours-fused float32 median, same set.
+# Summary: for each row the round with the lowest median. "vs fused" = median / our fused
+# float32 median on the same set; "vs ideal" = median / the roofline kernel's median for that
+# configuration (bench/ideal.rs: the bytes the configuration must move, same call sequence).
 echo
 echo "== summary (raw rows: $TSV)"
 awk -F'\t' '
@@ -129,7 +155,6 @@ awk -F'\t' '
     {
         if ($8 != "-" && $8 + 0 > best) best = $8 + 0
         if ($8 != "-" && (worst == 0 || $8 + 0 < worst)) worst = $8 + 0
-        if ($4 != "-") params[$2] = $4
         key = $1 SUBSEP $2 SUBSEP $3
         if (!(key in row)) { order[++n] = key; row[key] = $0; next }
         split(row[key], old, "\t")
@@ -137,23 +162,21 @@ awk -F'\t' '
     }
     END {
         printf "triad bandwidth: best %.2f GB/s, worst %.2f GB/s over the runs ", best, worst
-        printf "(3 x 256 MiB float32 arrays, 12 bytes/element)\n\n"
+        printf "(3 x 64 MiB float32 arrays, 12 bytes/element)\n\n"
         for (k = 1; k <= n; k++) {
             split(row[order[k]], c, "\t")
             if (c[1] == "ours-fused" && c[3] == "f32" && c[6] != "-") fused[c[2]] = c[6] + 0
         }
-        printf "| impl | set | dtype | median ms | min ms | vs fused | floor ms | floor/median | peak RSS MiB | note |\n"
+        printf "| impl | set or shape | dtype | median ms | min ms | vs fused | ideal ms | vs ideal | peak RSS MiB | note |\n"
         printf "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n"
         for (k = 1; k <= n; k++) {
             split(row[order[k]], c, "\t")
-            floor = "-"; frac = "-"; ratio = "-"
-            if (best > 0 && (c[2] in params)) {
-                fl = 24 * params[c[2]] / (best * 1e9) * 1e3; floor = sprintf("%.2f", fl)
-                if (c[6] != "-" && c[6] + 0 > 0) frac = sprintf("%.2f", fl / c[6])
-            }
+            ratio = "-"; vsideal = "-"
             if (c[6] != "-" && (c[2] in fused) && fused[c[2]] > 0)
                 ratio = sprintf("%.2fx", c[6] / fused[c[2]])
+            if (c[6] != "-" && c[10] != "-" && c[10] + 0 > 0)
+                vsideal = sprintf("%.2fx", c[6] / c[10])
             printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", c[1], c[2], c[3], c[6],
-                c[7], ratio, floor, frac, c[9], c[10]
+                c[7], ratio, c[10], vsideal, c[9], c[11]
         }
     }' "$TSV"
