@@ -15,8 +15,3 @@ mod weights;
 pub use adafactor::{AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite};
 pub use checkpoint::{StateDict, STATE_FORMAT, STATE_FORMAT_VERSION};
 pub use optimizer::{Adafactor, DataPath};
-
-/// The README's code samples, compiled and run as doctests.
-#[doc = include_str!("../../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;
