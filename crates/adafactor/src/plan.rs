@@ -65,12 +65,14 @@ pub struct UpdateScalars {
 }
 
 impl UpdateScalars {
-    /// `alpha = max(epsilon_2, RMS(x)) * rho` (x after weight decay).
+    /// `alpha = max(epsilon_2, RMS(x)) * rho` (x after weight decay): the step relative to the
+    /// parameter scale (the relative step size of Shazeer & Stern, 2018, Algorithm 4).
     pub fn alpha(&self, rms_x: f32) -> f32 {
         self.epsilon_2.max(rms_x) * self.rho
     }
 
-    /// The update-clipping divisor `max(1, RMS(u) / clip_threshold)`.
+    /// The update-clipping divisor `max(1, RMS(u) / clip_threshold)` (the update clipping of
+    /// Shazeer & Stern, 2018).
     pub fn update_clip_divisor(&self, rms_u: f32) -> f32 {
         1f32.max(rms_u / self.clip_threshold)
     }
@@ -124,7 +126,8 @@ pub fn completed_updates(cfg: &AdafactorConfig, raw: u64) -> u64 {
     }
 }
 
-/// `rho_t = min(lr, 1/sqrt(t))`, the step size (a true division, as Keras).
+/// `rho_t = min(lr, 1/sqrt(t))`, the step size (a true division, as Keras): the relative step
+/// size of Shazeer & Stern (2018), arXiv:1804.04235, Algorithm 4.
 ///
 /// ```
 /// assert_eq!(adafactor::plan::rho(1e-2, 1.0), 1e-2);
@@ -134,7 +137,8 @@ pub fn rho(learning_rate: f32, t: f32) -> f32 {
     learning_rate.min(1.0 / t.sqrt())
 }
 
-/// `beta2_t = 1 - t^beta_2_decay`: 0 at the first update, so it needs no bias correction.
+/// `beta2_t = 1 - t^beta_2_decay`: 0 at the first update, so it needs no bias correction
+/// (the increasing decay parameter of Shazeer & Stern, 2018).
 ///
 /// ```
 /// assert_eq!(adafactor::plan::beta2(1.0, -0.8), 0.0);

@@ -250,7 +250,9 @@ mod tests {
 
     /// The extreme random words and a few ordinary ones.
     fn edges_and_random(key: RoundingKey) -> impl Iterator<Item = u32> {
-        [0, u32::MAX].into_iter().chain((0..6).map(move |i| random_bits(key, i)))
+        [0, u32::MAX]
+            .into_iter()
+            .chain((0..6).map(move |i| random_bits(key, i)))
     }
 
     #[test]

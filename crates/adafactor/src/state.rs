@@ -2,7 +2,8 @@
 //!
 //! A factored variable (rank >= 2, shape `[..., n, m]`) keeps only its row statistics `r`
 //! (`[..., n]`) and column statistics `c` (`[..., m]`): the full-size `v` Keras also stores is
-//! `r_i * c_j / mean(r)` and is recomputed each step. Rank 0 and 1 variables keep `v`.
+//! `r_i * c_j / mean(r)` and is recomputed each step (Shazeer & Stern, 2018, arXiv:1804.04235,
+//! Algorithm 4). Rank 0 and 1 variables keep `v`.
 
 use crate::error::{Error, Result};
 

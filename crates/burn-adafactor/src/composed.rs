@@ -167,12 +167,12 @@ impl Backend for Composed<'_> {
         &mut self,
         targets: &[Target],
         stats: &[Stats],
-        measured: &[Measured],
+        measured: &[(Measure, Measured)],
         scales: &[GradScale],
         ctx: &UpdateContext,
     ) -> Result<Vec<(f32, Updated)>, Error> {
         let mut out = Vec::with_capacity(targets.len());
-        for ((tg, m), scale) in targets.iter().zip(measured).zip(scales) {
+        for ((tg, (_, m)), scale) in targets.iter().zip(measured).zip(scales) {
             let g = match *scale {
                 GradScale::One => m.g.clone(),
                 GradScale::Ratio { num, den } => m.g.clone().mul_scalar(num).div_scalar(den),
@@ -195,12 +195,12 @@ impl Backend for Composed<'_> {
         &mut self,
         targets: &[Target],
         _stats: &[Stats],
-        updated: Vec<Updated>,
+        updated: Vec<(f32, Updated)>,
         scalars: &[WriteScalars],
         _ctx: &UpdateContext,
     ) -> Result<Vec<Stats>, Error> {
         let mut out = Vec::with_capacity(targets.len());
-        for ((tg, up), w) in targets.iter().zip(updated).zip(scalars) {
+        for ((tg, (_, up)), w) in targets.iter().zip(updated).zip(scalars) {
             let x = up.x - up.update.div_scalar(w.divisor).mul_scalar(w.alpha);
             // Rounded to the weight's dtype here: the EMA reads the stored weight.
             self.staged[tg.var].x = Some(x.cast(self.slots[tg.var].dtype));

@@ -23,3 +23,8 @@ pub use checkpoint::{STATE_FORMAT, STATE_FORMAT_VERSION};
 pub use error::{Error, Result, StepError};
 pub use optimizer::{Adafactor, DataPath};
 pub use per_tensor::{KerasAdafactor, KerasClock, TensorState};
+
+/// The crate README's code sample, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct CrateReadmeDoctests;

@@ -187,7 +187,7 @@ impl Backend for Composed<'_> {
         &mut self,
         targets: &[Target],
         stats: &[Stats],
-        measured: &[Measured],
+        measured: &[(Measure, Measured)],
         scales: &[GradScale],
         ctx: &UpdateContext,
     ) -> Result<Vec<(f32, Updated)>> {
@@ -195,7 +195,7 @@ impl Backend for Composed<'_> {
             .iter()
             .zip(measured)
             .zip(scales)
-            .map(|((target, m), scale)| {
+            .map(|((target, (_, m)), scale)| {
                 // Keras `_clip_gradients`: `tf.clip_by_norm` or the global-norm scale.
                 let g = match *scale {
                     GradScale::One => m.g.clone(),
@@ -220,12 +220,12 @@ impl Backend for Composed<'_> {
         &mut self,
         targets: &[Target],
         _stats: &[Stats],
-        updated: Vec<Updated>,
+        updated: Vec<(f32, Updated)>,
         scalars: &[WriteScalars],
         _ctx: &UpdateContext,
     ) -> Result<Vec<Stats>> {
         let mut out = Vec::with_capacity(targets.len());
-        for ((target, up), w) in targets.iter().zip(updated).zip(scalars) {
+        for ((target, (_, up)), w) in targets.iter().zip(updated).zip(scalars) {
             let update = div(&up.update, w.divisor)?;
             let x = (up.x - mul(&update, w.alpha)?)?;
             // Rounded to the weight's dtype here: the EMA reads the stored weight.

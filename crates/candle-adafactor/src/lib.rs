@@ -15,3 +15,8 @@ mod weights;
 pub use adafactor::{AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite};
 pub use checkpoint::{StateDict, STATE_FORMAT, STATE_FORMAT_VERSION};
 pub use optimizer::{Adafactor, DataPath};
+
+/// The crate README's code sample, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct CrateReadmeDoctests;

@@ -484,7 +484,8 @@ impl Adafactor {
             .iter()
             .map(|(i, _)| Target {
                 var: *i,
-                decays: !self.excluded_from_decay(&self.slots[*i]),
+                decays: self.config.weight_decay.is_none()
+                    || !self.excluded_from_decay(&self.slots[*i]),
             })
             .collect();
         let scope: Vec<usize> = (0..self.slots.len()).collect();

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-const PATHS: [bool; 2] = [true, false];
+use common::PATHS;
 
 /// The model: rank 2, 1, 0 and 3 variables.
 fn initial_vars() -> Vec<(String, Var)> {

@@ -3,10 +3,12 @@
 //! (section 4), each on both data paths. Where Keras's test uses SGD, the property under test
 //! (clipping, loss scaling, accumulation) is checked through Adafactor's state instead.
 
+mod common;
+
 use candle_adafactor::{Adafactor, AdafactorConfig};
 use candle_core::{DType, Device, Tensor, Var};
 
-const PATHS: [bool; 2] = [true, false];
+use common::PATHS;
 
 fn cfg(jit: bool, lr: f64) -> AdafactorConfig {
     AdafactorConfig {

@@ -11,7 +11,7 @@
 
 use super::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
 use crate::error::Error;
-use crate::kernels::{elementwise, factored, vector, Element, Grad, GradTransform};
+use crate::kernels::{elementwise, factored, vector, Grad, GradTransform, RowLoops};
 use crate::plan::{Clip, EmaPlan};
 use crate::state::Stats;
 use half::{bf16, f16};
@@ -103,7 +103,7 @@ pub trait SliceStore: Sync {
 }
 
 /// An element type's views out of [`Slice`] and [`SliceMut`].
-pub trait Typed: Element {
+pub trait Typed: RowLoops {
     /// The view when it holds this type.
     fn of(s: Slice<'_>) -> Option<&[Self]>;
     /// The writable view when it holds this type.
@@ -340,7 +340,7 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
         &mut self,
         targets: &[Target],
         stats: &[Stats],
-        measured: &[Measured],
+        measured: &[(Measure, Measured)],
         scales: &[GradScale],
         ctx: &UpdateContext,
     ) -> Result<Vec<(f32, Updated)>, S::Error> {
@@ -349,7 +349,7 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
             .par_iter()
             .zip(measured)
             .zip(scales)
-            .map(|((tg, first), scale)| {
+            .map(|((tg, (_, first)), scale)| {
                 let scale = scale.factor();
                 with_type!(self.store.element_type(tg.var), T => {
                     self.with_grad::<T, _>(tg.var, ctx.transform, |grad| {
@@ -385,25 +385,26 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
         &mut self,
         targets: &[Target],
         stats: &[Stats],
-        updated: Vec<Updated>,
+        updated: Vec<(f32, Updated)>,
         scalars: &[WriteScalars],
         ctx: &UpdateContext,
     ) -> Result<Vec<Stats>, S::Error> {
         // In the reverse order of pass 1, so that the data pass 1 read last, still in the
-        // last-level cache, is read first.
-        targets
-            .par_iter()
-            .zip(&updated)
+        // last-level cache, is read first; each target's new statistics come out of the same
+        // parallel job (with thousands of small tensors, a job of its own costs as much).
+        let mut new: Vec<Stats> = updated
+            .into_par_iter()
+            .zip(targets)
             .zip(scalars)
             .rev()
-            .try_for_each(|((tg, up), w)| {
+            .map(|(((_, up), tg), w)| {
                 let coef = w.alpha / w.divisor;
                 let scale = w.scale.factor();
                 let decay = ctx.decay(tg);
                 with_type!(self.store.element_type(tg.var), T => {
                     self.with_grad::<T, _>(tg.var, ctx.transform, |grad| {
                         self.write_as::<T, _>(tg.var, Buffer::Weight, |x| {
-                            match (up, &stats[tg.var]) {
+                            match (&up, &stats[tg.var]) {
                                 (Updated::Factored(p), Stats::Factored { factoring, .. }) => {
                                     factored::pass3(x, grad, p, *factoring, coef, scale, decay);
                                     Ok(())
@@ -417,21 +418,22 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                         })
                     })??
                     .map_err(S::core_error)
-                })
-            })?;
-        updated
-            .into_par_iter()
-            .zip(targets)
-            .map(|(up, tg)| match (up, &stats[tg.var]) {
-                (Updated::Factored(p), Stats::Factored { factoring, .. }) => Ok(Stats::Factored {
-                    factoring: *factoring,
-                    r: p.r,
-                    c: p.c,
-                }),
-                (Updated::Vector(v), Stats::Unfactored { .. }) => Ok(Stats::Unfactored { v }),
-                _ => Err(S::core_error(kind_mismatch())),
+                })?;
+                match (up, &stats[tg.var]) {
+                    (Updated::Factored(p), Stats::Factored { factoring, .. }) => {
+                        Ok(Stats::Factored {
+                            factoring: *factoring,
+                            r: p.r,
+                            c: p.c,
+                        })
+                    }
+                    (Updated::Vector(v), Stats::Unfactored { .. }) => Ok(Stats::Unfactored { v }),
+                    _ => Err(S::core_error(kind_mismatch())),
+                }
             })
-            .collect()
+            .collect::<Result<_, S::Error>>()?;
+        new.reverse();
+        Ok(new)
     }
 
     fn zero_accumulators(&mut self, vars: &[usize]) -> Result<(), S::Error> {

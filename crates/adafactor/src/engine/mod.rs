@@ -18,9 +18,9 @@
 //! 6. **update** ([`Backend::update`]): the new second-moment statistics and RMS of the update,
 //!    `u = g / sqrt(v)` (factored: `v_ij = r_i c_j / mean(r)`), Shazeer & Stern (2018),
 //!    "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", arXiv:1804.04235,
-//!    Algorithm 4 (factored second moments) and section 5 (update clipping).
+//!    Algorithm 4 (factored second moments) and its update clipping.
 //! 7. **write** ([`Backend::write`]): `x = decay(x) - alpha * u / max(1, RMS(u) / d)` with
-//!    `alpha = max(epsilon_2, RMS(x)) * rho` (relative step size, section 7 of the paper).
+//!    `alpha = max(epsilon_2, RMS(x)) * rho` (the paper's relative step size).
 //! 8. **zero accumulators**, **EMA** and **overwrite** ([`Backend::zero_accumulators`],
 //!    [`Backend::ema`]), then [`Backend::commit`] and the statistics are committed.
 //!
@@ -36,7 +36,7 @@
 //! # How a data-parallel driver or a new framework plugs in
 //! - **A new framework** implements [`fused::SliceStore`] (read and in-place write access to
 //!   its buffers as slices) for its CPU storage, and [`Backend`] with its tensor ops for other
-//!   devices; it keeps [`Stats`](crate::Stats) per variable and [`Counters`], calls [`run`] per
+//!   devices; it keeps [`Stats`] per variable and [`Counters`], calls [`run`] per
 //!   step and derives its `variables()` and checkpoints from [`crate::manifest`].
 //! - **Replicated data parallelism**: all-reduce (average) the gradient buffers before [`run`];
 //!   every rank then runs the ordinary step with [`Local`].
@@ -181,7 +181,7 @@ pub trait Backend {
         &mut self,
         targets: &[Target],
         stats: &[Stats],
-        measured: &[Self::Measured],
+        measured: &[(Measure, Self::Measured)],
         scales: &[GradScale],
         ctx: &UpdateContext,
     ) -> Result<Vec<(f32, Self::Updated)>, Self::Error>;
@@ -191,7 +191,7 @@ pub trait Backend {
         &mut self,
         targets: &[Target],
         stats: &[Stats],
-        updated: Vec<Self::Updated>,
+        updated: Vec<(f32, Self::Updated)>,
         scalars: &[WriteScalars],
         ctx: &UpdateContext,
     ) -> Result<Vec<Stats>, Self::Error>;
@@ -384,31 +384,29 @@ pub fn run<B: Backend, C: Combine>(
                 scalars,
                 check_finite,
             };
-            let (measures, measured): (Vec<Measure>, Vec<B::Measured>) =
-                backend.measure(targets, stats, &ctx)?.into_iter().unzip();
+            // Kept as pairs, not unzipped: with thousands of small tensors every list of the
+            // step is a large allocation of its own.
+            let measured = backend.measure(targets, stats, &ctx)?;
             if check_finite {
-                let flags: Vec<bool> = measures.iter().map(|m| m.finite).collect();
+                let flags: Vec<bool> = measured.iter().map(|(m, _)| m.finite).collect();
                 if let Some(outcome) = refuse(targets, &flags, combine).map_err(B::core_error)? {
                     return Ok(outcome);
                 }
             }
-            let sums: Vec<f64> = measures.iter().map(|m| m.sum_sq_grad).collect();
+            let sums: Vec<f64> = measured.iter().map(|(m, _)| m.sum_sq_grad).collect();
             let global = match scalars.clip {
                 Clip::GlobalNorm(_) => combine.sum(sums.iter().sum()).map_err(B::core_error)?,
                 _ => 0.0,
             };
             let scales = clip_scales(scalars.clip, &sums, global);
-            let (rms_u, updated): (Vec<f32>, Vec<B::Updated>) = backend
-                .update(targets, stats, &measured, &scales, &ctx)?
-                .into_iter()
-                .unzip();
-            let write: Vec<WriteScalars> = measures
+            let updated = backend.update(targets, stats, &measured, &scales, &ctx)?;
+            let write: Vec<WriteScalars> = measured
                 .iter()
-                .zip(&rms_u)
+                .zip(&updated)
                 .zip(&scales)
-                .map(|((m, r), s)| WriteScalars {
+                .map(|(((m, _), (rms_u, _)), s)| WriteScalars {
                     alpha: scalars.alpha(m.rms_x),
-                    divisor: scalars.update_clip_divisor(*r),
+                    divisor: scalars.update_clip_divisor(*rms_u),
                     scale: *s,
                 })
                 .collect();

@@ -4,7 +4,10 @@
 //! stack where a conversion is needed: no allocation per chunk (a chunk-sized buffer would be
 //! an `mmap` and its page faults on every call).
 
-use super::{for_chunks, parallel_for, Element, Grad, CHUNK, UNIT_ELEMS};
+use super::element::Element;
+use super::grad::Grad;
+use super::parallel::{for_chunks, parallel_for, UNIT_ELEMS};
+use super::reduce::CHUNK;
 use rayon::prelude::*;
 
 /// Whether the unscaled gradient is finite (a read-only pass, for accumulate-only calls).

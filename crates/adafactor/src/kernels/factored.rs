@@ -1,6 +1,17 @@
 //! The three passes for a factored variable (rank >= 2: `lead` slices of `n x m`).
+//!
+//! The factored second moment is Shazeer & Stern (2018), "Adafactor: Adaptive Learning Rates
+//! with Sublinear Memory Cost", arXiv:1804.04235, Algorithm 4: row statistics
+//! `r = b2 r + (1 - b2) mean_j(g^2 + eps1)`, column statistics `c` likewise, and
+//! `v_ij = r_i c_j / mean(r)`, so the update is `g_ij / sqrt(v_ij)`.
 
-use super::{map_units, parallel_for, rows_per_unit, Decay, Element, Grad};
+use super::cpu::vectorized;
+use super::dispatch::RowLoops;
+use super::grad::{decayed_view, Decay, Grad};
+use super::parallel::{map_units, parallel_for, rows_per_unit};
+use super::reduce::nonfinite_probe;
+use super::row_args::new_stat;
+pub use super::row_args::{FoldRows, Pass1Rows, Pass1Sums, RowFold, RowUpdate};
 use crate::state::Factoring;
 use rayon::prelude::*;
 
@@ -20,101 +31,6 @@ pub struct Pass1 {
     /// With a [`RowFold`]: `sum_i g_ij^2 / r_i` per column (`lead * m`), from which
     /// [`sum_sq_update`] gets RMS(u) without pass 2.
     pub weighted_cols: Option<Vec<f64>>,
-}
-
-/// Folds the row-statistics update into pass 1, which then also collects what RMS(u) needs, so
-/// pass 2 is skipped (20 instead of 24 bytes per float32 parameter). Only valid when the
-/// gradient scale is 1, i.e. without clipnorm or global_clipnorm, whose scale is known only
-/// after pass 1 over every gradient.
-///
-/// Why it works: `u_ij^2 = g_ij^2 mean(r) / (r_i c_j)`, and `r_i` is known once row `i` has been
-/// read, so `sum_ij u_ij^2 = mean(r) sum_j (sum_i g_ij^2 / r_i) / c_j`; the row is re-read from
-/// cache, not memory.
-#[derive(Debug, Clone, Copy)]
-pub struct RowFold<'a> {
-    /// The row statistics before this update.
-    pub r_old: &'a [f32],
-    /// `beta2_t`.
-    pub beta2: f32,
-    /// `epsilon_1`.
-    pub epsilon_1: f32,
-}
-
-impl RowFold<'_> {
-    /// `1 / r_i` for the new row statistic of `row`, from its sum of squares over `m` columns.
-    #[inline(always)]
-    pub(crate) fn inv_r(&self, row: usize, sum: f64, m: usize) -> f64 {
-        1.0 / new_stat(self.r_old[row], sum, m, self.beta2, self.epsilon_1, 1.0) as f64
-    }
-}
-
-/// A [`RowFold`] applied to a run of rows: their first row's index in the variable and the
-/// accumulator of `sum_i g_ij^2 / r_i` per column.
-#[derive(Debug)]
-pub struct FoldRows<'a> {
-    /// The fold's inputs.
-    pub fold: RowFold<'a>,
-    /// Index of the run's first row in the variable (rows of all slices counted in order).
-    pub first_row: usize,
-    /// Per-column accumulator (`m` values).
-    pub w: &'a mut [f32],
-    /// Scratch for two rows of squares (`2 m` values; a shorter one is replaced by an
-    /// allocation), so that the fold does not convert and square the gradient again.
-    pub squares: &'a mut [f32],
-}
-
-/// Pass 1's inputs for a run of whole rows.
-#[derive(Debug, Clone, Copy)]
-pub struct Pass1Rows<'a, T> {
-    /// The gradient's rows.
-    pub g: &'a [T],
-    /// The weight's rows.
-    pub x: &'a [T],
-    /// Row length.
-    pub m: usize,
-    /// The optional weight decay (RMS(x) is of the decayed weight).
-    pub decay: Option<Decay>,
-}
-
-/// Where pass 1 adds a run of rows' sums.
-#[derive(Debug)]
-pub struct Pass1Sums<'a> {
-    /// Float32 column sums of `g^2` (`m` values).
-    pub col: &'a mut [f32],
-    /// The optional row fold.
-    pub fold: Option<FoldRows<'a>>,
-    /// Each row's sum of `g^2` is pushed here.
-    pub row_sums: &'a mut Vec<f64>,
-}
-
-/// What pass 3 needs for a run of rows: `x = decay(x) - coef * a_i * (s g_ij) * b_j`.
-#[derive(Debug, Clone, Copy)]
-pub struct RowUpdate<'a> {
-    /// `b_j` per slice (`lead * m`).
-    pub col_factor: &'a [f32],
-    /// `a_i` per row (`lead * n`).
-    pub row_factor: &'a [f32],
-    /// Rows per slice.
-    pub n: usize,
-    /// Row length.
-    pub m: usize,
-    /// `alpha / max(1, RMS(u) / d)`.
-    pub coef: f32,
-    /// The norm-clipping scale `s`.
-    pub grad_scale: f32,
-    /// The optional weight decay.
-    pub decay: Option<Decay>,
-}
-
-/// One statistic's update: `b2 * old + (1 - b2) * (s^2 sum / count + eps1)`, shared by pass 1's
-/// fold and [`prepare`] so both compute the same bits.
-#[inline(always)]
-fn new_stat(old: f32, sum: f64, count: usize, beta2: f32, epsilon_1: f32, s2: f64) -> f32 {
-    // A zero scale (clipping by an overflowed norm) zeroes the gradient, even where its sum of
-    // squares overflowed.
-    let sq = if s2 == 0.0 { 0.0 } else { sum * s2 };
-    let q = (sq / count as f64 + epsilon_1 as f64) as f32;
-    beta2 * old + (1.0 - beta2) * q
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -204,7 +120,7 @@ fn row_sq_and_cols(g: &[f32], col: &mut [f64]) -> f64 {
 
 /// Pass 1: row and column sums of the effective gradient squared, the weight's sum of squares
 /// after weight decay, and (when `check_finite`) whether the gradient is finite.
-pub fn pass1<T: Element>(
+pub fn pass1<T: RowLoops>(
     grad: &Grad<'_, T>,
     x: &[T],
     decay: Option<Decay>,
@@ -268,7 +184,7 @@ pub fn pass1<T: Element>(
                         } else {
                             grad.view(base, &mut gbuf)
                         };
-                        let xv = super::decayed_view(&x[base..base + m], decay, &mut xbuf);
+                        let xv = decayed_view(&x[base..base + m], decay, &mut xbuf);
                         let rows_in = Pass1Rows {
                             g,
                             x: xv,
@@ -288,7 +204,7 @@ pub fn pass1<T: Element>(
                     }
                 }
                 let mut ok = rows[k0..].iter().all(|r| r.is_finite());
-                ok &= super::nonfinite_probe(col32) + super::nonfinite_probe(wcol32) == 0.0;
+                ok &= nonfinite_probe(col32) + nonfinite_probe(wcol32) == 0.0;
                 if ok {
                     add_into(&mut col, col32);
                     add_into(&mut wcol, wcol32);
@@ -393,7 +309,7 @@ pub fn prepare(
 ) -> Prepared {
     // Vectorised square roots and divisions: per row and column, this is most of a small
     // matrix's cost outside the passes.
-    super::vectorized(
+    vectorized(
         #[inline(always)]
         || {
             let s2 = (grad_scale as f64) * (grad_scale as f64);
@@ -459,7 +375,7 @@ pub fn sum_sq_update(p1: &Pass1, p: &Prepared, f: Factoring) -> Option<f64> {
 
 /// Pass 2: `sum(u^2)` with `u_ij = (s g_ij) b_j a_i`, for RMS(u). The scale is applied first,
 /// as clipping does, so that a clipped huge gradient cannot overflow.
-pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_scale: f32) -> f64 {
+pub fn pass2<T: RowLoops>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_scale: f32) -> f64 {
     let m = f.m;
     let parallel = parallel_for(f.len());
     let sums = map_units(
@@ -495,10 +411,10 @@ struct Pass3<'a, 'g, T> {
     decay: Option<Decay>,
 }
 
-impl<T: Element> Pass3<'_, '_, T> {
+impl<T: RowLoops> Pass3<'_, '_, T> {
     /// Updates whole rows starting at `first_row`.
     fn rows(&self, first_row: usize, xs: &mut [T]) {
-        super::vectorized(
+        vectorized(
             #[inline(always)]
             || self.rows_inner(first_row, xs),
         )
@@ -537,7 +453,7 @@ impl<T: Element> Pass3<'_, '_, T> {
 }
 
 /// Pass 3: `x = decay(x) - coef * a_i * (s g_ij) * b_j`, with `coef = alpha / max(1, RMS(u)/d)`.
-pub fn pass3<T: Element>(
+pub fn pass3<T: RowLoops>(
     x: &mut [T],
     grad: &Grad<'_, T>,
     p: &Prepared,
@@ -573,5 +489,75 @@ pub fn pass3<T: Element>(
             .for_each(body);
     } else {
         x.chunks_mut(rows_chunk * m).enumerate().for_each(body);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One first step (beta2 = 0) of a 2 x 3 matrix through the three passes, against the
+    /// paper's formulas evaluated directly in f64: `r_i = mean_j(g^2 + eps1)`, `c_j` likewise,
+    /// `v_ij = r_i c_j / mean(r)`, `u = g / sqrt(v)`, `x -= coef * u`; with and without the row
+    /// fold (which skips pass 2), the same bits.
+    #[test]
+    fn three_passes_follow_the_formulas() {
+        let f = Factoring {
+            lead: 1,
+            n: 2,
+            m: 3,
+        };
+        let g = [0.5f32, -1.0, 2.0, 0.25, 3.0, -0.75];
+        let x0 = [1f32, -2.0, 0.5, 0.25, -1.5, 2.0];
+        let eps1 = 1e-30f32;
+        let grad = Grad::plain(&g[..]);
+        let gd: Vec<f64> = g.iter().map(|&v| v as f64).collect();
+        let r: Vec<f64> = (0..2)
+            .map(|i| (0..3).map(|j| gd[i * 3 + j].powi(2)).sum::<f64>() / 3.0)
+            .collect();
+        let c: Vec<f64> = (0..3)
+            .map(|j| (0..2).map(|i| gd[i * 3 + j].powi(2)).sum::<f64>() / 2.0)
+            .collect();
+        let mean_r = (r[0] + r[1]) / 2.0;
+        let coef = 0.1f32;
+        let mut results = Vec::new();
+        for fold in [false, true] {
+            let fold = fold.then_some(RowFold {
+                r_old: &[0.0, 0.0],
+                beta2: 0.0,
+                epsilon_1: eps1,
+            });
+            let p1 = pass1(&grad, &x0, None, f, true, fold);
+            assert!(p1.finite);
+            let prep = prepare(&p1, &[0.0; 2], &[0.0; 3], f, 0.0, eps1, 1.0);
+            for (got, want) in prep.r.iter().zip(&r).chain(prep.c.iter().zip(&c)) {
+                assert!((*got as f64 - want).abs() <= 1e-6 * want, "{got} vs {want}");
+            }
+            let sum_u2 = match sum_sq_update(&p1, &prep, f) {
+                Some(s) => s,
+                None => pass2(&grad, &prep, f, 1.0),
+            };
+            let mut x = x0;
+            pass3(&mut x, &grad, &prep, f, coef, 1.0, None);
+            let mut want_u2 = 0.0;
+            for i in 0..2 {
+                for j in 0..3 {
+                    let u = gd[i * 3 + j] / (r[i] * c[j] / mean_r).sqrt();
+                    want_u2 += u * u;
+                    let want = x0[i * 3 + j] as f64 - coef as f64 * u;
+                    let got = x[i * 3 + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6,
+                        "x[{i},{j}] = {got}, formula {want}"
+                    );
+                }
+            }
+            assert!(
+                (sum_u2 - want_u2).abs() <= 1e-5 * want_u2,
+                "{sum_u2} vs {want_u2}"
+            );
+            results.push(x.map(f32::to_bits));
+        }
+        assert_eq!(results[0], results[1], "the row fold changes no bit");
     }
 }

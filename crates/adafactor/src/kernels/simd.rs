@@ -1,7 +1,7 @@
 //! Sixteen float32 lanes on x86: one AVX-512 register or two AVX2 registers, and the element
 //! types (`f32`, `bf16`, `f16`) that load into them and round out of them.
 //!
-//! The row loops in [`super::rows`] are written once over [`Lanes`] and compiled once per
+//! The row loops in [`super::wide`] are written once over [`Lanes`] and compiled once per
 //! instruction set (see the `twins!` macro there). Every operation here is a single float32
 //! operation per lane, so both instruction sets give the same bits as the portable loops.
 
@@ -40,7 +40,7 @@ pub(crate) trait Lanes: Copy {
 ///
 /// # Safety
 /// Both methods need the instruction set of `V`, and `p..p + 16` in bounds.
-pub(crate) trait Wide<V: Lanes>: super::Element {
+pub(crate) trait Wide<V: Lanes>: super::element::Element {
     /// Sixteen elements from `p` as float32.
     unsafe fn load16(p: *const Self) -> V;
     /// Sixteen float32 lanes rounded into `p..p + 16`.

@@ -1,6 +1,9 @@
 //! The three passes for an unfactored variable (rank 0 or 1), which keeps its velocity `v`.
 
-use super::{decay_in_place, map_units, parallel_for, Decay, Element, Grad, CHUNK, UNIT_ELEMS};
+use super::element::Element;
+use super::grad::{decay_in_place, Decay, Grad};
+use super::parallel::{for_chunks, map_units, parallel_for, sum_chunks, UNIT_ELEMS};
+use super::reduce::{sum_sq, CHUNK};
 
 /// What pass 1 learns about an unfactored variable.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,8 +50,8 @@ pub fn pass1<T: Element>(
                 }
                 T::load(&x[b..b + n], xb);
                 decay_in_place(decay, xb);
-                sg += super::sum_sq(gb);
-                sx += super::sum_sq(xb);
+                sg += sum_sq(gb);
+                sx += sum_sq(xb);
             }
             (sg, sx, probe)
         },
@@ -76,7 +79,7 @@ pub fn pass2<T: Element>(
     epsilon_1: f32,
     grad_scale: f32,
 ) -> f64 {
-    super::sum_chunks(v_new, |start, vs| {
+    sum_chunks(v_new, |start, vs| {
         let mut gbuf = [0f32; CHUNK];
         let mut total = 0f64;
         for (k, vb) in vs.chunks_mut(CHUNK).enumerate() {
@@ -88,7 +91,7 @@ pub fn pass2<T: Element>(
                 *v = beta2 * old + (1.0 - beta2) * (ge * ge + epsilon_1);
                 *g = ge / v.sqrt();
             }
-            total += super::sum_sq(gb);
+            total += sum_sq(gb);
         }
         total
     })
@@ -103,7 +106,7 @@ pub fn pass3<T: Element>(
     grad_scale: f32,
     decay: Option<Decay>,
 ) {
-    super::for_chunks(x, |start, xs| {
+    for_chunks(x, |start, xs| {
         let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
         for (k, xblock) in xs.chunks_mut(CHUNK).enumerate() {
             let b = start + k * CHUNK;
@@ -117,4 +120,35 @@ pub fn pass3<T: Element>(
             T::store(xb, xblock);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keras's own Adafactor test on a vector (`adafactor_test.py`, `test_single_step_1d`):
+    /// x = [1, 2, 3, 4], g = [1, 6, 7, 2], learning rate 0.5, first step (beta2 = 0, rho = 0.5).
+    #[test]
+    fn first_step_matches_keras() {
+        let g = [1f32, 6.0, 7.0, 2.0];
+        let mut x = [1f32, 2.0, 3.0, 4.0];
+        let grad = Grad::plain(&g[..]);
+        let p1 = pass1(&grad, &x, None, true);
+        assert!(p1.finite);
+        assert_eq!(p1.sum_sq_grad, 90.0);
+        assert_eq!(p1.sum_sq_x, 30.0);
+        let mut v = [0f32; 4];
+        let sum_u2 = pass2(&grad, &[0.0; 4], &mut v, 0.0, 1e-30, 1.0);
+        // v = g^2 + eps1, so u = g / |g| and RMS(u) = 1: no update clipping.
+        assert_eq!(v, [1.0, 36.0, 49.0, 4.0]);
+        assert_eq!(sum_u2, 4.0);
+        let alpha = (30f32 / 4.0).sqrt() * 0.5;
+        pass3(&mut x, &grad, &v, alpha, 1.0, None);
+        for (got, want) in x
+            .iter()
+            .zip([-0.36930645f32, 0.63069355, 1.6306936, 2.6306934])
+        {
+            assert!((got - want).abs() < 1e-6, "{got} vs Keras {want}");
+        }
+    }
 }

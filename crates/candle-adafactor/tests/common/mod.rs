@@ -2,9 +2,29 @@
 
 #![allow(dead_code)] // each test file uses only some of them
 
-use candle_adafactor::{AdafactorConfig, LearningRateSchedule};
+pub mod harness;
+
+use candle_adafactor::{Adafactor, AdafactorConfig, DataPath, LearningRateSchedule};
 use candle_core::{DType, Tensor};
 use half::{bf16, f16};
+
+/// Both data paths, as `jit_compile`: the fused kernels (`true`) and composed candle ops.
+pub const PATHS: [bool; 2] = [true, false];
+
+/// The path a step with contiguous CPU tensors takes under `jit_compile = jit`.
+pub fn expected_path(jit: bool) -> DataPath {
+    if jit {
+        DataPath::Fused
+    } else {
+        DataPath::Composed
+    }
+}
+
+/// Fails when the last step did not take the path `jit_compile = jit` asks for (a fused run that
+/// quietly went composed).
+pub fn assert_path(opt: &Adafactor, jit: bool, what: &str) {
+    assert_eq!(opt.data_path(), expected_path(jit), "{what}: data path");
+}
 
 /// FORMAT.md's tolerance for values recorded from Keras (shared with every adapter's suite).
 #[allow(unused_imports)] // each test file uses only some helpers

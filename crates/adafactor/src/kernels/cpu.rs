@@ -1,0 +1,123 @@
+//! What this CPU offers the kernels: the instruction set the row loops use (capped by
+//! `ADAFACTOR_SIMD`), code compiled for AVX2 where that is allowed, and the prefetch hint.
+
+/// The instruction sets the row loops can run on, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Simd {
+    /// The portable loops.
+    Portable,
+    /// The [`avx2`] twins.
+    Avx2,
+    /// The [`avx512`] twins.
+    Avx512,
+    /// The [`avx512_bf16`] twins.
+    Avx512Bf16,
+}
+
+/// The instruction set the row loops use: the best this CPU has, capped by the environment
+/// variable `ADAFACTOR_SIMD` (`portable`, `avx2` or `avx512`; other values are ignored) to
+/// compare the versions. Read once per process; every version gives the same bits.
+#[inline(always)]
+pub(crate) fn simd() -> Simd {
+    static CHOSEN: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let best = if has_avx512_bf16() {
+            Simd::Avx512Bf16
+        } else if has_avx512() {
+            Simd::Avx512
+        } else if has_avx2() {
+            Simd::Avx2
+        } else {
+            Simd::Portable
+        };
+        let cap = match std::env::var("ADAFACTOR_SIMD").as_deref() {
+            Ok("portable") => Simd::Portable,
+            Ok("avx2") => Simd::Avx2,
+            Ok("avx512") => Simd::Avx512Bf16,
+            _ => Simd::Avx512Bf16,
+        };
+        best.min(cap)
+    })
+}
+
+/// True when this CPU runs the AVX-512 twins.
+#[inline(always)]
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// True when this CPU runs the AVX-512 twins with the bf16 conversion instruction (and DQ's
+/// class test that finds the subnormals it would flush).
+#[inline(always)]
+pub(crate) fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512()
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// True when this CPU runs the AVX2 twins (AVX2 and F16C; the standard library checks once).
+#[inline(always)]
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Asks the CPU to start loading `s` into cache: a hint, nothing on other architectures.
+#[inline(always)]
+pub(crate) fn prefetch<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = s.as_ptr() as *const i8;
+        let mut off = 0;
+        while off < std::mem::size_of_val(s) {
+            // SAFETY: a prefetch never faults, and the address lies within `s`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off))
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
+}
+
+/// Runs `f` compiled for AVX2 when the row loops may use it ([`simd`]), else for
+/// the baseline: the 16-bit conversions need it to vectorise. The kernels' lanes are written out
+/// explicitly and floating-point operations are never contracted or reordered, so both versions
+/// give the same bits.
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if simd() >= Simd::Avx2 {
+            // SAFETY: the CPU supports AVX2 (`simd` checked it).
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}

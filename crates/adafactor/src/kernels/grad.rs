@@ -1,0 +1,177 @@
+//! The effective gradient as the kernels read it (unscaled, averaged with the accumulator,
+//! clamped), and the decoupled weight decay applied on the fly.
+
+use super::element::Element;
+use super::reduce::nonfinite_probe;
+
+/// How a stored gradient element becomes the effective gradient, in Keras's order: unscale by
+/// `loss_scale_factor`, average with the accumulator, clamp by `clipvalue`. Norm clipping is a
+/// scale applied by the passes themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct GradTransform {
+    /// `g / loss_scale_factor`.
+    pub loss_scale: Option<f32>,
+    /// `(g + acc) / k` on the update call of gradient accumulation (needs `acc`).
+    pub accumulate_steps: Option<f32>,
+    /// Clamp to `[-v, v]`.
+    pub clip_value: Option<f32>,
+}
+
+/// The gradient of one variable as the kernels read it.
+#[derive(Debug, Clone, Copy)]
+pub struct Grad<'a, T> {
+    /// The stored gradient.
+    pub g: &'a [T],
+    /// The accumulator, read on the update call of gradient accumulation.
+    pub acc: Option<&'a [f32]>,
+    /// The element transform.
+    pub transform: GradTransform,
+}
+
+impl<'a, T: Element> Grad<'a, T> {
+    /// A plain gradient with no transform.
+    pub fn plain(g: &'a [T]) -> Self {
+        Grad {
+            g,
+            acc: None,
+            transform: GradTransform::default(),
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.g.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.g.is_empty()
+    }
+
+    /// True when the effective gradient is the stored one (no transform, no accumulator).
+    #[inline(always)]
+    pub fn is_plain(&self) -> bool {
+        self.acc.is_none() && self.transform == GradTransform::default()
+    }
+
+    /// The effective gradient of elements `start..start + buf.len()`: the stored slice itself
+    /// for a plain `f32` gradient, else converted into `buf`.
+    #[inline(always)]
+    pub fn view<'b>(&'b self, start: usize, buf: &'b mut [f32]) -> &'b [f32] {
+        if self.is_plain() {
+            if let Some(g) = T::as_f32(&self.g[start..start + buf.len()]) {
+                return g;
+            }
+        }
+        self.load(start, buf);
+        buf
+    }
+
+    /// Writes the effective gradient of elements `start..start + out.len()` into `out`.
+    #[inline(always)]
+    pub fn load(&self, start: usize, out: &mut [f32]) {
+        self.load_impl(start, out, false);
+    }
+
+    /// [`Grad::load`], also returning 0 when the unscaled gradient is finite and NaN when it
+    /// holds NaN or infinity (checked before accumulation and clamping, which could hide it).
+    #[inline(always)]
+    pub fn load_checked(&self, start: usize, out: &mut [f32]) -> f32 {
+        self.load_impl(start, out, true)
+    }
+
+    #[inline(always)]
+    fn load_impl(&self, start: usize, out: &mut [f32], check: bool) -> f32 {
+        let end = start + out.len();
+        let t = self.transform;
+        // Until a step writes `out`, a float32 gradient is read where it is stored: the first
+        // step reads it there, so it is not copied first.
+        let mut stored = T::as_f32(&self.g[start..end]);
+        if stored.is_none() {
+            T::load(&self.g[start..end], out);
+        }
+        if let Some(l) = t.loss_scale {
+            map_into(out, stored.take(), |g| g / l);
+        }
+        let probe = match (check, stored) {
+            (false, _) => 0.0,
+            (true, Some(g)) => nonfinite_probe(g),
+            (true, None) => nonfinite_probe(out),
+        };
+        if let (Some(k), Some(acc)) = (t.accumulate_steps, self.acc) {
+            let acc = &acc[start..end];
+            match stored.take() {
+                Some(g) => {
+                    for ((o, g), a) in out.iter_mut().zip(g).zip(acc) {
+                        *o = (*g + *a) / k;
+                    }
+                }
+                None => {
+                    for (o, a) in out.iter_mut().zip(acc) {
+                        *o = (*o + *a) / k;
+                    }
+                }
+            }
+        }
+        if let Some(v) = t.clip_value {
+            // `clamp` keeps NaN, as Keras's clip does.
+            map_into(out, stored.take(), |g| g.clamp(-v, v));
+        }
+        if let Some(g) = stored {
+            out.copy_from_slice(g);
+        }
+        probe
+    }
+}
+
+/// `out = f(from)` elementwise, or `out = f(out)` in place without `from`.
+#[inline(always)]
+fn map_into(out: &mut [f32], from: Option<&[f32]>, f: impl Fn(f32) -> f32) {
+    match from {
+        Some(g) => out.iter_mut().zip(g).for_each(|(o, g)| *o = f(*g)),
+        None => out.iter_mut().for_each(|o| *o = f(*o)),
+    }
+}
+
+/// Decoupled weight decay `x - x * wd * lr`, applied on the fly.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decay {
+    /// `weight_decay`.
+    pub weight_decay: f32,
+    /// The raw learning rate.
+    pub learning_rate: f32,
+}
+
+impl Decay {
+    /// The decayed value, rounded as Keras rounds it.
+    #[inline(always)]
+    pub fn apply(self, x: f32) -> f32 {
+        x - x * self.weight_decay * self.learning_rate
+    }
+}
+
+/// The weight values of `x` after the optional decay: the slice itself for undecayed `f32`,
+/// else converted (and decayed) into `buf`.
+#[inline(always)]
+pub(crate) fn decayed_view<'b, T: Element>(
+    x: &'b [T],
+    decay: Option<Decay>,
+    buf: &'b mut [f32],
+) -> &'b [f32] {
+    if decay.is_none() {
+        if let Some(v) = T::as_f32(x) {
+            return v;
+        }
+    }
+    T::load(x, buf);
+    decay_in_place(decay, buf);
+    buf
+}
+
+/// Applies an optional decay to a buffer in place.
+#[inline(always)]
+pub(crate) fn decay_in_place(decay: Option<Decay>, x: &mut [f32]) {
+    if let Some(d) = decay {
+        x.iter_mut().for_each(|v| *v = d.apply(*v));
+    }
+}

@@ -1,0 +1,103 @@
+//! Parallel scheduling: how a tensor is split into work units across rayon's threads, each
+//! unit compiled for the best allowed instruction set ([`super::cpu::vectorized`]).
+
+use super::cpu::vectorized;
+use rayon::prelude::*;
+
+/// Tensors with fewer elements than this run on the calling thread: many small tensors are
+/// parallelised across tensors by the caller, not inside each one.
+pub const PARALLEL_THRESHOLD: usize = 1 << 16;
+
+/// Target elements per parallel work unit of one large tensor.
+pub const UNIT_ELEMS: usize = 1 << 15;
+
+/// Runs `f(start, chunk)` over `dst` in chunks of [`UNIT_ELEMS`] elements in parallel when the
+/// tensor is large, else over the whole slice at once (nothing for an empty slice).
+pub(crate) fn for_chunks<A: Send>(dst: &mut [A], f: impl Fn(usize, &mut [A]) + Sync + Send) {
+    if parallel_for(dst.len()) {
+        dst.par_chunks_mut(UNIT_ELEMS)
+            .enumerate()
+            .for_each(|(i, c)| {
+                vectorized(
+                    #[inline(always)]
+                    || f(i * UNIT_ELEMS, c),
+                )
+            });
+    } else if !dst.is_empty() {
+        vectorized(
+            #[inline(always)]
+            || f(0, dst),
+        );
+    }
+}
+
+/// [`for_chunks`] whose chunks each return a partial sum; the sum of the partials, in chunk
+/// order.
+pub(crate) fn sum_chunks<A: Send>(
+    dst: &mut [A],
+    f: impl Fn(usize, &mut [A]) -> f64 + Sync + Send,
+) -> f64 {
+    if parallel_for(dst.len()) {
+        let parts: Vec<f64> = dst
+            .par_chunks_mut(UNIT_ELEMS)
+            .enumerate()
+            .map(|(i, c)| {
+                vectorized(
+                    #[inline(always)]
+                    || f(i * UNIT_ELEMS, c),
+                )
+            })
+            .collect();
+        parts.iter().sum()
+    } else if !dst.is_empty() {
+        vectorized(
+            #[inline(always)]
+            || f(0, dst),
+        )
+    } else {
+        0.0
+    }
+}
+
+/// Runs `f` over work units, in parallel when `parallel`, keeping the units' order in the
+/// results (so reductions are deterministic).
+pub(crate) fn map_units<U: Send, R: Send>(
+    units: Vec<U>,
+    parallel: bool,
+    f: impl Fn(U) -> R + Sync + Send,
+) -> Vec<R> {
+    if parallel && units.len() > 1 {
+        units
+            .into_par_iter()
+            .map(|u| {
+                vectorized(
+                    #[inline(always)]
+                    || f(u),
+                )
+            })
+            .collect()
+    } else {
+        units
+            .into_iter()
+            .map(|u| {
+                vectorized(
+                    #[inline(always)]
+                    || f(u),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Rows per work unit for `rows` rows of `m` elements: about [`UNIT_ELEMS`] elements, and at
+/// most four units per thread so column partial sums stay small.
+pub(crate) fn rows_per_unit(rows: usize, m: usize) -> usize {
+    let by_size = (UNIT_ELEMS / m.max(1)).max(1);
+    let max_units = 4 * rayon::current_num_threads().max(1);
+    by_size.max(rows.div_ceil(max_units)).max(1)
+}
+
+/// Whether a tensor of `len` elements is split across threads.
+pub(crate) fn parallel_for(len: usize) -> bool {
+    len >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1
+}

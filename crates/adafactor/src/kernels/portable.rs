@@ -1,0 +1,333 @@
+//! The per-row inner loops of the factored passes, where almost all of a step's time goes, in
+//! portable Rust.
+//!
+//! Each loop has this portable version and, for `f32`, `bf16` and `f16`, hand-vectorised twins
+//! in `wide.rs`: AVX-512 (one register per sixteen lanes) and AVX2 (two), taken
+//! when the CPU has the instructions. All versions do the same float32 operations in the same
+//! order on the same [`LANES`] lanes (no fused multiply-add), so they give the same bits. The
+//! compiler's own vectorisation of these loops proved fragile: a loop that reads two 16-bit
+//! streams and keeps three sums came out scalar.
+
+use super::cpu::prefetch;
+use super::element::Element;
+use super::grad::Decay;
+use super::reduce::CHUNK;
+use super::row_args::{Pass1Rows, Pass1Sums, RowUpdate};
+
+/// Lanes of a reduction: element `j` of a block adds into lane `j % LANES`, and the lanes are
+/// summed by [`lane_sum`] at the end of the block (every version reduces this way).
+pub(crate) const LANES: usize = 16;
+
+/// The sum of the lanes as a tree (lane `i` plus lane `i + 8`, then `i + 4`, ...): four
+/// dependent additions instead of fifteen, on the path from one row's sums to the next step.
+#[inline(always)]
+pub(crate) fn lane_sum(lanes: &[f32; LANES]) -> f32 {
+    let mut v = *lanes;
+    let mut half = LANES / 2;
+    while half > 0 {
+        for i in 0..half {
+            v[i] += v[i + half];
+        }
+        half /= 2;
+    }
+    v[0]
+}
+
+/// Pass 1 over one row, in one sweep: the float32 sum of squares of `g` ([`LANES`] lanes,
+/// blocked by [`CHUNK`], blocks added in float32), each square added into `col` (and written to
+/// `squares` unless it is empty, for the row fold), and the sum of squares of the weight `x`
+/// after the optional decay (blocked likewise, blocks added in f64).
+#[inline(always)]
+pub(crate) fn pass1<T: Element>(
+    g: &[T],
+    x: &[T],
+    decay: Option<Decay>,
+    col: &mut [f32],
+    squares: &mut [f32],
+) -> (f32, f64) {
+    match decay {
+        None => pass1_with(g, x, col, squares, |v| v),
+        Some(d) => pass1_with(g, x, col, squares, move |v| d.apply(v)),
+    }
+}
+
+#[inline(always)]
+fn pass1_with<T: Element>(
+    g: &[T],
+    x: &[T],
+    col: &mut [f32],
+    squares: &mut [f32],
+    xmap: impl Fn(f32) -> f32 + Copy,
+) -> (f32, f64) {
+    let len = g.len().min(x.len()).min(col.len());
+    let keep = !squares.is_empty();
+    let (mut total_g, mut total_x) = (0f32, 0f64);
+    let mut start = 0;
+    while start < len {
+        let end = (start + CHUNK).min(len);
+        let mut lanes = [0f32; LANES];
+        let mut xlanes = [0f32; LANES];
+        let mut j = start;
+        while j + LANES <= end {
+            for l in 0..LANES {
+                let gv = g[j + l].to_f32();
+                let e = gv * gv;
+                col[j + l] += e;
+                if keep {
+                    squares[j + l] = e;
+                }
+                lanes[l] += e;
+                let xv = xmap(x[j + l].to_f32());
+                xlanes[l] += xv * xv;
+            }
+            j += LANES;
+        }
+        let rem = tail_squares_into(g, col, squares, j..end);
+        let xrem = tail_squares(&x[j..end], xmap);
+        total_g += rem + lane_sum(&lanes);
+        total_x += (xrem + lane_sum(&xlanes)) as f64;
+        start = end;
+    }
+    (total_g, total_x)
+}
+
+/// The elements `range` after the last whole group of lanes in a block, one at a time: the sum
+/// of their squares, each square also added into `col` (and written to `squares` unless empty).
+#[inline(always)]
+pub(crate) fn tail_squares_into<T: Element>(
+    g: &[T],
+    col: &mut [f32],
+    squares: &mut [f32],
+    range: std::ops::Range<usize>,
+) -> f32 {
+    let mut rem = 0f32;
+    let keep = !squares.is_empty();
+    for j in range {
+        let gv = g[j].to_f32();
+        let e = gv * gv;
+        col[j] += e;
+        if keep {
+            squares[j] = e;
+        }
+        rem += e;
+    }
+    rem
+}
+
+/// The elements after the last whole group of lanes in a block: the sum of their mapped squares.
+#[inline(always)]
+pub(crate) fn tail_squares<T: Element>(x: &[T], xmap: impl Fn(f32) -> f32) -> f32 {
+    let mut rem = 0f32;
+    for x in x {
+        let xv = xmap(x.to_f32());
+        rem += xv * xv;
+    }
+    rem
+}
+
+/// `w_j += e_j * scale`, `e` a row's squares (pass 1's row fold).
+#[inline(always)]
+pub(crate) fn add_scaled(e: &[f32], scale: f32, w: &mut [f32]) {
+    for (w, e) in w.iter_mut().zip(e) {
+        *w += e * scale;
+    }
+}
+
+/// Pass 3 over one row: `x_j = decay(x_j) - ca * (s g_j) * b_j`, computed in float32 and
+/// rounded once.
+#[inline(always)]
+pub(crate) fn update<T: Element>(
+    x: &mut [T],
+    g: &[T],
+    b: &[f32],
+    ca: f32,
+    s: f32,
+    decay: Option<Decay>,
+) {
+    match decay {
+        None => {
+            for ((xv, g), bj) in x.iter_mut().zip(g).zip(b) {
+                *xv = T::from_f32(xv.to_f32() - ca * (s * g.to_f32()) * bj);
+            }
+        }
+        Some(d) => {
+            for ((xv, g), bj) in x.iter_mut().zip(g).zip(b) {
+                *xv = T::from_f32(d.apply(xv.to_f32()) - ca * (s * g.to_f32()) * bj);
+            }
+        }
+    }
+}
+
+/// How far ahead pass 1 asks for the gradient and the weight: the hardware prefetcher alone
+/// leaves pass 1, which reads two streams and computes between rows, short of the bandwidth.
+const PREFETCH_BYTES: usize = 4096;
+
+/// Pass 1 over whole rows of `m` elements: [`pass1`] on each row (its sum of squares pushed to
+/// `row_sums`, its squares added into `col`), and with a fold, `w += g^2 / r_i` for each row
+/// from the squares the sweep kept, done after the next row's sweep so that the sweep does not
+/// wait for the row's statistic. Returns the sum of the rows' `x^2` sums.
+#[inline(always)]
+pub(crate) fn pass1_rows_with<T: Element>(
+    rows: Pass1Rows<'_, T>,
+    sums: Pass1Sums<'_>,
+    sweep: impl Fn(&[T], &[T], &mut [f32], &mut [f32]) -> (f32, f64),
+    add: impl Fn(&[f32], f32, &mut [f32]),
+) -> f64 {
+    let Pass1Rows { g, x, m, .. } = rows;
+    let Pass1Sums {
+        col,
+        mut fold,
+        row_sums,
+    } = sums;
+    if m == 0 {
+        return 0.0;
+    }
+    // Two rows of squares: this row's, and the previous row's, whose fold is pending.
+    let mut own: Vec<f32>;
+    let mut squares: (&mut [f32], &mut [f32]) = (&mut [], &mut []);
+    if let Some(f) = fold.as_mut() {
+        let mut scratch = std::mem::take(&mut f.squares);
+        if scratch.len() < 2 * m {
+            own = vec![0f32; 2 * m];
+            scratch = &mut own;
+        }
+        let (a, b) = scratch.split_at_mut(m);
+        squares = (a, &mut b[..m]);
+    }
+    let (mut cur, mut prev) = squares;
+    let mut sum_x = 0f64;
+    let mut pending: Option<f32> = None;
+    let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
+    for (k, (gr, xr)) in g.chunks_exact(m).zip(x.chunks_exact(m)).enumerate() {
+        let next = (k * m + ahead).min(g.len());
+        let end = (next + m).min(g.len());
+        prefetch(&g[next..end]);
+        prefetch(&x[next..end]);
+        let (rs, sxr) = sweep(gr, xr, col, cur);
+        if let Some(f) = fold.as_mut() {
+            if let Some(sp) = pending.take() {
+                add(prev, sp, f.w);
+            }
+            pending = Some(f.fold.inv_r(f.first_row + k, rs as f64, m) as f32);
+            std::mem::swap(&mut cur, &mut prev);
+        }
+        row_sums.push(rs as f64);
+        sum_x += sxr;
+    }
+    if let (Some(f), Some(sp)) = (fold.as_mut(), pending) {
+        add(prev, sp, f.w);
+    }
+    sum_x
+}
+
+/// Pass 3 over whole rows of `m` elements, the first being row `first_row` of the variable:
+/// [`update`] on each row with its column and row factors.
+#[inline(always)]
+pub(crate) fn update_rows_with<T: Element>(
+    x: &mut [T],
+    g: &[T],
+    first_row: usize,
+    u: &RowUpdate<'_>,
+    upd: impl Fn(&mut [T], &[T], &[f32], f32),
+) {
+    let (m, n) = (u.m, u.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (mut row, mut slice, mut in_slice) = (first_row, first_row / n, first_row % n);
+    for (xr, gr) in x.chunks_exact_mut(m).zip(g.chunks_exact(m)) {
+        let b = &u.col_factor[slice * m..(slice + 1) * m];
+        upd(xr, gr, b, u.coef * u.row_factor[row]);
+        row += 1;
+        in_slice += 1;
+        if in_slice == n {
+            in_slice = 0;
+            slice += 1;
+        }
+    }
+}
+
+/// Pass 2 over one row: `sum_j ((s g_j) b_j)^2`, blocked like pass 1's sums.
+#[inline(always)]
+pub(crate) fn weighted_sq<T: Element>(g: &[T], b: &[f32], s: f32) -> f64 {
+    let len = g.len().min(b.len());
+    let mut total = 0f64;
+    let mut start = 0;
+    while start < len {
+        let end = (start + CHUNK).min(len);
+        let mut lanes = [0f32; LANES];
+        let mut j = start;
+        while j + LANES <= end {
+            for l in 0..LANES {
+                let u = s * g[j + l].to_f32() * b[j + l];
+                lanes[l] += u * u;
+            }
+            j += LANES;
+        }
+        let rem = tail_weighted_sq(&g[j..end], &b[j..end], s);
+        total += (rem + lane_sum(&lanes)) as f64;
+        start = end;
+    }
+    total
+}
+
+/// The elements after the last whole group of lanes in a block: their `((s g) b)^2`, summed.
+#[inline(always)]
+pub(crate) fn tail_weighted_sq<T: Element>(g: &[T], b: &[f32], s: f32) -> f32 {
+    let mut rem = 0f32;
+    for (g, b) in g.iter().zip(b) {
+        let u = s * g.to_f32() * b;
+        rem += u * u;
+    }
+    rem
+}
+
+/// Pass 2 over whole rows of one slice: `sum_k a_k^2 sum_j ((s g_kj) b_j)^2`, `a` the rows'
+/// factors and `b` the slice's column factors (its length is the row length).
+#[inline(always)]
+pub(crate) fn pass2_rows_with<T: Element>(
+    g: &[T],
+    b: &[f32],
+    a: &[f32],
+    row: impl Fn(&[T]) -> f64,
+) -> f64 {
+    let m = b.len();
+    if m == 0 {
+        return 0.0;
+    }
+    let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
+    let mut total = 0f64;
+    for (k, (gr, ak)) in g.chunks_exact(m).zip(a).enumerate() {
+        let next = (k * m + ahead).min(g.len());
+        prefetch(&g[next..(next + m).min(g.len())]);
+        let ak = *ak as f64;
+        total += row(gr) * ak * ak;
+    }
+    total
+}
+
+/// Pass 2 over whole rows, portable: see [`pass2_rows_with`].
+#[inline(always)]
+pub(crate) fn pass2_rows<T: Element>(g: &[T], b: &[f32], a: &[f32], s: f32) -> f64 {
+    pass2_rows_with(g, b, a, |g| weighted_sq(g, b, s))
+}
+
+/// Pass 1 over whole rows, portable: see [`pass1_rows_with`].
+#[inline(always)]
+pub(crate) fn pass1_rows<T: Element>(rows: Pass1Rows<'_, T>, sums: Pass1Sums<'_>) -> f64 {
+    let decay = rows.decay;
+    pass1_rows_with(
+        rows,
+        sums,
+        |g, x, c, e| pass1(g, x, decay, c, e),
+        add_scaled,
+    )
+}
+
+/// Pass 3 over whole rows, portable: see [`update_rows_with`].
+#[inline(always)]
+pub(crate) fn update_rows<T: Element>(x: &mut [T], g: &[T], first_row: usize, u: &RowUpdate<'_>) {
+    update_rows_with(x, g, first_row, u, |x, g, b, ca| {
+        update(x, g, b, ca, u.grad_scale, u.decay)
+    })
+}

@@ -1,0 +1,251 @@
+//! The vector twins of the row loops against the portable loops, bit for bit, on every
+//! instruction set this CPU has (each one it lacks is reported as skipped).
+
+use super::cpu::{has_avx2, has_avx512, has_avx512_bf16};
+use super::element::Element;
+use super::factored::{FoldRows, RowFold};
+use super::grad::Decay;
+use super::portable::{pass1_rows, pass2_rows, update_rows};
+use super::row_args::{Pass1Rows, Pass1Sums, RowUpdate};
+use super::{simd, wide};
+use half::{bf16, f16};
+
+/// Whether the CPU has an instruction set; says so when a check is skipped for lack of it.
+fn available(name: &str, present: bool) -> bool {
+    if !present {
+        println!("skipped: this CPU lacks {name}, so its vector twins are not checked here");
+    }
+    present
+}
+
+fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+type Pass1Fn<T> = fn(Pass1Rows<'_, T>, Pass1Sums<'_>) -> f64;
+type UpdateFn<T> = fn(&mut [T], &[T], usize, &RowUpdate<'_>);
+type Pass2Fn<T> = fn(&[T], &[f32], &[f32], f32) -> f64;
+
+/// Every version of the row loops, on rows of every remainder length and longer than a
+/// block, several rows (across slices), with and without decay and fold: the same bits as
+/// the portable loops.
+fn twins_agree<
+    T: simd::Wide<simd::Avx2> + simd::Wide<simd::Avx512<false>> + simd::Wide<simd::Avx512<true>>,
+>(
+    from: impl Fn(&[f32]) -> Vec<T>,
+) {
+    let mut versions: Vec<(Pass1Fn<T>, Pass2Fn<T>, UpdateFn<T>)> = Vec::new();
+    if available("AVX2 and F16C", has_avx2()) {
+        // SAFETY (both): only called when the CPU has AVX2.
+        versions.push((
+            |rows, sums| unsafe { wide::avx2::pass1_rows(rows, sums) },
+            |g, b, a, s| unsafe { wide::avx2::pass2_rows(g, b, a, s) },
+            |x, g, first, u| unsafe { wide::avx2::update_rows(x, g, first, u) },
+        ));
+    }
+    if available("AVX-512 (F, BW)", has_avx512()) {
+        // SAFETY (both): only called when the CPU has AVX-512 F and BW.
+        versions.push((
+            |rows, sums| unsafe { wide::avx512::pass1_rows(rows, sums) },
+            |g, b, a, s| unsafe { wide::avx512::pass2_rows(g, b, a, s) },
+            |x, g, first, u| unsafe { wide::avx512::update_rows(x, g, first, u) },
+        ));
+    }
+    if available("AVX-512 BF16", has_avx512_bf16()) {
+        // SAFETY (both): only called when the CPU has AVX-512 F, BW, DQ and BF16.
+        versions.push((
+            |rows, sums| unsafe { wide::avx512_bf16::pass1_rows(rows, sums) },
+            |g, b, a, s| unsafe { wide::avx512_bf16::pass2_rows(g, b, a, s) },
+            |x, g, first, u| unsafe { wide::avx512_bf16::update_rows(x, g, first, u) },
+        ));
+    }
+    for (pass1_v, pass2_v, update_v) in versions {
+        versions_agree(&from, pass1_v, pass2_v, update_v);
+    }
+}
+
+fn versions_agree<T: Element>(
+    from: &impl Fn(&[f32]) -> Vec<T>,
+    pass1_v: Pass1Fn<T>,
+    pass2_v: Pass2Fn<T>,
+    update_v: UpdateFn<T>,
+) {
+    let decays = [
+        None,
+        Some(Decay {
+            weight_decay: 0.1,
+            learning_rate: 0.01,
+        }),
+    ];
+    let (n, rows, first) = (2, 3, 1);
+    for m in (0..40).chain([1023, 1024, 1025, 2100]) {
+        for decay in decays {
+            let len = rows * m;
+            let g = from(&values(m as u64, len, 2.0));
+            let x = from(&values(m as u64 + 99, len, 0.2));
+            let col0 = values(m as u64 + 3, m, 1.0);
+            let r_old = values(m as u64 + 5, first + rows, 1.0);
+            let r_old: Vec<f32> = r_old.iter().map(|v| v.abs() + 0.1).collect();
+            let fold = RowFold {
+                r_old: &r_old,
+                beta2: 0.3,
+                epsilon_1: 1e-30,
+            };
+            for folded in [false, true] {
+                let (mut col_p, mut col_v) = (col0.clone(), col0.clone());
+                let (mut w_p, mut w_v) = (col0.clone(), col0.clone());
+                let (mut rows_p, mut rows_v) = (Vec::new(), Vec::new());
+                let rows_in = Pass1Rows {
+                    g: &g,
+                    x: &x,
+                    m,
+                    decay,
+                };
+                // The portable run gets no scratch (it allocates its own).
+                let (mut sq_p, mut sq_v) = (Vec::new(), vec![0f32; 2 * m]);
+                let sums = |col, w, squares, row_sums| Pass1Sums {
+                    col,
+                    fold: folded.then_some(FoldRows {
+                        fold,
+                        first_row: first,
+                        w,
+                        squares,
+                    }),
+                    row_sums,
+                };
+                let sums_p = sums(&mut col_p, &mut w_p, &mut sq_p, &mut rows_p);
+                let sx_p = pass1_rows(rows_in, sums_p);
+                let sums_v = sums(&mut col_v, &mut w_v, &mut sq_v, &mut rows_v);
+                let sx_v = pass1_v(rows_in, sums_v);
+                assert_eq!(sx_p.to_bits(), sx_v.to_bits(), "m {m}");
+                assert_eq!(rows_p, rows_v, "m {m}");
+                assert_eq!(bits(&col_p), bits(&col_v), "m {m}");
+                assert_eq!(bits(&w_p), bits(&w_v), "m {m}");
+            }
+
+            let col_factor = values(m as u64 + 7, 3 * m, 4.0);
+            let row_factor = values(m as u64 + 11, first + rows, 2.0);
+            for s in [1.0, 0.9] {
+                let (b, a) = (&col_factor[..m], &row_factor[..rows]);
+                let sum_p = pass2_rows(&g, b, a, s);
+                let sum_v = pass2_v(&g, b, a, s);
+                assert_eq!(sum_p.to_bits(), sum_v.to_bits(), "m {m}, scale {s}");
+                let u = RowUpdate {
+                    col_factor: &col_factor,
+                    row_factor: &row_factor,
+                    n,
+                    m,
+                    coef: 0.013,
+                    grad_scale: s,
+                    decay,
+                };
+                let (mut x_p, mut x_v) = (x.clone(), x.clone());
+                update_rows(&mut x_p, &g, first, &u);
+                update_v(&mut x_v, &g, first, &u);
+                let (x_p, x_v): (Vec<f32>, Vec<f32>) = (
+                    x_p.iter().map(|v| v.to_f32()).collect(),
+                    x_v.iter().map(|v| v.to_f32()).collect(),
+                );
+                assert_eq!(bits(&x_p), bits(&x_v), "m {m}, scale {s}");
+            }
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn vector_twins_match_portable_loops_f32() {
+    twins_agree::<f32>(|v| v.to_vec());
+}
+
+#[test]
+fn vector_twins_match_portable_loops_bf16() {
+    twins_agree::<bf16>(|v| v.iter().map(|x| bf16::from_f32(*x)).collect());
+}
+
+#[test]
+fn vector_twins_match_portable_loops_f16() {
+    twins_agree::<f16>(|v| v.iter().map(|x| f16::from_f32(*x)).collect());
+}
+
+/// Loads every 16-bit pattern sixteen at a time through `V` and rounds a range of float32
+/// values back: both conversions match `half` bit for bit (NaNs by their bits too).
+fn conversions_match_half<V: simd::Lanes, T: simd::Wide<V>>(probes: &[f32]) {
+    let all: Vec<T> = (0..=u16::MAX)
+        .map(|b| {
+            let mut v = [T::from_f32(0.0)];
+            // SAFETY: a 16-bit element type has exactly 2 bytes and every pattern is a value.
+            unsafe {
+                std::ptr::copy_nonoverlapping(&b as *const u16 as *const T, v.as_mut_ptr(), 1)
+            };
+            v[0]
+        })
+        .collect();
+    for chunk in all.chunks(16) {
+        let mut out = [0f32; 16];
+        // SAFETY: the caller checked the instruction set; sixteen elements on each side.
+        unsafe { T::load16(chunk.as_ptr()).store(out.as_mut_ptr()) };
+        for (e, o) in chunk.iter().zip(out) {
+            assert_eq!(o.to_bits(), e.to_f32().to_bits());
+        }
+    }
+    for chunk in probes.chunks(16).filter(|c| c.len() == 16) {
+        let mut out = [T::from_f32(0.0); 16];
+        // SAFETY: as above.
+        unsafe { T::store16(out.as_mut_ptr(), V::load(chunk.as_ptr())) };
+        for (p, o) in chunk.iter().zip(out) {
+            let want = T::from_f32(*p);
+            // SAFETY: both are 2-byte values read as their bits.
+            let bits = |v: T| unsafe { std::mem::transmute_copy::<T, u16>(&v) };
+            assert_eq!(bits(o), bits(want), "{p:e}");
+        }
+    }
+}
+
+#[test]
+fn vector_f16_conversions_match_half() {
+    // Around every f16 rounding boundary, from f16 subnormals to overflow, and NaNs.
+    let mut probes = vec![f32::NAN, -f32::NAN, f32::INFINITY, 65504.0, 65520.0, 1e-40];
+    probes.push(f32::from_bits(0x7FC0_1234));
+    probes.push(f32::from_bits(0x7F80_0001));
+    probes.push(f32::from_bits(0xFFBF_FFFF));
+    let mut x = 0x3000_0000u32;
+    while x < 0x4800_0000 {
+        for d in [0u32, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x3000] {
+            probes.push(f32::from_bits(x + d));
+            probes.push(-f32::from_bits(x + d));
+        }
+        x += 0x0003_2000;
+    }
+    if available("AVX2 and F16C", has_avx2()) {
+        conversions_match_half::<simd::Avx2, f16>(&probes);
+    }
+    if available("AVX-512 (F, BW)", has_avx512()) {
+        conversions_match_half::<simd::Avx512<false>, f16>(&probes);
+    }
+}
+
+#[test]
+fn vector_bf16_conversions_match_half() {
+    let probes = super::element::tests::bf16_rounding_probes();
+    if available("AVX2 and F16C", has_avx2()) {
+        conversions_match_half::<simd::Avx2, bf16>(&probes);
+    }
+    if available("AVX-512 (F, BW)", has_avx512()) {
+        conversions_match_half::<simd::Avx512<false>, bf16>(&probes);
+    }
+    if available("AVX-512 BF16", has_avx512_bf16()) {
+        conversions_match_half::<simd::Avx512<true>, bf16>(&probes);
+    }
+}
