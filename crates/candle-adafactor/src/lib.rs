@@ -19,11 +19,6 @@ pub use checkpoint::{StateDict, STATE_FORMAT, STATE_FORMAT_VERSION};
 pub use data_parallel::{DataParallel, Mode, DEFAULT_BUCKET_BYTES};
 pub use optimizer::{Adafactor, DataPath};
 
-/// The README's code samples, compiled and run as doctests.
-#[doc = include_str!("../../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;
-
 /// The crate README's code sample, compiled and run as a doctest.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

@@ -7,26 +7,10 @@
 
 mod common;
 
+use adafactor_conformance as conf;
 use candle_adafactor::{Adafactor, DataPath};
 use candle_core::{Device, Tensor, Var};
-use common::close;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .expect("a list of numbers")
-        .iter()
-        .map(|x| x.as_f64().expect("a number"))
-        .collect()
-}
-
-fn case_dir() -> PathBuf {
-    match std::env::var_os("ADAFACTOR_CONFORMANCE_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conformance/keras-3.15.1"),
-    }
-}
 
 /// Compares a tensor with recorded values; the first mismatch is reported with its location.
 fn compare(what: &str, got: &Tensor, want: &Value) -> Result<(), String> {
@@ -35,51 +19,28 @@ fn compare(what: &str, got: &Tensor, want: &Value) -> Result<(), String> {
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1())
         .map_err(|e| format!("{what}: {e}"))?;
-    let want = floats(want);
-    if got.len() != want.len() {
-        return Err(format!(
-            "{what}: {} values, expected {}",
-            got.len(),
-            want.len()
-        ));
-    }
-    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-        if !close(*g, *w) {
-            return Err(format!("{what}, index {k}: expected {w}, got {g}"));
-        }
-    }
-    Ok(())
+    conf::compare(what, &got, want)
 }
 
 /// Runs one case on one path. `Err` names the case, step, variable, index, expected and got.
 fn run_case(case: &Value, jit_compile: bool) -> Result<(), String> {
     let name = case["name"].as_str().unwrap_or("?");
     let fail = |m: String| format!("case {name} (jit_compile={jit_compile}): {m}");
-    let mut config = case["config"].clone();
-    config["config"]["jit_compile"] = Value::Bool(jit_compile);
-    let mut opt = Adafactor::from_config(&config).map_err(|e| fail(format!("from_config: {e}")))?;
+    let mut opt = Adafactor::from_config(&conf::config(case, jit_compile))
+        .map_err(|e| fail(format!("from_config: {e}")))?;
 
-    let vars: Vec<(String, Var)> = case["variables"]
-        .as_array()
-        .ok_or_else(|| fail("no variables".into()))?
-        .iter()
+    let vars: Vec<(String, Var)> = conf::variables(case)
+        .into_iter()
         .map(|v| {
-            let shape: Vec<usize> = v["shape"]
-                .as_array()
-                .map(|s| s.iter().map(|d| d.as_u64().unwrap_or(0) as usize).collect())
-                .unwrap_or_default();
-            let init: Vec<f32> = floats(&v["initial"]).iter().map(|x| *x as f32).collect();
-            let var =
-                Var::from_slice(&init, shape, &Device::Cpu).map_err(|e| fail(e.to_string()))?;
-            Ok((v["name"].as_str().unwrap_or("?").to_string(), var))
+            let var = Var::from_slice(&v.initial, v.shape, &Device::Cpu)
+                .map_err(|e| fail(e.to_string()))?;
+            Ok((v.name, var))
         })
         .collect::<Result<_, String>>()?;
     opt.build_named(vars.clone())
         .map_err(|e| fail(e.to_string()))?;
-    let names: Vec<&str> = case["exclude_from_weight_decay"]["var_names"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let names = conf::excluded_names(case);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     opt.exclude_from_weight_decay(&[], &names)
         .map_err(|e| fail(e.to_string()))?;
     let want_path = if jit_compile {
@@ -96,18 +57,13 @@ fn run_case(case: &Value, jit_compile: bool) -> Result<(), String> {
 
     for (k, step) in case["steps"].as_array().into_iter().flatten().enumerate() {
         let at = |m: String| fail(format!("step {}: {m}", k + 1));
-        let grads: Vec<Option<Tensor>> = step["gradients"]
-            .as_array()
-            .ok_or_else(|| at("no gradients".into()))?
+        let grads: Vec<Option<Tensor>> = conf::gradients(step)
             .iter()
             .zip(&vars)
             .map(|(g, (_, v))| {
-                if g.is_null() {
-                    return Ok(None);
-                }
-                let data: Vec<f32> = floats(g).iter().map(|x| *x as f32).collect();
-                Tensor::from_slice(&data, v.shape(), &Device::Cpu)
-                    .map(Some)
+                g.as_ref()
+                    .map(|data| Tensor::from_slice(data, v.shape(), &Device::Cpu))
+                    .transpose()
                     .map_err(|e| at(e.to_string()))
             })
             .collect::<Result<_, String>>()?;
@@ -156,42 +112,9 @@ fn run_case(case: &Value, jit_compile: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn load(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 #[test]
 fn keras_conformance() {
-    let dir = case_dir();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("conformance folder {}: {e}", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no *.json cases in {}", dir.display());
-    let mut failures = Vec::new();
-    let mut passed = 0;
-    for file in &files {
-        let case = load(file);
-        let mut ok = true;
-        for (jit, label) in [(true, "fused"), (false, "composed")] {
-            match run_case(&case, jit) {
-                Ok(()) => println!("{:<40} {label:<8} ok", case["name"].as_str().unwrap_or("?")),
-                Err(m) => {
-                    println!(
-                        "{:<40} {label:<8} FAILED: {m}",
-                        case["name"].as_str().unwrap_or("?")
-                    );
-                    failures.push(m);
-                    ok = false;
-                }
-            }
-        }
-        passed += ok as usize;
-    }
-    println!("keras conformance: {passed}/{} cases passed", files.len());
+    let failures = conf::run_suite("", run_case);
     assert!(
         failures.is_empty(),
         "{} mismatches:\n{}",
@@ -204,32 +127,7 @@ fn keras_conformance() {
 /// the message names the case, step, variable, index, expected and got.
 #[test]
 fn perturbed_case_is_caught() {
-    let mut case = load(&case_dir().join("defaults.json"));
-    let original = case["steps"][2]["variables"][2][5]
-        .as_f64()
-        .expect("a recorded value");
-    case["steps"][2]["variables"][2][5] = Value::from(original + 1e-4 + 1e-4 * original.abs());
-    for jit in [true, false] {
-        let m = run_case(&case, jit).expect_err("a perturbed case must fail");
-        for part in [
-            "case defaults",
-            "step 3",
-            "variable var2",
-            "index 5",
-            "expected",
-            "got",
-        ] {
-            assert!(m.contains(part), "message `{m}` lacks `{part}`");
-        }
-    }
-    // And a perturbed EMA value in an EMA case.
-    let mut case = load(&case_dir().join("ema_overwrite.json"));
-    let v = case["steps"][0]["ema"][1][0]
-        .as_f64()
-        .expect("an EMA value");
-    case["steps"][0]["ema"][1][0] = Value::from(v + 0.01);
-    let m = run_case(&case, false).expect_err("a perturbed EMA must fail");
-    assert!(m.contains("EMA of var1") && m.contains("index 0"), "{m}");
+    conf::check_perturbed_cases_fail(run_case);
 }
 
 /// The fused kernels have portable, AVX2 and AVX-512 versions of their row loops; this run used

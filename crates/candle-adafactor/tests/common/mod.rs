@@ -26,10 +26,9 @@ pub fn assert_path(opt: &Adafactor, jit: bool, what: &str) {
     assert_eq!(opt.data_path(), expected_path(jit), "{what}: data path");
 }
 
-/// FORMAT.md's tolerance for values recorded from Keras: `|a - b| <= 1e-6 + 1e-5 * |b|`.
-pub fn close(got: f32, want: f64) -> bool {
-    (got as f64 - want).abs() <= 1e-6 + 1e-5 * want.abs()
-}
+/// FORMAT.md's tolerance for values recorded from Keras (shared with every adapter's suite).
+#[allow(unused_imports)] // each test file uses only some helpers
+pub use adafactor_conformance::close;
 
 /// Every element of a tensor as its raw bits, in its own dtype.
 pub fn tensor_bits(t: &Tensor) -> Vec<u64> {
