@@ -6,13 +6,16 @@
 
 mod checkpoint;
 mod composed;
+mod factored_axes;
 mod fused;
 mod keras_weights;
 mod optimizer;
 mod slot;
 mod weights;
 
-pub use adafactor::{AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite};
+pub use adafactor::{
+    AdafactorConfig, FactoredAxes, LearningRate, LearningRateSchedule, OnNonFinite,
+};
 pub use checkpoint::{StateDict, STATE_FORMAT, STATE_FORMAT_VERSION};
 pub use optimizer::{Adafactor, DataPath};
 

@@ -152,7 +152,8 @@ impl Adafactor {
     /// [`Adafactor::build`] with explicit names.
     ///
     /// # Errors
-    /// Already built; a duplicate name or variable.
+    /// Already built; a duplicate name or variable; `factored_axes` naming a variable not in
+    /// the list, or axes out of range for its rank.
     pub fn build_named(&mut self, vars: Vec<(String, Var)>) -> Result<()> {
         if self.built {
             return Err(err(format!(
@@ -161,6 +162,10 @@ impl Adafactor {
                 self.slots.len()
             )));
         }
+        let floats = vars.iter().filter(|(_, v)| v.dtype().is_float());
+        self.config
+            .check_factored_axes(floats.map(|(n, v)| (n.as_str(), v.dims())))
+            .map_err(core_err)?;
         let mut slots = Vec::with_capacity(vars.len());
         let mut index = HashMap::new();
         let mut names = HashSet::new();

@@ -32,7 +32,7 @@ impl Slot {
     pub fn new(name: String, var: Var, cfg: &AdafactorConfig) -> Result<Self> {
         let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
         Ok(Slot {
-            stats: Stats::zeros(var.dims()),
+            stats: Stats::zeros_with(var.dims(), cfg.axes_of(&name)),
             ema: if cfg.use_ema { Some(zeros()?) } else { None },
             accumulator: if cfg.gradient_accumulation_steps.is_some() {
                 Some(zeros()?)

@@ -1,0 +1,471 @@
+//! Passes 1 to 3 for a variable factored over two axes other than its last two
+//! ([`crate::axes`]): the tensor seen as `[outer, low, mid, high, inner]` ([`Strided`]), the
+//! factored axes `low` and `high`, `outer * mid * inner` independent matrices.
+//!
+//! The formulas are those of [`super::factored`] (Shazeer & Stern, 2018, arXiv:1804.04235,
+//! Algorithm 4); only the memory order differs. The kernels stream over *lines*: for each
+//! `(outer, low, mid)` index, the `high * inner` elements that follow each other in memory. Within
+//! a line, the statistic of the `high` axis is indexed like the elements themselves, and the
+//! statistic of the `low` axis has `inner` lanes, one per batch index of the innermost axes, so
+//! the loops are contiguous and vectorise across the independent matrices (a candle convolution
+//! kernel `[out, in, kh, kw]` factored over `(in, out)` is `low = out`, `high = in`,
+//! `inner = kh * kw`). Statistics are accumulated in that grad order and transposed once into
+//! the storage order `[batch, n]`, `[batch, m]`, so [`super::factored::prepare`] serves both layouts.
+//!
+//! The work units are ranges of lines of about [`UNIT_ELEMS`] elements, fixed by the shape, and
+//! their partial sums are added in unit order: results do not depend on the number of threads.
+
+use super::element::Element;
+use super::factored::{Pass1, Prepared};
+use super::grad::{decayed_view, Decay, Grad};
+use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
+use crate::axes::Strided;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Elements per line.
+fn line_len(s: Strided) -> usize {
+    s.high * s.inner
+}
+
+/// Number of lines.
+fn line_count(s: Strided) -> usize {
+    s.outer * s.low * s.mid
+}
+
+/// Lines per work unit: about [`UNIT_ELEMS`] elements, at least one line.
+fn lines_per_unit(s: Strided) -> usize {
+    (UNIT_ELEMS / line_len(s).max(1)).max(1)
+}
+
+/// The work units: ranges of lines, fixed by the shape.
+fn units(s: Strided) -> Vec<Range<usize>> {
+    let (n, per) = (line_count(s), lines_per_unit(s));
+    (0..n.div_ceil(per))
+        .map(|u| u * per..((u + 1) * per).min(n))
+        .collect()
+}
+
+/// `(outer, mid)` index of a line, as one index `p * mid + q` into the `high` statistics.
+#[inline(always)]
+fn outer_mid(s: Strided, line: usize) -> usize {
+    let p = line / (s.low * s.mid);
+    p * s.mid + line % s.mid
+}
+
+/// Adds the squares of one line into the `high` statistics (`h`, laid out like the line) and
+/// the `low` statistic's `inner` lanes (`l`); returns the line's sum of squares. The squares
+/// are float32, as Keras computes them; the sums f64.
+#[inline(always)]
+fn line_squares(g: &[f32], h: &mut [f64], l: &mut [f64]) -> f64 {
+    if l.len() == 1 {
+        let mut lanes = [0f64; 8];
+        let mut gi = g.chunks_exact(8);
+        let mut hi = h.chunks_exact_mut(8);
+        for (gc, hc) in (&mut gi).zip(&mut hi) {
+            for k in 0..8 {
+                let e = (gc[k] * gc[k]) as f64;
+                hc[k] += e;
+                lanes[k] += e;
+            }
+        }
+        let mut total: f64 = lanes.iter().sum();
+        for (g, h) in gi.remainder().iter().zip(hi.into_remainder()) {
+            let e = (g * g) as f64;
+            *h += e;
+            total += e;
+        }
+        l[0] += total;
+        return total;
+    }
+    let r = l.len();
+    for (gc, hc) in g.chunks_exact(r).zip(h.chunks_exact_mut(r)) {
+        for k in 0..r {
+            let e = (gc[k] * gc[k]) as f64;
+            hc[k] += e;
+            l[k] += e;
+        }
+    }
+    l.iter().sum()
+}
+
+/// Sum of squares of a line of weights.
+#[inline(always)]
+fn sum_sq(x: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut xi = x.chunks_exact(8);
+    for c in &mut xi {
+        for k in 0..8 {
+            lanes[k] += (c[k] * c[k]) as f64;
+        }
+    }
+    let tail: f64 = xi.remainder().iter().map(|v| (v * v) as f64).sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// One unit's pass-1 sums.
+struct Part1 {
+    lines: Range<usize>,
+    /// First `(outer, mid)` index of `high`.
+    first_pq: usize,
+    high: Vec<f64>,
+    low: Vec<f64>,
+    sum_sq_grad: f64,
+    sum_sq_x: f64,
+    probe: f32,
+}
+
+/// Pass 1: row and column sums of the effective gradient squared (storage order), the weight's
+/// sum of squares after weight decay, and (when `check_finite`) whether the gradient is finite.
+pub fn pass1<T: Element>(
+    grad: &Grad<'_, T>,
+    x: &[T],
+    decay: Option<Decay>,
+    s: Strided,
+    check_finite: bool,
+) -> Pass1 {
+    let (hr, r) = (line_len(s), s.inner);
+    let probe_rows = check_finite && grad.transform.clip_value.is_some();
+    let parts = map_units(
+        units(s),
+        parallel_for(s.len()),
+        #[inline(always)]
+        |lines: Range<usize>| {
+            let first_pq = outer_mid(s, lines.start);
+            let last_pq = outer_mid(s, lines.end - 1);
+            // `(outer, mid)` indices are not monotonic across `low` when `mid > 1`: cover the
+            // whole range of outer indices the unit touches.
+            let (p0, p1) = (first_pq / s.mid, last_pq / s.mid);
+            let first_pq = p0 * s.mid;
+            let mut high = vec![0f64; (p1 - p0 + 1) * s.mid * hr];
+            let mut low = vec![0f64; lines.len() * r];
+            let (mut gbuf, mut xbuf) = (vec![0f32; hr], vec![0f32; hr]);
+            let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
+            for (k, line) in lines.clone().enumerate() {
+                let base = line * hr;
+                let g = if probe_rows {
+                    // Clamping would hide an infinity from the sums: probe before it.
+                    probe += grad.load_checked(base, &mut gbuf);
+                    &gbuf[..]
+                } else {
+                    grad.view(base, &mut gbuf)
+                };
+                let pq = outer_mid(s, line) - first_pq;
+                let total = line_squares(
+                    g,
+                    &mut high[pq * hr..(pq + 1) * hr],
+                    &mut low[k * r..(k + 1) * r],
+                );
+                se += total;
+                sx += sum_sq(decayed_view(&x[base..base + hr], decay, &mut xbuf));
+                if check_finite && !probe_rows && !total.is_finite() {
+                    // Decide on the unscaled values: NaN or infinity, or a finite value whose
+                    // square overflows.
+                    probe += grad.load_checked(base, &mut gbuf);
+                }
+            }
+            Part1 {
+                lines,
+                first_pq,
+                high,
+                low,
+                sum_sq_grad: se,
+                sum_sq_x: sx,
+                probe,
+            }
+        },
+    );
+    let mut high = vec![0f64; s.outer * s.mid * hr];
+    let mut low = vec![0f64; line_count(s) * r];
+    let mut out = Pass1 {
+        row_sums: Vec::new(),
+        col_sums: Vec::new(),
+        sum_sq_grad: 0.0,
+        sum_sq_x: 0.0,
+        finite: true,
+        weighted_cols: None,
+    };
+    for p in parts {
+        let at = p.first_pq * hr;
+        for (a, b) in high[at..at + p.high.len()].iter_mut().zip(&p.high) {
+            *a += b;
+        }
+        low[p.lines.start * r..p.lines.end * r].copy_from_slice(&p.low);
+        out.sum_sq_grad += p.sum_sq_grad;
+        out.sum_sq_x += p.sum_sq_x;
+        out.finite &= p.probe == 0.0;
+    }
+    let (high, low) = (high_to_storage(s, &high), low_to_storage(s, &low));
+    (out.row_sums, out.col_sums) = if s.rows_low { (low, high) } else { (high, low) };
+    out
+}
+
+/// `[outer, mid, high, inner]` (grad order) to `[outer, mid, inner, high]` (storage order).
+fn high_to_storage<V: Copy + Default>(s: Strided, v: &[V]) -> Vec<V> {
+    let (h, r) = (s.high, s.inner);
+    let mut out = vec![V::default(); v.len()];
+    for (src, dst) in v.chunks_exact(h * r).zip(out.chunks_exact_mut(h * r)) {
+        for i in 0..h {
+            for k in 0..r {
+                dst[k * h + i] = src[i * r + k];
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`high_to_storage`].
+fn high_from_storage<V: Copy + Default>(s: Strided, v: &[V]) -> Vec<V> {
+    let (h, r) = (s.high, s.inner);
+    let mut out = vec![V::default(); v.len()];
+    for (src, dst) in v.chunks_exact(h * r).zip(out.chunks_exact_mut(h * r)) {
+        for i in 0..h {
+            for k in 0..r {
+                dst[i * r + k] = src[k * h + i];
+            }
+        }
+    }
+    out
+}
+
+/// `[outer, low, mid, inner]` (grad order) to `[outer, mid, inner, low]` (storage order).
+fn low_to_storage<V: Copy + Default>(s: Strided, v: &[V]) -> Vec<V> {
+    let (l, q, r) = (s.low, s.mid, s.inner);
+    let mut out = vec![V::default(); v.len()];
+    for (src, dst) in v
+        .chunks_exact(l * q * r)
+        .zip(out.chunks_exact_mut(l * q * r))
+    {
+        for i in 0..l {
+            for j in 0..q {
+                for k in 0..r {
+                    dst[(j * r + k) * l + i] = src[(i * q + j) * r + k];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`low_to_storage`].
+fn low_from_storage<V: Copy + Default>(s: Strided, v: &[V]) -> Vec<V> {
+    let (l, q, r) = (s.low, s.mid, s.inner);
+    let mut out = vec![V::default(); v.len()];
+    for (src, dst) in v
+        .chunks_exact(l * q * r)
+        .zip(out.chunks_exact_mut(l * q * r))
+    {
+        for i in 0..l {
+            for j in 0..q {
+                for k in 0..r {
+                    dst[(i * q + j) * r + k] = src[(j * r + k) * l + i];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The factors of `1/sqrt(v)` in grad order: `(high, low)`, the row factor multiplied by
+/// `coef` (pass 3's `coef * a_i`; 1 for pass 2).
+fn grad_order_factors(s: Strided, p: &Prepared, coef: f32) -> (Vec<f32>, Vec<f32>) {
+    let rows: Vec<f32> = p.row_factor.iter().map(|a| coef * a).collect();
+    let (low, high) = if s.rows_low {
+        (&rows, &p.col_factor)
+    } else {
+        (&p.col_factor, &rows)
+    };
+    (high_from_storage(s, high), low_from_storage(s, low))
+}
+
+/// The `low` factor of one line repeated along it, so the per-element loops are plain zips.
+#[inline(always)]
+fn spread(low: &[f32], out: &mut [f32]) {
+    if low.len() == 1 {
+        out.fill(low[0]);
+    } else {
+        for c in out.chunks_exact_mut(low.len()) {
+            c.copy_from_slice(low);
+        }
+    }
+}
+
+/// Pass 2: `sum(u^2)` with `u = (s g) a_i b_j`, for RMS(u).
+pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, s: Strided, grad_scale: f32) -> f64 {
+    let (hr, r) = (line_len(s), s.inner);
+    let (high, low) = grad_order_factors(s, p, 1.0);
+    let sums = map_units(
+        units(s),
+        parallel_for(s.len()),
+        #[inline(always)]
+        |lines: Range<usize>| {
+            let (mut gbuf, mut lbuf) = (vec![0f32; hr], vec![0f32; hr]);
+            let mut total = 0f64;
+            for line in lines {
+                let g = grad.view(line * hr, &mut gbuf);
+                let pq = outer_mid(s, line);
+                spread(&low[line * r..(line + 1) * r], &mut lbuf);
+                let hf = &high[pq * hr..(pq + 1) * hr];
+                let mut lanes = [0f64; 8];
+                for (((gc, hc), lc), k) in g.iter().zip(hf).zip(&lbuf).zip((0..8).cycle()) {
+                    let u = grad_scale * gc * (hc * lc);
+                    lanes[k] += (u * u) as f64;
+                }
+                total += lanes.iter().sum::<f64>();
+            }
+            total
+        },
+    );
+    sums.iter().sum()
+}
+
+/// Pass 3: `x = decay(x) - (coef a_i) (s g_ij) b_j`, with `coef = alpha / max(1, RMS(u)/d)`.
+pub fn pass3<T: Element>(
+    x: &mut [T],
+    grad: &Grad<'_, T>,
+    p: &Prepared,
+    s: Strided,
+    coef: f32,
+    grad_scale: f32,
+    decay: Option<Decay>,
+) {
+    let (hr, r) = (line_len(s), s.inner);
+    if hr == 0 || x.is_empty() {
+        return;
+    }
+    // The row factor with `coef` folded in, on whichever side the rows are.
+    let (high, low) = grad_order_factors(s, p, coef);
+    let per = lines_per_unit(s);
+    let body = |(u, xs): (usize, &mut [T])| {
+        super::cpu::vectorized(
+            #[inline(always)]
+            || {
+                let (mut gbuf, mut lbuf, mut xbuf) =
+                    (vec![0f32; hr], vec![0f32; hr], vec![0f32; hr]);
+                for (k, xl) in xs.chunks_exact_mut(hr).enumerate() {
+                    let line = u * per + k;
+                    let g = grad.view(line * hr, &mut gbuf);
+                    spread(&low[line * r..(line + 1) * r], &mut lbuf);
+                    let pq = outer_mid(s, line);
+                    let hf = &high[pq * hr..(pq + 1) * hr];
+                    // `a` carries `coef`; `a` first, as the default kernel multiplies.
+                    let (a, b) = if s.rows_low {
+                        (&lbuf[..], hf)
+                    } else {
+                        (hf, &lbuf[..])
+                    };
+                    match T::as_f32_mut(xl) {
+                        Some(xf) => update_line(xf, g, a, b, grad_scale, decay),
+                        None => {
+                            T::load(xl, &mut xbuf);
+                            update_line(&mut xbuf, g, a, b, grad_scale, decay);
+                            T::store(&xbuf, xl);
+                        }
+                    }
+                }
+            },
+        )
+    };
+    if parallel_for(s.len()) {
+        x.par_chunks_mut(per * hr).enumerate().for_each(body);
+    } else {
+        x.chunks_mut(per * hr).enumerate().for_each(body);
+    }
+}
+
+/// One line of pass 3 in float32.
+#[inline(always)]
+fn update_line(x: &mut [f32], g: &[f32], a: &[f32], b: &[f32], s: f32, decay: Option<Decay>) {
+    let it = x.iter_mut().zip(g).zip(a).zip(b);
+    match decay {
+        None => it.for_each(|(((x, g), a), b)| *x -= a * (s * g) * b),
+        Some(d) => it.for_each(|(((x, g), a), b)| *x = d.apply(*x) - a * (s * g) * b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::axes::FactoredAxes;
+    use crate::state::Factoring;
+
+    /// A `[4, 3, 2, 5]` tensor factored over every pair of axes: the passes against the
+    /// paper's formulas in f64 on the same matrices taken out by index.
+    #[test]
+    fn every_axis_pair_follows_the_formulas() {
+        let shape = [4usize, 3, 2, 5];
+        let len: usize = shape.iter().product();
+        let g: Vec<f32> = (0..len)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let x0: Vec<f32> = (0..len)
+            .map(|i| ((i * 11 % 17) as f32 - 8.0) / 5.0)
+            .collect();
+        let strides = [30usize, 10, 5, 1];
+        for row in 0..4 {
+            for col in 0..4 {
+                if row == col || (row, col) == (2, 3) {
+                    continue;
+                }
+                let axes = FactoredAxes { row, col };
+                let f = Factoring::with_axes(&shape, Some(axes)).unwrap();
+                let s = f.strided.unwrap();
+                let grad = Grad::plain(&g[..]);
+                let p1 = pass1(&grad, &x0, None, s, true);
+                let prep = crate::kernels::factored::prepare(
+                    &p1,
+                    &vec![0.0; f.lead * f.n],
+                    &vec![0.0; f.lead * f.m],
+                    f,
+                    0.0,
+                    1e-30,
+                    1.0,
+                );
+                let sum_u2 = pass2(&grad, &prep, s, 1.0);
+                let mut x = x0.clone();
+                pass3(&mut x, &grad, &prep, s, 0.1, 1.0, None);
+                // The batch axes in order, then each matrix by (i, j).
+                let batch: Vec<usize> = (0..4).filter(|k| *k != row && *k != col).collect();
+                let mut want_u2 = 0.0;
+                for b0 in 0..shape[batch[0]] {
+                    for b1 in 0..shape[batch[1]] {
+                        let b = b0 * shape[batch[1]] + b1;
+                        let at = |i: usize, j: usize| {
+                            b0 * strides[batch[0]]
+                                + b1 * strides[batch[1]]
+                                + i * strides[row]
+                                + j * strides[col]
+                        };
+                        let (n, m) = (shape[row], shape[col]);
+                        let gd = |i, j| g[at(i, j)] as f64;
+                        let r: Vec<f64> = (0..n)
+                            .map(|i| (0..m).map(|j| gd(i, j).powi(2)).sum::<f64>() / m as f64)
+                            .collect();
+                        let c: Vec<f64> = (0..m)
+                            .map(|j| (0..n).map(|i| gd(i, j).powi(2)).sum::<f64>() / n as f64)
+                            .collect();
+                        let mean_r = r.iter().sum::<f64>() / n as f64;
+                        for i in 0..n {
+                            let got = prep.r[b * n + i] as f64;
+                            assert!((got - r[i]).abs() <= 1e-6 * r[i], "{axes:?} r");
+                            for j in 0..m {
+                                let u = gd(i, j) / (r[i] * c[j] / mean_r).sqrt();
+                                want_u2 += u * u;
+                                let want = x0[at(i, j)] as f64 - 0.1 * u;
+                                let got = x[at(i, j)] as f64;
+                                assert!((got - want).abs() <= 1e-5, "{axes:?} x {got} {want}");
+                            }
+                        }
+                        for (got, want) in prep.c[b * m..(b + 1) * m].iter().zip(&c) {
+                            let got = *got as f64;
+                            assert!((got - want).abs() <= 1e-6 * want, "{axes:?} c");
+                        }
+                    }
+                }
+                assert!((sum_u2 - want_u2).abs() <= 1e-5 * want_u2, "{axes:?}");
+                let want_sx: f64 = x0.iter().map(|v| (v * v) as f64).sum();
+                assert!((p1.sum_sq_x - want_sx).abs() <= 1e-9 * want_sx);
+            }
+        }
+    }
+}
