@@ -258,4 +258,38 @@ mod tests {
             .check("v", &[1, 2, 3])
             .is_ok());
     }
+
+    #[test]
+    fn config_key_round_trips_and_checks_variables() {
+        use crate::AdafactorConfig;
+        let cfg = AdafactorConfig {
+            factored_axes: FactoredAxes::convolutions([("c", &[8usize, 4, 3][..]), ("d", &[2, 2])]),
+            ..Default::default()
+        };
+        let json = cfg.to_keras_serialized();
+        assert_eq!(
+            json["config"]["factored_axes"],
+            serde_json::json!({"c": [1, 0]})
+        );
+        let back = AdafactorConfig::from_keras_config(&json).unwrap();
+        assert_eq!(back.factored_axes, cfg.factored_axes);
+        assert_eq!(
+            AdafactorConfig::factored_axes_from_keras(&json).unwrap(),
+            cfg.factored_axes
+        );
+        assert!(cfg
+            .check_factored_axes([("c", &[8usize, 4, 3][..])])
+            .is_ok());
+        let e = cfg
+            .check_factored_axes([("x", &[8usize, 4, 3][..])])
+            .unwrap_err();
+        assert!(e.to_string().contains("`c`"), "{e}");
+        let e = cfg.check_factored_axes([("c", &[8usize][..])]).unwrap_err();
+        assert!(e.to_string().contains("rank 1"), "{e}");
+        let bad = AdafactorConfig {
+            factored_axes: [("w".to_string(), FactoredAxes { row: 0, col: 0 })].into(),
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("`w`"));
+    }
 }
