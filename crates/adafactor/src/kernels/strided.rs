@@ -33,9 +33,46 @@ fn line_count(s: Strided) -> usize {
     s.outer * s.low * s.mid
 }
 
-/// Lines per work unit: about [`UNIT_ELEMS`] elements, at least one line.
+/// Lines per work unit: about [`UNIT_ELEMS`] elements or a 32nd of the tensor, whichever is
+/// more (fewer per-unit partial sums to allocate and add), at least one line.
 fn lines_per_unit(s: Strided) -> usize {
-    (UNIT_ELEMS / line_len(s).max(1)).max(1)
+    (UNIT_ELEMS.max(s.len() / 32) / line_len(s).max(1)).max(1)
+}
+
+/// The effective gradient of elements `start..start + len`: the stored slice for a plain
+/// float32 gradient, else converted into `buf` (sized on first use).
+#[inline(always)]
+fn line_of<'b, T: Element>(
+    grad: &'b Grad<'_, T>,
+    start: usize,
+    len: usize,
+    buf: &'b mut Vec<f32>,
+) -> &'b [f32] {
+    if grad.is_plain() {
+        if let Some(g) = T::as_f32(&grad.g[start..start + len]) {
+            return g;
+        }
+    }
+    buf.resize(len, 0.0);
+    grad.load(start, buf);
+    buf
+}
+
+/// How far ahead the passes ask for the data of the lines they will read: as the row loops do,
+/// the hardware prefetcher alone leaves the passes short of the bandwidth.
+const PREFETCH_BYTES: usize = 4096;
+
+/// Asks for elements `start + ahead .. start + ahead + len` of `v` (clipped to it).
+#[inline(always)]
+fn prefetch_ahead<T>(v: &[T], start: usize, len: usize) {
+    let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
+    let from = (start + ahead).min(v.len());
+    super::cpu::prefetch(&v[from..(from + len).min(v.len())]);
+}
+
+/// A scratch buffer of `len` values, allocated only when `needed`.
+fn scratch(len: usize, needed: bool) -> Vec<f32> {
+    vec![0f32; if needed { len } else { 0 }]
 }
 
 /// The work units: ranges of lines, fixed by the shape.
@@ -53,54 +90,71 @@ fn outer_mid(s: Strided, line: usize) -> usize {
     p * s.mid + line % s.mid
 }
 
+/// A partial sum's type: float32 on the fast path, f64 when a float32 partial sum overflowed.
+trait Acc: Copy + Default + std::ops::AddAssign + From<f32> + Into<f64> + Send {}
+impl Acc for f32 {}
+impl Acc for f64 {}
+
 /// Adds the squares of one line into the `high` statistics (`h`, laid out like the line) and
 /// the `low` statistic's `inner` lanes (`l`); returns the line's sum of squares. The squares
-/// are float32, as Keras computes them; the sums f64.
+/// are float32, as Keras computes them. `wide` is scratch space whose length is a multiple of
+/// `l.len()`: blocks of that many elements are added elementwise (one vectorised loop updates
+/// both statistics), then folded into the lanes.
 #[inline(always)]
-fn line_squares(g: &[f32], h: &mut [f64], l: &mut [f64]) -> f64 {
-    if l.len() == 1 {
-        let mut lanes = [0f64; 8];
-        let mut gi = g.chunks_exact(8);
-        let mut hi = h.chunks_exact_mut(8);
-        for (gc, hc) in (&mut gi).zip(&mut hi) {
-            for k in 0..8 {
-                let e = (gc[k] * gc[k]) as f64;
-                hc[k] += e;
-                lanes[k] += e;
-            }
-        }
-        let mut total: f64 = lanes.iter().sum();
-        for (g, h) in gi.remainder().iter().zip(hi.into_remainder()) {
-            let e = (g * g) as f64;
-            *h += e;
-            total += e;
-        }
-        l[0] += total;
-        return total;
-    }
+fn line_squares<A: Acc>(g: &[f32], h: &mut [A], l: &mut [f64], wide: &mut [A]) -> f64 {
     let r = l.len();
-    for (gc, hc) in g.chunks_exact(r).zip(h.chunks_exact_mut(r)) {
-        for k in 0..r {
-            let e = (gc[k] * gc[k]) as f64;
-            hc[k] += e;
-            l[k] += e;
+    let w = wide.len();
+    wide.fill(A::default());
+    let mut gi = g.chunks_exact(w);
+    let mut hi = h.chunks_exact_mut(w);
+    for (gc, hc) in (&mut gi).zip(&mut hi) {
+        for ((wv, hv), gv) in wide.iter_mut().zip(hc.iter_mut()).zip(gc) {
+            let e = A::from(gv * gv);
+            *hv += e;
+            *wv += e;
         }
     }
-    l.iter().sum()
+    let (gr, hr) = (gi.remainder(), hi.into_remainder());
+    for ((wv, hv), gv) in wide.iter_mut().zip(hr.iter_mut()).zip(gr) {
+        let e = A::from(gv * gv);
+        *hv += e;
+        *wv += e;
+    }
+    let mut total = 0.0;
+    for (k, wv) in wide.iter().enumerate() {
+        let v: f64 = (*wv).into();
+        l[k % r] += v;
+        total += v;
+    }
+    total
 }
 
-/// Sum of squares of a line of weights.
+/// Scratch length for [`line_squares`]'s lanes: a multiple of `inner` of about 64.
+fn wide_len(inner: usize) -> usize {
+    inner.max(1) * (64 / inner.max(1)).max(1)
+}
+
+/// Lines whose float32 partial sums of the `high` statistics are added into the f64 ones at a
+/// time (a float32 sum of at most this many squares per value).
+const FLUSH_LINES: usize = 64;
+
+/// Sum of squares of a line: float32 lanes over blocks of at most [`super::CHUNK`] elements,
+/// the blocks added in f64, as the row loops sum.
 #[inline(always)]
 fn sum_sq(x: &[f32]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let mut xi = x.chunks_exact(8);
-    for c in &mut xi {
-        for k in 0..8 {
-            lanes[k] += (c[k] * c[k]) as f64;
+    let mut total = 0f64;
+    for block in x.chunks(super::CHUNK) {
+        let mut lanes = [0f32; 16];
+        let mut xi = block.chunks_exact(16);
+        for c in &mut xi {
+            for k in 0..16 {
+                lanes[k] += c[k] * c[k];
+            }
         }
+        let tail: f32 = xi.remainder().iter().map(|v| v * v).sum();
+        total += (lanes.iter().sum::<f32>() + tail) as f64;
     }
-    let tail: f64 = xi.remainder().iter().map(|v| (v * v) as f64).sum();
-    lanes.iter().sum::<f64>() + tail
+    total
 }
 
 /// One unit's pass-1 sums.
@@ -115,8 +169,82 @@ struct Part1 {
     probe: f32,
 }
 
+impl Part1 {
+    /// Whether every sum is finite (else a float32 partial sum may have overflowed).
+    fn finite(&self) -> bool {
+        self.sum_sq_grad.is_finite() && self.high.iter().all(|v| v.is_finite())
+    }
+}
+
+/// Pass 1 over one unit's lines with partial sums in `A`.
+#[inline(always)]
+fn unit_pass1<A: Acc, T: Element>(
+    grad: &Grad<'_, T>,
+    x: &[T],
+    decay: Option<Decay>,
+    s: Strided,
+    check_finite: bool,
+    lines: Range<usize>,
+) -> Part1 {
+    let (hr, r) = (line_len(s), s.inner);
+    let probe_rows = check_finite && grad.transform.clip_value.is_some();
+    // `(outer, mid)` indices are not monotonic across `low` when `mid > 1`: cover the whole
+    // range of outer indices the unit touches.
+    let p0 = outer_mid(s, lines.start) / s.mid;
+    let p1 = outer_mid(s, lines.end - 1) / s.mid;
+    let first_pq = p0 * s.mid;
+    let span = (p1 - p0 + 1) * s.mid * hr;
+    let mut high = vec![0f64; span];
+    let mut part = vec![A::default(); span];
+    let mut low = vec![0f64; lines.len() * r];
+    let converts = decay.is_some() || T::as_f32(&x[..0]).is_none();
+    let (mut gbuf, mut xbuf) = (scratch(hr, probe_rows), scratch(hr, converts));
+    let mut wide = vec![A::default(); wide_len(r)];
+    let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
+    for (k, line) in lines.clone().enumerate() {
+        let base = line * hr;
+        prefetch_ahead(grad.g, base, hr);
+        prefetch_ahead(x, base, hr);
+        let g = if probe_rows {
+            // Clamping would hide an infinity from the sums: probe before it.
+            probe += grad.load_checked(base, &mut gbuf);
+            &gbuf[..]
+        } else {
+            line_of(grad, base, hr, &mut gbuf)
+        };
+        let pq = outer_mid(s, line) - first_pq;
+        let h = &mut part[pq * hr..(pq + 1) * hr];
+        let total = line_squares(g, h, &mut low[k * r..(k + 1) * r], &mut wide);
+        se += total;
+        sx += sum_sq(decayed_view(&x[base..base + hr], decay, &mut xbuf));
+        if check_finite && !probe_rows && !total.is_finite() {
+            // Decide on the unscaled values: NaN or infinity, or a finite value whose square
+            // overflows.
+            gbuf.resize(hr, 0.0);
+            probe += grad.load_checked(base, &mut gbuf);
+        }
+        if (k + 1) % FLUSH_LINES == 0 || line + 1 == lines.end {
+            for (a, b) in high.iter_mut().zip(part.iter_mut()) {
+                *a += (*b).into();
+                *b = A::default();
+            }
+        }
+    }
+    Part1 {
+        lines,
+        first_pq,
+        high,
+        low,
+        sum_sq_grad: se,
+        sum_sq_x: sx,
+        probe,
+    }
+}
+
 /// Pass 1: row and column sums of the effective gradient squared (storage order), the weight's
 /// sum of squares after weight decay, and (when `check_finite`) whether the gradient is finite.
+/// Partial sums are float32 over at most [`FLUSH_LINES`] lines; a unit whose sums come out
+/// non-finite is summed again in f64 (huge but finite squares).
 pub fn pass1<T: Element>(
     grad: &Grad<'_, T>,
     x: &[T],
@@ -125,53 +253,16 @@ pub fn pass1<T: Element>(
     check_finite: bool,
 ) -> Pass1 {
     let (hr, r) = (line_len(s), s.inner);
-    let probe_rows = check_finite && grad.transform.clip_value.is_some();
     let parts = map_units(
         units(s),
         parallel_for(s.len()),
         #[inline(always)]
         |lines: Range<usize>| {
-            let first_pq = outer_mid(s, lines.start);
-            let last_pq = outer_mid(s, lines.end - 1);
-            // `(outer, mid)` indices are not monotonic across `low` when `mid > 1`: cover the
-            // whole range of outer indices the unit touches.
-            let (p0, p1) = (first_pq / s.mid, last_pq / s.mid);
-            let first_pq = p0 * s.mid;
-            let mut high = vec![0f64; (p1 - p0 + 1) * s.mid * hr];
-            let mut low = vec![0f64; lines.len() * r];
-            let (mut gbuf, mut xbuf) = (vec![0f32; hr], vec![0f32; hr]);
-            let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
-            for (k, line) in lines.clone().enumerate() {
-                let base = line * hr;
-                let g = if probe_rows {
-                    // Clamping would hide an infinity from the sums: probe before it.
-                    probe += grad.load_checked(base, &mut gbuf);
-                    &gbuf[..]
-                } else {
-                    grad.view(base, &mut gbuf)
-                };
-                let pq = outer_mid(s, line) - first_pq;
-                let total = line_squares(
-                    g,
-                    &mut high[pq * hr..(pq + 1) * hr],
-                    &mut low[k * r..(k + 1) * r],
-                );
-                se += total;
-                sx += sum_sq(decayed_view(&x[base..base + hr], decay, &mut xbuf));
-                if check_finite && !probe_rows && !total.is_finite() {
-                    // Decide on the unscaled values: NaN or infinity, or a finite value whose
-                    // square overflows.
-                    probe += grad.load_checked(base, &mut gbuf);
-                }
-            }
-            Part1 {
-                lines,
-                first_pq,
-                high,
-                low,
-                sum_sq_grad: se,
-                sum_sq_x: sx,
-                probe,
+            let p = unit_pass1::<f32, T>(grad, x, decay, s, check_finite, lines.clone());
+            if p.finite() {
+                p
+            } else {
+                unit_pass1::<f64, T>(grad, x, decay, s, check_finite, lines)
             }
         },
     );
@@ -278,15 +369,21 @@ fn grad_order_factors(s: Strided, p: &Prepared, coef: f32) -> (Vec<f32>, Vec<f32
     (high_from_storage(s, high), low_from_storage(s, low))
 }
 
-/// The `low` factor of one line repeated along it, so the per-element loops are plain zips.
+/// The `low` factor of one line repeated along it, so the per-element loops are plain zips
+/// (copies of doubling length: a few calls per line, not one per `inner` values).
 #[inline(always)]
 fn spread(low: &[f32], out: &mut [f32]) {
     if low.len() == 1 {
         out.fill(low[0]);
-    } else {
-        for c in out.chunks_exact_mut(low.len()) {
-            c.copy_from_slice(low);
-        }
+        return;
+    }
+    let n = out.len();
+    out[..low.len()].copy_from_slice(low);
+    let mut have = low.len();
+    while have < n {
+        let take = have.min(n - have);
+        out.copy_within(..take, have);
+        have += take;
     }
 }
 
@@ -299,19 +396,19 @@ pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, s: Strided, grad_scal
         parallel_for(s.len()),
         #[inline(always)]
         |lines: Range<usize>| {
-            let (mut gbuf, mut lbuf) = (vec![0f32; hr], vec![0f32; hr]);
+            let mut gbuf = Vec::new();
+            let (mut lbuf, mut ubuf) = (vec![0f32; hr], vec![0f32; hr]);
             let mut total = 0f64;
             for line in lines {
-                let g = grad.view(line * hr, &mut gbuf);
+                prefetch_ahead(grad.g, line * hr, hr);
+                let g = line_of(grad, line * hr, hr, &mut gbuf);
                 let pq = outer_mid(s, line);
                 spread(&low[line * r..(line + 1) * r], &mut lbuf);
                 let hf = &high[pq * hr..(pq + 1) * hr];
-                let mut lanes = [0f64; 8];
-                for (((gc, hc), lc), k) in g.iter().zip(hf).zip(&lbuf).zip((0..8).cycle()) {
-                    let u = grad_scale * gc * (hc * lc);
-                    lanes[k] += (u * u) as f64;
+                for (u, (g, (h, l))) in ubuf.iter_mut().zip(g.iter().zip(hf.iter().zip(&lbuf))) {
+                    *u = grad_scale * g * (h * l);
                 }
-                total += lanes.iter().sum::<f64>();
+                total += sum_sq(&ubuf);
             }
             total
         },
@@ -340,11 +437,14 @@ pub fn pass3<T: Element>(
         super::cpu::vectorized(
             #[inline(always)]
             || {
-                let (mut gbuf, mut lbuf, mut xbuf) =
-                    (vec![0f32; hr], vec![0f32; hr], vec![0f32; hr]);
-                for (k, xl) in xs.chunks_exact_mut(hr).enumerate() {
+                let (mut gbuf, mut lbuf) = (Vec::new(), vec![0f32; hr]);
+                let mut xbuf = scratch(hr, T::as_f32(&xs[..0]).is_none());
+                for k in 0..xs.len() / hr {
                     let line = u * per + k;
-                    let g = grad.view(line * hr, &mut gbuf);
+                    prefetch_ahead(grad.g, line * hr, hr);
+                    prefetch_ahead(xs, k * hr, hr);
+                    let xl = &mut xs[k * hr..(k + 1) * hr];
+                    let g = line_of(grad, line * hr, hr, &mut gbuf);
                     spread(&low[line * r..(line + 1) * r], &mut lbuf);
                     let pq = outer_mid(s, line);
                     let hf = &high[pq * hr..(pq + 1) * hr];
@@ -464,7 +564,7 @@ mod tests {
                 }
                 assert!((sum_u2 - want_u2).abs() <= 1e-5 * want_u2, "{axes:?}");
                 let want_sx: f64 = x0.iter().map(|v| (v * v) as f64).sum();
-                assert!((p1.sum_sq_x - want_sx).abs() <= 1e-9 * want_sx);
+                assert!((p1.sum_sq_x - want_sx).abs() <= 1e-6 * want_sx);
             }
         }
     }
