@@ -134,6 +134,9 @@ fn wide_len(inner: usize) -> usize {
     inner.max(1) * (64 / inner.max(1)).max(1)
 }
 
+/// Elements per segment of a line in pass 1 (4 KiB of float32 partial sums).
+const SEGMENT: usize = 1024;
+
 /// Lines whose float32 partial sums of the `high` statistics are added into the f64 ones at a
 /// time (a float32 sum of at most this many squares per value).
 const FLUSH_LINES: usize = 64;
@@ -198,37 +201,63 @@ fn unit_pass1<A: Acc, T: Element>(
     let mut part = vec![A::default(); span];
     let mut low = vec![0f64; lines.len() * r];
     let converts = decay.is_some() || T::as_f32(&x[..0]).is_none();
-    let (mut gbuf, mut xbuf) = (scratch(hr, probe_rows), scratch(hr, converts));
+    // Lines are read in segments (a multiple of `inner` elements), all the unit's lines for one
+    // segment before the next, so the float32 partial sums of a segment stay in the L1 cache.
+    let seg = (r * (SEGMENT / r).max(1)).min(hr).max(1);
+    let (mut gbuf, mut xbuf) = (scratch(seg, probe_rows), scratch(seg, converts));
     let mut wide = vec![A::default(); wide_len(r)];
     let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
-    for (k, line) in lines.clone().enumerate() {
-        let base = line * hr;
-        prefetch_ahead(grad.g, base, hr);
-        prefetch_ahead(x, base, hr);
-        let g = if probe_rows {
-            // Clamping would hide an infinity from the sums: probe before it.
-            probe += grad.load_checked(base, &mut gbuf);
-            &gbuf[..]
-        } else {
-            line_of(grad, base, hr, &mut gbuf)
-        };
-        let pq = outer_mid(s, line) - first_pq;
-        let h = &mut part[pq * hr..(pq + 1) * hr];
-        let total = line_squares(g, h, &mut low[k * r..(k + 1) * r], &mut wide);
-        se += total;
-        sx += sum_sq(decayed_view(&x[base..base + hr], decay, &mut xbuf));
-        if check_finite && !probe_rows && !total.is_finite() {
-            // Decide on the unscaled values: NaN or infinity, or a finite value whose square
-            // overflows.
-            gbuf.resize(hr, 0.0);
-            probe += grad.load_checked(base, &mut gbuf);
-        }
-        if (k + 1) % FLUSH_LINES == 0 || line + 1 == lines.end {
-            for (a, b) in high.iter_mut().zip(part.iter_mut()) {
-                *a += (*b).into();
-                *b = A::default();
+    let mut flushed: Vec<usize> = Vec::with_capacity(FLUSH_LINES);
+    let mut s0 = 0;
+    while s0 < hr {
+        let s1 = (s0 + seg).min(hr);
+        let len = s1 - s0;
+        for (k, line) in lines.clone().enumerate() {
+            let base = line * hr + s0;
+            // The next line's segment.
+            super::cpu::prefetch(
+                &grad.g[(base + hr).min(grad.g.len())..(base + hr + len).min(grad.g.len())],
+            );
+            super::cpu::prefetch(&x[(base + hr).min(x.len())..(base + hr + len).min(x.len())]);
+            let g = if probe_rows {
+                // Clamping would hide an infinity from the sums: probe before it.
+                probe += grad.load_checked(base, &mut gbuf[..len]);
+                &gbuf[..len]
+            } else {
+                line_of(grad, base, len, &mut gbuf)
+            };
+            let pq = outer_mid(s, line) - first_pq;
+            let h = &mut part[pq * hr + s0..pq * hr + s1];
+            let total = line_squares(g, h, &mut low[k * r..(k + 1) * r], &mut wide);
+            se += total;
+            let xv = &x[base..base + len];
+            let xbuf_len = if converts { len } else { 0 };
+            sx += sum_sq(decayed_view(xv, decay, &mut xbuf[..xbuf_len]));
+            if check_finite && !probe_rows && !total.is_finite() {
+                // Decide on the unscaled values: NaN or infinity, or a finite value whose
+                // square overflows.
+                gbuf.resize(seg, 0.0);
+                probe += grad.load_checked(base, &mut gbuf[..len]);
+            }
+            if (k + 1) % FLUSH_LINES == 0 || line + 1 == lines.end {
+                // The partial sums of the lines since the last flush, into the f64 ones.
+                let from = lines.start + k - k % FLUSH_LINES;
+                flushed.clear();
+                for l in from..=line {
+                    let at = (outer_mid(s, l) - first_pq) * hr;
+                    if flushed.contains(&at) {
+                        continue;
+                    }
+                    flushed.push(at);
+                    let (a, b) = (&mut high[at + s0..at + s1], &mut part[at + s0..at + s1]);
+                    for (a, b) in a.iter_mut().zip(b.iter_mut()) {
+                        *a += (*b).into();
+                        *b = A::default();
+                    }
+                }
             }
         }
+        s0 = s1;
     }
     Part1 {
         lines,
@@ -567,5 +596,31 @@ mod tests {
                 assert!((p1.sum_sq_x - want_sx).abs() <= 1e-6 * want_sx);
             }
         }
+    }
+
+    /// Squares near float32's maximum: their float32 partial sums overflow, the unit is summed
+    /// again in f64, and the means are finite, as the composed path's (which divides first).
+    #[test]
+    fn huge_finite_squares_keep_finite_statistics() {
+        let shape = [6usize, 4, 3];
+        let len: usize = shape.iter().product();
+        let g = vec![1.5e19f32; len];
+        let x = vec![1f32; len];
+        let f = Factoring::with_axes(&shape, Some(FactoredAxes::CONVOLUTION)).unwrap();
+        let p1 = pass1(&Grad::plain(&g[..]), &x, None, f.strided.unwrap(), true);
+        assert!(p1.finite, "finite gradient values");
+        let sq = (1.5e19f32 * 1.5e19f32) as f64;
+        for r in &p1.row_sums {
+            assert_eq!(*r, 6.0 * sq, "each row sums the 6 output channels");
+        }
+        for c in &p1.col_sums {
+            assert_eq!(*c, 4.0 * sq);
+        }
+        let prep = crate::kernels::factored::prepare(&p1, &[0.0; 12], &[0.0; 18], f, 0.0, 0.0, 1.0);
+        assert!(prep
+            .r
+            .iter()
+            .chain(&prep.c)
+            .all(|v| v.is_finite() && *v > 0.0));
     }
 }
