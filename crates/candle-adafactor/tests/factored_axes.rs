@@ -417,3 +417,37 @@ fn helper_shrinks_state_and_runs_fused() {
     step(&mut opt, &k, &b, 11);
     assert_eq!(opt.data_path(), DataPath::Fused);
 }
+
+/// Keras's own layout of a factored convolution: `r` `[kh, kw, in]`, `c` `[kh, kw, out]` and the
+/// velocity `[kh, kw, in, out]`; exported and imported back, the state is the same.
+#[test]
+fn keras_weights_of_a_factored_convolution_round_trip() {
+    let (mut opt, k, b) = conv_opt(AdafactorConfig::default());
+    opt.factor_convolutions().unwrap();
+    step(&mut opt, &k, &b, 13);
+    let exported = opt.keras_variables().unwrap();
+    let shapes: Vec<(&str, Vec<usize>)> = exported
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.dims().to_vec()))
+        .collect();
+    assert_eq!(shapes[2], ("adafactor/k", vec![3, 3, 4]));
+    assert_eq!(shapes[3], ("adafactor/k", vec![3, 3, 6]));
+    assert_eq!(shapes[4], ("adafactor/k_velocity", vec![3, 3, 4, 6]));
+    let (mut back, _, _) = conv_opt(AdafactorConfig::default());
+    back.factor_convolutions().unwrap();
+    let tensors: Vec<Tensor> = exported.iter().map(|(_, t)| t.clone()).collect();
+    back.set_keras_weights(&tensors).unwrap();
+    let bits = |o: &Adafactor| -> Vec<Vec<u64>> {
+        o.variables()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| common::tensor_bits(t))
+            .collect()
+    };
+    assert_eq!(bits(&back), bits(&opt));
+    // A velocity that is not r_i c_j / mean(r) of its matrix is refused, naming the variable.
+    let mut bad = tensors.clone();
+    bad[4] = (bad[4].clone() * 2.0).unwrap();
+    let e = back.set_keras_weights(&bad).unwrap_err().to_string();
+    assert!(e.contains("`k`"), "{e}");
+}
