@@ -77,10 +77,23 @@ fn scratch(len: usize, needed: bool) -> Vec<f32> {
 
 /// The work units: ranges of lines, fixed by the shape.
 fn units(s: Strided) -> Vec<Range<usize>> {
-    let (n, per) = (line_count(s), lines_per_unit(s));
-    (0..n.div_ceil(per))
-        .map(|u| u * per..((u + 1) * per).min(n))
-        .collect()
+    let (n, per, mid) = (line_count(s), lines_per_unit(s), s.mid.max(1));
+    if per < mid {
+        // A unit within one `(outer, low)` block of `mid` lines: it touches `per` consecutive
+        // `(outer, mid)` indices, so its partial sums stay the size of the unit.
+        (0..n / mid)
+            .flat_map(|b| {
+                (0..mid.div_ceil(per))
+                    .map(move |u| b * mid + u * per..b * mid + ((u + 1) * per).min(mid))
+            })
+            .collect()
+    } else {
+        // Whole blocks per unit.
+        let per = per / mid * mid;
+        (0..n.div_ceil(per))
+            .map(|u| u * per..((u + 1) * per).min(n))
+            .collect()
+    }
 }
 
 /// `(outer, mid)` index of a line, as one index `p * mid + q` into the `high` statistics.
@@ -191,12 +204,16 @@ fn unit_pass1<A: Acc, T: Element>(
 ) -> Part1 {
     let (hr, r) = (line_len(s), s.inner);
     let probe_rows = check_finite && grad.transform.clip_value.is_some();
-    // `(outer, mid)` indices are not monotonic across `low` when `mid > 1`: cover the whole
-    // range of outer indices the unit touches.
-    let p0 = outer_mid(s, lines.start) / s.mid;
-    let p1 = outer_mid(s, lines.end - 1) / s.mid;
-    let first_pq = p0 * s.mid;
-    let span = (p1 - p0 + 1) * s.mid * hr;
+    // The `(outer, mid)` indices the unit touches: consecutive ones within one block of `mid`
+    // lines, else (whole blocks; the indices repeat across `low`) every one of its outer
+    // indices.
+    let (a, b) = (outer_mid(s, lines.start), outer_mid(s, lines.end - 1));
+    let (first_pq, last_pq) = if lines.len() < s.mid {
+        (a, b)
+    } else {
+        (a / s.mid * s.mid, b / s.mid * s.mid + s.mid - 1)
+    };
+    let span = (last_pq - first_pq + 1) * hr;
     let mut high = vec![0f64; span];
     let mut part = vec![A::default(); span];
     let mut low = vec![0f64; lines.len() * r];
@@ -622,5 +639,47 @@ mod tests {
             .iter()
             .chain(&prep.c)
             .all(|v| v.is_finite() && *v > 0.0));
+    }
+
+    /// A long middle batch axis: the work units split one `(outer, low)` block of lines, and
+    /// the sums still equal the sums taken element by element.
+    #[test]
+    fn units_within_a_block_sum_like_the_definition() {
+        let shape = [2usize, 3, 20000, 4, 2];
+        let axes = FactoredAxes { row: 1, col: 3 };
+        let s = Strided::of(&shape, axes);
+        assert!(lines_per_unit(s) < s.mid, "units split a block");
+        let len = s.len();
+        let g: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0)
+            .collect();
+        let x = vec![0.5f32; len];
+        let p1 = pass1(&Grad::plain(&g[..]), &x, None, s, true);
+        let (n, m) = (shape[1], shape[3]);
+        let batch = s.batch();
+        let (mut rows, mut cols) = (vec![0f64; batch * n], vec![0f64; batch * m]);
+        for (k, v) in g.iter().enumerate() {
+            let rr = k % 2;
+            let j = k / 2 % 4;
+            let q = k / 8 % 20000;
+            let i = k / 160000 % 3;
+            let p = k / 480000;
+            let b = (p * 20000 + q) * 2 + rr;
+            let e = (v * v) as f64;
+            rows[b * n + i] += e;
+            cols[b * m + j] += e;
+        }
+        for (got, want) in p1
+            .row_sums
+            .iter()
+            .zip(&rows)
+            .chain(p1.col_sums.iter().zip(&cols))
+        {
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1e-30),
+                "{got} {want}"
+            );
+        }
+        assert!((p1.sum_sq_x - 0.25 * len as f64).abs() <= 1e-6 * len as f64);
     }
 }
