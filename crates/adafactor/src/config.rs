@@ -1,9 +1,11 @@
 //! `AdafactorConfig`: every Keras argument with its Keras default, validation, and Keras JSON.
 
+use crate::axes::FactoredAxes;
 use crate::error::{Error, Result};
 use crate::json::{float, opt_float, reject_unknown};
 use crate::schedule::LearningRateSchedule;
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
 /// The learning rate: a constant or a Keras schedule of the raw step.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +136,10 @@ pub struct AdafactorConfig {
     /// Ours, not Keras's: what to do with a NaN or infinite gradient. Default
     /// [`OnNonFinite::Error`]. Written to `get_config` only when not the default.
     pub on_nonfinite: OnNonFinite,
+    /// Ours, not Keras's: per variable name, the two axes to factor instead of the last two
+    /// (see [`crate::axes`]); variables not listed use Keras's last two axes. Written to
+    /// `get_config` as `"factored_axes": {"name": [row, col], ...}` only when not empty.
+    pub factored_axes: BTreeMap<String, FactoredAxes>,
 }
 
 impl Default for AdafactorConfig {
@@ -157,6 +163,7 @@ impl Default for AdafactorConfig {
             jit_compile: true,
             name: "adafactor".to_string(),
             on_nonfinite: OnNonFinite::Error,
+            factored_axes: BTreeMap::new(),
         }
     }
 }
@@ -182,11 +189,12 @@ const KERAS_KEYS: [&str; 16] = [
 ];
 
 /// Keys accepted on input besides [`KERAS_KEYS`]: legacy Keras and tf-keras keys, and ours.
-const EXTRA_KEYS: [&str; 4] = [
+const EXTRA_KEYS: [&str; 5] = [
     "decay",
     "jit_compile",
     "is_legacy_optimizer",
     "on_nonfinite",
+    "factored_axes",
 ];
 
 fn py(x: Option<f64>) -> String {
@@ -318,11 +326,71 @@ impl AdafactorConfig {
                 ),
             ));
         }
+        self.validate_factored_axes()
+    }
+
+    /// Checks `factored_axes` on its own (each pair names two different axes); the axes are
+    /// checked against the variables' shapes when the optimizer is built
+    /// ([`AdafactorConfig::check_factored_axes`]).
+    ///
+    /// # Errors
+    /// Equal axes, naming the variable and the value.
+    pub fn validate_factored_axes(&self) -> Result<()> {
+        for (name, axes) in &self.factored_axes {
+            axes.check_pair(name)?;
+        }
+        Ok(())
+    }
+
+    /// The `factored_axes` of a Keras config (the `get_config()` dict or the serialized wrapper),
+    /// without reading anything else: empty when absent.
+    ///
+    /// # Errors
+    /// A malformed `factored_axes`.
+    pub fn factored_axes_from_keras(value: &Value) -> Result<BTreeMap<String, FactoredAxes>> {
+        let cfg = match value.get("config") {
+            Some(inner) if value.get("class_name").is_some() => inner,
+            _ => value,
+        };
+        factored_axes_from_json(cfg.get("factored_axes"))
+    }
+
+    /// The factored axes of the variable called `name` (`None`: Keras's last two axes).
+    pub fn axes_of(&self, name: &str) -> Option<FactoredAxes> {
+        self.factored_axes.get(name).copied()
+    }
+
+    /// Checks `factored_axes` against the variables an optimizer is built on (`(name, shape)`).
+    ///
+    /// # Errors
+    /// A name that is not one of the variables; axes out of range for the variable's rank or
+    /// equal; each naming the variable and the value.
+    pub fn check_factored_axes<'a>(
+        &self,
+        vars: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+    ) -> Result<()> {
+        let shapes: BTreeMap<&str, &[usize]> = vars.into_iter().collect();
+        for (name, axes) in &self.factored_axes {
+            match shapes.get(name.as_str()) {
+                Some(shape) => axes.check(name, shape)?,
+                None => {
+                    return Err(Error::invalid(
+                        "factored_axes",
+                        format!(
+                            "`factored_axes` names variable `{name}` ([{}, {}]), but the \
+                             optimizer has no variable of that name",
+                            axes.row, axes.col
+                        ),
+                    ))
+                }
+            }
+        }
         Ok(())
     }
 
     /// Keras 3's `get_config()`: the same keys in the same order, `learning_rate` rounded to
-    /// float32 or a nested schedule dict. `on_nonfinite` is added only when it is not the default.
+    /// float32 or a nested schedule dict. `on_nonfinite` and `factored_axes` are added only when
+    /// not the default.
     pub fn to_keras_config(&self) -> Value {
         let mut m = Map::new();
         m.insert("name".into(), Value::from(self.name.clone()));
@@ -362,6 +430,12 @@ impl AdafactorConfig {
                 Value::from(self.on_nonfinite.as_str()),
             );
         }
+        if !self.factored_axes.is_empty() {
+            m.insert(
+                "factored_axes".into(),
+                factored_axes_json(&self.factored_axes),
+            );
+        }
         Value::Object(m)
     }
 
@@ -377,7 +451,7 @@ impl AdafactorConfig {
 
     /// Reads a Keras config: the `get_config()` dict or the `keras.optimizers.serialize()` wrapper.
     /// Absent keys take Keras defaults; `decay`, `is_legacy_optimizer` are accepted and ignored
-    /// as Keras does; `jit_compile` and `on_nonfinite` are read. The result is validated.
+    /// as Keras does; `jit_compile`, `on_nonfinite` and `factored_axes` are read. The result is validated.
     ///
     /// # Errors
     /// A wrapper whose `class_name` is not `Adafactor`; unknown keys (Keras's "Argument(s) not
@@ -481,6 +555,7 @@ impl AdafactorConfig {
             jit_compile: b("jit_compile", d.jit_compile)?,
             name: crate::json::str_or(cfg, "name", &d.name, ctx)?,
             on_nonfinite,
+            factored_axes: factored_axes_from_json(cfg.get("factored_axes"))?,
         };
         config.validate()?;
         Ok(config)
@@ -490,6 +565,46 @@ impl AdafactorConfig {
     pub fn learning_rate_at(&self, raw_iteration: u64) -> f32 {
         self.learning_rate.value(raw_iteration)
     }
+}
+
+/// `factored_axes` as JSON: `{"name": [row, col], ...}`, names in order.
+fn factored_axes_json(axes: &BTreeMap<String, FactoredAxes>) -> Value {
+    Value::Object(
+        axes.iter()
+            .map(|(k, a)| (k.clone(), serde_json::json!([a.row, a.col])))
+            .collect(),
+    )
+}
+
+/// Reads `factored_axes` (absent or `null`: none).
+fn factored_axes_from_json(v: Option<&Value>) -> Result<BTreeMap<String, FactoredAxes>> {
+    let bad = |what: String| {
+        Error::invalid(
+            "factored_axes",
+            format!(
+                "`factored_axes` must map variable names to [row_axis, col_axis], two integers \
+                 >= 0. Received: {what}"
+            ),
+        )
+    };
+    let obj = match v {
+        None | Some(Value::Null) => return Ok(BTreeMap::new()),
+        Some(Value::Object(o)) => o,
+        Some(other) => return Err(bad(format!("factored_axes={other}"))),
+    };
+    obj.iter()
+        .map(|(name, pair)| {
+            let axes = pair
+                .as_array()
+                .filter(|a| a.len() == 2)
+                .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
+                .and_then(|(r, c)| Some((usize::try_from(r).ok()?, usize::try_from(c).ok()?)));
+            match axes {
+                Some((row, col)) => Ok((name.clone(), FactoredAxes { row, col })),
+                None => Err(bad(format!("{name:?}: {pair}"))),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -42,6 +42,7 @@
 //!    `tests/config_properties.rs`.
 #![deny(missing_docs)]
 
+pub mod axes;
 pub mod checkpoint;
 pub mod collective;
 mod config;
@@ -57,6 +58,7 @@ pub mod rounding;
 mod schedule;
 mod state;
 
+pub use axes::{FactoredAxes, Strided};
 pub use collective::{Collective, ThreadCollective, ThreadGroup};
 pub use config::{AdafactorConfig, LearningRate, OnNonFinite};
 pub use error::{Error, Result};

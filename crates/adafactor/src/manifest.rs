@@ -29,7 +29,8 @@ pub enum Part {
     /// Keras only: an int32 scalar it keeps for `r` and `c` of a rank < 2 variable.
     Dummy,
     /// Keras only: the full-size velocity of variable `i` (for rank >= 2 a function of `r` and
-    /// `c`, see [`velocity`]; for rank < 2 the statistic `v` itself).
+    /// `c`, see [`velocity`], in the shape [`Stats::velocity_shape`]; for rank < 2 the
+    /// statistic `v` itself).
     Velocity(usize),
     /// Variable `i` made by `add_variable` (its own dtype and shape).
     Extra(usize),
@@ -109,7 +110,8 @@ pub fn variables(cfg: &AdafactorConfig, vars: &[Named], extras: &[Named]) -> Vec
         }
     }
     for (i, (name, shape)) in vars.iter().enumerate() {
-        for (k, (suffix, s)) in Stats::slot_shapes(shape).into_iter().enumerate() {
+        let axes = cfg.axes_of(name);
+        for (k, (suffix, s)) in Stats::slot_shapes_with(shape, axes).into_iter().enumerate() {
             out.push(entry(format!("{name}/{suffix}"), &s, Part::Stat(i, k)));
         }
     }
@@ -154,8 +156,9 @@ pub fn keras(cfg: &AdafactorConfig, vars: &[Named], extras: &[Named]) -> Vec<Ent
     }
     for (i, (name, dims)) in vars.iter().enumerate() {
         let n = format!("{opt}/{}", leaf(name));
+        let axes = cfg.axes_of(name);
         if dims.len() >= 2 {
-            for (k, (_, shape)) in Stats::slot_shapes(dims).into_iter().enumerate() {
+            for (k, (_, shape)) in Stats::slot_shapes_with(dims, axes).into_iter().enumerate() {
                 out.push(entry(n.clone(), &shape, Part::Stat(i, k)));
             }
         } else {
@@ -163,7 +166,11 @@ pub fn keras(cfg: &AdafactorConfig, vars: &[Named], extras: &[Named]) -> Vec<Ent
             out.push(entry(n, &[], Part::Dummy));
         }
         let v = format!("{opt}/{}_velocity", path(name));
-        out.push(entry(v, dims, Part::Velocity(i)));
+        out.push(entry(
+            v,
+            &Stats::velocity_shape(dims, axes),
+            Part::Velocity(i),
+        ));
     }
     for (i, (name, shape)) in extras.iter().enumerate() {
         out.push(entry(name.clone(), shape, Part::Extra(i)));

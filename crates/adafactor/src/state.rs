@@ -5,29 +5,52 @@
 //! `r_i * c_j / mean(r)` and is recomputed each step (Shazeer & Stern, 2018, arXiv:1804.04235,
 //! Algorithm 4). Rank 0 and 1 variables keep `v`.
 
+use crate::axes::{batch_dims, FactoredAxes, Strided};
 use crate::error::{Error, Result};
 
-/// How a variable of a given shape is factored: the last two axes are `n x m`, the leading axes
-/// form `lead` independent slices (each normalised by its own `mean(r)`, as Keras does).
+/// How a variable of a given shape is factored: `lead` independent `n x m` matrices (each
+/// normalised by its own `mean(r)`, as Keras does). By default the matrices are the last two
+/// axes; with other [`FactoredAxes`] they are strided through the variable ([`Strided`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Factoring {
-    /// Product of the leading axes (1 for a matrix).
+    /// Number of matrices: product of the leading (batch) axes (1 for a matrix).
     pub lead: usize,
-    /// Second-to-last axis.
+    /// Rows: the second-to-last axis, or the `row` axis.
     pub n: usize,
-    /// Last axis.
+    /// Columns: the last axis, or the `col` axis.
     pub m: usize,
+    /// `None` for the last two axes (Keras's choice); the layout for other axes.
+    pub strided: Option<Strided>,
 }
 
 impl Factoring {
-    /// `Some` for rank >= 2 shapes, `None` for scalars and vectors.
+    /// `Some` for rank >= 2 shapes, `None` for scalars and vectors (Keras's last two axes).
     pub fn of(shape: &[usize]) -> Option<Factoring> {
         let rank = shape.len();
         (rank >= 2).then(|| Factoring {
             lead: shape[..rank - 2].iter().product(),
             n: shape[rank - 2],
             m: shape[rank - 1],
+            strided: None,
         })
+    }
+
+    /// The factoring of `shape` over `axes` (`None`: Keras's last two axes; naming the last two
+    /// axes is the same). The axes must have passed [`FactoredAxes::check`].
+    pub fn with_axes(shape: &[usize], axes: Option<FactoredAxes>) -> Option<Factoring> {
+        match axes {
+            Some(a) if Some(a) != FactoredAxes::keras(shape.len()) => {
+                let s = Strided::of(shape, a);
+                let (n, m) = s.rows_cols();
+                Some(Factoring {
+                    lead: s.batch(),
+                    n,
+                    m,
+                    strided: Some(s),
+                })
+            }
+            _ => Factoring::of(shape),
+        }
     }
 
     /// Number of elements.
@@ -61,9 +84,14 @@ pub enum Stats {
 }
 
 impl Stats {
-    /// Zero statistics for a variable of `shape`.
+    /// Zero statistics for a variable of `shape`, factored over its last two axes.
     pub fn zeros(shape: &[usize]) -> Stats {
-        match Factoring::of(shape) {
+        Self::zeros_with(shape, None)
+    }
+
+    /// Zero statistics for a variable of `shape` factored over `axes` (`None`: the last two).
+    pub fn zeros_with(shape: &[usize], axes: Option<FactoredAxes>) -> Stats {
+        match Factoring::with_axes(shape, axes) {
             Some(f) => Stats::Factored {
                 factoring: f,
                 r: vec![0.0; f.lead * f.n],
@@ -78,7 +106,24 @@ impl Stats {
     /// The slot names and shapes of a variable of `var_shape`: `r` (`[..., n]`) and `c`
     /// (`[..., m]`) for rank >= 2, else `v` (the variable's shape).
     pub fn slot_shapes(var_shape: &[usize]) -> Vec<(&'static str, Vec<usize>)> {
+        Self::slot_shapes_with(var_shape, None)
+    }
+
+    /// [`Stats::slot_shapes`] of a variable factored over `axes`: `r` is
+    /// `[batch axes..., shape[row]]` and `c` is `[batch axes..., shape[col]]` (see
+    /// [`crate::axes`] for why this order).
+    pub fn slot_shapes_with(
+        var_shape: &[usize],
+        axes: Option<FactoredAxes>,
+    ) -> Vec<(&'static str, Vec<usize>)> {
         let rank = var_shape.len();
+        if let Some(a) = axes.filter(|a| Some(*a) != FactoredAxes::keras(rank)) {
+            let mut r = batch_dims(var_shape, a);
+            let mut c = r.clone();
+            r.push(var_shape[a.row]);
+            c.push(var_shape[a.col]);
+            return vec![("r", r), ("c", c)];
+        }
         if rank >= 2 {
             let r = var_shape[..rank - 1].to_vec();
             let mut c = var_shape[..rank - 2].to_vec();
@@ -89,13 +134,35 @@ impl Stats {
         }
     }
 
+    /// The shape Keras gives the full-size velocity of a variable of `var_shape` factored over
+    /// `axes`: the variable's own shape for the default axes, else
+    /// `[batch axes..., shape[row], shape[col]]` (Keras's layout of the same matrices).
+    pub fn velocity_shape(var_shape: &[usize], axes: Option<FactoredAxes>) -> Vec<usize> {
+        match axes.filter(|a| Some(*a) != FactoredAxes::keras(var_shape.len())) {
+            Some(a) => {
+                let mut v = batch_dims(var_shape, a);
+                v.extend([var_shape[a.row], var_shape[a.col]]);
+                v
+            }
+            None => var_shape.to_vec(),
+        }
+    }
+
+    /// The factored axes these statistics were built for (`None`: the last two, or unfactored).
+    pub fn axes(&self) -> Option<FactoredAxes> {
+        match self {
+            Stats::Factored { factoring, .. } => factoring.strided.map(|s| s.axes),
+            Stats::Unfactored { .. } => None,
+        }
+    }
+
     /// The slots as `(suffix, shape, values)`: `r` and `c`, or `v`.
     pub fn slots(&self, var_shape: &[usize]) -> Vec<(&'static str, Vec<usize>, &[f32])> {
         let values: Vec<&[f32]> = match self {
             Stats::Factored { r, c, .. } => vec![r, c],
             Stats::Unfactored { v } => vec![v],
         };
-        Self::slot_shapes(var_shape)
+        Self::slot_shapes_with(var_shape, self.axes())
             .into_iter()
             .zip(values)
             .map(|((name, shape), v)| (name, shape, v))

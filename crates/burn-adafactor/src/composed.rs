@@ -254,7 +254,7 @@ fn direction(
     let b = u.beta2_t;
     match stats {
         Stats::Factored { factoring, r, c } => {
-            let Factoring { lead, n, m } = *factoring;
+            let Factoring { lead, n, m, .. } = *factoring;
             if lead * n * m != len {
                 return Err(invalid(format!(
                     "internal: `{}` does not factor as {lead}x{n}x{m}",

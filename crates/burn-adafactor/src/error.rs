@@ -69,3 +69,15 @@ impl<M> fmt::Display for StepError<M> {
 }
 
 impl<M> std::error::Error for StepError<M> {}
+
+/// Refuses the configuration keys this adapter does not implement yet, so that none is ignored
+/// silently.
+pub(crate) fn check_supported(config: &adafactor::AdafactorConfig) -> Result<()> {
+    if let Some((name, axes)) = config.factored_axes.iter().next() {
+        return Err(invalid(format!(
+            "`factored_axes` (here {axes:?} for `{name}`) is not supported by burn-adafactor yet: \
+             every variable is factored over its last two axes, as Keras does"
+        )));
+    }
+    Ok(())
+}

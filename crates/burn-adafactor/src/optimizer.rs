@@ -1,7 +1,7 @@
 //! `Adafactor`: the module-level optimizer with Keras semantics over a whole burn `Module`.
 
 use crate::composed::Composed;
-use crate::error::{Error, Result, StepError, invalid};
+use crate::error::{Error, Result, StepError, check_supported, invalid};
 use crate::params::{self, ParamInfo, Taken, with_rank};
 use crate::slot::Slot;
 use adafactor::engine::{self, Counters, Local, Step, Target};
@@ -74,6 +74,7 @@ impl Adafactor {
     /// An invalid config (see [`AdafactorConfig::validate`]).
     pub fn new(config: AdafactorConfig) -> Result<Self> {
         config.validate()?;
+        check_supported(&config)?;
         Ok(Adafactor {
             config,
             slots: Vec::new(),

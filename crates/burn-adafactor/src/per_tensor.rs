@@ -71,6 +71,7 @@ impl KerasAdafactor {
     /// update (use the module-level [`crate::Adafactor`]).
     pub fn new(config: AdafactorConfig) -> Result<Self> {
         config.validate()?;
+        crate::error::check_supported(&config)?;
         if config.global_clipnorm.is_some() {
             return Err(invalid(
                 "`global_clipnorm` needs every gradient before the first update, which burn's \

@@ -6,10 +6,13 @@
 //! cargo run --release --example bench -- (--set <t5-small|t5-base|resnet50|tiny|many-small>
 //!     | --shape 4x4194304) [--path fused|composed] [--steps N] [--dtype f32|bf16|f16]
 //!     [--warmup W] [--triad-mib M] [--triad-reps R] [--config '<Keras config JSON>']
+//!     [--factor-convolutions on|off]
 //! ```
 //!
 //! `--path` defaults to `fused` and `--steps` to 20; `--config` merges Keras config keys over
-//! the defaults.
+//! the defaults. `--factor-convolutions on` calls `Adafactor::factor_convolutions` (every rank 3
+//! to 5 tensor, candle's `[out, in, k...]` convolution weights, factored over `(in, out)` as
+//! Keras factors the same convolution) and prints the state's size against the weights'.
 //!
 //! Weights are normal(0, 0.02) and gradients normal(0, 1e-3), both from a seeded splitmix64
 //! generator (one stream per tensor); one gradient set is made once and reused every step, as
@@ -41,7 +44,7 @@ type BoxResult<T> = Result<T, Box<dyn Error>>;
 
 const USAGE: &str = "usage: bench (--set <t5-small|t5-base|resnet50|tiny|many-small> | --shape AxB..) [--path fused|composed] \
 [--steps N] [--dtype f32|bf16|f16] [--warmup W] [--triad-mib M] [--triad-reps R] \
-[--config '<Keras config JSON, merged over the defaults>']";
+[--config '<Keras config JSON, merged over the defaults>'] [--factor-convolutions on|off]";
 
 /// Command-line options.
 #[derive(Debug)]
@@ -54,6 +57,7 @@ struct Args {
     triad_mib: usize,
     triad_reps: usize,
     config: AdafactorConfig,
+    factor_convolutions: bool,
 }
 
 fn parse_args() -> BoxResult<Args> {
@@ -66,6 +70,7 @@ fn parse_args() -> BoxResult<Args> {
         triad_mib: 256,
         triad_reps: 10,
         config: AdafactorConfig::default(),
+        factor_convolutions: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -89,6 +94,17 @@ fn parse_args() -> BoxResult<Args> {
             "--triad-mib" => args.triad_mib = number(&value)?,
             "--triad-reps" => args.triad_reps = number(&value)?,
             "--config" => args.config = merged_config(&value)?,
+            "--factor-convolutions" => {
+                args.factor_convolutions = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => {
+                        return Err(
+                            format!("--factor-convolutions `{other}`: expected on or off").into(),
+                        )
+                    }
+                }
+            }
             "--dtype" => {
                 args.dtype = match value.as_str() {
                     "f32" => DType::F32,
@@ -394,6 +410,10 @@ fn run() -> BoxResult<()> {
         ..args.config.clone()
     };
     let mut opt = Adafactor::new_named(named, config)?;
+    if args.factor_convolutions {
+        let set = opt.factor_convolutions()?;
+        println!("factor_convolutions tensors={}", set.len());
+    }
     let data_path = opt.data_path();
     println!(
         "data_path={data_path:?} requested={} set={set} dtype={dtype} params={params} tensors={tensors}",
@@ -447,6 +467,17 @@ fn run() -> BoxResult<()> {
         } else {
             "process-start"
         },
+    );
+    println!(
+        "state state_bytes={} weights_bytes={weights_bytes} state_pct_of_weights={:.3} \
+         factor_convolutions={}",
+        opt.state_bytes(),
+        100.0 * opt.state_bytes() as f64 / weights_bytes.max(1) as f64,
+        if args.factor_convolutions {
+            "on"
+        } else {
+            "off"
+        }
     );
     if args.dtype != DType::F32 {
         // A 16-bit step moves half the bytes of a float32 one (statistics aside).

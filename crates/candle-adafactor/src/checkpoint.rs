@@ -672,6 +672,8 @@ impl Adafactor {
     /// differ in name, dtype or shape.
     pub fn load_state_dict(&mut self, sd: &StateDict) -> Result<()> {
         self.require_built("load a state")?;
+        adafactor::axes::check_checkpoint_axes(&sd.keras_config(), &self.config)
+            .map_err(core_err)?;
         let diffs = config_differences(&sd.keras_config(), &self.get_config());
         if !diffs.is_empty() {
             return Err(err(format!(
@@ -754,7 +756,7 @@ impl Adafactor {
             };
             let ema = s.ema().map(|_| full("average")).transpose()?;
             let acc = s.accumulator().map(|_| full("accumulator")).transpose()?;
-            let values = Stats::slot_shapes(s.var.dims())
+            let values = Stats::slot_shapes_with(s.var.dims(), s.stats.axes())
                 .iter()
                 .map(|(suffix, _)| Ok(f32_values(&sd.entry(&format!("{}/{suffix}", s.name))?.data)))
                 .collect::<Result<Vec<_>>>()?;

@@ -284,14 +284,39 @@ impl Backend for Composed<'_> {
 }
 
 /// Keras `Adafactor.update_step`'s direction on float32 tensors: the new statistics and
-/// `u = g / sqrt(v)` before update clipping.
+/// `u = g / sqrt(v)` before update clipping. A variable factored over other axes than its last
+/// two is permuted to `[batch axes..., row, col]` (the storage order of its statistics), updated
+/// as Keras updates its last two axes, and its update permuted back.
 fn update_direction(g: &Tensor, stats: &Stats, u: &UpdateScalars) -> Result<(Tensor, Stats)> {
+    let strided = match stats {
+        Stats::Factored {
+            factoring: Factoring {
+                strided: Some(s), ..
+            },
+            ..
+        } => *s,
+        _ => return keras_direction(g, stats, u),
+    };
+    let rank = g.rank();
+    let (row, col) = (strided.axes.row, strided.axes.col);
+    let mut perm: Vec<usize> = (0..rank).filter(|k| *k != row && *k != col).collect();
+    perm.extend([row, col]);
+    let mut inverse = vec![0; rank];
+    for (k, p) in perm.iter().enumerate() {
+        inverse[*p] = k;
+    }
+    let (update, stats) = keras_direction(&g.permute(perm)?.contiguous()?, stats, u)?;
+    Ok((update.permute(inverse)?, stats))
+}
+
+/// [`update_direction`] over the last two axes, as Keras factors them.
+fn keras_direction(g: &Tensor, stats: &Stats, u: &UpdateScalars) -> Result<(Tensor, Stats)> {
     let dev = g.device();
     let q = add(&g.sqr()?, u.epsilon_1)?;
     let b = u.beta2_t;
     let (update, stats) = match stats {
         Stats::Factored { factoring, r, c } => {
-            let Factoring { lead, n, m } = *factoring;
+            let Factoring { n, m, .. } = *factoring;
             let dims = g.dims();
             let rank = dims.len();
             let r_shape = dims[..rank - 1].to_vec();
@@ -312,7 +337,7 @@ fn update_direction(g: &Tensor, stats: &Stats, u: &UpdateScalars) -> Result<(Ten
             let col = c_new.sqrt()?.recip()?.unsqueeze(rank - 2)?;
             let inv_sqrt_v = row.broadcast_mul(&col)?;
             let stats = Stats::Factored {
-                factoring: Factoring { lead, n, m },
+                factoring: *factoring,
                 r: r_new.flatten_all()?.to_vec1()?,
                 c: c_new.flatten_all()?.to_vec1()?,
             };

@@ -136,7 +136,8 @@ impl Adafactor {
                 Part::Stat(i, _) => factors[i].push(floats(w)?),
                 Part::SkippedSteps => return Err(err("internal: not a Keras variable")),
                 Part::Velocity(i) => {
-                    let dims = self.slots[i].var.dims();
+                    // The velocity's shape: the variable's, or `[batch..., row, col]`.
+                    let dims = e.shape.as_slice();
                     let v = floats(w)?;
                     if dims.len() < 2 {
                         factors[i].push(v);

@@ -8,13 +8,16 @@
 mod checkpoint;
 mod composed;
 mod data_parallel;
+mod factored_axes;
 mod fused;
 mod keras_weights;
 mod optimizer;
 mod slot;
 mod weights;
 
-pub use adafactor::{AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite};
+pub use adafactor::{
+    AdafactorConfig, FactoredAxes, LearningRate, LearningRateSchedule, OnNonFinite,
+};
 pub use checkpoint::{StateDict, STATE_FORMAT, STATE_FORMAT_VERSION};
 pub use data_parallel::{DataParallel, Mode, DEFAULT_BUCKET_BYTES};
 pub use optimizer::{Adafactor, DataPath};

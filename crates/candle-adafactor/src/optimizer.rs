@@ -154,7 +154,8 @@ impl Adafactor {
     /// [`Adafactor::build`] with explicit names.
     ///
     /// # Errors
-    /// Already built; a duplicate name or variable.
+    /// Already built; a duplicate name or variable; `factored_axes` naming a variable not in
+    /// the list, or axes out of range for its rank.
     pub fn build_named(&mut self, vars: Vec<(String, Var)>) -> Result<()> {
         self.build_named_keeping(vars, &|_| true)
     }
@@ -173,6 +174,10 @@ impl Adafactor {
                 self.slots.len()
             )));
         }
+        let floats = vars.iter().filter(|(_, v)| v.dtype().is_float());
+        self.config
+            .check_factored_axes(floats.map(|(n, v)| (n.as_str(), v.dims())))
+            .map_err(core_err)?;
         let mut slots = Vec::with_capacity(vars.len());
         let mut index = HashMap::new();
         let mut names = HashSet::new();

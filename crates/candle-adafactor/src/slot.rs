@@ -38,7 +38,7 @@ impl Slot {
         let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
         Ok(Slot {
             stats: if full_state {
-                Stats::zeros(var.dims())
+                Stats::zeros_with(var.dims(), cfg.axes_of(&name))
             } else {
                 Stats::Unfactored { v: Vec::new() }
             },

@@ -58,7 +58,8 @@ impl Adafactor {
             Part::Stat(i, k) => Tensor::from_slice(stat(i, k)?, e.shape.as_slice(), &cpu)?,
             Part::Dummy => Tensor::new(0i32, &cpu)?,
             Part::Velocity(i) => {
-                let dims = self.slots[i].var.dims();
+                // The velocity's shape: the variable's, or `[batch..., row, col]`.
+                let dims = e.shape.as_slice();
                 let values = if dims.len() >= 2 {
                     let (n, m) = (dims[dims.len() - 2], dims[dims.len() - 1]);
                     manifest::velocity(stat(i, 0)?, stat(i, 1)?, n, m)

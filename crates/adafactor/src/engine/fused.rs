@@ -11,9 +11,9 @@
 
 use super::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
 use crate::error::Error;
-use crate::kernels::{elementwise, factored, vector, Grad, GradTransform, RowLoops};
+use crate::kernels::{elementwise, factored, strided, vector, Grad, GradTransform, RowLoops};
 use crate::plan::{Clip, EmaPlan};
-use crate::state::Stats;
+use crate::state::{Factoring, Stats};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -308,6 +308,11 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                             let len = grad.len().max(1) as f64;
                             let check = ctx.check_finite;
                             let (p, sum_sq_grad, sum_sq_x, finite) = match st {
+                                Stats::Factored { factoring: Factoring { strided: Some(s), .. }, .. } => {
+                                    let p = strided::pass1(grad, x, decay, *s, check);
+                                    let s = (p.sum_sq_grad, p.sum_sq_x, p.finite);
+                                    (Measured::Factored(p), s.0, s.1, s.2)
+                                }
                                 Stats::Factored { factoring, r, .. } => {
                                     let fold = fold.then_some(factored::RowFold {
                                         r_old: r,
@@ -361,7 +366,10 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                 );
                                 let sum_u2 = match factored::sum_sq_update(p1, &prep, *factoring) {
                                     Some(s) => s,
-                                    None => factored::pass2(grad, &prep, *factoring, scale),
+                                    None => match factoring.strided {
+                                        Some(s) => strided::pass2(grad, &prep, s, scale),
+                                        None => factored::pass2(grad, &prep, *factoring, scale),
+                                    },
                                 };
                                 Ok(((sum_u2 / len).sqrt() as f32, Updated::Factored(prep)))
                             }
@@ -406,7 +414,10 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                         self.write_as::<T, _>(tg.var, Buffer::Weight, |x| {
                             match (&up, &stats[tg.var]) {
                                 (Updated::Factored(p), Stats::Factored { factoring, .. }) => {
-                                    factored::pass3(x, grad, p, *factoring, coef, scale, decay);
+                                    match factoring.strided {
+                                        Some(s) => strided::pass3(x, grad, p, s, coef, scale, decay),
+                                        None => factored::pass3(x, grad, p, *factoring, coef, scale, decay),
+                                    }
                                     Ok(())
                                 }
                                 (Updated::Vector(v), _) => {

@@ -502,11 +502,7 @@ mod tests {
     /// fold (which skips pass 2), the same bits.
     #[test]
     fn three_passes_follow_the_formulas() {
-        let f = Factoring {
-            lead: 1,
-            n: 2,
-            m: 3,
-        };
+        let f = Factoring::of(&[2, 3]).expect("a matrix");
         let g = [0.5f32, -1.0, 2.0, 0.25, 3.0, -0.75];
         let x0 = [1f32, -2.0, 0.5, 0.25, -1.5, 2.0];
         let eps1 = 1e-30f32;

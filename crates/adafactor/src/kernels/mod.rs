@@ -29,7 +29,8 @@
 //! (`grad.rs`) and parallel scheduling (`parallel.rs`); the row loops' arguments
 //! (`row_args.rs`), portable loops (`portable.rs`), vector lanes (`simd.rs`) and vector twins
 //! (`wide.rs`), dispatched per element type by [`RowLoops`] (`dispatch.rs`); the kernels
-//! themselves ([`factored`], [`vector`], [`elementwise`]).
+//! themselves ([`factored`], [`strided`] for variables factored over other axes than their last
+//! two, [`vector`], [`elementwise`]).
 
 mod cpu;
 mod dispatch;
@@ -43,6 +44,7 @@ mod reduce;
 mod row_args;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+pub mod strided;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod twins_tests;
 pub mod vector;
