@@ -56,7 +56,7 @@ mod schedule;
 mod state;
 
 pub use collective::{Collective, ThreadCollective, ThreadGroup};
-pub use config::{AdafactorConfig, LearningRate, OnNonFinite};
+pub use config::{AdafactorConfig, LearningRate, OnNonFinite, WeightRounding};
 pub use error::{Error, Result};
 pub use exclusions::NameExclusions;
 pub use plan::{Accumulation, Clip, EmaPlan, StepPlan, UpdateScalars};

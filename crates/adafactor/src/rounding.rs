@@ -12,7 +12,124 @@
 //! split, of the instruction set, and of stopping and resuming from a checkpoint (the iteration
 //! count is part of the saved state).
 
+use crate::error::{Error, Result};
 use half::{bf16, f16};
+use serde_json::{Map, Value};
+
+/// How the float32 result of an update is rounded into a bfloat16 or float16 weight (the
+/// `weight_rounding` config key; ours, not Keras's). float32 weights are written exactly either
+/// way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightRounding {
+    /// Round to nearest even, as Keras does (default).
+    #[default]
+    Nearest,
+    /// Round up or down at random, with the probability of each neighbour proportional to its
+    /// closeness, from bits keyed by (`weight_rounding_seed`, iteration, variable, element):
+    /// unbiased, so updates below half a unit in the last place survive on average.
+    Stochastic,
+}
+
+impl WeightRounding {
+    /// The config spelling: `"nearest"` or `"stochastic"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightRounding::Nearest => "nearest",
+            WeightRounding::Stochastic => "stochastic",
+        }
+    }
+
+    /// Parses the config spelling.
+    ///
+    /// # Errors
+    /// Any other string.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "nearest" => Ok(WeightRounding::Nearest),
+            "stochastic" => Ok(WeightRounding::Stochastic),
+            other => Err(Error::invalid(
+                "weight_rounding",
+                format!(
+                    "`weight_rounding` must be \"nearest\" or \"stochastic\". \
+                     Received: weight_rounding={other:?}"
+                ),
+            )),
+        }
+    }
+}
+
+/// Checks the two rounding keys together: a seed only means something with stochastic
+/// rounding, so a seed without it (most likely a forgotten `weight_rounding`) is refused.
+///
+/// # Errors
+/// `weight_rounding_seed` is not 0 while `weight_rounding` is `"nearest"`.
+pub fn validate(rounding: WeightRounding, seed: u64) -> Result<()> {
+    if rounding == WeightRounding::Nearest && seed != 0 {
+        return Err(Error::invalid(
+            "weight_rounding_seed",
+            format!(
+                "`weight_rounding_seed` is only used with weight_rounding=\"stochastic\". \
+                 Received: weight_rounding=\"nearest\", weight_rounding_seed={seed}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The keys as a Keras config writes them: only those that are not the default.
+pub(crate) fn write_keys(rounding: WeightRounding, seed: u64, out: &mut Map<String, Value>) {
+    if rounding != WeightRounding::Nearest {
+        out.insert("weight_rounding".into(), Value::from(rounding.as_str()));
+    }
+    if seed != 0 {
+        out.insert("weight_rounding_seed".into(), Value::from(seed));
+    }
+}
+
+/// Reads the keys from a Keras config (absent or null: the defaults).
+///
+/// # Errors
+/// `weight_rounding` not one of its strings; `weight_rounding_seed` not an integer in
+/// `0..=2^64 - 1`; the pair refused by [`validate`].
+pub(crate) fn read_keys(cfg: &Map<String, Value>) -> Result<(WeightRounding, u64)> {
+    let rounding = match cfg.get("weight_rounding") {
+        None | Some(Value::Null) => WeightRounding::Nearest,
+        Some(Value::String(s)) => WeightRounding::parse(s)?,
+        Some(v) => WeightRounding::parse(&v.to_string())?,
+    };
+    let seed = match cfg.get("weight_rounding_seed") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            Error::invalid(
+                "weight_rounding_seed",
+                format!(
+                    "`weight_rounding_seed` must be an integer from 0 to 2^64 - 1. \
+                     Received: weight_rounding_seed={v}"
+                ),
+            )
+        })?,
+    };
+    validate(rounding, seed)?;
+    Ok((rounding, seed))
+}
+
+/// Stochastic rounding in one step: the config's seed and the step's raw call count (Keras
+/// `_iterations` before this call, saved in checkpoints), from which each variable's
+/// [`RoundingKey`] follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepRounding {
+    /// `weight_rounding_seed`.
+    pub seed: u64,
+    /// The raw call count before this call.
+    pub iteration: u64,
+}
+
+impl StepRounding {
+    /// The key of variable `variable` (its index in build order) for one kind of write.
+    pub fn key(&self, variable: usize, stream: RoundingStream) -> RoundingKey {
+        RoundingKey::new(self.seed, self.iteration, variable as u64, stream)
+    }
+}
 
 /// The per-tensor key of the generator: two 32-bit words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,8 +164,9 @@ pub fn hash32(mut x: u32) -> u32 {
 
 impl RoundingKey {
     /// The key of one tensor's rounding in one iteration: `seed` from the config, `iteration`
-    /// the completed-update count before this update, `variable` the variable's index in build
-    /// order.
+    /// the raw call count before this call (unique per call, also with gradient accumulation,
+    /// whose EMA overwrites may come on consecutive calls), `variable` the variable's index in
+    /// build order.
     pub fn new(seed: u64, iteration: u64, variable: u64, stream: RoundingStream) -> RoundingKey {
         let golden = 0x9E37_79B9_7F4A_7C15u64;
         let mut z = mix64(seed.wrapping_add(golden));

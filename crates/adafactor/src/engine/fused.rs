@@ -11,8 +11,9 @@
 
 use super::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
 use crate::error::Error;
-use crate::kernels::{elementwise, factored, vector, Grad, GradTransform, RowLoops};
+use crate::kernels::{elementwise, factored, vector, Grad, GradTransform, Rounding, RowLoops};
 use crate::plan::{Clip, EmaPlan};
+use crate::rounding::RoundingStream;
 use crate::state::Stats;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -401,16 +402,19 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                 let coef = w.alpha / w.divisor;
                 let scale = w.scale.factor();
                 let decay = ctx.decay(tg);
+                let rounding = Rounding::for_variable(ctx.rounding, tg.var, RoundingStream::Update);
                 with_type!(self.store.element_type(tg.var), T => {
                     self.with_grad::<T, _>(tg.var, ctx.transform, |grad| {
                         self.write_as::<T, _>(tg.var, Buffer::Weight, |x| {
                             match (&up, &stats[tg.var]) {
                                 (Updated::Factored(p), Stats::Factored { factoring, .. }) => {
-                                    factored::pass3(x, grad, p, *factoring, coef, scale, decay);
+                                    factored::pass3(
+                                        x, grad, p, *factoring, coef, scale, decay, rounding,
+                                    );
                                     Ok(())
                                 }
                                 (Updated::Vector(v), _) => {
-                                    vector::pass3(x, grad, v, coef, scale, decay);
+                                    vector::pass3(x, grad, v, coef, scale, decay, rounding);
                                     Ok(())
                                 }
                                 _ => Err(kind_mismatch()),
@@ -450,8 +454,12 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                     })
                 })??;
                 if ema.overwrite {
+                    let rounding =
+                        Rounding::for_variable(ema.rounding, v, RoundingStream::EmaOverwrite);
                     self.read_as::<f32, _>(v, Buffer::Average, |avg| {
-                        self.write_as::<T, _>(v, Buffer::Weight, |x| elementwise::assign(x, avg))
+                        self.write_as::<T, _>(v, Buffer::Weight, |x| {
+                            elementwise::assign(x, avg, rounding)
+                        })
                     })??;
                 }
                 Ok(())
