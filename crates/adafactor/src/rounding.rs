@@ -7,7 +7,10 @@
 //! and small updates survive on average.
 //!
 //! The random bits come from a counter-based generator: [`RoundingKey`] mixes (seed, iteration,
-//! variable, stream) once per tensor, and [`random_bits`] hashes the element index with it. A
+//! variable, stream) once per tensor, and [`random_word`] hashes an index with it into 32 bits,
+//! which serve two neighbouring elements, 16 bits each ([`random_bits`]): bf16 drops 16 bits of
+//! a float32 and float16 13 in its normal range, so 16 bits make the rounding exact there, at
+//! half the cost of a word per element. A
 //! run is therefore reproducible bit for bit, independent of the thread count, of how work is
 //! split, of the instruction set, and of stopping and resuming from a checkpoint (the iteration
 //! count is part of the saved state).
@@ -152,14 +155,24 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A 32-bit integer hash with low bias (two multiply-xorshift rounds); cheap in SIMD lanes.
+/// A 32-bit integer hash with low bias (two multiply-xorshift rounds, "lowbias32"), with a
+/// second key word `k` mixed in between the rounds (so that two keys do not give the same
+/// words in another order); cheap in SIMD lanes.
 #[inline(always)]
-pub fn hash32(mut x: u32) -> u32 {
+pub fn hash32(mut x: u32, k: u32) -> u32 {
     x ^= x >> 16;
     x = x.wrapping_mul(0x7FEB_352D);
+    x ^= k;
     x ^= x >> 15;
     x = x.wrapping_mul(0x846C_A68B);
     x ^ (x >> 16)
+}
+
+/// The key word mixed between [`hash32`]'s rounds for words `pair`: the key's second word,
+/// and the high half of the index (zero below 2^32 words).
+#[inline(always)]
+pub fn middle_key(key: RoundingKey, pair: u64) -> u32 {
+    key.0[1] ^ ((pair >> 32) as u32).wrapping_mul(0x9E37_79B9)
 }
 
 impl RoundingKey {
@@ -177,12 +190,18 @@ impl RoundingKey {
     }
 }
 
-/// The 32 random bits of element `index` under `key`.
+/// Word `pair` of the generator under `key`: 32 random bits, the low half for element
+/// `2 pair`, the high half for element `2 pair + 1`.
+#[inline(always)]
+pub fn random_word(key: RoundingKey, pair: u64) -> u32 {
+    hash32(pair as u32 ^ key.0[0], middle_key(key, pair))
+}
+
+/// The 16 random bits (in the low half) of element `index` under `key`: one half of
+/// [`random_word`]`(key, index / 2)`.
 #[inline(always)]
 pub fn random_bits(key: RoundingKey, index: u64) -> u32 {
-    let lo = index as u32;
-    let hi = (index >> 32) as u32;
-    hash32(hash32(lo ^ key.0[0]).wrapping_add(hi ^ key.0[1]))
+    (random_word(key, index >> 1) >> ((index & 1) << 4)) & 0xFFFF
 }
 
 /// `x` rounded to bfloat16, up (away from zero) with probability equal to its distance from the
@@ -202,13 +221,14 @@ pub fn bf16_stochastic(x: f32, r: u32) -> bf16 {
 }
 
 /// `x` rounded to float16, up (away from zero) with probability equal to its distance from the
-/// lower neighbour in ulps, using `r`. Values float16 holds exactly never change. NaN,
-/// infinities and magnitudes above float16's largest finite value (65504) round as to nearest.
+/// lower neighbour in ulps, using the low 16 bits of `r`. Values float16 holds exactly never
+/// change. NaN, infinities and magnitudes above float16's largest finite value (65504) round as
+/// to nearest.
 ///
 /// In float16's normal range 13 mantissa bits are dropped: 13 random bits are added below the
 /// kept ones before truncating. Below 2^-14 the spacing is the subnormal quantum 2^-24: the
-/// magnitude in quanta is split into its integer part and a remainder of `s` bits, compared with
-/// `s` random bits (`s` up to 32; smaller magnitudes, below 2^-32 quanta, round to zero).
+/// magnitude in quanta is split into its integer part and its fraction, whose first 16 bits are
+/// compared with 16 random bits (the chance of rounding up is low by less than 2^-16).
 #[inline(always)]
 pub fn f16_stochastic(x: f32, r: u32) -> f16 {
     let bits = x.to_bits();
@@ -231,21 +251,18 @@ pub fn f16_stochastic(x: f32, r: u32) -> f16 {
     }
     let mant = (m & 0x7F_FFFF) | 0x80_0000; // 24 bits, |x| = mant * 2^(e - 150)
     let s = 126 - e; // |x| / 2^-24 = mant / 2^s, with s >= 14
-    if s >= 56 {
+    if s >= 40 {
+        // Below 2^-16 quanta: the first 16 fraction bits are zero.
         return f16::from_bits(sign);
     }
-    // Quanta as a 64-bit fixed-point number with `s` fraction bits.
-    let q = (mant as u64) << 8; // 8 guard bits so that s <= 32 needs no wider random
-    let shift = s + 8;
-    let k = (q >> shift) as u16;
-    let rem_bits = shift.min(32);
-    let rem = (q & ((1u64 << shift) - 1)) >> (shift - rem_bits);
-    let threshold = if rem_bits == 32 {
-        r as u64
+    let k = (mant >> s) as u16; // whole quanta
+    let frac = mant & ((1 << s) - 1);
+    let first16 = if s >= 16 {
+        frac >> (s - 16)
     } else {
-        (r as u64) & ((1u64 << rem_bits) - 1)
+        frac << (16 - s)
     };
-    let up = (threshold < rem) as u16;
+    let up = ((r & 0xFFFF) < first16) as u16;
     f16::from_bits(sign | (k + up))
 }
 

@@ -12,7 +12,9 @@ mod optimizer;
 mod slot;
 mod weights;
 
-pub use adafactor::{AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite};
+pub use adafactor::{
+    AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite, WeightRounding,
+};
 pub use checkpoint::{StateDict, STATE_FORMAT, STATE_FORMAT_VERSION};
 pub use optimizer::{Adafactor, DataPath};
 

@@ -5,7 +5,7 @@
 //! instruction set (see the `twins!` macro there). Every operation here is a single float32
 //! operation per lane, so both instruction sets give the same bits as the portable loops.
 
-use crate::rounding::{random_bits, RoundingKey};
+use crate::rounding::{middle_key, random_bits, random_word, RoundingKey};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 
@@ -38,7 +38,8 @@ pub(crate) trait Lanes: Copy {
 
     /// Sixteen 32-bit integer lanes.
     type Bits: Copy;
-    /// [`random_bits`]`(key, index + l)` in lane `l`, as the scalar generator computes it.
+    /// [`random_bits`]`(key, index + l)` in lane `l`, as the scalar generator computes it
+    /// (16-bit values).
     unsafe fn random_bits(key: RoundingKey, index: u64) -> Self::Bits;
     /// The integer lanes as an array, in order.
     unsafe fn bits_array(b: Self::Bits) -> [u32; 16];
@@ -51,42 +52,44 @@ fn random_bits16(key: RoundingKey, index: u64) -> [u32; 16] {
     std::array::from_fn(|l| random_bits(key, index + l as u64))
 }
 
-/// Whether the low 32 bits of `index..index + 16` wrap (the high half changes inside).
+/// Whether the low 32 bits of the generator's words for `index..index + 16` wrap (the high
+/// half changes inside).
 #[inline(always)]
 fn low_half_wraps(index: u64) -> bool {
-    (index as u32) > u32::MAX - 15
+    ((index >> 1) as u32) > u32::MAX - 8
 }
 
 /// [`crate::rounding::hash32`] on eight lanes.
 #[inline(always)]
-unsafe fn hash32_8(mut x: __m256i) -> __m256i {
+unsafe fn hash32_8(mut x: __m256i, k: u32) -> __m256i {
     x = _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x));
     x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB_352D));
+    x = _mm256_xor_si256(x, _mm256_set1_epi32(k as i32));
     x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
     x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x846C_A68Bu32 as i32));
     _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
 }
 
-/// [`random_bits`] on eight lanes `lo + 0..8` (low halves that do not wrap), `hi` their high half.
+/// [`random_bits`] of `index..index + 16` as sixteen 16-bit values
+/// in order (indices whose words do not wrap, see [`low_half_wraps`]): eight words of the
+/// generator ([`random_word`] on eight lanes), shifted by one half for an odd `index`, whose
+/// last element takes the low half of a ninth word.
 #[inline(always)]
-unsafe fn random_bits8(key: RoundingKey, lo: u32, hi: u32) -> __m256i {
+unsafe fn random_halves16(key: RoundingKey, index: u64) -> __m256i {
+    let pair = index >> 1;
     let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let idx = _mm256_add_epi32(_mm256_set1_epi32(lo as i32), iota);
-    let h = hash32_8(_mm256_xor_si256(idx, _mm256_set1_epi32(key.0[0] as i32)));
-    hash32_8(_mm256_add_epi32(
-        h,
-        _mm256_set1_epi32((hi ^ key.0[1]) as i32),
-    ))
-}
-
-/// [`crate::rounding::hash32`] on sixteen lanes.
-#[inline(always)]
-unsafe fn hash32_16(mut x: __m512i) -> __m512i {
-    x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB_352D));
-    x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
-    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846C_A68Bu32 as i32));
-    _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
+    let idx = _mm256_add_epi32(_mm256_set1_epi32(pair as u32 as i32), iota);
+    let x = _mm256_xor_si256(idx, _mm256_set1_epi32(key.0[0] as i32));
+    let w = hash32_8(x, middle_key(key, pair));
+    if index & 1 == 0 {
+        return w;
+    }
+    let (lo, up) = (_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+    let ninth = _mm_cvtsi32_si128(random_word(key, pair + 8) as i32);
+    _mm256_set_m128i(
+        _mm_alignr_epi8::<2>(ninth, up),
+        _mm_alignr_epi8::<2>(up, lo),
+    )
 }
 
 /// An element type that loads into, and rounds out of, lanes of `V`.
@@ -160,8 +163,11 @@ impl Lanes for Avx2 {
             let p = a.as_ptr() as *const __m256i;
             return (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)));
         }
-        let (lo, hi) = (index as u32, (index >> 32) as u32);
-        (random_bits8(key, lo, hi), random_bits8(key, lo + 8, hi))
+        let h = random_halves16(key, index);
+        (
+            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)),
+            _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(h)),
+        )
     }
     #[inline(always)]
     unsafe fn bits_array(b: Self::Bits) -> [u32; 16] {
@@ -209,11 +215,7 @@ impl<const BF16: bool> Lanes for Avx512<BF16> {
         if low_half_wraps(index) {
             return _mm512_loadu_si512(random_bits16(key, index).as_ptr() as *const _);
         }
-        let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        let idx = _mm512_add_epi32(_mm512_set1_epi32(index as u32 as i32), iota);
-        let h = hash32_16(_mm512_xor_si512(idx, _mm512_set1_epi32(key.0[0] as i32)));
-        let hi = ((index >> 32) as u32) ^ key.0[1];
-        hash32_16(_mm512_add_epi32(h, _mm512_set1_epi32(hi as i32)))
+        _mm512_cvtepu16_epi32(random_halves16(key, index))
     }
     #[inline(always)]
     unsafe fn bits_array(b: __m512i) -> [u32; 16] {
@@ -256,8 +258,8 @@ unsafe fn bf16_stochastic_bits8(v: __m256, r: __m256i) -> __m256i {
     let abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFF_FFFF));
     let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
     let top = _mm256_srli_epi32::<16>(x);
-    let low = _mm256_and_si256(r, _mm256_set1_epi32(0xFFFF));
-    let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, low));
+    // `r` holds 16-bit values (see `Lanes::random_bits`).
+    let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, r));
     let quiet = _mm256_or_si256(top, _mm256_set1_epi32(0x40));
     _mm256_blendv_epi8(rounded, quiet, nan)
 }
@@ -361,8 +363,7 @@ impl<const BF16: bool> Wide<Avx512<BF16>> for bf16 {
         let abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFF_FFFF));
         let nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F80_0000));
         let top = _mm512_srli_epi32::<16>(x);
-        let low = _mm512_and_si512(r, _mm512_set1_epi32(0xFFFF));
-        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, low));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, r));
         let quiet = _mm512_or_si512(top, _mm512_set1_epi32(0x40));
         let bits = _mm512_mask_blend_epi32(nan, rounded, quiet);
         _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(bits));

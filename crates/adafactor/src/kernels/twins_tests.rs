@@ -264,7 +264,15 @@ fn vector_bf16_conversions_match_half() {
 /// (float16 subnormals, overflow and NaN take the scalar fallback).
 fn stochastic_stores_match<V: simd::Lanes, T: simd::Wide<V>>(probes: &[f32]) {
     let key = RoundingKey::new(11, 12, 13, RoundingStream::Update);
-    for base in [0u64, 5, (1 << 32) - 7, (1 << 32) + 3, u64::MAX - 40] {
+    let bases = [
+        0u64,
+        5,
+        (1 << 32) - 7,
+        (1 << 33) - 20,
+        (1 << 33) - 7,
+        (1 << 33) + 3,
+    ];
+    for base in bases.into_iter().chain([u64::MAX - 40, u64::MAX - 15]) {
         // SAFETY: the caller checked the instruction set.
         let lanes = unsafe { V::bits_array(V::random_bits(key, base)) };
         for (l, r) in lanes.iter().enumerate() {
