@@ -255,13 +255,12 @@ unsafe fn narrow16_avx2(a: __m256i, b: __m256i, p: *mut u16) {
 #[inline(always)]
 unsafe fn bf16_stochastic_bits8(v: __m256, r: __m256i) -> __m256i {
     let x = _mm256_castps_si256(v);
-    let abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFF_FFFF));
-    let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7F80_0000));
-    let top = _mm256_srli_epi32::<16>(x);
-    // `r` holds 16-bit values (see `Lanes::random_bits`).
-    let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, r));
-    let quiet = _mm256_or_si256(top, _mm256_set1_epi32(0x40));
-    _mm256_blendv_epi8(rounded, quiet, nan)
+    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+    // `r` holds 16-bit values (see `Lanes::random_bits`); a NaN lane adds nothing and gets the
+    // quiet bit instead.
+    let sum = _mm256_add_epi32(x, _mm256_andnot_si256(nan, r));
+    let quiet = _mm256_and_si256(nan, _mm256_set1_epi32(0x0040_0000));
+    _mm256_srli_epi32::<16>(_mm256_or_si256(sum, quiet))
 }
 
 /// `f16_stochastic` on eight lanes in float16's normal range (`2^-14 <= |x| <= 65504`):
@@ -360,12 +359,10 @@ impl<const BF16: bool> Wide<Avx512<BF16>> for bf16 {
     unsafe fn store16_stochastic(p: *mut bf16, v: Avx512<BF16>, r: __m512i) {
         // As `bf16_stochastic_bits8`, on sixteen lanes.
         let x = _mm512_castps_si512(v.0);
-        let abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFF_FFFF));
-        let nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7F80_0000));
-        let top = _mm512_srli_epi32::<16>(x);
-        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, r));
-        let quiet = _mm512_or_si512(top, _mm512_set1_epi32(0x40));
-        let bits = _mm512_mask_blend_epi32(nan, rounded, quiet);
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v.0, v.0);
+        let quiet = _mm512_or_si512(x, _mm512_set1_epi32(0x0040_0000));
+        let sum = _mm512_mask_add_epi32(quiet, !nan, x, r);
+        let bits = _mm512_srli_epi32::<16>(sum);
         _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(bits));
     }
 }
