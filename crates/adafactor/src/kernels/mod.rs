@@ -28,9 +28,9 @@
 //! (`element.rs`) and CPU features (`cpu.rs`); reductions (`reduce.rs`), gradient transforms
 //! (`grad.rs`) and parallel scheduling (`parallel.rs`); the row loops' arguments
 //! (`row_args.rs`) and weight stores (`store.rs`, the one primitive through which every kernel
-//! writes a weight, [`Rounding`]), portable loops (`portable.rs`), vector lanes (`simd.rs`) and vector twins
-//! (`wide.rs`), dispatched per element type by [`RowLoops`] (`dispatch.rs`); the kernels
-//! themselves ([`factored`], [`vector`], [`elementwise`]).
+//! writes a weight, [`Rounding`]), portable loops (`portable.rs`), vector lanes (`simd.rs`) and
+//! vector twins (`wide.rs`), dispatched per element type by [`RowLoops`] (`dispatch.rs`); the
+//! kernels themselves ([`factored`], [`vector`], [`elementwise`]).
 
 mod cpu;
 mod dispatch;

@@ -4,7 +4,7 @@
 //! A kernel gets a [`Rounding`] and the index of its first element in the whole tensor, and
 //! stores each element with [`Rounding::store`]`(x, index)` (or a slice with
 //! [`Rounding::store_slice`]). Hot loops take a [`Store`] type parameter instead, chosen once
-//! per call with [`with_store!`]: [`Nearest`] compiles to the plain conversion, [`Stochastic`]
+//! per call with `with_store!`: [`Nearest`] compiles to the plain conversion, [`Stochastic`]
 //! to [`crate::rounding`]'s generator and rounding, so nearest rounding costs nothing extra.
 //! The random bits depend only on the key and the element's index, never on how work is split
 //! or which instruction set runs, so every version gives the same bits.
@@ -66,7 +66,7 @@ impl Rounding {
     }
 }
 
-/// A weight store fixed at compile time (see [`with_store!`]).
+/// A weight store fixed at compile time (chosen once per call by `with_store!`).
 pub trait Store: Copy + Send + Sync {
     /// The stochastic key, when this store draws bits (the vector loops draw them sixteen at a
     /// time themselves).
