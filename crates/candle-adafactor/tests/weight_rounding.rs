@@ -28,8 +28,9 @@ fn tensor(seed: u64, shape: &[usize], scale: f32, dtype: DType) -> Tensor {
         .expect("tensor")
 }
 
-/// A matrix large enough to be split across threads, a rank-3 variable, a vector and a scalar.
-const SHAPES: [&[usize]; 4] = [&[300, 400], &[3, 20, 50], &[5000], &[]];
+/// A matrix and a vector large enough to be split across threads (the vector of odd length), a
+/// rank-3 variable and a scalar.
+const SHAPES: [&[usize]; 4] = [&[300, 400], &[3, 20, 50], &[70_001], &[]];
 
 fn stochastic(seed: u64, jit_compile: bool) -> AdafactorConfig {
     AdafactorConfig {
