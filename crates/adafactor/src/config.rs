@@ -3,6 +3,7 @@
 use crate::axes::FactoredAxes;
 use crate::error::{Error, Result};
 use crate::json::{float, opt_float, reject_unknown};
+pub use crate::rounding::WeightRounding;
 use crate::schedule::LearningRateSchedule;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -140,6 +141,13 @@ pub struct AdafactorConfig {
     /// (see [`crate::axes`]); variables not listed use Keras's last two axes. Written to
     /// `get_config` as `"factored_axes": {"name": [row, col], ...}` only when not empty.
     pub factored_axes: BTreeMap<String, FactoredAxes>,
+    /// Ours, not Keras's: how updates are rounded into bf16 and f16 weights. Default
+    /// [`WeightRounding::Nearest`] (Keras's behaviour). Written to `get_config` only when not
+    /// the default.
+    pub weight_rounding: WeightRounding,
+    /// Ours: the seed of [`WeightRounding::Stochastic`]'s random bits (default 0; any other
+    /// value needs stochastic rounding). Written to `get_config` only when not 0.
+    pub weight_rounding_seed: u64,
 }
 
 impl Default for AdafactorConfig {
@@ -164,6 +172,8 @@ impl Default for AdafactorConfig {
             name: "adafactor".to_string(),
             on_nonfinite: OnNonFinite::Error,
             factored_axes: BTreeMap::new(),
+            weight_rounding: WeightRounding::Nearest,
+            weight_rounding_seed: 0,
         }
     }
 }
@@ -189,12 +199,14 @@ const KERAS_KEYS: [&str; 16] = [
 ];
 
 /// Keys accepted on input besides [`KERAS_KEYS`]: legacy Keras and tf-keras keys, and ours.
-const EXTRA_KEYS: [&str; 5] = [
+const EXTRA_KEYS: [&str; 7] = [
     "decay",
     "jit_compile",
     "is_legacy_optimizer",
     "on_nonfinite",
     "factored_axes",
+    "weight_rounding",
+    "weight_rounding_seed",
 ];
 
 fn py(x: Option<f64>) -> String {
@@ -236,7 +248,7 @@ impl AdafactorConfig {
     /// learning rate (or a constant one beyond float32's range), epsilon, weight decay or clip
     /// value; `clip_threshold <= 0`; `loss_scale_factor <= 0`; `beta_2_decay > 0` or non-finite;
     /// any of these values out of range once rounded to float32 (as the update uses them); an
-    /// invalid schedule.
+    /// invalid schedule; a `weight_rounding_seed` without stochastic rounding.
     pub fn validate(&self) -> Result<()> {
         match &self.learning_rate {
             LearningRate::Constant(lr) => {
@@ -326,7 +338,8 @@ impl AdafactorConfig {
                 ),
             ));
         }
-        self.validate_factored_axes()
+        self.validate_factored_axes()?;
+        crate::rounding::validate(self.weight_rounding, self.weight_rounding_seed)
     }
 
     /// Checks `factored_axes` on its own (each pair names two different axes); the axes are
@@ -389,8 +402,8 @@ impl AdafactorConfig {
     }
 
     /// Keras 3's `get_config()`: the same keys in the same order, `learning_rate` rounded to
-    /// float32 or a nested schedule dict. `on_nonfinite` and `factored_axes` are added only when
-    /// not the default.
+    /// float32 or a nested schedule dict. `on_nonfinite`, `factored_axes`, `weight_rounding` and
+    /// `weight_rounding_seed` are added only when not the default.
     pub fn to_keras_config(&self) -> Value {
         let mut m = Map::new();
         m.insert("name".into(), Value::from(self.name.clone()));
@@ -436,6 +449,7 @@ impl AdafactorConfig {
                 factored_axes_json(&self.factored_axes),
             );
         }
+        crate::rounding::write_keys(self.weight_rounding, self.weight_rounding_seed, &mut m);
         Value::Object(m)
     }
 
@@ -451,7 +465,8 @@ impl AdafactorConfig {
 
     /// Reads a Keras config: the `get_config()` dict or the `keras.optimizers.serialize()` wrapper.
     /// Absent keys take Keras defaults; `decay`, `is_legacy_optimizer` are accepted and ignored
-    /// as Keras does; `jit_compile`, `on_nonfinite` and `factored_axes` are read. The result is validated.
+    /// as Keras does; `jit_compile`, `on_nonfinite`, `factored_axes`, `weight_rounding` and
+    /// `weight_rounding_seed` are read. The result is validated.
     ///
     /// # Errors
     /// A wrapper whose `class_name` is not `Adafactor`; unknown keys (Keras's "Argument(s) not
@@ -536,6 +551,7 @@ impl AdafactorConfig {
             Some(Value::String(s)) => OnNonFinite::parse(s)?,
             Some(v) => OnNonFinite::parse(&v.to_string())?,
         };
+        let (weight_rounding, weight_rounding_seed) = crate::rounding::read_keys(cfg)?;
         let config = AdafactorConfig {
             learning_rate,
             beta_2_decay: f("beta_2_decay", d.beta_2_decay)?,
@@ -556,6 +572,8 @@ impl AdafactorConfig {
             name: crate::json::str_or(cfg, "name", &d.name, ctx)?,
             on_nonfinite,
             factored_axes: factored_axes_from_json(cfg.get("factored_axes"))?,
+            weight_rounding,
+            weight_rounding_seed,
         };
         config.validate()?;
         Ok(config)
@@ -632,10 +650,62 @@ mod tests {
             ema_overwrite_frequency: Some(5),
             gradient_accumulation_steps: Some(3),
             on_nonfinite: OnNonFinite::Skip,
+            weight_rounding: WeightRounding::Stochastic,
+            weight_rounding_seed: u64::MAX,
             ..Default::default()
         };
         let back = AdafactorConfig::from_keras_config(&cfg.to_keras_serialized()).unwrap();
         assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn weight_rounding_keys_are_written_only_when_set_and_checked() {
+        let stochastic = AdafactorConfig {
+            weight_rounding: WeightRounding::Stochastic,
+            ..Default::default()
+        };
+        let c = stochastic.to_keras_config();
+        assert_eq!(c["weight_rounding"], "stochastic");
+        assert!(c.get("weight_rounding_seed").is_none());
+        let seeded = AdafactorConfig {
+            weight_rounding_seed: 42,
+            ..stochastic.clone()
+        };
+        assert_eq!(seeded.to_keras_config()["weight_rounding_seed"], 42);
+        let back = AdafactorConfig::from_keras_config(&seeded.to_keras_config()).unwrap();
+        assert_eq!(
+            (back.weight_rounding, back.weight_rounding_seed),
+            (WeightRounding::Stochastic, 42)
+        );
+        let bad = [
+            (json!({"weight_rounding": "up"}), "weight_rounding"),
+            (json!({"weight_rounding": 1}), "weight_rounding"),
+            (
+                json!({"weight_rounding": "stochastic", "weight_rounding_seed": -1}),
+                "weight_rounding_seed",
+            ),
+            (
+                json!({"weight_rounding": "stochastic", "weight_rounding_seed": 1.5}),
+                "weight_rounding_seed",
+            ),
+            (json!({"weight_rounding_seed": 3}), "weight_rounding_seed"),
+        ];
+        for (cfg, arg) in bad {
+            match AdafactorConfig::from_keras_config(&cfg) {
+                Err(Error::InvalidArgument { argument, message }) => {
+                    assert_eq!(argument, arg, "{cfg}: {message}");
+                    assert!(message.contains("Received"), "{message}");
+                }
+                other => panic!("{cfg}: expected an error, got {other:?}"),
+            }
+        }
+        let e = AdafactorConfig {
+            weight_rounding_seed: 3,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("stochastic"), "{e}");
     }
 
     #[test]

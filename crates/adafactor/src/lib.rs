@@ -60,7 +60,7 @@ mod state;
 
 pub use axes::{FactoredAxes, Strided};
 pub use collective::{Collective, ThreadCollective, ThreadGroup};
-pub use config::{AdafactorConfig, LearningRate, OnNonFinite};
+pub use config::{AdafactorConfig, LearningRate, OnNonFinite, WeightRounding};
 pub use error::{Error, Result};
 pub use exclusions::NameExclusions;
 pub use plan::{Accumulation, Clip, EmaPlan, StepPlan, UpdateScalars};

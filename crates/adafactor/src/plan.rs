@@ -6,6 +6,7 @@
 //! `update_step` per variable, EMA, EMA overwrite, `iterations += 1`.
 
 use crate::config::AdafactorConfig;
+use crate::rounding::{StepRounding, WeightRounding};
 
 /// Which gradient clipping runs (at most one, as Keras enforces).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -99,6 +100,8 @@ pub struct EmaPlan {
     pub momentum: f32,
     /// Whether the weights are overwritten with the averages after the EMA update.
     pub overwrite: bool,
+    /// Stochastic rounding of the overwritten weights (`None`: to nearest).
+    pub rounding: Option<StepRounding>,
 }
 
 /// The plan for one `apply_gradients` call.
@@ -116,6 +119,9 @@ pub struct StepPlan {
     pub update: Option<UpdateScalars>,
     /// EMA work, when `use_ema`.
     pub ema: Option<EmaPlan>,
+    /// Stochastic rounding of the weights written in this call (`None`: to nearest, Keras's
+    /// behaviour).
+    pub rounding: Option<StepRounding>,
 }
 
 /// Completed updates after `raw` calls (Keras's `iterations` property).
@@ -178,6 +184,11 @@ impl StepPlan {
                 clip: Clip::from_config(cfg),
             }
         });
+        let rounding =
+            (cfg.weight_rounding == WeightRounding::Stochastic).then_some(StepRounding {
+                seed: cfg.weight_rounding_seed,
+                iteration: raw_iteration,
+            });
         let ema = cfg.use_ema.then(|| EmaPlan {
             momentum: if iterations != 0 {
                 cfg.ema_momentum as f32
@@ -187,6 +198,7 @@ impl StepPlan {
             overwrite: cfg
                 .ema_overwrite_frequency
                 .is_some_and(|f| f > 0 && iterations.saturating_add(1).is_multiple_of(f)),
+            rounding,
         });
         StepPlan {
             raw_iteration,
@@ -195,6 +207,7 @@ impl StepPlan {
             accumulation,
             update,
             ema,
+            rounding,
         }
     }
 }

@@ -7,12 +7,132 @@
 //! and small updates survive on average.
 //!
 //! The random bits come from a counter-based generator: [`RoundingKey`] mixes (seed, iteration,
-//! variable, stream) once per tensor, and [`random_bits`] hashes the element index with it. A
+//! variable, stream) once per tensor, and [`random_word`] hashes an index with it into 32 bits,
+//! which serve two neighbouring elements, 16 bits each ([`random_bits`]): bf16 drops 16 bits of
+//! a float32 and float16 13 in its normal range, so 16 bits make the rounding exact there, at
+//! half the cost of a word per element. A
 //! run is therefore reproducible bit for bit, independent of the thread count, of how work is
 //! split, of the instruction set, and of stopping and resuming from a checkpoint (the iteration
 //! count is part of the saved state).
 
+use crate::error::{Error, Result};
 use half::{bf16, f16};
+use serde_json::{Map, Value};
+
+/// How the float32 result of an update is rounded into a bfloat16 or float16 weight (the
+/// `weight_rounding` config key; ours, not Keras's). float32 weights are written exactly either
+/// way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightRounding {
+    /// Round to nearest even, as Keras does (default).
+    #[default]
+    Nearest,
+    /// Round up or down at random, with the probability of each neighbour proportional to its
+    /// closeness, from bits keyed by (`weight_rounding_seed`, iteration, variable, element):
+    /// unbiased, so updates below half a unit in the last place survive on average.
+    Stochastic,
+}
+
+impl WeightRounding {
+    /// The config spelling: `"nearest"` or `"stochastic"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightRounding::Nearest => "nearest",
+            WeightRounding::Stochastic => "stochastic",
+        }
+    }
+
+    /// Parses the config spelling.
+    ///
+    /// # Errors
+    /// Any other string.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "nearest" => Ok(WeightRounding::Nearest),
+            "stochastic" => Ok(WeightRounding::Stochastic),
+            other => Err(Error::invalid(
+                "weight_rounding",
+                format!(
+                    "`weight_rounding` must be \"nearest\" or \"stochastic\". \
+                     Received: weight_rounding={other:?}"
+                ),
+            )),
+        }
+    }
+}
+
+/// Checks the two rounding keys together: a seed only means something with stochastic
+/// rounding, so a seed without it (most likely a forgotten `weight_rounding`) is refused.
+///
+/// # Errors
+/// `weight_rounding_seed` is not 0 while `weight_rounding` is `"nearest"`.
+pub fn validate(rounding: WeightRounding, seed: u64) -> Result<()> {
+    if rounding == WeightRounding::Nearest && seed != 0 {
+        return Err(Error::invalid(
+            "weight_rounding_seed",
+            format!(
+                "`weight_rounding_seed` is only used with weight_rounding=\"stochastic\". \
+                 Received: weight_rounding=\"nearest\", weight_rounding_seed={seed}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The keys as a Keras config writes them: only those that are not the default.
+pub(crate) fn write_keys(rounding: WeightRounding, seed: u64, out: &mut Map<String, Value>) {
+    if rounding != WeightRounding::Nearest {
+        out.insert("weight_rounding".into(), Value::from(rounding.as_str()));
+    }
+    if seed != 0 {
+        out.insert("weight_rounding_seed".into(), Value::from(seed));
+    }
+}
+
+/// Reads the keys from a Keras config (absent or null: the defaults).
+///
+/// # Errors
+/// `weight_rounding` not one of its strings; `weight_rounding_seed` not an integer in
+/// `0..=2^64 - 1`; the pair refused by [`validate`].
+pub(crate) fn read_keys(cfg: &Map<String, Value>) -> Result<(WeightRounding, u64)> {
+    let rounding = match cfg.get("weight_rounding") {
+        None | Some(Value::Null) => WeightRounding::Nearest,
+        Some(Value::String(s)) => WeightRounding::parse(s)?,
+        Some(v) => WeightRounding::parse(&v.to_string())?,
+    };
+    let seed = match cfg.get("weight_rounding_seed") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            Error::invalid(
+                "weight_rounding_seed",
+                format!(
+                    "`weight_rounding_seed` must be an integer from 0 to 2^64 - 1. \
+                     Received: weight_rounding_seed={v}"
+                ),
+            )
+        })?,
+    };
+    validate(rounding, seed)?;
+    Ok((rounding, seed))
+}
+
+/// Stochastic rounding in one step: the config's seed and the step's raw call count (Keras
+/// `_iterations` before this call, saved in checkpoints), from which each variable's
+/// [`RoundingKey`] follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepRounding {
+    /// `weight_rounding_seed`.
+    pub seed: u64,
+    /// The raw call count before this call.
+    pub iteration: u64,
+}
+
+impl StepRounding {
+    /// The key of variable `variable` (its index in build order) for one kind of write.
+    pub fn key(&self, variable: usize, stream: RoundingStream) -> RoundingKey {
+        RoundingKey::new(self.seed, self.iteration, variable as u64, stream)
+    }
+}
 
 /// The per-tensor key of the generator: two 32-bit words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,20 +155,31 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A 32-bit integer hash with low bias (two multiply-xorshift rounds); cheap in SIMD lanes.
+/// A 32-bit integer hash with low bias (two multiply-xorshift rounds, "lowbias32"), with a
+/// second key word `k` mixed in between the rounds (so that two keys do not give the same
+/// words in another order); cheap in SIMD lanes.
 #[inline(always)]
-pub fn hash32(mut x: u32) -> u32 {
+pub fn hash32(mut x: u32, k: u32) -> u32 {
     x ^= x >> 16;
     x = x.wrapping_mul(0x7FEB_352D);
+    x ^= k;
     x ^= x >> 15;
     x = x.wrapping_mul(0x846C_A68B);
     x ^ (x >> 16)
 }
 
+/// The key word mixed between [`hash32`]'s rounds for words `pair`: the key's second word,
+/// and the high half of the index (zero below 2^32 words).
+#[inline(always)]
+pub fn middle_key(key: RoundingKey, pair: u64) -> u32 {
+    key.0[1] ^ ((pair >> 32) as u32).wrapping_mul(0x9E37_79B9)
+}
+
 impl RoundingKey {
     /// The key of one tensor's rounding in one iteration: `seed` from the config, `iteration`
-    /// the completed-update count before this update, `variable` the variable's index in build
-    /// order.
+    /// the raw call count before this call (unique per call, also with gradient accumulation,
+    /// whose EMA overwrites may come on consecutive calls), `variable` the variable's index in
+    /// build order.
     pub fn new(seed: u64, iteration: u64, variable: u64, stream: RoundingStream) -> RoundingKey {
         let golden = 0x9E37_79B9_7F4A_7C15u64;
         let mut z = mix64(seed.wrapping_add(golden));
@@ -59,12 +190,18 @@ impl RoundingKey {
     }
 }
 
-/// The 32 random bits of element `index` under `key`.
+/// Word `pair` of the generator under `key`: 32 random bits, the low half for element
+/// `2 pair`, the high half for element `2 pair + 1`.
+#[inline(always)]
+pub fn random_word(key: RoundingKey, pair: u64) -> u32 {
+    hash32(pair as u32 ^ key.0[0], middle_key(key, pair))
+}
+
+/// The 16 random bits (in the low half) of element `index` under `key`: one half of
+/// [`random_word`]`(key, index / 2)`.
 #[inline(always)]
 pub fn random_bits(key: RoundingKey, index: u64) -> u32 {
-    let lo = index as u32;
-    let hi = (index >> 32) as u32;
-    hash32(hash32(lo ^ key.0[0]).wrapping_add(hi ^ key.0[1]))
+    (random_word(key, index >> 1) >> ((index & 1) << 4)) & 0xFFFF
 }
 
 /// `x` rounded to bfloat16, up (away from zero) with probability equal to its distance from the
@@ -84,13 +221,14 @@ pub fn bf16_stochastic(x: f32, r: u32) -> bf16 {
 }
 
 /// `x` rounded to float16, up (away from zero) with probability equal to its distance from the
-/// lower neighbour in ulps, using `r`. Values float16 holds exactly never change. NaN,
-/// infinities and magnitudes above float16's largest finite value (65504) round as to nearest.
+/// lower neighbour in ulps, using the low 16 bits of `r`. Values float16 holds exactly never
+/// change. NaN, infinities and magnitudes above float16's largest finite value (65504) round as
+/// to nearest.
 ///
 /// In float16's normal range 13 mantissa bits are dropped: 13 random bits are added below the
 /// kept ones before truncating. Below 2^-14 the spacing is the subnormal quantum 2^-24: the
-/// magnitude in quanta is split into its integer part and a remainder of `s` bits, compared with
-/// `s` random bits (`s` up to 32; smaller magnitudes, below 2^-32 quanta, round to zero).
+/// magnitude in quanta is split into its integer part and its fraction, whose first 16 bits are
+/// compared with 16 random bits (the chance of rounding up is low by less than 2^-16).
 #[inline(always)]
 pub fn f16_stochastic(x: f32, r: u32) -> f16 {
     let bits = x.to_bits();
@@ -113,21 +251,18 @@ pub fn f16_stochastic(x: f32, r: u32) -> f16 {
     }
     let mant = (m & 0x7F_FFFF) | 0x80_0000; // 24 bits, |x| = mant * 2^(e - 150)
     let s = 126 - e; // |x| / 2^-24 = mant / 2^s, with s >= 14
-    if s >= 56 {
+    if s >= 40 {
+        // Below 2^-16 quanta: the first 16 fraction bits are zero.
         return f16::from_bits(sign);
     }
-    // Quanta as a 64-bit fixed-point number with `s` fraction bits.
-    let q = (mant as u64) << 8; // 8 guard bits so that s <= 32 needs no wider random
-    let shift = s + 8;
-    let k = (q >> shift) as u16;
-    let rem_bits = shift.min(32);
-    let rem = (q & ((1u64 << shift) - 1)) >> (shift - rem_bits);
-    let threshold = if rem_bits == 32 {
-        r as u64
+    let k = (mant >> s) as u16; // whole quanta
+    let frac = mant & ((1 << s) - 1);
+    let first16 = if s >= 16 {
+        frac >> (s - 16)
     } else {
-        (r as u64) & ((1u64 << rem_bits) - 1)
+        frac << (16 - s)
     };
-    let up = (threshold < rem) as u16;
+    let up = ((r & 0xFFFF) < first16) as u16;
     f16::from_bits(sign | (k + up))
 }
 

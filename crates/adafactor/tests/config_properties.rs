@@ -8,7 +8,7 @@ use adafactor::{AdafactorConfig, LearningRate};
 use proptest::prelude::*;
 use serde_json::{Map, Number, Value};
 
-const KEYS: [&str; 21] = [
+const KEYS: [&str; 23] = [
     "name",
     "learning_rate",
     "weight_decay",
@@ -29,6 +29,8 @@ const KEYS: [&str; 21] = [
     "jit_compile",
     "is_legacy_optimizer",
     "on_nonfinite",
+    "weight_rounding",
+    "weight_rounding_seed",
     "beta_1",
 ];
 
@@ -270,6 +272,15 @@ fn config_value(key: &str) -> BoxedStrategy<Value> {
         "on_nonfinite" => prop::sample::select(vec!["error", "skip", "propagate", "raise"])
             .prop_map(Value::from)
             .boxed(),
+        "weight_rounding" => prop::sample::select(vec!["nearest", "stochastic", "up"])
+            .prop_map(Value::from)
+            .boxed(),
+        "weight_rounding_seed" => prop_oneof![
+            Just(Value::from(0u64)),
+            any::<u64>().prop_map(Value::from),
+            (-3i64..0).prop_map(Value::from),
+        ]
+        .boxed(),
         _ => leaf().boxed(),
     };
     perturbed(typed)

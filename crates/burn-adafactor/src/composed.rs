@@ -197,9 +197,12 @@ impl Backend for Composed<'_> {
         _stats: &[Stats],
         updated: Vec<(f32, Updated)>,
         scalars: &[WriteScalars],
-        _ctx: &UpdateContext,
+        ctx: &UpdateContext,
     ) -> Result<Vec<Stats>, Error> {
         let mut out = Vec::with_capacity(targets.len());
+        for tg in targets {
+            refuse_stochastic(&self.slots[tg.var], ctx.rounding.is_some())?;
+        }
         for ((tg, (_, up)), w) in targets.iter().zip(updated).zip(scalars) {
             let x = up.x - up.update.div_scalar(w.divisor).mul_scalar(w.alpha);
             // Rounded to the weight's dtype here: the EMA reads the stored weight.
@@ -219,6 +222,11 @@ impl Backend for Composed<'_> {
     }
 
     fn ema(&mut self, vars: &[usize], ema: EmaPlan) -> Result<(), Error> {
+        if ema.overwrite {
+            for &i in vars {
+                refuse_stochastic(&self.slots[i], ema.rounding.is_some())?;
+            }
+        }
         for &i in vars {
             let slot = &self.slots[i];
             let x = self.staged[i]
@@ -296,4 +304,20 @@ fn direction(
             ))
         }
     }
+}
+
+/// `weight_rounding = "stochastic"` on this path: the fused path (Flex) rounds 16-bit weights
+/// stochastically; these burn ops would round to nearest, so a 16-bit weight is refused (before
+/// anything is written) rather than rounded otherwise than configured. float32 weights are
+/// written exactly either way.
+fn refuse_stochastic(slot: &Slot, stochastic: bool) -> Result<(), Error> {
+    if stochastic && matches!(slot.dtype, DType::BF16 | DType::F16) {
+        return Err(invalid(format!(
+            "`weight_rounding` \"stochastic\" for the {:?} parameter `{}` needs the fused path \
+             (the Flex backend, `jit_compile` true); burn-adafactor's composed path rounds to \
+             nearest only",
+            slot.dtype, slot.path
+        )));
+    }
+    Ok(())
 }

@@ -18,7 +18,9 @@ mod params;
 mod per_tensor;
 mod slot;
 
-pub use adafactor::{AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite};
+pub use adafactor::{
+    AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite, WeightRounding,
+};
 pub use checkpoint::{STATE_FORMAT, STATE_FORMAT_VERSION};
 pub use error::{Error, Result, StepError};
 pub use optimizer::{Adafactor, DataPath};

@@ -214,3 +214,31 @@ fn factored_axes_are_refused_not_ignored() {
         assert!(msg.contains("`factored_axes`") && msg.contains("conv.weight"), "{msg}");
     }
 }
+
+/// Stochastic rounding runs on the fused path; the composed path refuses 16-bit parameters with
+/// it, naming the key and the parameter, and changes nothing (float32 parameters are fine).
+#[test]
+fn stochastic_rounding_on_the_composed_path_is_refused_for_16_bit_parameters() {
+    let stochastic = |jit| AdafactorConfig {
+        weight_rounding: burn_adafactor::WeightRounding::Stochastic,
+        weight_rounding_seed: 3,
+        ..cfg(jit)
+    };
+    let (m, h, dev) = setup(Some(FloatDType::BF16));
+    let before = snapshot(&m, &h);
+    let mut opt = Adafactor::new(stochastic(false)).expect("optimizer");
+    let g = common::grads(&h, &grad_values(&h, 1.0), &dev, DType::BF16);
+    let e = opt.step(m, g).expect_err("refused");
+    assert!(e.to_string().contains("`weight_rounding`"), "{e}");
+    assert!(e.to_string().contains(&h[0].path()), "{e}");
+    assert_eq!(snapshot(&e.model, &h), before, "nothing changed");
+    assert_eq!(opt.iterations(), 0);
+    for (dtype, jit) in [(FloatDType::BF16, true), (FloatDType::F32, false)] {
+        let (m, h, dev) = setup(Some(dtype));
+        let start = snapshot(&m, &h);
+        let mut opt = Adafactor::new(stochastic(jit)).expect("optimizer");
+        let g = common::grads(&h, &grad_values(&h, 1.0), &dev, DType::from(dtype));
+        let m = opt.step(m, g).expect("a step");
+        assert_ne!(snapshot(&m, &h), start, "{dtype:?}, jit_compile {jit}");
+    }
+}

@@ -27,9 +27,12 @@
 //!
 //! The last line is machine-readable:
 //! `bench set=.. path=.. dtype=.. params=.. tensors=.. median_ms=.. min_ms=.. triad_gbps=..
-//! floor_ms=.. state_bytes=.. peak_rss_mib=.. ideal_ms=.. vs_ideal=.. bytes_per_param=..`, where
-//! `vs_ideal = median_ms / ideal_ms` and `floor_ms = 24 bytes x params / triad bandwidth` (kept
-//! for comparison with older runs; the ideal is the bound that counts).
+//! floor_ms=.. state_bytes=.. peak_rss_mib=.. ideal_ms=.. vs_ideal=.. bytes_per_param=..
+//! cpu_ms=..`, where `vs_ideal = median_ms / ideal_ms`, `floor_ms = 24 bytes x params / triad
+//! bandwidth` (kept for comparison with older runs; the ideal is the bound that counts) and
+//! `cpu_ms` the CPU time of all the process's threads per timed step: unlike wall time it does
+//! not grow when other processes take the cores, so it compares two configurations' work on a
+//! busy machine.
 
 #[path = "bench/ideal.rs"]
 mod ideal;
@@ -347,6 +350,17 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
+/// CPU time of all the process's threads so far, in ms (`/proc/self/task/*/schedstat` starts
+/// with a thread's time on a CPU in ns); `None` where that is not available.
+fn cpu_ms() -> Option<f64> {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(entry.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total as f64 / 1e6)
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("bench: {e}");
@@ -428,11 +442,16 @@ fn run() -> BoxResult<()> {
         opt.apply_gradients(&pairs)?;
     }
     let mut times = Vec::with_capacity(args.steps);
+    let cpu_before = cpu_ms();
     for _ in 0..args.steps {
         let t = Instant::now();
         opt.apply_gradients(&pairs)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let cpu_per_step = match (cpu_before, cpu_ms()) {
+        (Some(a), Some(b)) => format!("{:.3}", (b - a) / args.steps.max(1) as f64),
+        _ => "unknown".to_string(),
+    };
     // Every call is an update, or every k-th with gradient accumulation.
     let applies = (args.warmup + args.steps) as u64;
     let expected = applies / args.config.gradient_accumulation_steps.unwrap_or(1).max(1);
@@ -493,7 +512,7 @@ fn run() -> BoxResult<()> {
         "bench set={set} path={} dtype={dtype} params={params} tensors={tensors} \
          median_ms={median_ms:.4} min_ms={min_ms:.4} triad_gbps={triad:.2} floor_ms={floor_ms:.3} \
          state_bytes={} peak_rss_mib={peak_rss} ideal_ms={ideal_ms:.4} vs_ideal={:.3} \
-         bytes_per_param={bytes_per_param:.1}",
+         bytes_per_param={bytes_per_param:.1} cpu_ms={cpu_per_step}",
         args.path,
         opt.state_bytes(),
         median_ms / ideal_ms

@@ -4,12 +4,19 @@
 //! Everything is computed in float32 into fresh tensors, staged, and committed by
 //! [`Backend::commit`] only after the whole step succeeded, so an error (or a refused
 //! non-finite gradient) changes nothing.
+//!
+//! With `weight_rounding = "stochastic"` a 16-bit weight is rounded on the host with the core's
+//! [`Rounding`] (candle has no 32-bit integer multiply, shift or xor for the generator): the
+//! float32 result is copied to the host, rounded and copied back, one more round trip of the
+//! tensor per write; the bits are those the fused kernels draw for the same value.
 
 use crate::slot::{NewValues, Slot};
 use adafactor::engine::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
-use adafactor::kernels::GradTransform;
+use adafactor::kernels::{GradTransform, Rounding};
+use adafactor::rounding::RoundingStream;
 use adafactor::{EmaPlan, Factoring, Stats, UpdateScalars};
 use candle_core::{DType, Result, Tensor, D};
+use half::{bf16, f16};
 
 fn scalar(t: &Tensor, s: f32) -> Result<Tensor> {
     Tensor::new(s, t.device())
@@ -48,6 +55,26 @@ fn mean(t: &Tensor, dim: D, count: usize) -> Result<Tensor> {
 /// `sqrt(mean(t^2))` over all elements, as Keras's `_rms`.
 fn rms(t: &Tensor) -> Result<f32> {
     to_f32(&t.sqr()?.mean_all()?.sqrt()?)
+}
+
+/// The float32 tensor `x` as `dtype`, rounded by `rounding` (element `i` of the flattened
+/// tensor with index `i`, as the fused kernels index it).
+fn round_to(x: &Tensor, dtype: DType, rounding: Rounding) -> Result<Tensor> {
+    fn host<T: adafactor::kernels::Element + candle_core::WithDType>(
+        x: &Tensor,
+        rounding: Rounding,
+        zero: T,
+    ) -> Result<Tensor> {
+        let v = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![zero; v.len()];
+        rounding.store_slice(&v, &mut out, 0);
+        Tensor::from_vec(out, x.shape(), x.device())
+    }
+    match (rounding, dtype) {
+        (Rounding::Stochastic(_), DType::BF16) => host(x, rounding, bf16::ZERO),
+        (Rounding::Stochastic(_), DType::F16) => host(x, rounding, f16::ZERO),
+        _ => x.to_dtype(dtype),
+    }
 }
 
 /// True when every element is finite (`x * 0` is NaN for NaN and infinity).
@@ -222,7 +249,7 @@ impl Backend for Composed<'_> {
         _stats: &[Stats],
         updated: Vec<(f32, Updated)>,
         scalars: &[WriteScalars],
-        _ctx: &UpdateContext,
+        ctx: &UpdateContext,
     ) -> Result<Vec<Stats>> {
         let mut out = Vec::with_capacity(targets.len());
         for ((target, (_, up)), w) in targets.iter().zip(updated).zip(scalars) {
@@ -230,7 +257,8 @@ impl Backend for Composed<'_> {
             let x = (up.x - mul(&update, w.alpha)?)?;
             // Rounded to the weight's dtype here: the EMA reads the stored weight.
             let dtype = self.slots[target.var].var.dtype();
-            self.staged[target.var].x = Some(x.to_dtype(dtype)?);
+            let rounding = Rounding::for_variable(ctx.rounding, target.var, RoundingStream::Update);
+            self.staged[target.var].x = Some(round_to(&x, dtype, rounding)?);
             out.push(up.stats);
         }
         Ok(out)
@@ -258,7 +286,9 @@ impl Backend for Composed<'_> {
                 .ok_or_else(|| crate::optimizer::err("internal: EMA average missing"))?;
             let avg = (mul(avg, ema.momentum)? + mul(&x, 1.0 - ema.momentum)?)?;
             if ema.overwrite {
-                n.x = Some(avg.to_dtype(slot.var.dtype())?);
+                let rounding =
+                    Rounding::for_variable(ema.rounding, i, RoundingStream::EmaOverwrite);
+                n.x = Some(round_to(&avg, slot.var.dtype(), rounding)?);
             }
             n.ema = Some(avg);
         }

@@ -11,8 +11,11 @@
 
 use super::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
 use crate::error::Error;
-use crate::kernels::{elementwise, factored, strided, vector, Grad, GradTransform, RowLoops};
+use crate::kernels::{
+    elementwise, factored, strided, vector, Grad, GradTransform, Rounding, RowLoops,
+};
 use crate::plan::{Clip, EmaPlan};
+use crate::rounding::RoundingStream;
 use crate::state::{Factoring, Stats};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -409,19 +412,24 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                 let coef = w.alpha / w.divisor;
                 let scale = w.scale.factor();
                 let decay = ctx.decay(tg);
+                let rounding = Rounding::for_variable(ctx.rounding, tg.var, RoundingStream::Update);
                 with_type!(self.store.element_type(tg.var), T => {
                     self.with_grad::<T, _>(tg.var, ctx.transform, |grad| {
                         self.write_as::<T, _>(tg.var, Buffer::Weight, |x| {
                             match (&up, &stats[tg.var]) {
                                 (Updated::Factored(p), Stats::Factored { factoring, .. }) => {
                                     match factoring.strided {
-                                        Some(s) => strided::pass3(x, grad, p, s, coef, scale, decay),
-                                        None => factored::pass3(x, grad, p, *factoring, coef, scale, decay),
+                                        Some(s) => strided::pass3(
+                                            x, grad, p, s, coef, scale, decay, rounding,
+                                        ),
+                                        None => factored::pass3(
+                                            x, grad, p, *factoring, coef, scale, decay, rounding,
+                                        ),
                                     }
                                     Ok(())
                                 }
                                 (Updated::Vector(v), _) => {
-                                    vector::pass3(x, grad, v, coef, scale, decay);
+                                    vector::pass3(x, grad, v, coef, scale, decay, rounding);
                                     Ok(())
                                 }
                                 _ => Err(kind_mismatch()),
@@ -461,8 +469,12 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                     })
                 })??;
                 if ema.overwrite {
+                    let rounding =
+                        Rounding::for_variable(ema.rounding, v, RoundingStream::EmaOverwrite);
                     self.read_as::<f32, _>(v, Buffer::Average, |avg| {
-                        self.write_as::<T, _>(v, Buffer::Weight, |x| elementwise::assign(x, avg))
+                        self.write_as::<T, _>(v, Buffer::Weight, |x| {
+                            elementwise::assign(x, avg, rounding)
+                        })
                     })??;
                 }
                 Ok(())

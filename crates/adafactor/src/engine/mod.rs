@@ -111,6 +111,9 @@ pub struct UpdateContext {
     pub scalars: UpdateScalars,
     /// Whether finiteness is checked (`on_nonfinite` is not `"propagate"`).
     pub check_finite: bool,
+    /// Stochastic rounding of the new weights (`None`: to nearest). Each variable's bits are
+    /// keyed by its index ([`crate::kernels::Rounding::for_variable`]).
+    pub rounding: Option<crate::rounding::StepRounding>,
 }
 
 impl UpdateContext {
@@ -383,6 +386,7 @@ pub fn run<B: Backend, C: Combine>(
                 transform,
                 scalars,
                 check_finite,
+                rounding: plan.rounding,
             };
             // Kept as pairs, not unzipped: with thousands of small tensors every list of the
             // step is a large allocation of its own.

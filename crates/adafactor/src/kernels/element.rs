@@ -2,10 +2,13 @@
 //! and from float32, in which all arithmetic is done.
 
 use super::cpu;
+use crate::rounding::{bf16_stochastic, f16_stochastic};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 
 /// A weight or gradient element type: converted to `f32` for all arithmetic.
 pub trait Element: Copy + Send + Sync + 'static {
+    /// True for `f32`, which every rounding writes exactly.
+    const IS_F32: bool = false;
     /// Converts a slice to `f32` (`out.len() == src.len()`).
     fn load(src: &[Self], out: &mut [f32]);
     /// Rounds a slice of `f32` into this type (`out.len() == src.len()`).
@@ -30,9 +33,13 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// One `f32` rounded to this type (as [`Element::store`] rounds).
     fn from_f32(v: f32) -> Self;
+    /// One `f32` rounded stochastically with the random word `r` ([`crate::rounding`]);
+    /// `f32` itself is exact.
+    fn from_f32_stochastic(v: f32, r: u32) -> Self;
 }
 
 impl Element for f32 {
+    const IS_F32: bool = true;
     #[inline(always)]
     fn load(src: &[f32], out: &mut [f32]) {
         out.copy_from_slice(src);
@@ -59,6 +66,10 @@ impl Element for f32 {
     }
     #[inline(always)]
     fn from_f32(v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
+    fn from_f32_stochastic(v: f32, _: u32) -> f32 {
         v
     }
 }
@@ -89,6 +100,10 @@ impl Element for bf16 {
     #[inline(always)]
     fn from_f32(v: f32) -> bf16 {
         bf16::from_bits(f32_to_bf16_bits(v))
+    }
+    #[inline(always)]
+    fn from_f32_stochastic(v: f32, r: u32) -> bf16 {
+        bf16_stochastic(v, r)
     }
 }
 
@@ -127,6 +142,10 @@ impl Element for f16 {
     #[inline(always)]
     fn from_f32(v: f32) -> f16 {
         f16::from_f32(v)
+    }
+    #[inline(always)]
+    fn from_f32_stochastic(v: f32, r: u32) -> f16 {
+        f16_stochastic(v, r)
     }
 }
 

@@ -8,6 +8,7 @@ use super::element::Element;
 use super::grad::Grad;
 use super::parallel::{for_chunks, parallel_for, UNIT_ELEMS};
 use super::reduce::CHUNK;
+use super::store::Rounding;
 use rayon::prelude::*;
 
 /// Whether the unscaled gradient is finite (a read-only pass, for accumulate-only calls).
@@ -64,9 +65,11 @@ pub fn ema<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
     });
 }
 
-/// Overwrite: `x = src` rounded to the weight type.
-pub fn assign<T: Element>(x: &mut [T], src: &[f32]) {
-    for_chunks(x, |start, xs| T::store(&src[start..start + xs.len()], xs));
+/// Overwrite: `x = src` rounded to the weight type by `rounding`.
+pub fn assign<T: Element>(x: &mut [T], src: &[f32], rounding: Rounding) {
+    for_chunks(x, |start, xs| {
+        rounding.store_slice(&src[start..start + xs.len()], xs, start as u64)
+    });
 }
 
 /// Sets every element to zero.
@@ -88,7 +91,7 @@ mod tests {
         ema(&mut avg, &g[..], 0.5);
         assert_eq!(avg, vec![1.0, -0.5, 2.0]);
         let mut x = [half::bf16::ZERO; 3];
-        assign(&mut x, &avg);
+        assign(&mut x, &avg, Rounding::Nearest);
         assert_eq!(x[1].to_f32(), -0.5);
         zero(&mut avg);
         assert_eq!(avg, vec![0.0; 3]);

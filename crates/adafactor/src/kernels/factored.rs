@@ -12,6 +12,7 @@ use super::parallel::{map_units, parallel_for, rows_per_unit};
 use super::reduce::nonfinite_probe;
 use super::row_args::new_stat;
 pub use super::row_args::{FoldRows, Pass1Rows, Pass1Sums, RowFold, RowUpdate};
+use super::store::Rounding;
 use crate::state::Factoring;
 use rayon::prelude::*;
 
@@ -409,6 +410,7 @@ struct Pass3<'a, 'g, T> {
     coef: f32,
     grad_scale: f32,
     decay: Option<Decay>,
+    rounding: Rounding,
 }
 
 impl<T: RowLoops> Pass3<'_, '_, T> {
@@ -431,6 +433,7 @@ impl<T: RowLoops> Pass3<'_, '_, T> {
             coef: self.coef,
             grad_scale: self.grad_scale,
             decay: self.decay,
+            rounding: self.rounding,
         };
         if T::in_registers() && self.grad.is_plain() {
             let base = first_row * m;
@@ -447,12 +450,14 @@ impl<T: RowLoops> Pass3<'_, '_, T> {
             }
             T::load(xrow, &mut xbuf);
             f32::update_rows(&mut xbuf, g, row, &u);
-            T::store(&xbuf, xrow);
+            self.rounding.store_slice(&xbuf, xrow, (row * m) as u64);
         }
     }
 }
 
-/// Pass 3: `x = decay(x) - coef * a_i * (s g_ij) * b_j`, with `coef = alpha / max(1, RMS(u)/d)`.
+/// Pass 3: `x = decay(x) - coef * a_i * (s g_ij) * b_j`, with `coef = alpha / max(1, RMS(u)/d)`,
+/// rounded into the weight by `rounding`.
+#[allow(clippy::too_many_arguments)]
 pub fn pass3<T: RowLoops>(
     x: &mut [T],
     grad: &Grad<'_, T>,
@@ -461,6 +466,7 @@ pub fn pass3<T: RowLoops>(
     coef: f32,
     grad_scale: f32,
     decay: Option<Decay>,
+    rounding: Rounding,
 ) {
     let m = f.m;
     if m == 0 || f.n == 0 {
@@ -479,6 +485,7 @@ pub fn pass3<T: RowLoops>(
         coef,
         grad_scale,
         decay,
+        rounding: rounding.for_type::<T>(),
     };
     let body = |(ci, xs): (usize, &mut [T])| job.rows(ci * rows_chunk, xs);
     if parallel {
@@ -534,7 +541,7 @@ mod tests {
                 None => pass2(&grad, &prep, f, 1.0),
             };
             let mut x = x0;
-            pass3(&mut x, &grad, &prep, f, coef, 1.0, None);
+            pass3(&mut x, &grad, &prep, f, coef, 1.0, None, Rounding::Nearest);
             let mut want_u2 = 0.0;
             for i in 0..2 {
                 for j in 0..3 {

@@ -27,10 +27,11 @@
 //! One file per concern, each depending only on those above it: [`Element`] types
 //! (`element.rs`) and CPU features (`cpu.rs`); reductions (`reduce.rs`), gradient transforms
 //! (`grad.rs`) and parallel scheduling (`parallel.rs`); the row loops' arguments
-//! (`row_args.rs`), portable loops (`portable.rs`), vector lanes (`simd.rs`) and vector twins
-//! (`wide.rs`), dispatched per element type by [`RowLoops`] (`dispatch.rs`); the kernels
-//! themselves ([`factored`], [`strided`] for variables factored over other axes than their last
-//! two, [`vector`], [`elementwise`]).
+//! (`row_args.rs`) and weight stores (`store.rs`, the one primitive through which every kernel
+//! writes a weight, [`Rounding`]), portable loops (`portable.rs`), vector lanes (`simd.rs`) and
+//! vector twins (`wide.rs`), dispatched per element type by [`RowLoops`] (`dispatch.rs`); the
+//! kernels themselves ([`factored`], [`strided`] for variables factored over other axes than
+//! their last two, [`vector`], [`elementwise`]).
 
 mod cpu;
 mod dispatch;
@@ -44,6 +45,7 @@ mod reduce;
 mod row_args;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+pub mod store;
 pub mod strided;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod twins_tests;
@@ -56,3 +58,4 @@ pub use element::Element;
 pub use grad::{Decay, Grad, GradTransform};
 pub use parallel::{PARALLEL_THRESHOLD, UNIT_ELEMS};
 pub use reduce::CHUNK;
+pub use store::Rounding;

@@ -13,6 +13,7 @@ use super::element::Element;
 use super::grad::Decay;
 use super::reduce::CHUNK;
 use super::row_args::{Pass1Rows, Pass1Sums, RowUpdate};
+use super::store::{with_store, Store};
 
 /// Lanes of a reduction: element `j` of a block adds into lane `j % LANES`, and the lanes are
 /// summed by [`lane_sum`] at the end of the block (every version reduces this way).
@@ -134,25 +135,30 @@ pub(crate) fn add_scaled(e: &[f32], scale: f32, w: &mut [f32]) {
 }
 
 /// Pass 3 over one row: `x_j = decay(x_j) - ca * (s g_j) * b_j`, computed in float32 and
-/// rounded once.
+/// rounded once by `store`, `x[0]` being element `base` of the variable.
 #[inline(always)]
-pub(crate) fn update<T: Element>(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn update<T: Element, S: Store>(
     x: &mut [T],
     g: &[T],
     b: &[f32],
     ca: f32,
     s: f32,
     decay: Option<Decay>,
+    store: S,
+    base: u64,
 ) {
     match decay {
         None => {
-            for ((xv, g), bj) in x.iter_mut().zip(g).zip(b) {
-                *xv = T::from_f32(xv.to_f32() - ca * (s * g.to_f32()) * bj);
+            for (j, ((xv, g), bj)) in x.iter_mut().zip(g).zip(b).enumerate() {
+                let v = xv.to_f32() - ca * (s * g.to_f32()) * bj;
+                *xv = store.store(v, base + j as u64);
             }
         }
         Some(d) => {
-            for ((xv, g), bj) in x.iter_mut().zip(g).zip(b) {
-                *xv = T::from_f32(d.apply(xv.to_f32()) - ca * (s * g.to_f32()) * bj);
+            for (j, ((xv, g), bj)) in x.iter_mut().zip(g).zip(b).enumerate() {
+                let v = d.apply(xv.to_f32()) - ca * (s * g.to_f32()) * bj;
+                *xv = store.store(v, base + j as u64);
             }
         }
     }
@@ -221,14 +227,14 @@ pub(crate) fn pass1_rows_with<T: Element>(
 }
 
 /// Pass 3 over whole rows of `m` elements, the first being row `first_row` of the variable:
-/// [`update`] on each row with its column and row factors.
+/// [`update`] on each row with its column and row factors and the index of its first element.
 #[inline(always)]
 pub(crate) fn update_rows_with<T: Element>(
     x: &mut [T],
     g: &[T],
     first_row: usize,
     u: &RowUpdate<'_>,
-    upd: impl Fn(&mut [T], &[T], &[f32], f32),
+    upd: impl Fn(&mut [T], &[T], &[f32], f32, u64),
 ) {
     let (m, n) = (u.m, u.n);
     if m == 0 || n == 0 {
@@ -237,7 +243,7 @@ pub(crate) fn update_rows_with<T: Element>(
     let (mut row, mut slice, mut in_slice) = (first_row, first_row / n, first_row % n);
     for (xr, gr) in x.chunks_exact_mut(m).zip(g.chunks_exact(m)) {
         let b = &u.col_factor[slice * m..(slice + 1) * m];
-        upd(xr, gr, b, u.coef * u.row_factor[row]);
+        upd(xr, gr, b, u.coef * u.row_factor[row], (row * m) as u64);
         row += 1;
         in_slice += 1;
         if in_slice == n {
@@ -327,7 +333,9 @@ pub(crate) fn pass1_rows<T: Element>(rows: Pass1Rows<'_, T>, sums: Pass1Sums<'_>
 /// Pass 3 over whole rows, portable: see [`update_rows_with`].
 #[inline(always)]
 pub(crate) fn update_rows<T: Element>(x: &mut [T], g: &[T], first_row: usize, u: &RowUpdate<'_>) {
-    update_rows_with(x, g, first_row, u, |x, g, b, ca| {
-        update(x, g, b, ca, u.grad_scale, u.decay)
+    with_store!(u.rounding.for_type::<T>(), st => {
+        update_rows_with(x, g, first_row, u, |x, g, b, ca, base| {
+            update(x, g, b, ca, u.grad_scale, u.decay, st, base)
+        })
     })
 }

@@ -2,6 +2,7 @@
 //! and the loops ([`super::portable`], the vector twins).
 
 use super::grad::Decay;
+use super::store::Rounding;
 
 /// Folds the row-statistics update into pass 1, which then also collects what RMS(u) needs, so
 /// pass 2 is skipped (20 instead of 24 bytes per float32 parameter). Only valid when the
@@ -85,6 +86,9 @@ pub struct RowUpdate<'a> {
     pub grad_scale: f32,
     /// The optional weight decay.
     pub decay: Option<Decay>,
+    /// How the new weights are rounded (element `j` of row `i` is element `i * m + j` of the
+    /// variable).
+    pub rounding: Rounding,
 }
 
 /// One statistic's update: `b2 * old + (1 - b2) * (s^2 sum / count + eps1)`, shared by pass 1's

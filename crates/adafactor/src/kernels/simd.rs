@@ -5,6 +5,7 @@
 //! instruction set (see the `twins!` macro there). Every operation here is a single float32
 //! operation per lane, so both instruction sets give the same bits as the portable loops.
 
+use crate::rounding::{middle_key, random_bits, random_word, RoundingKey};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 
@@ -34,6 +35,61 @@ pub(crate) trait Lanes: Copy {
         self.store(out.as_mut_ptr());
         out
     }
+
+    /// Sixteen 32-bit integer lanes.
+    type Bits: Copy;
+    /// [`random_bits`]`(key, index + l)` in lane `l`, as the scalar generator computes it
+    /// (16-bit values).
+    unsafe fn random_bits(key: RoundingKey, index: u64) -> Self::Bits;
+    /// The integer lanes as an array, in order.
+    unsafe fn bits_array(b: Self::Bits) -> [u32; 16];
+}
+
+/// The scalar generator on sixteen consecutive indices (where the low halves of the indices
+/// wrap, which the vector versions do not handle).
+#[inline(always)]
+fn random_bits16(key: RoundingKey, index: u64) -> [u32; 16] {
+    std::array::from_fn(|l| random_bits(key, index + l as u64))
+}
+
+/// Whether the low 32 bits of the generator's words for `index..index + 16` wrap (the high
+/// half changes inside).
+#[inline(always)]
+fn low_half_wraps(index: u64) -> bool {
+    ((index >> 1) as u32) > u32::MAX - 8
+}
+
+/// [`crate::rounding::hash32`] on eight lanes.
+#[inline(always)]
+unsafe fn hash32_8(mut x: __m256i, k: u32) -> __m256i {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB_352D));
+    x = _mm256_xor_si256(x, _mm256_set1_epi32(k as i32));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x846C_A68Bu32 as i32));
+    _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
+}
+
+/// [`random_bits`] of `index..index + 16` as sixteen 16-bit values
+/// in order (indices whose words do not wrap, see [`low_half_wraps`]): eight words of the
+/// generator ([`random_word`] on eight lanes), shifted by one half for an odd `index`, whose
+/// last element takes the low half of a ninth word.
+#[inline(always)]
+unsafe fn random_halves16(key: RoundingKey, index: u64) -> __m256i {
+    let pair = index >> 1;
+    let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let idx = _mm256_add_epi32(_mm256_set1_epi32(pair as u32 as i32), iota);
+    let x = _mm256_xor_si256(idx, _mm256_set1_epi32(key.0[0] as i32));
+    let w = hash32_8(x, middle_key(key, pair));
+    if index & 1 == 0 {
+        return w;
+    }
+    let (lo, up) = (_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+    let ninth = _mm_cvtsi32_si128(random_word(key, pair + 8) as i32);
+    _mm256_set_m128i(
+        _mm_alignr_epi8::<2>(ninth, up),
+        _mm_alignr_epi8::<2>(up, lo),
+    )
 }
 
 /// An element type that loads into, and rounds out of, lanes of `V`.
@@ -45,6 +101,18 @@ pub(crate) trait Wide<V: Lanes>: super::element::Element {
     unsafe fn load16(p: *const Self) -> V;
     /// Sixteen float32 lanes rounded into `p..p + 16`.
     unsafe fn store16(p: *mut Self, v: V);
+    /// Sixteen float32 lanes rounded stochastically into `p..p + 16`, lane `l` with the random
+    /// word in lane `l` of `r`, as [`super::element::Element::from_f32_stochastic`] rounds.
+    unsafe fn store16_stochastic(p: *mut Self, v: V, r: V::Bits);
+}
+
+/// [`Wide::store16_stochastic`] one lane at a time (the scalar reference).
+#[inline(always)]
+unsafe fn store16_stochastic_scalar<V: Lanes, W: Wide<V>>(p: *mut W, v: V, r: V::Bits) {
+    let (xs, rs) = (v.to_array(), V::bits_array(r));
+    for l in 0..16 {
+        *p.add(l) = W::from_f32_stochastic(xs[l], rs[l]);
+    }
 }
 
 /// Two AVX2 registers: lanes 0..8, then 8..16.
@@ -86,6 +154,29 @@ impl Lanes for Avx2 {
         _mm256_storeu_ps(p, self.0);
         _mm256_storeu_ps(p.add(8), self.1);
     }
+
+    type Bits = (__m256i, __m256i);
+    #[inline(always)]
+    unsafe fn random_bits(key: RoundingKey, index: u64) -> Self::Bits {
+        if low_half_wraps(index) {
+            let a = random_bits16(key, index);
+            let p = a.as_ptr() as *const __m256i;
+            return (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)));
+        }
+        let h = random_halves16(key, index);
+        (
+            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)),
+            _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(h)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn bits_array(b: Self::Bits) -> [u32; 16] {
+        let mut out = [0u32; 16];
+        let p = out.as_mut_ptr() as *mut __m256i;
+        _mm256_storeu_si256(p, b.0);
+        _mm256_storeu_si256(p.add(1), b.1);
+        out
+    }
 }
 
 impl<const BF16: bool> Lanes for Avx512<BF16> {
@@ -117,6 +208,21 @@ impl<const BF16: bool> Lanes for Avx512<BF16> {
     unsafe fn store(self, p: *mut f32) {
         _mm512_storeu_ps(p, self.0)
     }
+
+    type Bits = __m512i;
+    #[inline(always)]
+    unsafe fn random_bits(key: RoundingKey, index: u64) -> __m512i {
+        if low_half_wraps(index) {
+            return _mm512_loadu_si512(random_bits16(key, index).as_ptr() as *const _);
+        }
+        _mm512_cvtepu16_epi32(random_halves16(key, index))
+    }
+    #[inline(always)]
+    unsafe fn bits_array(b: __m512i) -> [u32; 16] {
+        let mut out = [0u32; 16];
+        _mm512_storeu_si512(out.as_mut_ptr() as *mut _, b);
+        out
+    }
 }
 
 impl<V: Lanes> Wide<V> for f32 {
@@ -128,6 +234,50 @@ impl<V: Lanes> Wide<V> for f32 {
     unsafe fn store16(p: *mut f32, v: V) {
         v.store(p)
     }
+    #[inline(always)]
+    unsafe fn store16_stochastic(p: *mut f32, v: V, _: V::Bits) {
+        v.store(p)
+    }
+}
+
+/// Eight 32-bit lanes holding 16-bit values, twice, narrowed into `p..p + 16` in order.
+#[inline(always)]
+unsafe fn narrow16_avx2(a: __m256i, b: __m256i, p: *mut u16) {
+    // Every lane fits in 16 bits, so the unsigned saturating pack only narrows; it packs
+    // within 128-bit halves, and the permute puts the four quarters in order.
+    let packed = _mm256_packus_epi32(a, b);
+    let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+    _mm256_storeu_si256(p as *mut __m256i, ordered);
+}
+
+/// `bf16_stochastic` on eight lanes, as 32-bit lanes holding the 16-bit results: the random
+/// low half added below the kept bits, truncated; NaN kept quiet as rounding to nearest does.
+#[inline(always)]
+unsafe fn bf16_stochastic_bits8(v: __m256, r: __m256i) -> __m256i {
+    let x = _mm256_castps_si256(v);
+    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+    // `r` holds 16-bit values (see `Lanes::random_bits`); a NaN lane adds nothing and gets the
+    // quiet bit instead.
+    let sum = _mm256_add_epi32(x, _mm256_andnot_si256(nan, r));
+    let quiet = _mm256_and_si256(nan, _mm256_set1_epi32(0x0040_0000));
+    _mm256_srli_epi32::<16>(_mm256_or_si256(sum, quiet))
+}
+
+/// `f16_stochastic` on eight lanes in float16's normal range (`2^-14 <= |x| <= 65504`):
+/// 13 random bits added below the kept ones, truncated. Returns the 16-bit results in 32-bit
+/// lanes and whether every lane was in that range.
+#[inline(always)]
+unsafe fn f16_stochastic_bits8(v: __m256, r: __m256i) -> (__m256i, bool) {
+    let x = _mm256_castps_si256(v);
+    let m = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFF_FFFF));
+    let small = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3880_0000), m);
+    let large = _mm256_cmpgt_epi32(m, _mm256_set1_epi32(0x477F_E000));
+    let normal = _mm256_testz_si256(_mm256_or_si256(small, large), _mm256_set1_epi32(-1)) == 1;
+    let low = _mm256_and_si256(r, _mm256_set1_epi32(0x1FFF));
+    let up = _mm256_srli_epi32::<13>(_mm256_add_epi32(m, low));
+    let mag = _mm256_sub_epi32(up, _mm256_set1_epi32(0x1_C000));
+    let sign = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x8000));
+    (_mm256_or_si256(sign, mag), normal)
 }
 
 /// Eight bf16 as float32: a bf16 is the top half of an f32.
@@ -160,11 +310,12 @@ impl Wide<Avx2> for bf16 {
     }
     #[inline(always)]
     unsafe fn store16(p: *mut bf16, v: Avx2) {
-        // Every lane fits in 16 bits, so the unsigned saturating pack only narrows; it packs
-        // within 128-bit halves, and the permute puts the four quarters in order.
-        let packed = _mm256_packus_epi32(bf16_bits8(v.0), bf16_bits8(v.1));
-        let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
-        _mm256_storeu_si256(p as *mut __m256i, ordered);
+        narrow16_avx2(bf16_bits8(v.0), bf16_bits8(v.1), p as *mut u16);
+    }
+    #[inline(always)]
+    unsafe fn store16_stochastic(p: *mut bf16, v: Avx2, r: (__m256i, __m256i)) {
+        let a = bf16_stochastic_bits8(v.0, r.0);
+        narrow16_avx2(a, bf16_stochastic_bits8(v.1, r.1), p as *mut u16);
     }
 }
 
@@ -204,6 +355,16 @@ impl<const BF16: bool> Wide<Avx512<BF16>> for bf16 {
         // Every lane fits in 16 bits: narrowing keeps it.
         _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(bits));
     }
+    #[inline(always)]
+    unsafe fn store16_stochastic(p: *mut bf16, v: Avx512<BF16>, r: __m512i) {
+        // As `bf16_stochastic_bits8`, on sixteen lanes.
+        let x = _mm512_castps_si512(v.0);
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v.0, v.0);
+        let quiet = _mm512_or_si512(x, _mm512_set1_epi32(0x0040_0000));
+        let sum = _mm512_mask_add_epi32(quiet, !nan, x, r);
+        let bits = _mm512_srli_epi32::<16>(sum);
+        _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(bits));
+    }
 }
 
 /// The hardware conversions round to nearest even, as `half` does.
@@ -225,6 +386,19 @@ impl Wide<Avx2> for f16 {
             _mm256_cvtps_ph::<F16_ROUNDING>(v.1),
         );
     }
+    #[inline(always)]
+    unsafe fn store16_stochastic(p: *mut f16, v: Avx2, r: (__m256i, __m256i)) {
+        let ((a, an), (b, bn)) = (
+            f16_stochastic_bits8(v.0, r.0),
+            f16_stochastic_bits8(v.1, r.1),
+        );
+        if an && bn {
+            narrow16_avx2(a, b, p as *mut u16);
+        } else {
+            // Subnormal results, zeros, overflow, NaN (rare in weights): the scalar rounding.
+            store16_stochastic_scalar(p, v, r);
+        }
+    }
 }
 
 impl<const BF16: bool> Wide<Avx512<BF16>> for f16 {
@@ -235,5 +409,23 @@ impl<const BF16: bool> Wide<Avx512<BF16>> for f16 {
     #[inline(always)]
     unsafe fn store16(p: *mut f16, v: Avx512<BF16>) {
         _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtps_ph::<F16_ROUNDING>(v.0));
+    }
+    #[inline(always)]
+    unsafe fn store16_stochastic(p: *mut f16, v: Avx512<BF16>, r: __m512i) {
+        // As `f16_stochastic_bits8`, on sixteen lanes.
+        let x = _mm512_castps_si512(v.0);
+        let m = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFF_FFFF));
+        let normal = _mm512_cmpge_epi32_mask(m, _mm512_set1_epi32(0x3880_0000))
+            & _mm512_cmple_epi32_mask(m, _mm512_set1_epi32(0x477F_E000));
+        if normal != 0xFFFF {
+            // Subnormal results, zeros, overflow, NaN (rare in weights): the scalar rounding.
+            return store16_stochastic_scalar(p, v, r);
+        }
+        let low = _mm512_and_si512(r, _mm512_set1_epi32(0x1FFF));
+        let up = _mm512_srli_epi32::<13>(_mm512_add_epi32(m, low));
+        let mag = _mm512_sub_epi32(up, _mm512_set1_epi32(0x1_C000));
+        let sign = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(0x8000));
+        let bits = _mm512_or_si512(sign, mag);
+        _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(bits));
     }
 }

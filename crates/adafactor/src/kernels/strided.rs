@@ -20,6 +20,7 @@ use super::factored::{Pass1, Prepared};
 use super::grad::{decayed_view, Decay, Grad};
 use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
 use crate::axes::Strided;
+use super::store::Rounding;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -462,7 +463,8 @@ pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, s: Strided, grad_scal
     sums.iter().sum()
 }
 
-/// Pass 3: `x = decay(x) - (coef a_i) (s g_ij) b_j`, with `coef = alpha / max(1, RMS(u)/d)`.
+/// Pass 3: `x = decay(x) - (coef a_i) (s g_ij) b_j`, with `coef = alpha / max(1, RMS(u)/d)`,
+/// each 16-bit weight stored with `rounding`.
 pub fn pass3<T: Element>(
     x: &mut [T],
     grad: &Grad<'_, T>,
@@ -471,6 +473,7 @@ pub fn pass3<T: Element>(
     coef: f32,
     grad_scale: f32,
     decay: Option<Decay>,
+    rounding: Rounding,
 ) {
     let (hr, r) = (line_len(s), s.inner);
     if hr == 0 || x.is_empty() {
@@ -505,7 +508,7 @@ pub fn pass3<T: Element>(
                         None => {
                             T::load(xl, &mut xbuf);
                             update_line(&mut xbuf, g, a, b, grad_scale, decay);
-                            T::store(&xbuf, xl);
+                            rounding.store_slice(&xbuf, xl, (line * hr) as u64);
                         }
                     }
                 }
@@ -569,7 +572,7 @@ mod tests {
                 );
                 let sum_u2 = pass2(&grad, &prep, s, 1.0);
                 let mut x = x0.clone();
-                pass3(&mut x, &grad, &prep, s, 0.1, 1.0, None);
+                pass3(&mut x, &grad, &prep, s, 0.1, 1.0, None, Rounding::Nearest);
                 // The batch axes in order, then each matrix by (i, j).
                 let batch: Vec<usize> = (0..4).filter(|k| *k != row && *k != col).collect();
                 let mut want_u2 = 0.0;

@@ -7,7 +7,9 @@ use super::factored::{FoldRows, RowFold};
 use super::grad::Decay;
 use super::portable::{pass1_rows, pass2_rows, update_rows};
 use super::row_args::{Pass1Rows, Pass1Sums, RowUpdate};
+use super::store::Rounding;
 use super::{simd, wide};
+use crate::rounding::{random_bits, RoundingKey, RoundingStream};
 use half::{bf16, f16};
 
 /// Whether the CPU has an instruction set; says so when a check is skipped for lack of it.
@@ -133,7 +135,13 @@ fn versions_agree<T: Element>(
 
             let col_factor = values(m as u64 + 7, 3 * m, 4.0);
             let row_factor = values(m as u64 + 11, first + rows, 2.0);
-            for s in [1.0, 0.9] {
+            let key = RoundingKey::new(3, 4, m as u64, RoundingStream::Update);
+            for (s, rounding) in [
+                (1.0, Rounding::Nearest),
+                (0.9, Rounding::Nearest),
+                (1.0, Rounding::Stochastic(key)),
+                (0.9, Rounding::Stochastic(key)),
+            ] {
                 let (b, a) = (&col_factor[..m], &row_factor[..rows]);
                 let sum_p = pass2_rows(&g, b, a, s);
                 let sum_v = pass2_v(&g, b, a, s);
@@ -146,6 +154,7 @@ fn versions_agree<T: Element>(
                     coef: 0.013,
                     grad_scale: s,
                     decay,
+                    rounding,
                 };
                 let (mut x_p, mut x_v) = (x.clone(), x.clone());
                 update_rows(&mut x_p, &g, first, &u);
@@ -154,7 +163,7 @@ fn versions_agree<T: Element>(
                     x_p.iter().map(|v| v.to_f32()).collect(),
                     x_v.iter().map(|v| v.to_f32()).collect(),
                 );
-                assert_eq!(bits(&x_p), bits(&x_v), "m {m}, scale {s}");
+                assert_eq!(bits(&x_p), bits(&x_v), "m {m}, scale {s}, {rounding:?}");
             }
         }
     }
@@ -247,5 +256,68 @@ fn vector_bf16_conversions_match_half() {
     }
     if available("AVX-512 BF16", has_avx512_bf16()) {
         conversions_match_half::<simd::Avx512<true>, bf16>(&probes);
+    }
+}
+
+/// The vector generator and stochastic stores against the scalar ones, lane for lane: indices
+/// whose low halves wrap inside a group included, and values across every rounding case
+/// (float16 subnormals, overflow and NaN take the scalar fallback).
+fn stochastic_stores_match<V: simd::Lanes, T: simd::Wide<V>>(probes: &[f32]) {
+    let key = RoundingKey::new(11, 12, 13, RoundingStream::Update);
+    let bases = [
+        0u64,
+        5,
+        (1 << 32) - 7,
+        (1 << 33) - 20,
+        (1 << 33) - 7,
+        (1 << 33) + 3,
+    ];
+    for base in bases.into_iter().chain([u64::MAX - 40, u64::MAX - 15]) {
+        // SAFETY: the caller checked the instruction set.
+        let lanes = unsafe { V::bits_array(V::random_bits(key, base)) };
+        for (l, r) in lanes.iter().enumerate() {
+            assert_eq!(*r, random_bits(key, base + l as u64), "index {base} + {l}");
+        }
+    }
+    for (k, chunk) in probes.chunks(16).filter(|c| c.len() == 16).enumerate() {
+        let index = 16 * k as u64;
+        let mut out = [T::from_f32(0.0); 16];
+        // SAFETY: as above; sixteen elements on each side.
+        unsafe {
+            let r = V::random_bits(key, index);
+            T::store16_stochastic(out.as_mut_ptr(), V::load(chunk.as_ptr()), r)
+        };
+        for (l, (p, o)) in chunk.iter().zip(out).enumerate() {
+            let want = T::from_f32_stochastic(*p, random_bits(key, index + l as u64));
+            // SAFETY: both are 2-byte values read as their bits.
+            let bits = |v: T| unsafe { std::mem::transmute_copy::<T, u16>(&v) };
+            assert_eq!(bits(o), bits(want), "{p:e}");
+        }
+    }
+}
+
+#[test]
+fn vector_stochastic_rounding_matches_scalar() {
+    let mut probes = super::element::tests::bf16_rounding_probes();
+    let mut x = 0x3000_0000u32;
+    while x < 0x4800_0000 {
+        for d in [0u32, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x3000, 0x1234] {
+            probes.push(f32::from_bits(x + d));
+            probes.push(-f32::from_bits(x + d));
+        }
+        x += 0x0003_2000;
+    }
+    // Runs of ordinary values, so that whole groups take the float16 vector path too.
+    probes.extend(values(1, 4096, 3.0));
+    if available("AVX2 and F16C", has_avx2()) {
+        stochastic_stores_match::<simd::Avx2, bf16>(&probes);
+        stochastic_stores_match::<simd::Avx2, f16>(&probes);
+    }
+    if available("AVX-512 (F, BW)", has_avx512()) {
+        stochastic_stores_match::<simd::Avx512<false>, bf16>(&probes);
+        stochastic_stores_match::<simd::Avx512<false>, f16>(&probes);
+    }
+    if available("AVX-512 BF16", has_avx512_bf16()) {
+        stochastic_stores_match::<simd::Avx512<true>, bf16>(&probes);
     }
 }

@@ -4,6 +4,7 @@ use super::element::Element;
 use super::grad::{decay_in_place, Decay, Grad};
 use super::parallel::{for_chunks, map_units, parallel_for, sum_chunks, UNIT_ELEMS};
 use super::reduce::{sum_sq, CHUNK};
+use super::store::Rounding;
 
 /// What pass 1 learns about an unfactored variable.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -97,7 +98,8 @@ pub fn pass2<T: Element>(
     })
 }
 
-/// Pass 3: `x = decay(x) - coef * s g / sqrt(v_new)`, `coef = alpha / max(1, RMS(u)/d)`.
+/// Pass 3: `x = decay(x) - coef * s g / sqrt(v_new)`, `coef = alpha / max(1, RMS(u)/d)`,
+/// rounded into the weight by `rounding`.
 pub fn pass3<T: Element>(
     x: &mut [T],
     grad: &Grad<'_, T>,
@@ -105,6 +107,7 @@ pub fn pass3<T: Element>(
     coef: f32,
     grad_scale: f32,
     decay: Option<Decay>,
+    rounding: Rounding,
 ) {
     for_chunks(x, |start, xs| {
         let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
@@ -117,7 +120,7 @@ pub fn pass3<T: Element>(
             for ((xv, g), v) in xb.iter_mut().zip(gb.iter()).zip(&v_new[b..]) {
                 *xv -= coef * ((grad_scale * g) / v.sqrt());
             }
-            T::store(xb, xblock);
+            rounding.store_slice(xb, xblock, b as u64);
         }
     });
 }
@@ -143,7 +146,7 @@ mod tests {
         assert_eq!(v, [1.0, 36.0, 49.0, 4.0]);
         assert_eq!(sum_u2, 4.0);
         let alpha = (30f32 / 4.0).sqrt() * 0.5;
-        pass3(&mut x, &grad, &v, alpha, 1.0, None);
+        pass3(&mut x, &grad, &v, alpha, 1.0, None, Rounding::Nearest);
         for (got, want) in x
             .iter()
             .zip([-0.36930645f32, 0.63069355, 1.6306936, 2.6306934])

@@ -11,12 +11,15 @@ use super::portable::{
 use super::reduce::CHUNK;
 use super::row_args::{Pass1Rows, Pass1Sums, RowUpdate};
 use super::simd;
+use super::store::{with_store, Store};
 
 /// The loops sixteen lanes at a time, written once for every [`simd::Lanes`]; the tails go to
 /// the portable loops.
 mod loops {
     use super::simd::{Lanes, Wide};
-    use super::{lane_sum, tail_squares, tail_squares_into, tail_weighted_sq, Decay, CHUNK, LANES};
+    use super::{
+        lane_sum, tail_squares, tail_squares_into, tail_weighted_sq, Decay, Store, CHUNK, LANES,
+    };
 
     /// `x - x * wd * lr` on every lane, as [`Decay::apply`] rounds it.
     #[inline(always)]
@@ -132,15 +135,25 @@ mod loops {
     }
 
     /// `DECAY`: `decay_by` is set; `SCALED`: `s != 1` (without norm clipping, the default,
-    /// `s * g` is `g`). Fixed per instantiation, so the loop has no branch but its own.
+    /// `s * g` is `g`); `store` rounds, `x[0]` being element `base` of the variable. Fixed per
+    /// instantiation, so the loop has no branch but its own.
     #[inline(always)]
-    pub(super) unsafe fn update<V: Lanes, W: Wide<V>, const DECAY: bool, const SCALED: bool>(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn update<
+        V: Lanes,
+        W: Wide<V>,
+        S: Store,
+        const DECAY: bool,
+        const SCALED: bool,
+    >(
         x: &mut [W],
         g: &[W],
         b: &[f32],
         ca: f32,
         s: f32,
         decay_by: Option<Decay>,
+        store: S,
+        base: u64,
     ) {
         let len = x.len().min(g.len()).min(b.len());
         let (wd, lr) = decay_lanes::<V>(decay_by);
@@ -157,17 +170,32 @@ mod loops {
             if SCALED {
                 gs = vs.mul(gs);
             }
-            W::store16(xp.add(j), xv.sub(vca.mul(gs).mul(V::load(bp.add(j)))));
+            let v = xv.sub(vca.mul(gs).mul(V::load(bp.add(j))));
+            match store.key() {
+                None => W::store16(xp.add(j), v),
+                Some(k) => W::store16_stochastic(xp.add(j), v, V::random_bits(k, base + j as u64)),
+            }
             j += LANES;
         }
-        super::update(&mut x[j..len], &g[j..len], &b[j..len], ca, s, decay_by);
+        let tail = (&mut x[j..len], &g[j..len], &b[j..len]);
+        super::update(
+            tail.0,
+            tail.1,
+            tail.2,
+            ca,
+            s,
+            decay_by,
+            store,
+            base + j as u64,
+        );
     }
 }
 
 mod wide_rows {
     use super::simd::{Lanes, Wide};
     use super::{
-        loops, pass1_rows_with, pass2_rows_with, update_rows_with, Pass1Rows, Pass1Sums, RowUpdate,
+        loops, pass1_rows_with, pass2_rows_with, update_rows_with, with_store, Pass1Rows,
+        Pass1Sums, RowUpdate, Store,
     };
 
     #[inline(always)]
@@ -237,20 +265,29 @@ mod wide_rows {
         first_row: usize,
         u: &RowUpdate<'_>,
     ) {
-        match (u.decay.is_some(), u.grad_scale != 1.0) {
-            (false, false) => update_rows_as::<V, W, false, false>(x, g, first_row, u),
-            (true, false) => update_rows_as::<V, W, true, false>(x, g, first_row, u),
-            (false, true) => update_rows_as::<V, W, false, true>(x, g, first_row, u),
-            (true, true) => update_rows_as::<V, W, true, true>(x, g, first_row, u),
-        }
+        with_store!(u.rounding.for_type::<W>(), st => {
+            match (u.decay.is_some(), u.grad_scale != 1.0) {
+                (false, false) => update_rows_as::<V, W, _, false, false>(x, g, first_row, u, st),
+                (true, false) => update_rows_as::<V, W, _, true, false>(x, g, first_row, u, st),
+                (false, true) => update_rows_as::<V, W, _, false, true>(x, g, first_row, u, st),
+                (true, true) => update_rows_as::<V, W, _, true, true>(x, g, first_row, u, st),
+            }
+        })
     }
 
     #[inline(always)]
-    unsafe fn update_rows_as<V: Lanes, W: Wide<V>, const DECAY: bool, const SCALED: bool>(
+    unsafe fn update_rows_as<
+        V: Lanes,
+        W: Wide<V>,
+        S: Store,
+        const DECAY: bool,
+        const SCALED: bool,
+    >(
         x: &mut [W],
         g: &[W],
         first_row: usize,
         u: &RowUpdate<'_>,
+        st: S,
     ) {
         // SAFETY: the caller has the instruction set of `V`. Inlined, so that it is compiled
         // with it.
@@ -260,8 +297,17 @@ mod wide_rows {
             first_row,
             u,
             #[inline(always)]
-            |x, g, b, ca| unsafe {
-                loops::update::<V, W, DECAY, SCALED>(x, g, b, ca, u.grad_scale, u.decay)
+            |x, g, b, ca, base| unsafe {
+                loops::update::<V, W, S, DECAY, SCALED>(
+                    x,
+                    g,
+                    b,
+                    ca,
+                    u.grad_scale,
+                    u.decay,
+                    st,
+                    base,
+                )
             },
         )
     }

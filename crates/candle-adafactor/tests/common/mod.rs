@@ -4,7 +4,9 @@
 
 pub mod harness;
 
-use candle_adafactor::{Adafactor, AdafactorConfig, DataPath, LearningRateSchedule};
+use candle_adafactor::{
+    Adafactor, AdafactorConfig, DataPath, LearningRateSchedule, WeightRounding,
+};
 use candle_core::{DType, Tensor};
 use half::{bf16, f16};
 
@@ -150,6 +152,17 @@ pub fn configs(jit: bool) -> Vec<(&'static str, AdafactorConfig)> {
             "loss_scale",
             AdafactorConfig {
                 loss_scale_factor: Some(4.0),
+                ..b.clone()
+            },
+        ),
+        (
+            "stochastic_rounding",
+            AdafactorConfig {
+                weight_rounding: WeightRounding::Stochastic,
+                weight_rounding_seed: 3,
+                use_ema: true,
+                ema_momentum: 0.9,
+                ema_overwrite_frequency: Some(2),
                 ..b.clone()
             },
         ),
