@@ -4,6 +4,7 @@ use crate::composed::Composed;
 use crate::fused;
 use crate::slot::Slot;
 use adafactor::engine::{self, Counters, Local, Step, Target};
+use adafactor::kernels::Spare;
 use adafactor::{AdafactorConfig, LearningRate, NameExclusions, OnNonFinite, Stats, StepPlan};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId, Var};
@@ -53,6 +54,8 @@ pub struct Adafactor {
     exclude_ids: HashSet<TensorId>,
     exclude_names: NameExclusions,
     pub(crate) extra: Vec<(String, Var)>,
+    /// The statistics buffers the last fused step replaced, reused by the next one.
+    spare: Spare,
 }
 
 /// The largest raw call count (`i64::MAX`, what [`Adafactor::variables`] writes as
@@ -86,6 +89,7 @@ impl Adafactor {
             exclude_ids: HashSet::new(),
             exclude_names: NameExclusions::default(),
             extra: Vec::new(),
+            spare: Spare::new(),
         })
     }
 
@@ -505,7 +509,7 @@ impl Adafactor {
             DataPath::Fused => {
                 let buffers = fused::Buffers::new(&self.slots, items);
                 engine::run(
-                    &mut engine::fused::Fused::new(&buffers),
+                    &mut engine::fused::Fused::with_spare(&buffers, &self.spare),
                     &mut stats,
                     step,
                     &Local,

@@ -29,7 +29,9 @@
 //! (`grad.rs`) and parallel scheduling (`parallel.rs`); the row loops' arguments
 //! (`row_args.rs`), portable loops (`portable.rs`), vector lanes (`simd.rs`) and vector twins
 //! (`wide.rs`), dispatched per element type by [`RowLoops`] (`dispatch.rs`); the kernels
-//! themselves ([`factored`], [`vector`], [`elementwise`]).
+//! themselves ([`factored`], [`vector`], [`elementwise`]); for factored shapes other than large
+//! matrices, [`shaped`] picks the short-row kernel (`tiny.rs`) or the column-split one
+//! (`narrow.rs`).
 
 mod cpu;
 mod dispatch;
@@ -37,12 +39,16 @@ mod element;
 pub mod elementwise;
 pub mod factored;
 mod grad;
+mod narrow;
 mod parallel;
 mod portable;
 mod reduce;
 mod row_args;
+pub mod shaped;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+mod spare;
+mod tiny;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod twins_tests;
 pub mod vector;
@@ -54,3 +60,4 @@ pub use element::Element;
 pub use grad::{Decay, Grad, GradTransform};
 pub use parallel::{PARALLEL_THRESHOLD, UNIT_ELEMS};
 pub use reduce::CHUNK;
+pub use spare::Spare;
