@@ -206,12 +206,21 @@ fn factored_axes_are_refused_not_ignored() {
     let json = serde_json::json!({"factored_axes": {"conv.weight": [1, 0]}});
     let config = AdafactorConfig::from_keras_config(&json).expect("a valid config");
     for e in [
-        Adafactor::new(config.clone()).map(|_| ()).expect_err("refused"),
-        Adafactor::from_config(&json).map(|_| ()).expect_err("refused"),
-        burn_adafactor::KerasAdafactor::new(config).map(|_| ()).expect_err("refused"),
+        Adafactor::new(config.clone())
+            .map(|_| ())
+            .expect_err("refused"),
+        Adafactor::from_config(&json)
+            .map(|_| ())
+            .expect_err("refused"),
+        burn_adafactor::KerasAdafactor::new(config)
+            .map(|_| ())
+            .expect_err("refused"),
     ] {
         let msg = e.to_string();
-        assert!(msg.contains("`factored_axes`") && msg.contains("conv.weight"), "{msg}");
+        assert!(
+            msg.contains("`factored_axes`") && msg.contains("conv.weight"),
+            "{msg}"
+        );
     }
 }
 
@@ -230,7 +239,7 @@ fn stochastic_rounding_on_the_composed_path_is_refused_for_16_bit_parameters() {
     let g = common::grads(&h, &grad_values(&h, 1.0), &dev, DType::BF16);
     let e = opt.step(m, g).expect_err("refused");
     assert!(e.to_string().contains("`weight_rounding`"), "{e}");
-    assert!(e.to_string().contains(&h[0].path()), "{e}");
+    assert!(h.iter().any(|hh| e.to_string().contains(&hh.path())), "{e}");
     assert_eq!(snapshot(&e.model, &h), before, "nothing changed");
     assert_eq!(opt.iterations(), 0);
     for (dtype, jit) in [(FloatDType::BF16, true), (FloatDType::F32, false)] {

@@ -16,8 +16,7 @@ mod slot;
 mod weights;
 
 pub use adafactor::{
-    AdafactorConfig, FactoredAxes, LearningRate, LearningRateSchedule, OnNonFinite,
-    WeightRounding,
+    AdafactorConfig, FactoredAxes, LearningRate, LearningRateSchedule, OnNonFinite, WeightRounding,
 };
 pub use checkpoint::{StateDict, STATE_FORMAT, STATE_FORMAT_VERSION};
 pub use data_parallel::{DataParallel, Mode, DEFAULT_BUCKET_BYTES};

@@ -6,6 +6,7 @@ use crate::slot::Slot;
 use adafactor::collective::Collective;
 use adafactor::data_parallel::{run_sharded, Sharding};
 use adafactor::engine::{self, Counters, Local, Outcome, Step, Target};
+use adafactor::kernels::Spare;
 use adafactor::{AdafactorConfig, LearningRate, NameExclusions, OnNonFinite, Stats, StepPlan};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId, Var};
@@ -55,6 +56,8 @@ pub struct Adafactor {
     exclude_ids: HashSet<TensorId>,
     exclude_names: NameExclusions,
     pub(crate) extra: Vec<(String, Var)>,
+    /// The statistics buffers the last fused step replaced, reused by the next one.
+    spare: Spare,
 }
 
 /// The largest raw call count (`i64::MAX`, what [`Adafactor::variables`] writes as
@@ -88,6 +91,7 @@ impl Adafactor {
             exclude_ids: HashSet::new(),
             exclude_names: NameExclusions::default(),
             extra: Vec::new(),
+            spare: Spare::new(),
         })
     }
 
@@ -572,7 +576,7 @@ impl Adafactor {
         let outcome = match (path, shard) {
             (DataPath::Fused, shard) => {
                 let buffers = fused::Buffers::new(&self.slots, items);
-                let mut backend = engine::fused::Fused::new(&buffers);
+                let mut backend = engine::fused::Fused::with_spare(&buffers, &self.spare);
                 match shard {
                     None => engine::run(&mut backend, &mut stats, step, &Local),
                     Some(sh) => run_sharded(&mut backend, &mut stats, step, sh.comm, sh.order, n),

@@ -1,6 +1,9 @@
 //! Property tests: the fused kernels agree with the composed candle ops (the readable reference)
-//! on random shapes (rank 0 to 4, 1xN and Nx1 included), random configs and gradient scales
-//! from 1e-20 to 1e20, for f32, bf16 and f16 weights.
+//! on random shapes of every family the fused path has a kernel for (rank 0 to 4, 1xN and Nx1,
+//! batches of tiny matrices as in convolution kernels `[out, in, kh, kw]`, short rows `n x 4`,
+//! few rows `4 x n`), random configs and gradient scales from 1e-20 to 1e20, for f32, bf16 and
+//! f16 weights; and each family at sizes that split across threads, under every configuration
+//! of `common::configs`.
 //!
 //! Bounds: the Keras conformance tolerance `1e-6 + 1e-5 |b|`, with `|b|` the largest magnitude
 //! the weight has had so far on either path: a step that moves a weight from 0.05 to 0.005 keeps
@@ -8,6 +11,8 @@
 //! paths compute in f32 and round once, so they may also differ by the rounding of nearly equal
 //! f32 values: one unit in the last place of the 16-bit type per step taken, at that same
 //! magnitude: `2^-7` (bf16) or `2^-10` (f16) relative.
+
+mod common;
 
 use candle_adafactor::{Adafactor, AdafactorConfig, DataPath, LearningRateSchedule};
 use candle_core::{DType, Device, Tensor, Var};
@@ -31,6 +36,18 @@ fn shape() -> impl Strategy<Value = Vec<usize>> {
         (1usize..2000).prop_map(|n| vec![n, 1]),
         (1usize..5, 1usize..12, 1usize..12).prop_map(|(a, n, m)| vec![a, n, m]),
         (1usize..3, 1usize..4, 1usize..8, 1usize..8).prop_map(|(a, b, n, m)| vec![a, b, n, m]),
+        // Batches of tiny matrices: convolution kernels `[out, in, k, k]` and others.
+        (
+            1usize..24,
+            1usize..24,
+            prop_oneof![Just(1usize), Just(3), Just(5)]
+        )
+            .prop_map(|(o, i, k)| vec![o, i, k, k]),
+        (1usize..300, 1usize..9, 1usize..9).prop_map(|(l, n, m)| vec![l, n, m]),
+        // Short rows and few rows.
+        (65usize..2000, 1usize..17).prop_map(|(n, m)| vec![n, m]),
+        (1usize..65, 17usize..1500).prop_map(|(n, m)| vec![n, m]),
+        (1usize..4, 5usize..40, 17usize..200).prop_map(|(l, n, m)| vec![l, n, m]),
     ]
 }
 
@@ -221,4 +238,41 @@ fn f16_column_with_clipvalue() {
         steps: 2,
     };
     check(&c, DType::F16, 2f64.powi(-10)).expect("fused and composed agree");
+}
+
+/// Every shape family at sizes the fused kernels split across threads, under every
+/// configuration that keeps state (`common::configs`), for float32 and bfloat16 weights.
+///
+/// Gradients are in [-0.1, 0.1): the composed path sums `mean(r)` over up to 70,000 rows in
+/// float32 (the fused kernels in f64), and where most squares are the same value (gradients
+/// clamped by `clipvalue`) its rounding adds up past the conformance tolerance.
+#[test]
+fn every_shape_family_at_parallel_sizes() {
+    let shapes: Vec<Vec<usize>> = vec![
+        vec![70_000],
+        vec![70_000, 1],
+        vec![1, 70_000],
+        vec![17_000, 4],
+        vec![4, 17_000],
+        vec![48, 1500],
+        vec![8_000, 3, 3],
+        vec![70_000, 1, 1],
+        vec![60, 80, 3, 3],
+        vec![3, 40, 600],
+    ];
+    for (name, config) in common::configs(true) {
+        for shape in &shapes {
+            let c = Case {
+                shapes: vec![shape.clone()],
+                config: config.clone(),
+                scale: 0.1,
+                seed: shape.iter().product::<usize>() as u64,
+                steps: 3,
+            };
+            for (dtype, ulp) in [(DType::F32, 0.0), (DType::BF16, 2f64.powi(-7))] {
+                check(&c, dtype, ulp)
+                    .unwrap_or_else(|e| panic!("{name}, {shape:?}, {dtype:?}: {e}"));
+            }
+        }
+    }
 }

@@ -29,9 +29,19 @@ fn tensor(seed: u64, shape: &[usize], scale: f32, dtype: DType) -> Tensor {
 }
 
 /// A matrix and a vector large enough to be split across threads (the vector of odd length), a
-/// rank-3 variable, a scalar and a convolution kernel factored as Keras factors convolutions
-/// (`v4`, the strided kernels).
-const SHAPES: [&[usize]; 5] = [&[300, 400], &[3, 20, 50], &[70_001], &[], &[24, 16, 3, 3]];
+/// rank-3 variable, a scalar, a convolution kernel factored as Keras factors convolutions (`v4`,
+/// the strided kernels), and the shapes of the other kernels: a batch of tiny matrices, few rows
+/// and short rows.
+const SHAPES: [&[usize]; 8] = [
+    &[300, 400],
+    &[3, 20, 50],
+    &[70_001],
+    &[],
+    &[24, 16, 3, 3],
+    &[64, 8, 3, 3],
+    &[4, 3001],
+    &[3001, 4],
+];
 
 fn stochastic(seed: u64, jit_compile: bool) -> AdafactorConfig {
     AdafactorConfig {

@@ -11,14 +11,16 @@
 
 use super::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
 use crate::error::Error;
+use crate::kernels::shaped::{self, Fresh, Kernel, Reads, StatArgs, Statistics};
 use crate::kernels::{
-    elementwise, factored, strided, vector, Grad, GradTransform, Rounding, RowLoops,
+    elementwise, factored, strided, vector, Grad, GradTransform, Rounding, RowLoops, Spare,
 };
 use crate::plan::{Clip, EmaPlan};
 use crate::rounding::RoundingStream;
 use crate::state::{Factoring, Stats};
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// A read-only view of a buffer, in its element type.
 #[derive(Debug)]
@@ -165,12 +167,39 @@ fn mismatch(var: usize, buffer: Buffer) -> Error {
 #[derive(Debug)]
 pub struct Fused<'s, S> {
     store: &'s S,
+    spare: Option<&'s Spare>,
 }
 
 impl<'s, S: SliceStore> Fused<'s, S> {
     /// The backend over `store`.
     pub fn new(store: &'s S) -> Self {
-        Fused { store }
+        Fused { store, spare: None }
+    }
+
+    /// The backend over `store`, writing new statistics to the buffers that `spare` kept from
+    /// the previous step and keeping the ones this step replaces (the caller keeps `spare`
+    /// from step to step).
+    pub fn with_spare(store: &'s S, spare: &'s Spare) -> Self {
+        Fused {
+            store,
+            spare: Some(spare),
+        }
+    }
+
+    /// A buffer of `len` elements, every one of which the caller writes.
+    fn buffer(&self, len: usize) -> Vec<f32> {
+        match self.spare {
+            Some(s) => s.take(len),
+            None => vec![0f32; len],
+        }
+    }
+
+    /// Buffers for the new statistics of a factored variable.
+    fn fresh(&self, f: crate::state::Factoring) -> Fresh {
+        Fresh {
+            r: self.buffer(f.lead * f.n),
+            c: self.buffer(f.lead * f.m),
+        }
     }
 
     /// Reads a buffer as `&[T]`.
@@ -231,6 +260,12 @@ pub enum Measured {
     Factored(factored::Pass1),
     /// A scalar or vector.
     Vector(vector::Pass1),
+    /// A factored variable on a [`shaped`] kernel: its new statistics when pass 1 computed them
+    /// (without norm clipping), taken by the update stage.
+    Shaped(Mutex<Option<Statistics>>),
+    /// A scalar or vector whose pass 1 also computed the new velocity and `sum(u^2)` (without
+    /// norm clipping), taken by the update stage.
+    VectorFolded(Mutex<Option<(Vec<f32>, f64)>>),
 }
 
 /// What the update stage keeps per target (the new statistics and pass 3's factors).
@@ -240,6 +275,8 @@ pub enum Updated {
     Factored(factored::Prepared),
     /// A scalar or vector: its new velocity.
     Vector(Vec<f32>),
+    /// A factored variable on a [`shaped`] kernel.
+    Shaped(Statistics),
 }
 
 fn kind_mismatch() -> Error {
@@ -316,6 +353,29 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                     let s = (p.sum_sq_grad, p.sum_sq_x, p.finite);
                                     (Measured::Factored(p), s.0, s.1, s.2)
                                 }
+                                Stats::Factored { factoring, r, c }
+                                    if shaped::kernel(*factoring) != Kernel::Rows =>
+                                {
+                                    // Without norm clipping, pass 1 is the statistics pass.
+                                    let args = StatArgs {
+                                        r_old: r,
+                                        c_old: c,
+                                        beta2: u.beta2_t,
+                                        epsilon_1: u.epsilon_1,
+                                        scale: 1.0,
+                                    };
+                                    let (st, s) = if fold {
+                                        let reads = Reads { x: Some(x), decay, check };
+                                        let out = self.fresh(*factoring);
+                                        let (st, s) =
+                                            shaped::statistics(grad, reads, *factoring, args, out);
+                                        (Some(st), (s.sum_sq_grad, s.sum_sq_x, s.probe == 0.0))
+                                    } else {
+                                        let p = vector::pass1(grad, x, decay, check);
+                                        (None, (p.sum_sq_grad, p.sum_sq_x, p.finite))
+                                    };
+                                    (Measured::Shaped(Mutex::new(st)), s.0, s.1, s.2)
+                                }
                                 Stats::Factored { factoring, r, .. } => {
                                     let fold = fold.then_some(factored::RowFold {
                                         r_old: r,
@@ -325,6 +385,15 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                     let p = factored::pass1(grad, x, decay, *factoring, check, fold);
                                     let s = (p.sum_sq_grad, p.sum_sq_x, p.finite);
                                     (Measured::Factored(p), s.0, s.1, s.2)
+                                }
+                                Stats::Unfactored { v } if fold => {
+                                    let mut v_new = self.buffer(v.len());
+                                    let (p, u2) = vector::pass1_fold(
+                                        grad, x, decay, check, v, &mut v_new, u.beta2_t,
+                                        u.epsilon_1,
+                                    );
+                                    let folded = Measured::VectorFolded(Mutex::new(Some((v_new, u2))));
+                                    (folded, p.sum_sq_grad, p.sum_sq_x, p.finite)
                                 }
                                 Stats::Unfactored { .. } => {
                                     let p = vector::pass1(grad, x, decay, check);
@@ -376,8 +445,33 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                 };
                                 Ok(((sum_u2 / len).sqrt() as f32, Updated::Factored(prep)))
                             }
+                            (Stats::Factored { factoring, r, c }, Measured::Shaped(st)) => {
+                                let folded = st.lock().map_or(None, |mut s| s.take());
+                                let st = match folded {
+                                    Some(st) => st,
+                                    None => {
+                                        let args = StatArgs {
+                                            r_old: r,
+                                            c_old: c,
+                                            beta2: u.beta2_t,
+                                            epsilon_1: u.epsilon_1,
+                                            scale,
+                                        };
+                                        let reads = Reads { x: None, decay: None, check: false };
+                                        let out = self.fresh(*factoring);
+                                        shaped::statistics(grad, reads, *factoring, args, out).0
+                                    }
+                                };
+                                let rms_u = (st.sum_sq_update / len).sqrt() as f32;
+                                Ok((rms_u, Updated::Shaped(st)))
+                            }
+                            (Stats::Unfactored { .. }, Measured::VectorFolded(folded)) => {
+                                let folded = folded.lock().map_or(None, |mut s| s.take());
+                                let (v_new, u2) = folded.ok_or_else(kind_mismatch)?;
+                                Ok(((u2 / len).sqrt() as f32, Updated::Vector(v_new)))
+                            }
                             (Stats::Unfactored { v }, Measured::Vector(_)) => {
-                                let mut v_new = vec![0f32; v.len()];
+                                let mut v_new = self.buffer(v.len());
                                 let sum_u2 = vector::pass2(
                                     grad, v, &mut v_new, u.beta2_t, u.epsilon_1, scale,
                                 );
@@ -428,6 +522,12 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                     }
                                     Ok(())
                                 }
+                                (Updated::Shaped(st), Stats::Factored { factoring, .. }) => {
+                                    shaped::write(
+                                        x, grad, st, *factoring, coef, scale, decay, rounding,
+                                    );
+                                    Ok(())
+                                }
                                 (Updated::Vector(v), _) => {
                                     vector::pass3(x, grad, v, coef, scale, decay, rounding);
                                     Ok(())
@@ -446,6 +546,13 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                             c: p.c,
                         })
                     }
+                    (Updated::Shaped(st), Stats::Factored { factoring, .. }) => {
+                        Ok(Stats::Factored {
+                            factoring: *factoring,
+                            r: st.r,
+                            c: st.c,
+                        })
+                    }
                     (Updated::Vector(v), Stats::Unfactored { .. }) => Ok(Stats::Unfactored { v }),
                     _ => Err(S::core_error(kind_mismatch())),
                 }
@@ -453,6 +560,25 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
             .collect::<Result<_, S::Error>>()?;
         new.reverse();
         Ok(new)
+    }
+
+    fn recycle(&mut self, old: Vec<Stats>) {
+        let Some(spare) = self.spare else {
+            old.into_par_iter().for_each(drop);
+            return;
+        };
+        // What the step did not take again is not needed any more: at most one step's
+        // statistics are kept.
+        spare.clear();
+        for st in old {
+            match st {
+                Stats::Factored { r, c, .. } => {
+                    spare.keep(r);
+                    spare.keep(c);
+                }
+                Stats::Unfactored { v } => spare.keep(v),
+            }
+        }
     }
 
     fn zero_accumulators(&mut self, vars: &[usize]) -> Result<(), S::Error> {

@@ -209,6 +209,13 @@ pub trait Backend {
     fn commit(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
+
+    /// Takes the statistics a committed step replaced, to reuse their buffers; by default they
+    /// are freed (in parallel: with thousands of small tensors, one by one takes as long as a
+    /// pass).
+    fn recycle(&mut self, old: Vec<Stats>) {
+        old.into_par_iter().for_each(drop);
+    }
 }
 
 /// Where per-process partial results become global ones: the identity in one process; an
@@ -432,7 +439,7 @@ pub fn run<B: Backend, C: Combine>(
     }
     backend.commit()?;
     if let Some(new) = new_stats {
-        commit_stats(stats, targets, new);
+        backend.recycle(commit_stats(stats, targets, new));
     }
     Ok(Outcome::Applied)
 }
@@ -452,16 +459,16 @@ fn refuse<C: Combine>(
     }))
 }
 
-/// Installs new statistics, in parallel (moving and freeing thousands of vectors one by one
-/// takes as long as a pass).
-fn commit_stats(stats: &mut [Stats], targets: &[Target], new: Vec<Stats>) {
+/// Installs new statistics, in parallel (moving thousands of vectors one by one takes as long
+/// as a pass); returns the replaced ones.
+fn commit_stats(stats: &mut [Stats], targets: &[Target], new: Vec<Stats>) -> Vec<Stats> {
     let mut by_var: Vec<Option<Stats>> = (0..stats.len()).map(|_| None).collect();
     for (t, s) in targets.iter().zip(new) {
         by_var[t.var] = Some(s);
     }
-    stats.par_iter_mut().zip(by_var).for_each(|(slot, s)| {
-        if let Some(s) = s {
-            *slot = s;
-        }
-    });
+    stats
+        .par_iter_mut()
+        .zip(by_var)
+        .filter_map(|(slot, s)| s.map(|s| std::mem::replace(slot, s)))
+        .collect()
 }

@@ -31,7 +31,8 @@
 //! writes a weight, [`Rounding`]), portable loops (`portable.rs`), vector lanes (`simd.rs`) and
 //! vector twins (`wide.rs`), dispatched per element type by [`RowLoops`] (`dispatch.rs`); the
 //! kernels themselves ([`factored`], [`strided`] for variables factored over other axes than
-//! their last two, [`vector`], [`elementwise`]).
+//! their last two, [`vector`], [`elementwise`]); for factored shapes other than large matrices,
+//! [`shaped`] picks the short-row kernel (`tiny.rs`) or the column-split one (`narrow.rs`).
 
 mod cpu;
 mod dispatch;
@@ -39,14 +40,18 @@ mod element;
 pub mod elementwise;
 pub mod factored;
 mod grad;
+mod narrow;
 mod parallel;
 mod portable;
 mod reduce;
 mod row_args;
+pub mod shaped;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+mod spare;
 pub mod store;
 pub mod strided;
+mod tiny;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod twins_tests;
 pub mod vector;
@@ -58,4 +63,5 @@ pub use element::Element;
 pub use grad::{Decay, Grad, GradTransform};
 pub use parallel::{PARALLEL_THRESHOLD, UNIT_ELEMS};
 pub use reduce::CHUNK;
+pub use spare::Spare;
 pub use store::Rounding;

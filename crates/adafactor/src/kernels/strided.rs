@@ -19,8 +19,8 @@ use super::element::Element;
 use super::factored::{Pass1, Prepared};
 use super::grad::{decayed_view, Decay, Grad};
 use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
-use crate::axes::Strided;
 use super::store::Rounding;
+use crate::axes::Strided;
 use rayon::prelude::*;
 use std::ops::Range;
 

@@ -1,9 +1,10 @@
 //! The three passes for an unfactored variable (rank 0 or 1), which keeps its velocity `v`.
 
 use super::element::Element;
-use super::grad::{decay_in_place, Decay, Grad};
+use super::grad::{decay_in_place, decayed_view, Decay, Grad};
 use super::parallel::{for_chunks, map_units, parallel_for, sum_chunks, UNIT_ELEMS};
 use super::reduce::{sum_sq, CHUNK};
+use super::shaped::load_grad;
 use super::store::Rounding;
 
 /// What pass 1 learns about an unfactored variable.
@@ -43,14 +44,9 @@ pub fn pass1<T: Element>(
             let (mut sg, mut sx, mut probe) = (0f64, 0f64, 0f32);
             for b in (s..e).step_by(CHUNK) {
                 let n = CHUNK.min(e - b);
-                let (gb, xb) = (&mut gbuf[..n], &mut xbuf[..n]);
-                if check_finite {
-                    probe += grad.load_checked(b, gb);
-                } else {
-                    grad.load(b, gb);
-                }
-                T::load(&x[b..b + n], xb);
-                decay_in_place(decay, xb);
+                // A plain float32 gradient and an undecayed float32 weight are read in place.
+                let gb = load_grad(grad, b, &mut gbuf[..n], check_finite, &mut probe);
+                let xb = decayed_view(&x[b..b + n], decay, &mut xbuf[..n]);
                 sg += sum_sq(gb);
                 sx += sum_sq(xb);
             }
@@ -71,6 +67,81 @@ pub fn pass1<T: Element>(
     )
 }
 
+/// The velocity update of a block, `v_new = b2 v + (1 - b2) ((s g)^2 + eps1)`, leaving
+/// `u = s g / sqrt(v_new)` in `u`.
+#[inline(always)]
+fn velocity_block(
+    g: &[f32],
+    v_old: &[f32],
+    v_new: &mut [f32],
+    u: &mut [f32],
+    (beta2, epsilon_1, grad_scale): (f32, f32, f32),
+) {
+    for (((v, g), old), u) in v_new.iter_mut().zip(g).zip(v_old).zip(u) {
+        let ge = grad_scale * *g;
+        *v = beta2 * old + (1.0 - beta2) * (ge * ge + epsilon_1);
+        *u = ge / v.sqrt();
+    }
+}
+
+/// Passes 1 and 2 in one sweep, when the gradient scale is 1 (no norm clipping): the sums of
+/// [`pass1`], the new velocity into `v_new` and `sum(u^2)` as [`pass2`] computes them (the same
+/// blocks, so the same bits), reading the gradient once instead of twice.
+#[allow(clippy::too_many_arguments)]
+pub fn pass1_fold<T: Element>(
+    grad: &Grad<'_, T>,
+    x: &[T],
+    decay: Option<Decay>,
+    check_finite: bool,
+    v_old: &[f32],
+    v_new: &mut [f32],
+    beta2: f32,
+    epsilon_1: f32,
+) -> (Pass1, f64) {
+    let len = v_new.len();
+    let parallel = parallel_for(len);
+    let step = if parallel { UNIT_ELEMS } else { len.max(1) };
+    let units: Vec<(usize, &mut [f32])> = v_new
+        .chunks_mut(step)
+        .enumerate()
+        .map(|(i, c)| (i * step, c))
+        .collect();
+    let outs = map_units(
+        units,
+        parallel,
+        #[inline(always)]
+        |(s, vs)| {
+            let (mut gbuf, mut xbuf, mut ubuf) = ([0f32; CHUNK], [0f32; CHUNK], [0f32; CHUNK]);
+            let (mut sg, mut sx, mut su, mut probe) = (0f64, 0f64, 0f64, 0f32);
+            for (k, vb) in vs.chunks_mut(CHUNK).enumerate() {
+                let b = s + k * CHUNK;
+                let n = vb.len();
+                let gb = load_grad(grad, b, &mut gbuf[..n], check_finite, &mut probe);
+                let xb = decayed_view(&x[b..b + n], decay, &mut xbuf[..n]);
+                sg += sum_sq(gb);
+                sx += sum_sq(xb);
+                let ub = &mut ubuf[..n];
+                velocity_block(gb, &v_old[b..b + n], vb, ub, (beta2, epsilon_1, 1.0));
+                su += sum_sq(ub);
+            }
+            (sg, sx, su, probe)
+        },
+    );
+    let mut p = Pass1 {
+        sum_sq_grad: 0.0,
+        sum_sq_x: 0.0,
+        finite: true,
+    };
+    let mut sum_u2 = 0f64;
+    for (g, x, u, probe) in outs {
+        p.sum_sq_grad += g;
+        p.sum_sq_x += x;
+        p.finite &= probe == 0.0;
+        sum_u2 += u;
+    }
+    (p, sum_u2)
+}
+
 /// Pass 2: `v_new = b2 v + (1 - b2) ((s g)^2 + eps1)` and returns `sum(u^2)`, `u = s g / sqrt(v_new)`.
 pub fn pass2<T: Element>(
     grad: &Grad<'_, T>,
@@ -81,18 +152,16 @@ pub fn pass2<T: Element>(
     grad_scale: f32,
 ) -> f64 {
     sum_chunks(v_new, |start, vs| {
-        let mut gbuf = [0f32; CHUNK];
+        let (mut gbuf, mut ubuf) = ([0f32; CHUNK], [0f32; CHUNK]);
         let mut total = 0f64;
+        let mut probe = 0f32;
         for (k, vb) in vs.chunks_mut(CHUNK).enumerate() {
             let b = start + k * CHUNK;
-            let gb = &mut gbuf[..vb.len()];
-            grad.load(b, gb);
-            for ((v, g), old) in vb.iter_mut().zip(gb.iter_mut()).zip(&v_old[b..]) {
-                let ge = grad_scale * *g;
-                *v = beta2 * old + (1.0 - beta2) * (ge * ge + epsilon_1);
-                *g = ge / v.sqrt();
-            }
-            total += sum_sq(gb);
+            let n = vb.len();
+            let gb = load_grad(grad, b, &mut gbuf[..n], false, &mut probe);
+            let ub = &mut ubuf[..n];
+            velocity_block(gb, &v_old[b..b + n], vb, ub, (beta2, epsilon_1, grad_scale));
+            total += sum_sq(ub);
         }
         total
     })
@@ -111,10 +180,12 @@ pub fn pass3<T: Element>(
 ) {
     for_chunks(x, |start, xs| {
         let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+        let mut probe = 0f32;
         for (k, xblock) in xs.chunks_mut(CHUNK).enumerate() {
             let b = start + k * CHUNK;
-            let (gb, xb) = (&mut gbuf[..xblock.len()], &mut xbuf[..xblock.len()]);
-            grad.load(b, gb);
+            let n = xblock.len();
+            let gb = load_grad(grad, b, &mut gbuf[..n], false, &mut probe);
+            let xb = &mut xbuf[..n];
             T::load(xblock, xb);
             decay_in_place(decay, xb);
             for ((xv, g), v) in xb.iter_mut().zip(gb.iter()).zip(&v_new[b..]) {
@@ -128,6 +199,44 @@ pub fn pass3<T: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The folded sweep gives the bits of pass 1 followed by pass 2, in one thread or several.
+    #[test]
+    fn the_fold_gives_the_bits_of_passes_1_and_2() {
+        for len in [0usize, 1, 1000, 1025, 3 * UNIT_ELEMS + 7] {
+            let g: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
+                .collect();
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 104729 % 997) as f32) * 1e-2)
+                .collect();
+            let v_old: Vec<f32> = (0..len).map(|i| 1e-4 * (1 + i % 13) as f32).collect();
+            let grad = Grad::plain(&g[..]);
+            let decay = Some(Decay {
+                weight_decay: 0.1,
+                learning_rate: 0.01,
+            });
+            let p1 = pass1(&grad, &x, decay, true);
+            let mut v_want = vec![0f32; len];
+            let u_want = pass2(&grad, &v_old, &mut v_want, 0.8, 1e-30, 1.0);
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("a thread pool");
+                let mut v_new = vec![0f32; len];
+                let (p, u) = pool
+                    .install(|| pass1_fold(&grad, &x, decay, true, &v_old, &mut v_new, 0.8, 1e-30));
+                assert_eq!(p, p1, "len {len}, {threads} threads");
+                assert_eq!(
+                    u.to_bits(),
+                    u_want.to_bits(),
+                    "len {len}, {threads} threads"
+                );
+                assert_eq!(v_new, v_want);
+            }
+        }
+    }
 
     /// Keras's own Adafactor test on a vector (`adafactor_test.py`, `test_single_step_1d`):
     /// x = [1, 2, 3, 4], g = [1, 6, 7, 2], learning rate 0.5, first step (beta2 = 0, rho = 0.5).

@@ -1,0 +1,437 @@
+//! Which kernel a factored variable runs on, chosen from its shape alone, and what the kernels
+//! for shapes other than large matrices share.
+//!
+//! The row loops ([`super::factored`]) stream whole rows and keep a column accumulator per work
+//! unit: at the memory limit for large matrices, and far from it when rows are short (a
+//! convolution kernel `[out, in, kh, kw]` factored over its last two axes is hundreds of
+//! thousands of `kh x kw` matrices; `n x 1`, `n x 4`) or few (`1 x n`, `4 x n`). Those run on
+//! two other kernels:
+//! - [`super::tiny`], rows of at most [`MAX_SHORT_ROW`] elements: sixteen tiny matrices (or
+//!   sixteen rows) per vector, work units across the batch of matrices (or the rows);
+//! - [`super::narrow`], at most [`MAX_FEW_ROWS`] rows: work units across columns, so that each
+//!   unit's column statistics are complete and only `n` row sums are combined.
+//!
+//! Both compute the new statistics in one pass over the gradient (the statistics pass), and the
+//! update in a second (the write pass) that recomputes the factors `a_i`, `b_j` of
+//! `1/sqrt(v_ij)` from the new statistics instead of storing them. Without norm clipping the
+//! statistics pass is pass 1 itself (the gradient scale is 1), 20 bytes per float32 parameter
+//! plus the statistics; with it, pass 1 only sums squares and the statistics pass runs once the
+//! scale is known. Work units are fixed by the shape, never by the number of threads, and their
+//! partial sums are added in unit order: results do not depend on the thread count.
+
+use super::element::Element;
+use super::grad::{Decay, Grad};
+use super::store::Rounding;
+use super::{narrow, tiny};
+use crate::state::Factoring;
+
+/// Longest row the short-row kernel ([`super::tiny`]) takes.
+pub const MAX_SHORT_ROW: usize = 16;
+
+/// Most rows per slice the column-split kernel ([`super::narrow`]) takes.
+pub const MAX_FEW_ROWS: usize = 64;
+
+/// The kernel of a factored variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The row loops of [`super::factored`] (large matrices).
+    Rows,
+    /// Batches of at least sixteen matrices of at most [`tiny::MAX_MATRIX`] elements, sixteen
+    /// per vector.
+    Tiny,
+    /// Rows of at most [`MAX_SHORT_ROW`] elements, sixteen rows per vector.
+    ShortRows,
+    /// At most [`MAX_FEW_ROWS`] rows, split across columns.
+    FewRows,
+}
+
+/// The kernel for a factored variable of this shape.
+pub fn kernel(f: Factoring) -> Kernel {
+    // Variables factored over other axes than their last two have kernels of their own
+    // (`strided.rs`); the choice here is for Keras's layout only.
+    if f.is_empty() || f.strided.is_some() {
+        Kernel::Rows
+    } else if f.n * f.m <= tiny::MAX_MATRIX {
+        // Fewer than one group of small matrices is a small tensor: the row loops' per-row
+        // costs do not matter there, and its numbers stay as they were.
+        if f.lead >= tiny::LANES {
+            Kernel::Tiny
+        } else {
+            Kernel::Rows
+        }
+    } else if f.m <= MAX_SHORT_ROW {
+        Kernel::ShortRows
+    } else if f.n <= MAX_FEW_ROWS {
+        Kernel::FewRows
+    } else {
+        Kernel::Rows
+    }
+}
+
+/// The inputs of the statistics update `r = b2 r + (1 - b2) mean_j((s g)^2 + eps1)`, `c` likewise
+/// (Shazeer & Stern 2018, arXiv:1804.04235, Algorithm 4).
+#[derive(Debug, Clone, Copy)]
+pub struct StatArgs<'a> {
+    /// Row statistics before the update (`lead * n`).
+    pub r_old: &'a [f32],
+    /// Column statistics before the update (`lead * m`).
+    pub c_old: &'a [f32],
+    /// `beta2_t`.
+    pub beta2: f32,
+    /// `epsilon_1`.
+    pub epsilon_1: f32,
+    /// The norm-clipping scale `s` of the gradient.
+    pub scale: f32,
+}
+
+/// The new statistics of a factored variable and what the write pass needs besides them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statistics {
+    /// New row statistics (`lead * n`).
+    pub r: Vec<f32>,
+    /// New column statistics (`lead * m`).
+    pub c: Vec<f32>,
+    /// `mean(r)` per slice, where the write pass does not recompute it (empty otherwise).
+    pub row_mean: Vec<f32>,
+    /// `sum(u^2)`, `u_ij = (s g_ij) a_i b_j`, for RMS(u).
+    pub sum_sq_update: f64,
+}
+
+/// The sums pass 1 reports for every variable.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Sums {
+    /// Sum of `g^2` of the effective gradient.
+    pub sum_sq_grad: f64,
+    /// Sum of `x^2` of the weight after weight decay.
+    pub sum_sq_x: f64,
+    /// 0 when the unscaled gradient is finite (or was not checked), NaN otherwise.
+    pub probe: f32,
+}
+
+impl Sums {
+    /// Adds another unit's sums (in unit order).
+    pub(crate) fn add(&mut self, o: &Sums) {
+        self.sum_sq_grad += o.sum_sq_grad;
+        self.sum_sq_x += o.sum_sq_x;
+        self.probe += o.probe;
+    }
+}
+
+/// What the statistics pass reads besides the gradient: with `x`, it is pass 1 too (the sum of
+/// `x^2` after the optional decay, and finiteness when `check`).
+#[derive(Debug, Clone, Copy)]
+pub struct Reads<'a, T> {
+    /// The weight, when the statistics pass is pass 1.
+    pub x: Option<&'a [T]>,
+    /// The optional weight decay (RMS(x) is of the decayed weight).
+    pub decay: Option<Decay>,
+    /// Whether to check that the unscaled gradient is finite.
+    pub check: bool,
+}
+
+/// Buffers for the new statistics, every element of which the statistics pass writes (from
+/// a [`super::Spare`], or fresh).
+#[derive(Debug)]
+pub struct Fresh {
+    /// For `r` (`lead * n` elements).
+    pub r: Vec<f32>,
+    /// For `c` (`lead * m` elements).
+    pub c: Vec<f32>,
+}
+
+impl Fresh {
+    /// Zeroed buffers for a variable of this shape.
+    pub fn zeroed(f: Factoring) -> Self {
+        Fresh {
+            r: vec![0.0; f.lead * f.n],
+            c: vec![0.0; f.lead * f.m],
+        }
+    }
+}
+
+/// The statistics pass of a variable whose [`kernel`] is not [`Kernel::Rows`], into `out`.
+pub fn statistics<T: Element>(
+    grad: &Grad<'_, T>,
+    reads: Reads<'_, T>,
+    f: Factoring,
+    args: StatArgs<'_>,
+    out: Fresh,
+) -> (Statistics, Sums) {
+    debug_assert!(out.r.len() == f.lead * f.n && out.c.len() == f.lead * f.m);
+    match kernel(f) {
+        Kernel::FewRows => narrow::statistics(grad, reads, f, args, out),
+        _ => tiny::statistics(grad, reads, f, args, out),
+    }
+}
+
+/// The write pass: `x = decay(x) - coef * (s g_ij) a_i b_j`, each 16-bit weight stored with
+/// `rounding`.
+#[allow(clippy::too_many_arguments)]
+pub fn write<T: Element>(
+    x: &mut [T],
+    grad: &Grad<'_, T>,
+    st: &Statistics,
+    f: Factoring,
+    coef: f32,
+    scale: f32,
+    decay: Option<Decay>,
+    rounding: Rounding,
+) {
+    let w = WriteArgs {
+        coef,
+        scale,
+        decay,
+        rounding: rounding.for_type::<T>(),
+    };
+    match kernel(f) {
+        Kernel::FewRows => narrow::write(x, grad, st, f, w),
+        _ => tiny::write(x, grad, st, f, w),
+    }
+}
+
+/// The write pass's scalars.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WriteArgs {
+    pub coef: f32,
+    pub scale: f32,
+    pub decay: Option<Decay>,
+    /// How the weights are stored ([`Rounding::store_slice`]).
+    pub rounding: Rounding,
+}
+
+/// `x = decay(x) - coef * ((s g) f)` over a block, `f` the block's factors `a_i b_j` in the
+/// weight's layout.
+#[inline(always)]
+pub(crate) fn update_block(xb: &mut [f32], g: &[f32], fac: &[f32], w: WriteArgs) {
+    let (coef, s) = (w.coef, w.scale);
+    match w.decay {
+        None => {
+            for ((x, g), f) in xb.iter_mut().zip(g).zip(fac) {
+                *x -= coef * ((s * g) * f);
+            }
+        }
+        Some(d) => {
+            for ((x, g), f) in xb.iter_mut().zip(g).zip(fac) {
+                *x = d.apply(*x) - coef * ((s * g) * f);
+            }
+        }
+    }
+}
+
+/// `acc += part`, elementwise (a unit's partial sums, added in unit order).
+pub(crate) fn add_into(acc: &mut [f64], part: &[f64]) {
+    acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+}
+
+/// The effective gradient of elements `start..start + buf.len()` (probed for finiteness when
+/// `check`): the stored slice itself for a plain float32 gradient.
+#[inline(always)]
+pub(crate) fn load_grad<'b, T: Element>(
+    grad: &'b Grad<'_, T>,
+    start: usize,
+    buf: &'b mut [f32],
+    check: bool,
+    probe: &mut f32,
+) -> &'b [f32] {
+    if check {
+        *probe += grad.load_checked(start, buf);
+        buf
+    } else {
+        grad.view(start, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::factored;
+
+    /// Deterministic values in `[lo, lo + span)`.
+    fn values(seed: u64, n: usize, lo: f32, span: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                lo + span * ((s >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect()
+    }
+
+    fn close(a: f64, b: f64, rel: f64) -> bool {
+        (a - b).abs() <= rel * a.abs().max(b.abs()) + 1e-30
+    }
+
+    /// Shapes of every family: batches of tiny matrices, short rows, few rows.
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1000, 3, 3),
+        (37, 1, 1),
+        (21, 4, 4),
+        (17, 7, 7),
+        (40, 2, 5),
+        (16, 1, 40),
+        (19, 40, 1),
+        (1, 1000, 1),
+        (1, 301, 4),
+        (3, 100, 5),
+        (2, 33, 16),
+        (1, 1, 5000),
+        (1, 4, 3000),
+        (2, 3, 700),
+        (1, 64, 100),
+        (3, 17, 9000),
+        (1, 2, 170),
+    ];
+
+    /// Each shaped kernel against the row loops of [`factored`] on the same step: new
+    /// statistics, sums, RMS(u) and weights, with and without a gradient scale and weight decay.
+    #[test]
+    fn shaped_kernels_agree_with_the_row_loops() {
+        for (case, &(lead, n, m)) in SHAPES.iter().enumerate() {
+            let f = Factoring {
+                lead,
+                n,
+                m,
+                strided: None,
+            };
+            assert_ne!(kernel(f), Kernel::Rows, "{f:?}");
+            let len = f.len();
+            let g = values(case as u64 * 7 + 1, len, -1.0, 2.0);
+            let x0 = values(case as u64 * 7 + 2, len, -0.5, 1.0);
+            let r_old = values(case as u64 * 7 + 3, lead * n, 0.1, 1.0);
+            let c_old = values(case as u64 * 7 + 4, lead * m, 0.1, 1.0);
+            for (scale, decay) in [
+                (1.0f32, None),
+                (
+                    0.25,
+                    Some(Decay {
+                        weight_decay: 0.1,
+                        learning_rate: 0.01,
+                    }),
+                ),
+            ] {
+                let grad = Grad::plain(&g[..]);
+                let (b2, eps, coef) = (0.9f32, 1e-30f32, 0.01f32);
+                let p1 = factored::pass1(&grad, &x0, decay, f, true, None);
+                let prep = factored::prepare(&p1, &r_old, &c_old, f, b2, eps, scale);
+                let su2 = factored::pass2(&grad, &prep, f, scale);
+                let mut want = x0.clone();
+                factored::pass3(
+                    &mut want,
+                    &grad,
+                    &prep,
+                    f,
+                    coef,
+                    scale,
+                    decay,
+                    Rounding::Nearest,
+                );
+                let args = StatArgs {
+                    r_old: &r_old,
+                    c_old: &c_old,
+                    beta2: b2,
+                    epsilon_1: eps,
+                    scale,
+                };
+                let reads = Reads {
+                    x: Some(&x0[..]),
+                    decay,
+                    check: true,
+                };
+                let (st, sums) = statistics(&grad, reads, f, args, Fresh::zeroed(f));
+                let what = format!("{f:?} scale {scale}");
+                assert_eq!(sums.probe, 0.0, "{what}");
+                assert!(close(sums.sum_sq_grad, p1.sum_sq_grad, 1e-6), "{what}");
+                assert!(close(sums.sum_sq_x, p1.sum_sq_x, 1e-6), "{what}");
+                assert!(
+                    close(st.sum_sq_update, su2, 1e-5),
+                    "{what}: {} vs {su2}",
+                    st.sum_sq_update
+                );
+                for (a, b) in st.r.iter().zip(&prep.r).chain(st.c.iter().zip(&prep.c)) {
+                    assert!(close(*a as f64, *b as f64, 1e-6), "{what}: {a} vs {b}");
+                }
+                let mut got = x0.clone();
+                write(
+                    &mut got,
+                    &grad,
+                    &st,
+                    f,
+                    coef,
+                    scale,
+                    decay,
+                    Rounding::Nearest,
+                );
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-6 + 1e-5 * b.abs(),
+                        "{what}: x[{i}] {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The same bits with one thread and with three, on shapes large enough to run in parallel.
+    #[test]
+    fn shaped_kernels_do_not_depend_on_the_thread_count() {
+        for &(lead, n, m) in &[
+            (8000, 3, 3),
+            (70000, 1, 1),
+            (1, 70000, 1),
+            (1, 30000, 4),
+            (1, 2, 40000),
+            (3, 50, 1000),
+        ] {
+            let f = Factoring {
+                lead,
+                n,
+                m,
+                strided: None,
+            };
+            let len = f.len();
+            let g = values(11, len, -1.0, 2.0);
+            let x0 = values(12, len, -0.5, 1.0);
+            let r_old = values(13, lead * n, 0.1, 1.0);
+            let c_old = values(14, lead * m, 0.1, 1.0);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("a thread pool");
+                pool.install(|| {
+                    let grad = Grad::plain(&g[..]);
+                    let args = StatArgs {
+                        r_old: &r_old,
+                        c_old: &c_old,
+                        beta2: 0.5,
+                        epsilon_1: 1e-30,
+                        scale: 1.0,
+                    };
+                    let reads = Reads {
+                        x: Some(&x0[..]),
+                        decay: None,
+                        check: false,
+                    };
+                    let (st, sums) = statistics(&grad, reads, f, args, Fresh::zeroed(f));
+                    let mut x = x0.clone();
+                    write(&mut x, &grad, &st, f, 0.01, 1.0, None, Rounding::Nearest);
+                    let bits: Vec<u32> =
+                        st.r.iter()
+                            .chain(&st.c)
+                            .chain(&x)
+                            .map(|v| v.to_bits())
+                            .collect();
+                    (
+                        bits,
+                        st.sum_sq_update.to_bits(),
+                        sums.sum_sq_grad.to_bits(),
+                        sums.sum_sq_x.to_bits(),
+                    )
+                })
+            };
+            assert!(run(1) == run(3), "{f:?}: one thread and three differ");
+        }
+    }
+}

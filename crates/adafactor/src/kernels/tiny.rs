@@ -1,0 +1,619 @@
+//! Short rows: batches of tiny matrices (a convolution kernel `[out, in, kh, kw]` factored over
+//! its last two axes is `out * in` matrices of `kh x kw`) and matrices of a few columns
+//! (`n x 1`, `n x 4`), sixteen matrices or sixteen rows per vector.
+//!
+//! A group of [`LANES`] consecutive matrices (or rows) is turned lane-major (element `k` of
+//! matrix `l` at `[k][l]`), so that every per-matrix step (row and column sums, the statistics
+//! update, `a_i = sqrt(mean(r)) / sqrt(r_i)`, `b_j = 1 / sqrt(c_j)`, RMS(u)) is one operation on
+//! sixteen lanes; the update itself runs in the weight's own layout with the factors `a_i b_j`
+//! laid out alongside. Sums of squares are f64 per lane (a row of huge finite squares still has a
+//! finite mean, as in the row loops), lanes added in order. See [`super::shaped`] for the passes.
+
+use super::element::Element;
+use super::grad::{decayed_view, Grad};
+use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
+use super::reduce::sum_sq;
+use super::row_args::new_stat;
+use super::shaped::{
+    add_into, load_grad, update_block, Fresh, Reads, StatArgs, Statistics, Sums, WriteArgs,
+};
+use crate::state::Factoring;
+
+/// Matrices (or rows) per group, one per lane.
+pub const LANES: usize = 16;
+
+/// Largest matrix (`n * m` elements) that runs as a batch of tiny matrices.
+pub const MAX_MATRIX: usize = 64;
+
+type Lanes = [f32; LANES];
+type Lanes64 = [f64; LANES];
+/// A batch's work unit: its index and its matrices' new `r` and `c`.
+type BatchUnit<'a> = (usize, (&'a mut [f32], &'a mut [f32]));
+
+/// Per-unit scratch: a group's gradient and weight in their layout, and lane-major buffers.
+struct Scratch {
+    gbuf: Vec<f32>,
+    xbuf: Vec<f32>,
+    fac: Vec<f32>,
+    gt: Vec<Lanes>,
+    rs: Vec<Lanes64>,
+    cs: Vec<Lanes64>,
+    ro: Vec<Lanes>,
+    co: Vec<Lanes>,
+    a: Vec<Lanes>,
+    b: Vec<Lanes>,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        let flat = vec![0f32; LANES * MAX_MATRIX];
+        Scratch {
+            gbuf: flat.clone(),
+            xbuf: flat.clone(),
+            fac: flat,
+            gt: vec![[0.0; LANES]; MAX_MATRIX],
+            rs: vec![[0.0; LANES]; MAX_MATRIX],
+            cs: vec![[0.0; LANES]; MAX_MATRIX],
+            ro: vec![[0.0; LANES]; MAX_MATRIX],
+            co: vec![[0.0; LANES]; MAX_MATRIX],
+            a: vec![[0.0; LANES]; MAX_MATRIX],
+            b: vec![[0.0; LANES]; MAX_MATRIX],
+        }
+    }
+}
+
+/// `cnt` items of `k` values each (`src`, item after item) to lane-major `dst[k][lane]`; lanes
+/// from `cnt` on are zero.
+#[inline(always)]
+fn to_lanes(src: &[f32], k: usize, cnt: usize, dst: &mut [Lanes]) {
+    let dst = &mut dst[..k];
+    for l in 0..LANES {
+        if l < cnt {
+            for (d, v) in dst.iter_mut().zip(&src[l * k..(l + 1) * k]) {
+                d[l] = *v;
+            }
+        } else {
+            for d in dst.iter_mut() {
+                d[l] = 0.0;
+            }
+        }
+    }
+}
+
+/// Lane-major `src[k][lane]` back to `cnt` items of `k` values in `dst`.
+#[inline(always)]
+fn from_lanes(src: &[Lanes], k: usize, cnt: usize, dst: &mut [f32]) {
+    for (l, item) in dst[..cnt * k].chunks_exact_mut(k).enumerate() {
+        for (d, s) in item.iter_mut().zip(&src[..k]) {
+            *d = s[l];
+        }
+    }
+}
+
+/// The factors of `1/sqrt(v_ij) = a_i b_j` of sixteen matrices from their new statistics:
+/// `a_i = sqrt(mean(r)) / sqrt(r_i)` (as the composed path evaluates Keras's `v = r / mean(r) * c`,
+/// so that a tiny `r_i` next to huge ones cannot underflow `v`), `b_j = 1 / sqrt(c_j)`.
+#[inline(always)]
+fn factors(rn: &[Lanes], cn: &[Lanes], a: &mut [Lanes], b: &mut [Lanes]) {
+    let n = rn.len();
+    let mut sum = [0f64; LANES];
+    for r in rn {
+        for l in 0..LANES {
+            sum[l] += r[l] as f64;
+        }
+    }
+    let mut sm = [0f32; LANES];
+    for l in 0..LANES {
+        sm[l] = ((sum[l] / n as f64) as f32).sqrt();
+    }
+    for (ai, r) in a.iter_mut().zip(rn) {
+        for l in 0..LANES {
+            ai[l] = sm[l] / r[l].sqrt();
+        }
+    }
+    for (bj, c) in b.iter_mut().zip(cn) {
+        for l in 0..LANES {
+            bj[l] = 1.0 / c[l].sqrt();
+        }
+    }
+}
+
+/// Sum of `x^2` of a block of the weight after the optional decay (pass 1 only).
+#[inline(always)]
+fn weight_sq<T: Element>(reads: &Reads<'_, T>, start: usize, xbuf: &mut [f32]) -> f64 {
+    match reads.x {
+        Some(x) => sum_sq(decayed_view(
+            &x[start..start + xbuf.len()],
+            reads.decay,
+            xbuf,
+        )),
+        None => 0.0,
+    }
+}
+
+/// One group of `cnt` tiny `n x m` matrices (lane-major gradient in `s.gt`): the new statistics
+/// written to `r_out`, `c_out` (the group's own), and the group's `sum(u^2)` and `sum(g^2)`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn batch_group(
+    s: &mut Scratch,
+    n: usize,
+    m: usize,
+    cnt: usize,
+    r_old: &[f32],
+    c_old: &[f32],
+    args: &StatArgs<'_>,
+    r_out: &mut [f32],
+    c_out: &mut [f32],
+) -> (f64, f64) {
+    let (rs, cs) = (&mut s.rs[..n], &mut s.cs[..m]);
+    rs.iter_mut().for_each(|v| *v = [0.0; LANES]);
+    cs.iter_mut().for_each(|v| *v = [0.0; LANES]);
+    for (grow, ri) in s.gt[..n * m].chunks_exact(m).zip(rs.iter_mut()) {
+        for (gv, cj) in grow.iter().zip(cs.iter_mut()) {
+            for l in 0..LANES {
+                let e = (gv[l] * gv[l]) as f64;
+                ri[l] += e;
+                cj[l] += e;
+            }
+        }
+    }
+    to_lanes(r_old, n, cnt, &mut s.ro);
+    to_lanes(c_old, m, cnt, &mut s.co);
+    let (b2, eps) = (args.beta2, args.epsilon_1);
+    let s2 = (args.scale as f64) * (args.scale as f64);
+    for (ro, ri) in s.ro[..n].iter_mut().zip(rs.iter()) {
+        for l in 0..LANES {
+            ro[l] = new_stat(ro[l], ri[l], m, b2, eps, s2);
+        }
+    }
+    for (co, cj) in s.co[..m].iter_mut().zip(cs.iter()) {
+        for l in 0..LANES {
+            co[l] = new_stat(co[l], cj[l], n, b2, eps, s2);
+        }
+    }
+    factors(&s.ro[..n], &s.co[..m], &mut s.a[..n], &mut s.b[..m]);
+    let sc = args.scale;
+    let mut u2 = [0f32; LANES];
+    for (grow, ai) in s.gt[..n * m].chunks_exact(m).zip(&s.a[..n]) {
+        for (gv, bj) in grow.iter().zip(&s.b[..m]) {
+            for l in 0..LANES {
+                let t = (sc * gv[l]) * (ai[l] * bj[l]);
+                u2[l] += t * t;
+            }
+        }
+    }
+    from_lanes(&s.ro, n, cnt, r_out);
+    from_lanes(&s.co, m, cnt, c_out);
+    let (mut su2, mut sg2) = (0f64, 0f64);
+    for l in 0..cnt {
+        su2 += u2[l] as f64;
+        sg2 += rs.iter().map(|r| r[l]).sum::<f64>();
+    }
+    (su2, sg2)
+}
+
+/// Matrices per work unit of a batch: whole groups, about [`UNIT_ELEMS`] elements.
+fn matrices_per_unit(k: usize) -> usize {
+    LANES * (UNIT_ELEMS / (LANES * k.max(1))).max(1)
+}
+
+/// Rows per work unit of the short-row kernel: whole groups, about [`UNIT_ELEMS`] elements.
+fn rows_per_unit(m: usize) -> usize {
+    LANES * (UNIT_ELEMS / (LANES * m.max(1))).max(1)
+}
+
+/// The statistics pass of a batch of tiny matrices or of short rows.
+pub(crate) fn statistics<T: Element>(
+    grad: &Grad<'_, T>,
+    reads: Reads<'_, T>,
+    f: Factoring,
+    args: StatArgs<'_>,
+    out: Fresh,
+) -> (Statistics, Sums) {
+    if f.n * f.m <= MAX_MATRIX {
+        batch_statistics(grad, reads, f, args, out)
+    } else {
+        rows_statistics(grad, reads, f, args, out)
+    }
+}
+
+/// Runs `$body` with `$n` and `$m` bound to constants for the common tiny shapes (so that the
+/// per-matrix loops unroll), else to the runtime values.
+macro_rules! with_dims {
+    ($f:expr, ($n:ident, $m:ident) => $body:expr) => {
+        match ($f.n, $f.m) {
+            (1, 1) => {
+                let ($n, $m) = (1usize, 1usize);
+                $body
+            }
+            (3, 3) => {
+                let ($n, $m) = (3usize, 3usize);
+                $body
+            }
+            (4, 4) => {
+                let ($n, $m) = (4usize, 4usize);
+                $body
+            }
+            (2, 2) => {
+                let ($n, $m) = (2usize, 2usize);
+                $body
+            }
+            (5, 5) => {
+                let ($n, $m) = (5usize, 5usize);
+                $body
+            }
+            (7, 7) => {
+                let ($n, $m) = (7usize, 7usize);
+                $body
+            }
+            ($n, $m) => $body,
+        }
+    };
+}
+
+fn batch_statistics<T: Element>(
+    grad: &Grad<'_, T>,
+    reads: Reads<'_, T>,
+    f: Factoring,
+    args: StatArgs<'_>,
+    out: Fresh,
+) -> (Statistics, Sums) {
+    let (n, m, k) = (f.n, f.m, f.n * f.m);
+    let mpu = matrices_per_unit(k);
+    let Fresh { mut r, mut c } = out;
+    let units: Vec<BatchUnit<'_>> = r
+        .chunks_mut(mpu * n)
+        .zip(c.chunks_mut(mpu * m))
+        .enumerate()
+        .collect();
+    let outs = map_units(
+        units,
+        parallel_for(f.len()),
+        #[inline(always)]
+        |(u, (r_out, c_out))| {
+            with_dims!(f, (n, m) => {
+                let k = n * m;
+                let mut s = Scratch::new();
+                let mut sums = Sums::default();
+                let mut su2 = 0f64;
+                let (first, count) = (u * mpu, r_out.len() / n);
+                let mut done = 0;
+                while done < count {
+                    let cnt = LANES.min(count - done);
+                    let l0 = first + done;
+                    let (e0, len) = (l0 * k, cnt * k);
+                    sums.sum_sq_x += weight_sq(&reads, e0, &mut s.xbuf[..len]);
+                    let g = load_grad(grad, e0, &mut s.gbuf[..len], reads.check, &mut sums.probe);
+                    to_lanes(g, k, cnt, &mut s.gt);
+                    let (u2, g2) = batch_group(
+                        &mut s,
+                        n,
+                        m,
+                        cnt,
+                        &args.r_old[l0 * n..(l0 + cnt) * n],
+                        &args.c_old[l0 * m..(l0 + cnt) * m],
+                        &args,
+                        &mut r_out[done * n..(done + cnt) * n],
+                        &mut c_out[done * m..(done + cnt) * m],
+                    );
+                    su2 += u2;
+                    sums.sum_sq_grad += g2;
+                    done += cnt;
+                }
+                (su2, sums)
+            })
+        },
+    );
+    let mut sums = Sums::default();
+    let mut sum_sq_update = 0f64;
+    for (u2, s) in &outs {
+        sum_sq_update += u2;
+        sums.add(s);
+    }
+    let st = Statistics {
+        r,
+        c,
+        row_mean: Vec::new(),
+        sum_sq_update,
+    };
+    (st, sums)
+}
+
+/// Runs `$body` with `$m` bound to a constant for the common short rows.
+macro_rules! with_cols {
+    ($m0:expr, $m:ident => $body:expr) => {
+        match $m0 {
+            1 => {
+                let $m = 1usize;
+                $body
+            }
+            2 => {
+                let $m = 2usize;
+                $body
+            }
+            3 => {
+                let $m = 3usize;
+                $body
+            }
+            4 => {
+                let $m = 4usize;
+                $body
+            }
+            8 => {
+                let $m = 8usize;
+                $body
+            }
+            $m => $body,
+        }
+    };
+}
+
+/// One unit's partial sums of a slice of short rows.
+struct RowsPart {
+    slice: usize,
+    /// Column sums of `g^2`.
+    col: Vec<f64>,
+    /// Per column, `sum_i (s g_ij)^2 / r_i`.
+    weighted: Vec<f64>,
+    /// Sum of the new row statistics.
+    sum_r: f64,
+    sums: Sums,
+}
+
+/// The work units of short rows: `(slice, first row in the slice)` and the unit's rows of `r`.
+fn rows_units(r: &mut [f32], f: Factoring) -> Vec<((usize, usize), &mut [f32])> {
+    let rpu = rows_per_unit(f.m);
+    r.chunks_mut(f.n)
+        .enumerate()
+        .flat_map(|(slice, rs)| {
+            rs.chunks_mut(rpu)
+                .enumerate()
+                .map(move |(k, c)| ((slice, k * rpu), c))
+        })
+        .collect()
+}
+
+fn rows_statistics<T: Element>(
+    grad: &Grad<'_, T>,
+    reads: Reads<'_, T>,
+    f: Factoring,
+    args: StatArgs<'_>,
+    out: Fresh,
+) -> (Statistics, Sums) {
+    let (n, m) = (f.n, f.m);
+    let Fresh { mut r, mut c } = out;
+    let units = rows_units(&mut r, f);
+    let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
+    let s2 = (sc as f64) * (sc as f64);
+    let parts = map_units(
+        units,
+        parallel_for(f.len()),
+        #[inline(always)]
+        |((slice, i0), r_out)| {
+            with_cols!(m, m => {
+                let mut s = Scratch::new();
+                let mut sums = Sums::default();
+                let mut cacc = vec![[0f64; LANES]; m];
+                let mut wacc = vec![[0f64; LANES]; m];
+                let (mut sum_r, mut sum_g) = ([0f64; LANES], [0f64; LANES]);
+                let mut done = 0;
+                while done < r_out.len() {
+                    let cnt = LANES.min(r_out.len() - done);
+                    let q = slice * n + i0 + done;
+                    let (e0, len) = (q * m, cnt * m);
+                    sums.sum_sq_x += weight_sq(&reads, e0, &mut s.xbuf[..len]);
+                    let g = load_grad(grad, e0, &mut s.gbuf[..len], reads.check, &mut sums.probe);
+                    // Rows in lanes: gt[j][row].
+                    to_lanes(g, m, cnt, &mut s.gt);
+                    let mut rsum = [0f64; LANES];
+                    for gv in &s.gt[..m] {
+                        for l in 0..LANES {
+                            rsum[l] += (gv[l] * gv[l]) as f64;
+                        }
+                    }
+                    let mut old = [0f32; LANES];
+                    old[..cnt].copy_from_slice(&args.r_old[q..q + cnt]);
+                    let (mut rn, mut inv, mut valid) = ([0f32; LANES], [0f32; LANES], [0f64; LANES]);
+                    for l in 0..LANES {
+                        rn[l] = new_stat(old[l], rsum[l], m, b2, eps, s2);
+                        inv[l] = 1.0 / rn[l];
+                        valid[l] = (l < cnt) as u8 as f64;
+                        sum_r[l] += rn[l] as f64 * valid[l];
+                        sum_g[l] += rsum[l];
+                    }
+                    for ((gv, ca), wa) in s.gt[..m].iter().zip(&mut cacc).zip(&mut wacc) {
+                        for l in 0..LANES {
+                            let ge = sc * gv[l];
+                            ca[l] += (gv[l] * gv[l]) as f64;
+                            wa[l] += ((ge * ge) * inv[l]) as f64;
+                        }
+                    }
+                    r_out[done..done + cnt].copy_from_slice(&rn[..cnt]);
+                    done += cnt;
+                }
+                let lanes = |v: &Lanes64| v.iter().sum::<f64>();
+                sums.sum_sq_grad = lanes(&sum_g);
+                RowsPart {
+                    slice,
+                    col: cacc.iter().map(lanes).collect(),
+                    weighted: wacc.iter().map(lanes).collect(),
+                    sum_r: lanes(&sum_r),
+                    sums,
+                }
+            })
+        },
+    );
+    // Each slice's units, added in order.
+    let mut col = vec![0f64; f.lead * m];
+    let mut weighted = vec![0f64; f.lead * m];
+    let mut sum_r = vec![0f64; f.lead];
+    let mut sums = Sums::default();
+    for p in &parts {
+        let at = p.slice * m..(p.slice + 1) * m;
+        add_into(&mut col[at.clone()], &p.col);
+        add_into(&mut weighted[at], &p.weighted);
+        sum_r[p.slice] += p.sum_r;
+        sums.add(&p.sums);
+    }
+    let (row_mean, sum_sq_update) = finish_slices(&col, &weighted, &sum_r, f, &args, &mut c);
+    let st = Statistics {
+        r,
+        c,
+        row_mean,
+        sum_sq_update,
+    };
+    (st, sums)
+}
+
+/// The column statistics (into `c`), `mean(r)` per slice and `sum(u^2)` from the slices'
+/// combined sums: `sum_ij u_ij^2 = mean(r) sum_j (sum_i (s g_ij)^2 / r_i) / c_j`.
+fn finish_slices(
+    col: &[f64],
+    weighted: &[f64],
+    sum_r: &[f64],
+    f: Factoring,
+    args: &StatArgs<'_>,
+    c: &mut [f32],
+) -> (Vec<f32>, f64) {
+    let s2 = (args.scale as f64) * (args.scale as f64);
+    for ((c, s), old) in c.iter_mut().zip(col).zip(args.c_old) {
+        *c = new_stat(*old, *s, f.n, args.beta2, args.epsilon_1, s2);
+    }
+    let row_mean: Vec<f32> = sum_r.iter().map(|s| (s / f.n as f64) as f32).collect();
+    let mut total = 0f64;
+    for ((cs, ws), mean) in c.chunks(f.m).zip(weighted.chunks(f.m)).zip(&row_mean) {
+        let per_col: f64 = ws.iter().zip(cs).map(|(w, c)| w / *c as f64).sum();
+        total += *mean as f64 * per_col;
+    }
+    (row_mean, total)
+}
+
+/// The write pass of a batch of tiny matrices or of short rows.
+pub(crate) fn write<T: Element>(
+    x: &mut [T],
+    grad: &Grad<'_, T>,
+    st: &Statistics,
+    f: Factoring,
+    w: WriteArgs,
+) {
+    if f.is_empty() {
+        return;
+    }
+    if f.n * f.m <= MAX_MATRIX {
+        batch_write(x, grad, st, f, w)
+    } else {
+        rows_write(x, grad, st, f, w)
+    }
+}
+
+/// Updates a block of the weight (element `offset` of the tensor on) from its gradient and
+/// factors, stored with the step's rounding: the only place this kernel writes the weight.
+#[inline(always)]
+fn store_block<T: Element>(
+    xs: &mut [T],
+    offset: usize,
+    g: &[f32],
+    fac: &[f32],
+    xbuf: &mut [f32],
+    w: WriteArgs,
+) {
+    T::load(xs, xbuf);
+    update_block(xbuf, g, fac, w);
+    w.rounding.store_slice(xbuf, xs, offset as u64);
+}
+
+fn batch_write<T: Element>(
+    x: &mut [T],
+    grad: &Grad<'_, T>,
+    st: &Statistics,
+    f: Factoring,
+    w: WriteArgs,
+) {
+    let k = f.n * f.m;
+    let mpu = matrices_per_unit(k);
+    // Last units first: pass 1 read them last, so they may still be in the last-level cache.
+    let units: Vec<(usize, &mut [T])> = x.chunks_mut(mpu * k).enumerate().rev().collect();
+    map_units(
+        units,
+        parallel_for(f.len()),
+        #[inline(always)]
+        |(u, xs)| {
+            with_dims!(f, (n, m) => {
+                let k = n * m;
+                let mut s = Scratch::new();
+                let mut probe = 0f32;
+                for (gi, xg) in xs.chunks_mut(LANES * k).enumerate() {
+                    let l0 = u * mpu + gi * LANES;
+                    let cnt = xg.len() / k;
+                    to_lanes(&st.r[l0 * n..(l0 + cnt) * n], n, cnt, &mut s.ro);
+                    to_lanes(&st.c[l0 * m..(l0 + cnt) * m], m, cnt, &mut s.co);
+                    factors(&s.ro[..n], &s.co[..m], &mut s.a[..n], &mut s.b[..m]);
+                    let len = cnt * k;
+                    for (l, fm) in s.fac[..len].chunks_exact_mut(k).enumerate() {
+                        for (frow, ai) in fm.chunks_exact_mut(m).zip(&s.a[..n]) {
+                            for (fv, bj) in frow.iter_mut().zip(&s.b[..m]) {
+                                *fv = ai[l] * bj[l];
+                            }
+                        }
+                    }
+                    let g = load_grad(grad, l0 * k, &mut s.gbuf[..len], false, &mut probe);
+                    store_block(xg, l0 * k, g, &s.fac[..len], &mut s.xbuf[..len], w);
+                }
+            })
+        },
+    );
+}
+
+fn rows_write<T: Element>(
+    x: &mut [T],
+    grad: &Grad<'_, T>,
+    st: &Statistics,
+    f: Factoring,
+    w: WriteArgs,
+) {
+    let (n, m) = (f.n, f.m);
+    let rpu = rows_per_unit(m);
+    let units: Vec<((usize, usize), &mut [T])> = x
+        .chunks_mut(n * m)
+        .enumerate()
+        .flat_map(|(slice, xs)| {
+            xs.chunks_mut(rpu * m)
+                .enumerate()
+                .map(move |(k, c)| ((slice, k * rpu), c))
+        })
+        .rev()
+        .collect();
+    map_units(
+        units,
+        parallel_for(f.len()),
+        #[inline(always)]
+        |((slice, i0), xs)| {
+            with_cols!(m, m => {
+                let mut s = Scratch::new();
+                let mut probe = 0f32;
+                let sm = st.row_mean[slice].sqrt();
+                let mut b = [0f32; LANES];
+                for (bj, c) in b.iter_mut().zip(&st.c[slice * m..(slice + 1) * m]) {
+                    *bj = 1.0 / c.sqrt();
+                }
+                for (gi, xg) in xs.chunks_mut(LANES * m).enumerate() {
+                    let q = slice * n + i0 + gi * LANES;
+                    let cnt = xg.len() / m;
+                    let mut a = [0f32; LANES];
+                    for (al, r) in a.iter_mut().zip(&st.r[q..q + cnt]) {
+                        *al = sm / r.sqrt();
+                    }
+                    let len = cnt * m;
+                    for (frow, al) in s.fac[..len].chunks_exact_mut(m).zip(&a) {
+                        for (fv, bj) in frow.iter_mut().zip(&b[..m]) {
+                            *fv = al * bj;
+                        }
+                    }
+                    let g = load_grad(grad, q * m, &mut s.gbuf[..len], false, &mut probe);
+                    store_block(xg, q * m, g, &s.fac[..len], &mut s.xbuf[..len], w);
+                }
+            })
+        },
+    );
+}
