@@ -23,7 +23,8 @@ mod training;
 
 use adafactor::collective::ThreadGroup;
 use candle_adafactor::Mode;
-use data::{Corpus, CORPUS};
+use data::corpus::CORPUS;
+use data::Corpus;
 use data_parallel::{train_rank, RankResult};
 use training::{train_run, RunSpec, TrainConfig, PRESETS};
 

@@ -30,7 +30,8 @@ mod training;
 
 use candle_core::{DType, Device, Tensor};
 use cli::{parse_args, Command};
-use data::{random_batch, Corpus, CORPUS};
+use data::corpus::CORPUS;
+use data::{random_batch, Corpus};
 use model::{build_gpt, named_vars, GptConfig};
 use options::parse_runs;
 use rng::SplitMix64;

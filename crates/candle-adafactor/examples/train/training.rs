@@ -2,7 +2,7 @@
 //! optimizer, which learning-rate schedule), one training run of the GPT, its evaluation and a
 //! generated sample.
 
-use crate::data::{batch_at, random_batch, Corpus};
+use crate::data::{batch_at, consecutive_starts, random_batch, Corpus};
 use crate::model::{build_gpt, named_vars, Gpt, GptConfig};
 use crate::options::Preset;
 use crate::rng::SplitMix64;
@@ -352,9 +352,7 @@ pub fn estimate_val_loss(
 /// A failed tensor operation.
 pub fn full_val_loss(model: &Gpt, corpus: &Corpus) -> Result<f32> {
     let context = model.config().context;
-    let starts: Vec<usize> = (0..(corpus.val.len() - 1) / context)
-        .map(|i| i * context)
-        .collect();
+    let starts = consecutive_starts(corpus.val.len(), context);
     mean_loss(model, &corpus.val, &starts, 64)
 }
 
@@ -582,7 +580,7 @@ pub fn train_with<S: Stepper>(
         });
     }
     let val_loss = val_curve.last().map_or(f32::NAN, |p| p.1);
-    let prompt = corpus.tokenizer.encode("\n")?;
+    let prompt = corpus.tokenizer.encode("\n").map_err(msg)?;
     let mut sample_rng = SplitMix64::new(cfg.seed ^ 0x5A3F_1E00);
     let sample = model.generate(&prompt, cfg.sample_chars, &mut sample_rng)?;
     Ok(RunResult {
