@@ -1,21 +1,21 @@
-//! Tests of the `train` example (`examples/train.rs`), on its own code with a tiny GPT: gradients
+//! Tests of the `burn_train` example (`examples/burn_train.rs`), on its own code with a tiny GPT: gradients
 //! reaching every parameter, causality, shared initial weights, short runs of every optimizer
 //! lowering the loss, the `result` lines and the options.
 
 #[allow(dead_code)]
-#[path = "../examples/train/cli.rs"]
+#[path = "../examples/burn_train/cli.rs"]
 mod cli;
 #[allow(dead_code)]
 #[path = "../../candle-adafactor/examples/train/corpus.rs"]
 mod corpus;
 #[allow(dead_code)]
-#[path = "../examples/train/model.rs"]
+#[path = "../examples/burn_train/model.rs"]
 mod model;
 #[allow(dead_code)]
 #[path = "../../candle-adafactor/examples/common/rng.rs"]
 mod rng;
 #[allow(dead_code)]
-#[path = "../examples/train/training.rs"]
+#[path = "../examples/burn_train/training.rs"]
 mod training;
 
 use burn::module::{Module, ModuleVisitor, Param};

@@ -8,7 +8,7 @@ Trains a small character-level GPT (burn's own layers) on tiny Shakespeare with 
 Adafactor, burn's own Adafactor and burn's AdamW, from the same initial weights and batches, then
 prints a results table and one `result ...` line per run.
 
-Usage: cargo run --release -p burn-adafactor --example train -- [OPTIONS]
+Usage: cargo run --release -p burn-adafactor --example burn_train -- [OPTIONS]
 
 Options:
   --full          nanoGPT's whole reference run: 2000 steps (default: 300 steps)

@@ -2,7 +2,7 @@
 //! own Adafactor (`burn::optim::AdafactorConfig`, defaults) on the same parameters in the same
 //! run.
 //!
-//! cargo run --release -p burn-adafactor --example bench -- --set <t5-small|tiny>
+//! cargo run --release -p burn-adafactor --example burn_bench -- --set <t5-small|tiny>
 //!     [--path fused|composed] [--dtype f32|bf16|f16] [--steps N] [--warmup N]
 //!
 //! The last line: `bench framework=burn set=.. path=.. dtype=.. params=.. median_ms=..

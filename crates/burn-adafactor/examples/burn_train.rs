@@ -3,7 +3,7 @@
 //! example with burn's own layers (`Embedding`, `Linear`, `LayerNorm`, `Gelu`) on
 //! `Device::flex().autodiff()`.
 //!
-//! `cargo run --release -p burn-adafactor --example train` (add `-- --help` for the options,
+//! `cargo run --release -p burn-adafactor --example burn_train` (add `-- --help` for the options,
 //! `-- --full` for nanoGPT's whole 2000-step run). The corpus ships in the repository
 //! (`crates/candle-adafactor/examples/data/tinyshakespeare.txt`, embedded in the binary; the
 //! tokenizer and the batch windows are the candle example's plain-Rust `corpus.rs`). Every run
@@ -11,19 +11,19 @@
 //! The output is a table and one machine-readable `result ...` line per run, in the candle
 //! example's format.
 
-#[path = "train/cli.rs"]
+#[path = "burn_train/cli.rs"]
 mod cli;
 // Shared with the candle examples, which also decode text.
 #[allow(dead_code)]
 #[path = "../../candle-adafactor/examples/train/corpus.rs"]
 mod corpus;
-#[path = "train/model.rs"]
+#[path = "burn_train/model.rs"]
 mod model;
 // Shared with the candle examples, which use more of it.
 #[allow(dead_code)]
 #[path = "../../candle-adafactor/examples/common/rng.rs"]
 mod rng;
-#[path = "train/training.rs"]
+#[path = "burn_train/training.rs"]
 mod training;
 
 use cli::{USAGE, parse_args};
