@@ -465,6 +465,7 @@ pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, s: Strided, grad_scal
 
 /// Pass 3: `x = decay(x) - (coef a_i) (s g_ij) b_j`, with `coef = alpha / max(1, RMS(u)/d)`,
 /// each 16-bit weight stored with `rounding`.
+#[allow(clippy::too_many_arguments)]
 pub fn pass3<T: Element>(
     x: &mut [T],
     grad: &Grad<'_, T>,
