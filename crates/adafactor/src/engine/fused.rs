@@ -354,7 +354,7 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                     (Measured::Factored(p), s.0, s.1, s.2)
                                 }
                                 Stats::Factored { factoring, r, c }
-                                    if shaped::kernel(*factoring) != Kernel::Rows =>
+                                    if shaped::preferred(*factoring) != Kernel::Rows =>
                                 {
                                     // Without norm clipping, pass 1 is the statistics pass.
                                     let args = StatArgs {

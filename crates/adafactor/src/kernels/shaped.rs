@@ -21,6 +21,7 @@
 
 use super::element::Element;
 use super::grad::{Decay, Grad};
+use super::parallel::UNIT_ELEMS;
 use super::store::Rounding;
 use super::{narrow, tiny};
 use crate::state::Factoring;
@@ -65,6 +66,17 @@ pub fn kernel(f: Factoring) -> Kernel {
         Kernel::FewRows
     } else {
         Kernel::Rows
+    }
+}
+
+/// The kernel the fused backend runs for `f`: [`kernel`]'s choice, except that few rows shorter
+/// than a work unit stay with the row loops. The column split is for rows so long that the row
+/// loops would make few work units (`4 x 4194304`); for short ones (the 64 x 64 matrices of
+/// many small tensors) the row loops' lower per-tensor cost wins.
+pub fn preferred(f: Factoring) -> Kernel {
+    match kernel(f) {
+        Kernel::FewRows if f.m < UNIT_ELEMS => Kernel::Rows,
+        k => k,
     }
 }
 
