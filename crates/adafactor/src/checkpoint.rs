@@ -161,6 +161,21 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Float32 values as little-endian bytes: how every float32 tensor of the state is stored (and
+/// exchanged between ranks), whatever the framework.
+pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The float32 values of little-endian bytes, the inverse of [`f32_le_bytes`] (a length that is
+/// not a multiple of 4 is checked by the caller; trailing bytes are ignored).
+pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

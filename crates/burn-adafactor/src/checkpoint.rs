@@ -17,7 +17,10 @@
 use crate::error::{Error, Result, invalid};
 use crate::optimizer::Adafactor;
 use crate::slot::{f32_tensor, host_f32};
-use adafactor::checkpoint::{checksum, config_differences, verify_checksum, with_sorted_metadata};
+use adafactor::checkpoint::{
+    checksum, config_differences, f32_from_le_bytes, f32_le_bytes, verify_checksum,
+    with_sorted_metadata,
+};
 use adafactor::manifest::{self, Named, Part};
 use adafactor::{AdafactorConfig, LearningRate};
 use burn::module::Module;
@@ -53,17 +56,6 @@ impl View for &Entry {
     fn data_len(&self) -> usize {
         self.data.len()
     }
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn f32_values(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
 }
 
 fn corrupt(msg: impl std::fmt::Display) -> Error {
@@ -109,14 +101,14 @@ impl Adafactor {
                     self.slots[i]
                         .ema
                         .as_ref()
-                        .map(|t| f32_bytes(&host_f32(t)))
+                        .map(|t| f32_le_bytes(&host_f32(t)))
                         .unwrap_or_default(),
                 ),
                 Part::Accumulator(i) => f32_entry(
                     self.slots[i]
                         .accumulator
                         .as_ref()
-                        .map(|t| f32_bytes(&host_f32(t)))
+                        .map(|t| f32_le_bytes(&host_f32(t)))
                         .unwrap_or_default(),
                 ),
                 Part::Stat(i, k) => {
@@ -125,7 +117,7 @@ impl Adafactor {
                     f32_entry(
                         slots
                             .get(k)
-                            .map(|(_, _, v)| f32_bytes(v))
+                            .map(|(_, _, v)| f32_le_bytes(v))
                             .unwrap_or_default(),
                     )
                 }
@@ -312,7 +304,7 @@ impl Adafactor {
                 }
                 Part::LearningRate => {
                     if let LearningRate::Constant(lr) = next.config.learning_rate
-                        && f32_values(bytes).first().map(|x| x.to_bits())
+                        && f32_from_le_bytes(bytes).first().map(|x| x.to_bits())
                             != Some((lr as f32).to_bits())
                     {
                         return Err(corrupt(
@@ -322,13 +314,13 @@ impl Adafactor {
                 }
                 Part::Average(k) => {
                     let s = &mut next.slots[slot_of[k]];
-                    s.ema = Some(f32_tensor(f32_values(bytes), &s.device));
+                    s.ema = Some(f32_tensor(f32_from_le_bytes(bytes), &s.device));
                 }
                 Part::Accumulator(k) => {
                     let s = &mut next.slots[slot_of[k]];
-                    s.accumulator = Some(f32_tensor(f32_values(bytes), &s.device));
+                    s.accumulator = Some(f32_tensor(f32_from_le_bytes(bytes), &s.device));
                 }
-                Part::Stat(k, _) => stat_values[slot_of[k]].push(f32_values(bytes)),
+                Part::Stat(k, _) => stat_values[slot_of[k]].push(f32_from_le_bytes(bytes)),
                 Part::Dummy | Part::Velocity(_) | Part::Extra(_) => {}
             }
         }

@@ -3,7 +3,10 @@
 //! The format is documented on [`StateDict`].
 
 use crate::optimizer::{core_err, err, Adafactor};
-use adafactor::checkpoint::{checksum, config_differences, verify_checksum, with_sorted_metadata};
+use adafactor::checkpoint::{
+    checksum, config_differences, f32_from_le_bytes, f32_le_bytes, verify_checksum,
+    with_sorted_metadata,
+};
 use adafactor::manifest::{self, Kind, Named, Part};
 use adafactor::{AdafactorConfig, LearningRate, Stats};
 use candle_core::{DType, Device, Result, Tensor};
@@ -165,17 +168,6 @@ fn candle_dtype(d: StDtype) -> Option<DType> {
         StDtype::F64 => DType::F64,
         _ => return None,
     })
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn f32_values(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
 }
 
 /// A tensor's elements as little-endian bytes, row-major.
@@ -503,7 +495,7 @@ impl StateDict {
             }
         }
         if let LearningRate::Constant(lr) = config.learning_rate {
-            let stored = f32_values(&sd.entry("learning_rate")?.data);
+            let stored = f32_from_le_bytes(&sd.entry("learning_rate")?.data);
             if stored.first().map(|x| x.to_bits()) != Some((lr as f32).to_bits()) {
                 return Err(corrupt(format!(
                     "tensor `learning_rate` ({stored:?}) disagrees with the config's \
@@ -606,7 +598,7 @@ impl Adafactor {
             let data = match it.part {
                 Part::Iteration => counter_bytes("iteration", self.counters.raw_iterations)?,
                 Part::SkippedSteps => counter_bytes("skipped_steps", self.counters.skipped_steps)?,
-                Part::LearningRate => f32_bytes(&[self
+                Part::LearningRate => f32_le_bytes(&[self
                     .config
                     .learning_rate
                     .value(self.counters.raw_iterations)]),
@@ -618,7 +610,7 @@ impl Adafactor {
                     let (_, _, values) = stats
                         .get(k)
                         .ok_or_else(|| err(format!("internal: statistic `{}`", it.name)))?;
-                    f32_bytes(values)
+                    f32_le_bytes(values)
                 }
                 Part::Extra(i) => tensor_bytes(self.extra[i].1.as_tensor(), &it.name)?,
                 Part::Dummy | Part::Velocity(_) => {
@@ -751,14 +743,18 @@ impl Adafactor {
         let mut new_slots = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             let full = |suffix: &str| -> Result<Tensor> {
-                let values = f32_values(&sd.entry(&format!("{}/{suffix}", s.name))?.data);
+                let values = f32_from_le_bytes(&sd.entry(&format!("{}/{suffix}", s.name))?.data);
                 Tensor::from_vec(values, s.var.dims(), s.var.device())
             };
             let ema = s.ema().map(|_| full("average")).transpose()?;
             let acc = s.accumulator().map(|_| full("accumulator")).transpose()?;
             let values = Stats::slot_shapes_with(s.var.dims(), s.stats.axes())
                 .iter()
-                .map(|(suffix, _)| Ok(f32_values(&sd.entry(&format!("{}/{suffix}", s.name))?.data)))
+                .map(|(suffix, _)| {
+                    Ok(f32_from_le_bytes(
+                        &sd.entry(&format!("{}/{suffix}", s.name))?.data,
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?;
             let mut stats = s.stats.clone();
             if s.full_state {

@@ -340,10 +340,7 @@ impl<'c> DataParallel<'c> {
                     ),
                 ));
             }
-            let v: Vec<f32> = b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let v = adafactor::checkpoint::f32_from_le_bytes(b);
             let t = Tensor::from_vec(v, slot.var.shape(), slot.var.device())
                 .and_then(|t| t.to_dtype(slot.var.dtype()))
                 .and_then(|t| slot.var.set(&t));
