@@ -12,6 +12,10 @@ use burn::nn::{
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+/// Held by whoever seeds or draws from burn's process-wide random generator (see
+/// [`Gpt::new`]).
+pub static DEVICE_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The shape of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GptConfig {
@@ -136,6 +140,10 @@ impl Gpt {
                 "invalid GPT shape {config:?}: every size must be >= 1 and heads must divide width"
             ));
         }
+        // burn's random generator is shared by the whole process: hold it from the seed to
+        // the last draw, so that models built on other threads at the same time (the tests run
+        // in parallel) cannot take values from this one's sequence.
+        let _rng = DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner());
         device.seed(seed);
         let linear = |i: usize, o: usize| {
             LinearConfig::new(i, o)
