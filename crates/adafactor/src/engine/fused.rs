@@ -13,7 +13,8 @@ use super::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
 use crate::error::Error;
 use crate::kernels::shaped::{self, Fresh, Kernel, Reads, StatArgs, Statistics};
 use crate::kernels::{
-    elementwise, factored, strided, vector, Grad, GradTransform, Rounding, RowLoops, Spare,
+    after_write, elementwise, factored, strided, vector, Grad, GradTransform, Rounding, RowLoops,
+    Spare, Tail,
 };
 use crate::plan::{Clip, EmaPlan};
 use crate::rounding::RoundingStream;
@@ -250,6 +251,59 @@ impl<'s, S: SliceStore> Fused<'s, S> {
                 })),
             }
         })?
+    }
+}
+
+impl<S: SliceStore> Fused<'_, S> {
+    /// Calls `f` with variable `var`'s effective gradient and what follows its write
+    /// ([`UpdateContext::after_write`]): the average, writable, for the EMA; on the update call
+    /// of gradient accumulation the accumulator, writable, for the write to read and then zero
+    /// (the gradient then carries no accumulator, the [`Tail`] does).
+    fn with_write_inputs<T: Typed, R>(
+        &self,
+        var: usize,
+        ctx: &UpdateContext,
+        f: impl FnOnce(&Grad<'_, T>, Tail<'_>) -> R,
+    ) -> Result<R, S::Error> {
+        let Some(after) = ctx.after_write else {
+            return self.with_grad::<T, _>(var, ctx.transform, |g| f(g, Tail::default()));
+        };
+        let with_acc = |avg: Option<&mut [f32]>| {
+            let ema = after.ema.zip(avg).map(|(e, avg)| after_write::Ema {
+                avg,
+                momentum: e.momentum,
+                overwrite: e
+                    .overwrite
+                    .then(|| Rounding::for_variable(e.rounding, var, RoundingStream::EmaOverwrite)),
+            });
+            if !after.zero_accumulators {
+                let tail = Tail {
+                    ema,
+                    zero_acc: None,
+                };
+                return self.with_grad::<T, _>(var, ctx.transform, |g| f(g, tail));
+            }
+            self.read_as::<T, _>(var, Buffer::Gradient, |g| {
+                let grad = Grad {
+                    g,
+                    acc: None,
+                    transform: ctx.transform,
+                };
+                self.write_as::<f32, _>(var, Buffer::Accumulator, |acc| {
+                    f(
+                        &grad,
+                        Tail {
+                            ema,
+                            zero_acc: Some(acc),
+                        },
+                    )
+                })
+            })?
+        };
+        match after.ema {
+            Some(_) => self.write_as::<f32, _>(var, Buffer::Average, |avg| with_acc(Some(avg)))?,
+            None => with_acc(None),
+        }
     }
 }
 
@@ -508,28 +562,33 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                 let decay = ctx.decay(tg);
                 let rounding = Rounding::for_variable(ctx.rounding, tg.var, RoundingStream::Update);
                 with_type!(self.store.element_type(tg.var), T => {
-                    self.with_grad::<T, _>(tg.var, ctx.transform, |grad| {
+                    self.with_write_inputs::<T, _>(tg.var, ctx, |grad, tail| {
                         self.write_as::<T, _>(tg.var, Buffer::Weight, |x| {
                             match (&up, &stats[tg.var]) {
                                 (Updated::Factored(p), Stats::Factored { factoring, .. }) => {
                                     match factoring.strided {
-                                        Some(s) => strided::pass3(
-                                            x, grad, p, s, coef, scale, decay, rounding,
-                                        ),
-                                        None => factored::pass3(
+                                        Some(s) => after_write::write_whole(x, grad, tail, |x, g| {
+                                            strided::pass3(x, g, p, s, coef, scale, decay, rounding)
+                                        }),
+                                        None => factored::pass3_then(
                                             x, grad, p, *factoring, coef, scale, decay, rounding,
+                                            tail,
                                         ),
                                     }
                                     Ok(())
                                 }
                                 (Updated::Shaped(st), Stats::Factored { factoring, .. }) => {
-                                    shaped::write(
-                                        x, grad, st, *factoring, coef, scale, decay, rounding,
-                                    );
+                                    after_write::write_whole(x, grad, tail, |x, g| {
+                                        shaped::write(
+                                            x, g, st, *factoring, coef, scale, decay, rounding,
+                                        )
+                                    });
                                     Ok(())
                                 }
                                 (Updated::Vector(v), _) => {
-                                    vector::pass3(x, grad, v, coef, scale, decay, rounding);
+                                    vector::pass3_then(
+                                        x, grad, v, coef, scale, decay, rounding, tail,
+                                    );
                                     Ok(())
                                 }
                                 _ => Err(kind_mismatch()),
@@ -579,6 +638,10 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                 Stats::Unfactored { v } => spare.keep(v),
             }
         }
+    }
+
+    fn folds_after_write(&self) -> bool {
+        true
     }
 
     fn zero_accumulators(&mut self, vars: &[usize]) -> Result<(), S::Error> {

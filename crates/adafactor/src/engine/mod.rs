@@ -22,7 +22,11 @@
 //! 7. **write** ([`Backend::write`]): `x = decay(x) - alpha * u / max(1, RMS(u) / d)` with
 //!    `alpha = max(epsilon_2, RMS(x)) * rho` (the paper's relative step size).
 //! 8. **zero accumulators**, **EMA** and **overwrite** ([`Backend::zero_accumulators`],
-//!    [`Backend::ema`]), then [`Backend::commit`] and the statistics are committed.
+//!    [`Backend::ema`]), then [`Backend::commit`] and the statistics are committed. A backend
+//!    that folds them into its write ([`Backend::folds_after_write`], the fused one: each block
+//!    of new weights is averaged, overwritten and its accumulator zeroed while in cache) does
+//!    them there for the targets ([`UpdateContext::after_write`]), and the separate stages see
+//!    the other variables of `scope` only.
 //!
 //! Nothing is written before stage 7, and a backend's write cannot fail on inputs that passed
 //! stages 1 to 6, so a refused step leaves weights and state as they were.
@@ -45,6 +49,8 @@
 //!   (the global norm's sum of squares) and whose `all` all-reduces the finiteness flag; after
 //!   [`run`], owners broadcast their new weights.
 
+#[cfg(test)]
+mod after_write_tests;
 pub mod fused;
 
 use crate::config::OnNonFinite;
@@ -114,6 +120,22 @@ pub struct UpdateContext {
     /// Stochastic rounding of the new weights (`None`: to nearest). Each variable's bits are
     /// keyed by its index ([`crate::kernels::Rounding::for_variable`]).
     pub rounding: Option<crate::rounding::StepRounding>,
+    /// What the write stage also does to every target, when the backend folds it in
+    /// ([`Backend::folds_after_write`]); `None`: the separate stages do it.
+    pub after_write: Option<AfterWrite>,
+}
+
+/// The stages after the write that a backend folds into its write of each target, while the
+/// target's new weights are in cache ([`Backend::folds_after_write`]): the same results as
+/// [`Backend::zero_accumulators`] and [`Backend::ema`] on the targets, which [`run`] then
+/// leaves out of those stages.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AfterWrite {
+    /// The EMA (and overwrite) of every target.
+    pub ema: Option<EmaPlan>,
+    /// Set every target's accumulator to zero once the write has read it (the update call of
+    /// gradient accumulation).
+    pub zero_accumulators: bool,
 }
 
 impl UpdateContext {
@@ -198,6 +220,13 @@ pub trait Backend {
         scalars: &[WriteScalars],
         ctx: &UpdateContext,
     ) -> Result<Vec<Stats>, Self::Error>;
+
+    /// Whether [`Backend::write`] does what [`UpdateContext::after_write`] asks (the EMA and
+    /// accumulator zeroing of the targets) when it is set. By default it does not, and [`run`]
+    /// leaves the field `None` and runs the separate stages on every variable.
+    fn folds_after_write(&self) -> bool {
+        false
+    }
 
     /// Sets the accumulators of these variables to zero (after an update that used them).
     fn zero_accumulators(&mut self, vars: &[usize]) -> Result<(), Self::Error>;
@@ -378,6 +407,9 @@ pub fn run<B: Backend, C: Combine>(
     } = step;
     let transform = transform(plan);
     let mut new_stats = None;
+    // The variables the separate zeroing and EMA stages still see: the scope, less the targets
+    // whose write folded them in.
+    let mut rest = std::borrow::Cow::Borrowed(scope);
     match (plan.accumulation, plan.update) {
         (Accumulation::Accumulate, _) => {
             if check_finite {
@@ -389,11 +421,24 @@ pub fn run<B: Backend, C: Combine>(
             backend.accumulate(targets, transform)?;
         }
         (acc, Some(scalars)) => {
+            let zero_accumulators = matches!(acc, Accumulation::Apply { .. });
+            let fold = (zero_accumulators || plan.ema.is_some()) && backend.folds_after_write();
+            let after_write = match fold.then(|| unfolded(scope, targets)).flatten() {
+                Some(others) => {
+                    rest = std::borrow::Cow::Owned(others);
+                    Some(AfterWrite {
+                        ema: plan.ema,
+                        zero_accumulators,
+                    })
+                }
+                None => None,
+            };
             let ctx = UpdateContext {
                 transform,
                 scalars,
                 check_finite,
                 rounding: plan.rounding,
+                after_write,
             };
             // Kept as pairs, not unzipped: with thousands of small tensors every list of the
             // step is a large allocation of its own.
@@ -425,8 +470,8 @@ pub fn run<B: Backend, C: Combine>(
             // Freed in parallel: with thousands of small tensors, freeing one by one would take
             // as long as a pass.
             measured.into_par_iter().for_each(drop);
-            if matches!(acc, Accumulation::Apply { .. }) {
-                backend.zero_accumulators(scope)?;
+            if zero_accumulators && !rest.is_empty() {
+                backend.zero_accumulators(&rest)?;
             }
         }
         (_, None) => {
@@ -434,14 +479,35 @@ pub fn run<B: Backend, C: Combine>(
             return Err(B::core_error(e));
         }
     }
-    if let Some(ema) = plan.ema {
-        backend.ema(scope, ema)?;
+    if let Some(ema) = plan.ema.filter(|_| !rest.is_empty()) {
+        backend.ema(&rest, ema)?;
     }
     backend.commit()?;
     if let Some(new) = new_stats {
         backend.recycle(commit_stats(stats, targets, new));
     }
     Ok(Outcome::Applied)
+}
+
+/// The variables of `scope` that are not targets, when every target is in `scope` (so that the
+/// write stage can do the zeroing and EMA of the targets); `None` otherwise.
+fn unfolded(scope: &[usize], targets: &[Target]) -> Option<Vec<usize>> {
+    let len = scope
+        .iter()
+        .chain(targets.iter().map(|t| &t.var))
+        .max()
+        .map_or(0, |v| v + 1);
+    let mut in_scope = vec![false; len];
+    for &v in scope {
+        in_scope[v] = true;
+    }
+    for t in targets {
+        if !std::mem::replace(&mut in_scope[t.var], false) {
+            // Not in scope, or a target twice.
+            return None;
+        }
+    }
+    Some(scope.iter().copied().filter(|&v| in_scope[v]).collect())
 }
 
 /// The outcome of a refused step, when a finiteness flag (here or in another process) is false.

@@ -47,22 +47,27 @@ pub fn accumulate<T: Element>(acc: &mut [f32], grad: &Grad<'_, T>) {
 /// EMA: `avg = m * avg + (1 - m) * x`.
 pub fn ema<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
     for_chunks(avg, |start, a| {
-        let mut buf = [0f32; CHUNK];
-        for (k, ab) in a.chunks_mut(CHUNK).enumerate() {
-            let b0 = start + k * CHUNK;
-            let xs = &x[b0..b0 + ab.len()];
-            let xf = match T::as_f32(xs) {
-                Some(xf) => xf,
-                None => {
-                    T::load(xs, &mut buf[..ab.len()]);
-                    &buf[..ab.len()]
-                }
-            };
-            for (a, x) in ab.iter_mut().zip(xf) {
-                *a = momentum * *a + (1.0 - momentum) * x;
-            }
-        }
+        ema_block(a, &x[start..start + a.len()], momentum)
     });
+}
+
+/// [`ema`] of one block on the calling thread (also the EMA the write stage folds in,
+/// [`super::after_write`]): every element on its own, so any split gives the same bits.
+#[inline(always)]
+pub(crate) fn ema_block<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
+    let mut buf = [0f32; CHUNK];
+    for (ab, xs) in avg.chunks_mut(CHUNK).zip(x.chunks(CHUNK)) {
+        let xf = match T::as_f32(xs) {
+            Some(xf) => xf,
+            None => {
+                T::load(xs, &mut buf[..ab.len()]);
+                &buf[..ab.len()]
+            }
+        };
+        for (a, x) in ab.iter_mut().zip(xf) {
+            *a = momentum * *a + (1.0 - momentum) * x;
+        }
+    }
 }
 
 /// Overwrite: `x = src` rounded to the weight type by `rounding`.

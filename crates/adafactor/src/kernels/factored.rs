@@ -5,6 +5,7 @@
 //! `r = b2 r + (1 - b2) mean_j(g^2 + eps1)`, column statistics `c` likewise, and
 //! `v_ij = r_i c_j / mean(r)`, so the update is `g_ij / sqrt(v_ij)`.
 
+use super::after_write::{write_blocks, Tail};
 use super::cpu::vectorized;
 use super::dispatch::RowLoops;
 use super::grad::{decayed_view, Decay, Grad};
@@ -14,7 +15,6 @@ use super::row_args::new_stat;
 pub use super::row_args::{FoldRows, Pass1Rows, Pass1Sums, RowFold, RowUpdate};
 use super::store::Rounding;
 use crate::state::Factoring;
-use rayon::prelude::*;
 
 /// What pass 1 learns about a factored variable.
 #[derive(Debug, Clone, PartialEq)]
@@ -403,8 +403,7 @@ pub fn pass2<T: RowLoops>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_s
 }
 
 /// Pass 3's inputs, shared by its chunks.
-struct Pass3<'a, 'g, T> {
-    grad: &'a Grad<'g, T>,
+struct Pass3<'a> {
     p: &'a Prepared,
     f: Factoring,
     coef: f32,
@@ -413,17 +412,10 @@ struct Pass3<'a, 'g, T> {
     rounding: Rounding,
 }
 
-impl<T: RowLoops> Pass3<'_, '_, T> {
-    /// Updates whole rows starting at `first_row`.
-    fn rows(&self, first_row: usize, xs: &mut [T]) {
-        vectorized(
-            #[inline(always)]
-            || self.rows_inner(first_row, xs),
-        )
-    }
-
+impl Pass3<'_> {
+    /// Updates whole rows starting at `first_row`, `grad` being the gradient of these rows only.
     #[inline(always)]
-    fn rows_inner(&self, first_row: usize, xs: &mut [T]) {
+    fn rows<T: RowLoops>(&self, first_row: usize, xs: &mut [T], grad: &Grad<'_, T>) {
         let m = self.f.m;
         let u = RowUpdate {
             col_factor: &self.p.col_factor,
@@ -435,15 +427,14 @@ impl<T: RowLoops> Pass3<'_, '_, T> {
             decay: self.decay,
             rounding: self.rounding,
         };
-        if T::in_registers() && self.grad.is_plain() {
-            let base = first_row * m;
-            T::update_rows(xs, &self.grad.g[base..base + xs.len()], first_row, &u);
+        if T::in_registers() && grad.is_plain() {
+            T::update_rows(xs, grad.g, first_row, &u);
             return;
         }
         let (mut gbuf, mut xbuf) = (vec![0f32; m], vec![0f32; m]);
         for (k, xrow) in xs.chunks_mut(m).enumerate() {
             let row = first_row + k;
-            let g = self.grad.view(row * m, &mut gbuf);
+            let g = grad.view(k * m, &mut gbuf);
             if let Some(xf) = T::as_f32_mut(xrow) {
                 f32::update_rows(xf, g, row, &u);
                 continue;
@@ -468,8 +459,27 @@ pub fn pass3<T: RowLoops>(
     decay: Option<Decay>,
     rounding: Rounding,
 ) {
+    let tail = Tail::default();
+    pass3_then(x, grad, p, f, coef, grad_scale, decay, rounding, tail);
+}
+
+/// [`pass3`], each block of rows followed by its [`Tail`] (EMA, overwrite, accumulator
+/// zeroing) while it is in cache.
+#[allow(clippy::too_many_arguments)]
+pub fn pass3_then<T: RowLoops>(
+    x: &mut [T],
+    grad: &Grad<'_, T>,
+    p: &Prepared,
+    f: Factoring,
+    coef: f32,
+    grad_scale: f32,
+    decay: Option<Decay>,
+    rounding: Rounding,
+    tail: Tail<'_>,
+) {
     let m = f.m;
     if m == 0 || f.n == 0 {
+        tail.finish(x);
         return;
     }
     let parallel = parallel_for(f.len());
@@ -479,7 +489,6 @@ pub fn pass3<T: RowLoops>(
         f.lead * f.n
     };
     let job = Pass3 {
-        grad,
         p,
         f,
         coef,
@@ -487,16 +496,8 @@ pub fn pass3<T: RowLoops>(
         decay,
         rounding: rounding.for_type::<T>(),
     };
-    let body = |(ci, xs): (usize, &mut [T])| job.rows(ci * rows_chunk, xs);
-    if parallel {
-        // Last rows first: pass 1 reads them last, so they may still be in the last-level cache.
-        x.par_chunks_mut(rows_chunk * m)
-            .enumerate()
-            .rev()
-            .for_each(body);
-    } else {
-        x.chunks_mut(rows_chunk * m).enumerate().for_each(body);
-    }
+    let body = |start: usize, xs: &mut [T], grad: &Grad<'_, T>| job.rows(start / m, xs, grad);
+    write_blocks(x, grad, m, rows_chunk * m, parallel, tail, body);
 }
 
 #[cfg(test)]

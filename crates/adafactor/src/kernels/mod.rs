@@ -34,6 +34,7 @@
 //! their last two, [`vector`], [`elementwise`]); for factored shapes other than large matrices,
 //! [`shaped`] picks the short-row kernel (`tiny.rs`) or the column-split one (`narrow.rs`).
 
+pub mod after_write;
 mod cpu;
 mod dispatch;
 mod element;
@@ -58,6 +59,7 @@ pub mod vector;
 #[cfg(target_arch = "x86_64")]
 mod wide;
 
+pub use after_write::Tail;
 pub use dispatch::RowLoops;
 pub use element::Element;
 pub use grad::{Decay, Grad, GradTransform};

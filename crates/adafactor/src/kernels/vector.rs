@@ -1,8 +1,9 @@
 //! The three passes for an unfactored variable (rank 0 or 1), which keeps its velocity `v`.
 
+use super::after_write::{write_blocks, Tail};
 use super::element::Element;
 use super::grad::{decay_in_place, decayed_view, Decay, Grad};
-use super::parallel::{for_chunks, map_units, parallel_for, sum_chunks, UNIT_ELEMS};
+use super::parallel::{map_units, parallel_for, sum_chunks, UNIT_ELEMS};
 use super::reduce::{sum_sq, CHUNK};
 use super::shaped::load_grad;
 use super::store::Rounding;
@@ -178,22 +179,42 @@ pub fn pass3<T: Element>(
     decay: Option<Decay>,
     rounding: Rounding,
 ) {
-    for_chunks(x, |start, xs| {
+    let tail = Tail::default();
+    pass3_then(x, grad, v_new, coef, grad_scale, decay, rounding, tail);
+}
+
+/// [`pass3`], each block followed by its [`Tail`] (EMA, overwrite, accumulator zeroing) while
+/// it is in cache.
+#[allow(clippy::too_many_arguments)]
+pub fn pass3_then<T: Element>(
+    x: &mut [T],
+    grad: &Grad<'_, T>,
+    v_new: &[f32],
+    coef: f32,
+    grad_scale: f32,
+    decay: Option<Decay>,
+    rounding: Rounding,
+    tail: Tail<'_>,
+) {
+    let parallel = parallel_for(x.len());
+    let chunk = if parallel { UNIT_ELEMS } else { x.len() };
+    let body = |start: usize, xs: &mut [T], grad: &Grad<'_, T>| {
         let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
         let mut probe = 0f32;
         for (k, xblock) in xs.chunks_mut(CHUNK).enumerate() {
-            let b = start + k * CHUNK;
+            let b = k * CHUNK;
             let n = xblock.len();
             let gb = load_grad(grad, b, &mut gbuf[..n], false, &mut probe);
             let xb = &mut xbuf[..n];
             T::load(xblock, xb);
             decay_in_place(decay, xb);
-            for ((xv, g), v) in xb.iter_mut().zip(gb.iter()).zip(&v_new[b..]) {
+            for ((xv, g), v) in xb.iter_mut().zip(gb.iter()).zip(&v_new[start + b..]) {
                 *xv -= coef * ((grad_scale * g) / v.sqrt());
             }
-            rounding.store_slice(xb, xblock, b as u64);
+            rounding.store_slice(xb, xblock, (start + b) as u64);
         }
-    });
+    };
+    write_blocks(x, grad, 1, chunk, parallel, tail, body);
 }
 
 #[cfg(test)]
