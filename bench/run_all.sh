@@ -11,6 +11,7 @@
 #              on first use with the pinned versions below (a few minutes and about 4 GB of
 #              downloads, mostly torch; needs python3 with venv and PyPI).
 #   PEERS=0    skip the peers (ours only; nothing is installed)
+#   PEER_NAMES the peers to run (default "keras-tf keras-tf-nojit optax torch torch-foreach")
 #   SETS       the parameter sets, in order (default "t5-small t5-base resnet50 tiny many-small")
 #   SHAPES     the single-tensor shapes (default: the list below; SHAPES= for none)
 #   OUT_DIR    where raw logs and summary.tsv go (default target/bench-run)
@@ -30,6 +31,7 @@ TIME=/usr/bin/time
 SETS=${SETS:-t5-small t5-base resnet50 tiny many-small}
 SHAPES=${SHAPES-4096x4096 16x16x256x256 64x262144 16777216 4194304x4 1048576x4x4 16777216x1 1x16777216 4x4194304}
 PEERS=${PEERS:-1}
+PEER_NAMES=${PEER_NAMES:-keras-tf keras-tf-nojit optax torch torch-foreach}
 CONFIGS=${CONFIGS:-1}
 # Each configuration alone, then all together (clipnorm and global_clipnorm exclude each other).
 CONFIG_LIST=(
@@ -155,7 +157,7 @@ for round in $(seq 1 "$ROUNDS"); do
             ours "$set" fused f16 "$steps" "$warmup"
         fi
         [[ $set == many-small ]] && continue
-        for name in keras-tf keras-tf-nojit optax torch torch-foreach; do
+        for name in $PEER_NAMES; do
             peer "$name" "$set" "$peer_steps"
         done
     done
