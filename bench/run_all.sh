@@ -2,7 +2,8 @@
 # Runs the optimizer-step benchmark side by side in one go: our bench (fused and composed paths,
 # float32, plus fused bfloat16 and float16 on t5-small) set by set next to the peer
 # implementations (bench/peers.py: Keras 3 under XLA and without, optax under jax.jit, torch),
-# then single tensors of awkward shapes; prints summary tables in Markdown.
+# then t5-small under each configuration of CONFIG_LIST (each against its own ideal), then single
+# tensors of awkward shapes; prints summary tables in Markdown.
 #
 # Usage: bench/run_all.sh            (from anywhere; runs in the repository root)
 # Environment:
@@ -10,11 +11,14 @@
 #              on first use with the pinned versions below (a few minutes and about 4 GB of
 #              downloads, mostly torch; needs python3 with venv and PyPI).
 #   PEERS=0    skip the peers (ours only; nothing is installed)
+#   PEER_NAMES the peers to run (default "keras-tf keras-tf-nojit optax torch torch-foreach")
 #   SETS       the parameter sets, in order (default "t5-small t5-base resnet50 tiny many-small")
 #   SHAPES     the single-tensor shapes (default: the list below; SHAPES= for none)
 #   OUT_DIR    where raw logs and summary.tsv go (default target/bench-run)
 #   ROUNDS     how many times the whole sequence runs (default 2); the summary keeps, for each
 #              row, the round with the lowest median (other processes only ever slow a run down)
+#   CONFIGS=0  skip the configuration rows (t5-small, fused, float32 and bfloat16, with each
+#              CONFIG_LIST entry: Keras config keys over the defaults, each against its own ideal)
 #   QUICK=1    fewer steps and one round (a smoke run of the script itself)
 # Needs /usr/bin/time (Debian package `time`) for the peers' peak RSS.
 set -euo pipefail
@@ -27,6 +31,21 @@ TIME=/usr/bin/time
 SETS=${SETS:-t5-small t5-base resnet50 tiny many-small}
 SHAPES=${SHAPES-4096x4096 16x16x256x256 64x262144 16777216 4194304x4 1048576x4x4 16777216x1 1x16777216 4x4194304}
 PEERS=${PEERS:-1}
+PEER_NAMES=${PEER_NAMES:-keras-tf keras-tf-nojit optax torch torch-foreach}
+CONFIGS=${CONFIGS:-1}
+# Each configuration alone, then all together (Keras allows one of clipnorm, global_clipnorm and
+# clipvalue).
+CONFIG_LIST=(
+    '{"clipnorm": 1.0}'
+    '{"global_clipnorm": 1.0}'
+    '{"clipvalue": 0.01}'
+    '{"loss_scale_factor": 128.0}'
+    '{"weight_decay": 0.01}'
+    '{"use_ema": true}'
+    '{"use_ema": true, "ema_overwrite_frequency": 1}'
+    '{"gradient_accumulation_steps": 2}'
+    '{"global_clipnorm": 1.0, "loss_scale_factor": 128.0, "weight_decay": 0.01, "use_ema": true, "ema_overwrite_frequency": 1, "gradient_accumulation_steps": 2}'
+)
 # The versions BENCHMARKS.md was measured with.
 PEER_PACKAGES="tensorflow-cpu==2.21.0 keras==3.15.1 jax==0.10.2 jaxlib==0.10.2 optax==0.2.8 torch==2.15.0"
 
@@ -71,15 +90,20 @@ BENCH=target/release/examples/bench
 
 printf 'impl\tset\tdtype\tparams\ttensors\tmedian_ms\tmin_ms\ttriad_gbps\tpeak_rss_mib\tideal_ms\tnote\n' >"$TSV"
 
-# ours SET PATH DTYPE STEPS WARMUP [--shape]
+# ours SET PATH DTYPE STEPS WARMUP [--shape | --set] [CONFIG_JSON]
 ours() {
-    local set=$1 path=$2 dtype=$3 steps=$4 warmup=$5 flag=${6:---set}
-    local log="$OUT_DIR/ours-$set-$path-$dtype-r$round.log"
-    echo "== ours: $flag $set --path $path --dtype $dtype --steps $steps --warmup $warmup"
+    local set=$1 path=$2 dtype=$3 steps=$4 warmup=$5 flag=${6:---set} config=${7:-}
+    local label="" tag=""
+    if [[ -n $config ]]; then
+        label="$set $config"
+        tag="-$(printf '%s' "$config" | cksum | cut -d' ' -f1)"
+    fi
+    local log="$OUT_DIR/ours-$set$tag-$path-$dtype-r$round.log"
+    echo "== ours: $flag $set --path $path --dtype $dtype --steps $steps --warmup $warmup${config:+ --config '$config'}"
     if ! "$BENCH" "$flag" "$set" --path "$path" --dtype "$dtype" --steps "$steps" \
-        --warmup "$warmup" --triad-mib 64 >"$log" 2>&1; then
+        --warmup "$warmup" --triad-mib 64 ${config:+--config "$config"} >"$log" 2>&1; then
         cat "$log"
-        printf 'ours-%s\t%s\t%s\t-\t-\t-\t-\t-\t-\t-\tfailed (see %s)\n' "$path" "$set" "$dtype" "$log" >>"$TSV"
+        printf 'ours-%s\t%s\t%s\t-\t-\t-\t-\t-\t-\t-\tfailed (see %s)\n' "$path" "${label:-$set}" "$dtype" "$log" >>"$TSV"
         return
     fi
     cat "$log"
@@ -88,9 +112,10 @@ ours() {
     if [[ $path == fused ]] && grep -q '^data_path=Composed' "$log"; then
         note="ran composed ops"
     fi
-    awk -v impl="ours-$path" -v note="$note" '{
+    awk -v impl="ours-$path" -v note="$note" -v label="$label" '{
         for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
-        printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", impl, f["set"], f["dtype"], f["params"],
+        name = label != "" ? label : f["set"]
+        printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", impl, name, f["dtype"], f["params"],
             f["tensors"], f["median_ms"], f["min_ms"], f["triad_gbps"], f["peak_rss_mib"],
             f["ideal_ms"], note
     }' <<<"$last" >>"$TSV"
@@ -133,10 +158,17 @@ for round in $(seq 1 "$ROUNDS"); do
             ours "$set" fused f16 "$steps" "$warmup"
         fi
         [[ $set == many-small ]] && continue
-        for name in keras-tf keras-tf-nojit optax torch torch-foreach; do
+        for name in $PEER_NAMES; do
             peer "$name" "$set" "$peer_steps"
         done
     done
+    if [[ $CONFIGS == 1 ]]; then
+        for config in "${CONFIG_LIST[@]}"; do
+            for dtype in f32 bf16; do
+                ours t5-small fused "$dtype" "$LARGE_STEPS" 3 --set "$config"
+            done
+        done
+    fi
     for shape in $SHAPES; do
         ours "$shape" fused f32 "$((LARGE_STEPS / 2))" 2 --shape
         ours "$shape" composed f32 "$((LARGE_STEPS / 4 + 1))" 1 --shape

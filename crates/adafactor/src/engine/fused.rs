@@ -312,6 +312,9 @@ impl<S: SliceStore> Fused<'_, S> {
 pub enum Measured {
     /// A factored variable.
     Factored(factored::Pass1),
+    /// A factored variable whose new statistics and `sum(u^2)` pass 1 already computed (without
+    /// norm clipping), taken by the update stage.
+    Prepared(Mutex<Option<(factored::Prepared, f64)>>),
     /// A scalar or vector.
     Vector(vector::Pass1),
     /// A factored variable on a [`shaped`] kernel: its new statistics when pass 1 computed them
@@ -430,15 +433,33 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                     };
                                     (Measured::Shaped(Mutex::new(st)), s.0, s.1, s.2)
                                 }
-                                Stats::Factored { factoring, r, .. } => {
-                                    let fold = fold.then_some(factored::RowFold {
+                                Stats::Factored { factoring, r, c } => {
+                                    let row_fold = fold.then_some(factored::RowFold {
                                         r_old: r,
                                         beta2: u.beta2_t,
                                         epsilon_1: u.epsilon_1,
                                     });
-                                    let p = factored::pass1(grad, x, decay, *factoring, check, fold);
+                                    let p = factored::pass1(grad, x, decay, *factoring, check, row_fold);
                                     let s = (p.sum_sq_grad, p.sum_sq_x, p.finite);
-                                    (Measured::Factored(p), s.0, s.1, s.2)
+                                    // Without norm clipping the gradient scale is 1 now, so the
+                                    // statistics update runs here, while the sums are in cache
+                                    // (with thousands of small tensors, a stage of its own costs
+                                    // as much as a pass), and pass 1's sums are freed at once.
+                                    let prepared = fold
+                                        .then(|| {
+                                            let prep = factored::prepare(
+                                                &p, r, c, *factoring, u.beta2_t, u.epsilon_1, 1.0,
+                                            );
+                                            factored::sum_sq_update(&p, &prep, *factoring)
+                                                .map(|sum_u2| (prep, sum_u2))
+                                        })
+                                        .flatten();
+                                    match prepared {
+                                        Some(done) => {
+                                            (Measured::Prepared(Mutex::new(Some(done))), s.0, s.1, s.2)
+                                        }
+                                        None => (Measured::Factored(p), s.0, s.1, s.2),
+                                    }
                                 }
                                 Stats::Unfactored { v } if fold => {
                                     let mut v_new = self.buffer(v.len());
@@ -497,6 +518,11 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                         None => factored::pass2(grad, &prep, *factoring, scale),
                                     },
                                 };
+                                Ok(((sum_u2 / len).sqrt() as f32, Updated::Factored(prep)))
+                            }
+                            (Stats::Factored { .. }, Measured::Prepared(done)) => {
+                                let done = done.lock().map_or(None, |mut s| s.take());
+                                let (prep, sum_u2) = done.ok_or_else(kind_mismatch)?;
                                 Ok(((sum_u2 / len).sqrt() as f32, Updated::Factored(prep)))
                             }
                             (Stats::Factored { factoring, r, c }, Measured::Shaped(st)) => {
@@ -628,16 +654,13 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
         };
         // What the step did not take again is not needed any more: at most one step's
         // statistics are kept.
-        spare.clear();
-        for st in old {
-            match st {
-                Stats::Factored { r, c, .. } => {
-                    spare.keep(r);
-                    spare.keep(c);
-                }
-                Stats::Unfactored { v } => spare.keep(v),
-            }
-        }
+        spare.replace_with(old.into_par_iter().flat_map_iter(|st| {
+            let (a, b) = match st {
+                Stats::Factored { r, c, .. } => (r, Some(c)),
+                Stats::Unfactored { v } => (v, None),
+            };
+            std::iter::once(a).chain(b)
+        }));
     }
 
     fn folds_after_write(&self) -> bool {

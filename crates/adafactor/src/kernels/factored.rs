@@ -9,7 +9,7 @@ use super::after_write::{write_blocks, Tail};
 use super::cpu::vectorized;
 use super::dispatch::RowLoops;
 use super::grad::{decayed_view, Decay, Grad};
-use super::parallel::{map_units, parallel_for, rows_per_unit};
+use super::parallel::{map_units, parallel_for, rows_per_unit, split_for};
 use super::reduce::nonfinite_probe;
 use super::row_args::new_stat;
 pub use super::row_args::{FoldRows, Pass1Rows, Pass1Sums, RowFold, RowUpdate};
@@ -41,8 +41,9 @@ struct Unit {
     rows: usize,
 }
 
-fn units(f: Factoring, parallel: bool) -> Vec<Unit> {
-    let rpu = if parallel {
+/// The work units of a factored variable: runs of rows of one slice, fixed by the shape.
+fn units(f: Factoring) -> Vec<Unit> {
+    let rpu = if split_for(f.len()) {
         rows_per_unit(f.lead * f.n, f.m).min(f.n.max(1))
     } else {
         f.n.max(1)
@@ -133,7 +134,7 @@ pub fn pass1<T: RowLoops>(
     let parallel = parallel_for(f.len());
     let probe_rows = check_finite && grad.transform.clip_value.is_some();
     let outs = map_units(
-        units(f, parallel),
+        units(f),
         parallel,
         #[inline(always)]
         |u| {
@@ -380,7 +381,7 @@ pub fn pass2<T: RowLoops>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_s
     let m = f.m;
     let parallel = parallel_for(f.len());
     let sums = map_units(
-        units(f, parallel),
+        units(f),
         parallel,
         #[inline(always)]
         |u| {
@@ -503,6 +504,59 @@ pub fn pass3_then<T: RowLoops>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A large matrix's pass 1 (with and without the row fold) gives the same bits on 1, 2 and
+    /// 3 threads: its work units, and the order in which their partial sums are added, come
+    /// from the shape alone. The gradient spans forty binary orders of magnitude, so that
+    /// adding the same partial sums in another grouping rounds differently.
+    #[test]
+    fn pass1_gives_the_same_bits_on_any_thread_count() {
+        let f = Factoring::of(&[1024, 2048]).expect("a matrix");
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let g: Vec<f32> = (0..f.len())
+            .map(|_| {
+                let w = next();
+                let unit = (w >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                unit * 2f32.powi((w % 41) as i32 - 20)
+            })
+            .collect();
+        let x: Vec<f32> = g.iter().map(|v| v * 0.5 + 0.25).collect();
+        let r_old = vec![0.5f32; f.n];
+        let grad = Grad::plain(&g[..]);
+        let bits = |p: &Pass1| {
+            let w = p.weighted_cols.clone().unwrap_or_default();
+            let all: Vec<u64> = (p.row_sums.iter().chain(&p.col_sums).chain(&w))
+                .chain([p.sum_sq_grad, p.sum_sq_x].iter())
+                .map(|v| v.to_bits())
+                .collect();
+            all
+        };
+        for fold in [false, true] {
+            let runs: Vec<Vec<u64>> = [1, 2, 3]
+                .iter()
+                .map(|&threads| {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .expect("a thread pool");
+                    let row_fold = fold.then_some(RowFold {
+                        r_old: &r_old,
+                        beta2: 0.5,
+                        epsilon_1: 1e-30,
+                    });
+                    pool.install(|| bits(&pass1(&grad, &x, None, f, true, row_fold)))
+                })
+                .collect();
+            assert!(runs[1] == runs[0], "fold {fold}: 2 threads differ from 1");
+            assert!(runs[2] == runs[0], "fold {fold}: 3 threads differ from 1");
+        }
+    }
 
     /// One first step (beta2 = 0) of a 2 x 3 matrix through the three passes, against the
     /// paper's formulas evaluated directly in f64: `r_i = mean_j(g^2 + eps1)`, `c_j` likewise,

@@ -89,12 +89,24 @@ pub(crate) fn map_units<U: Send, R: Send>(
     }
 }
 
+/// Most work units a factored tensor's rows are split into: four per thread for up to sixteen
+/// threads, and few enough that the units' column partial sums stay small. A constant, not the
+/// thread count, so that the units, and the grouping in which their partial sums are added,
+/// are the same on every machine.
+pub(crate) const MAX_UNITS: usize = 64;
+
 /// Rows per work unit for `rows` rows of `m` elements: about [`UNIT_ELEMS`] elements, and at
-/// most four units per thread so column partial sums stay small.
+/// most [`MAX_UNITS`] units.
 pub(crate) fn rows_per_unit(rows: usize, m: usize) -> usize {
     let by_size = (UNIT_ELEMS / m.max(1)).max(1);
-    let max_units = 4 * rayon::current_num_threads().max(1);
-    by_size.max(rows.div_ceil(max_units)).max(1)
+    by_size.max(rows.div_ceil(MAX_UNITS)).max(1)
+}
+
+/// Whether a tensor of `len` elements is split into work units. The shape alone decides (the
+/// units run in parallel when [`parallel_for`] says so), so reductions over the units give the
+/// same bits with any number of threads.
+pub(crate) fn split_for(len: usize) -> bool {
+    len >= PARALLEL_THRESHOLD
 }
 
 /// Whether a tensor of `len` elements is split across threads.

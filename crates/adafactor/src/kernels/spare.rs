@@ -7,6 +7,7 @@
 //! much time as a pass over the weight. A [`Spare`] owned by the optimizer keeps the buffers a
 //! step replaced and hands them to the next one; it never holds more than one step's statistics.
 
+use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// Buffers smaller than this (in float32 elements) come from the allocator's own free lists.
@@ -58,6 +59,16 @@ impl Spare {
         }
     }
 
+    /// Frees every kept buffer and keeps those of `replaced` large enough to keep, freeing the
+    /// others in parallel (with thousands of small tensors, freeing them one by one takes as
+    /// long as a pass).
+    pub fn replace_with(&self, replaced: impl ParallelIterator<Item = Vec<f32>>) {
+        let kept: Vec<Vec<f32>> = replaced.filter(|b| b.capacity() >= MIN_KEPT).collect();
+        if let Ok(mut bufs) = self.bufs.lock() {
+            *bufs = kept;
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.bufs
@@ -86,6 +97,23 @@ mod tests {
         assert_ne!(fresh.as_ptr(), ptr);
         spare.keep(fresh);
         spare.clear();
+        assert_eq!(spare.bytes(), 0);
+    }
+
+    #[test]
+    fn replacing_keeps_only_the_large_buffers_of_the_new_step() {
+        let spare = Spare::new();
+        spare.keep(vec![1f32; MIN_KEPT]);
+        let big = vec![2f32; MIN_KEPT + 1];
+        let ptr = big.as_ptr();
+        spare.replace_with(vec![vec![3f32; 7], big, vec![4f32; 1]].into_par_iter());
+        assert_eq!(
+            spare.bytes(),
+            (MIN_KEPT + 1) * 4,
+            "the old step's buffer is freed"
+        );
+        let again = spare.take(MIN_KEPT + 1);
+        assert_eq!(again.as_ptr(), ptr);
         assert_eq!(spare.bytes(), 0);
     }
 }
