@@ -193,6 +193,94 @@ fn batch_group(
     (su2, sg2)
 }
 
+/// One group of at most [`LANES`] `1 x 1` matrices (a `1 x 1` convolution's kernel): the same
+/// steps and bits as [`batch_group`], whose lane-major layout is the gradient's own here, in
+/// plain per-lane loops that compile to vector instructions (`r_i` is the matrix's only row
+/// statistic, so `mean(r) = r` and `a = sqrt(r) / sqrt(r)`).
+#[inline(always)]
+fn ones_group(
+    g: &[f32],
+    r_old: &[f32],
+    c_old: &[f32],
+    args: &StatArgs<'_>,
+    r_out: &mut [f32],
+    c_out: &mut [f32],
+) -> (f64, f64) {
+    let cnt = g.len();
+    let (gv, mut ro, mut co) = (lanes_of(g), lanes_of(r_old), lanes_of(c_old));
+    let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
+    let s2 = (sc as f64) * (sc as f64);
+    let (mut e, mut fac, mut u2) = ([0f64; LANES], [0f32; LANES], [0f32; LANES]);
+    for l in 0..LANES {
+        e[l] = (gv[l] * gv[l]) as f64;
+        ro[l] = new_stat(ro[l], e[l], 1, b2, eps, s2);
+        co[l] = new_stat(co[l], e[l], 1, b2, eps, s2);
+    }
+    ones_factors(&ro, &co, &mut fac);
+    for l in 0..LANES {
+        let t = (sc * gv[l]) * fac[l];
+        u2[l] = t * t;
+    }
+    store_lanes(&ro, r_out);
+    store_lanes(&co, c_out);
+    let (mut su2, mut sg2) = (0f64, 0f64);
+    for l in 0..cnt {
+        su2 += u2[l] as f64;
+        sg2 += e[l];
+    }
+    (su2, sg2)
+}
+
+/// Up to [`LANES`] values, zero-padded (a whole group is one vector move, not a copy call).
+#[inline(always)]
+fn lanes_of(src: &[f32]) -> Lanes {
+    match <Lanes>::try_from(src) {
+        Ok(v) => v,
+        Err(_) => {
+            let mut v = [0f32; LANES];
+            for (d, s) in v.iter_mut().zip(src) {
+                *d = *s;
+            }
+            v
+        }
+    }
+}
+
+/// The first `dst.len()` lanes of `v` into `dst`.
+#[inline(always)]
+fn store_lanes(v: &Lanes, dst: &mut [f32]) {
+    match <&mut Lanes>::try_from(&mut *dst) {
+        Ok(d) => *d = *v,
+        Err(_) => {
+            for (d, s) in dst.iter_mut().zip(v) {
+                *d = *s;
+            }
+        }
+    }
+}
+
+/// `a b` of `1 x 1` matrices from their new statistics, with the bits of [`factors`]:
+/// `a = sqrt(r) / sqrt(r)`, which is exactly 1 for a positive finite `r` (then `a b = b`, one
+/// square root and one division per matrix instead of two of each); any other `r` in the block
+/// takes the whole formula.
+#[inline(always)]
+fn ones_factors(r: &[f32], c: &[f32], out: &mut [f32]) {
+    let regular = r
+        .iter()
+        .fold(true, |ok, r| ok & (*r > 0.0) & (*r < f32::INFINITY));
+    if regular {
+        for (o, c) in out.iter_mut().zip(c) {
+            *o = 1.0 / c.sqrt();
+        }
+    } else {
+        for ((o, r), c) in out.iter_mut().zip(r).zip(c) {
+            // `sqrt(mean(r)) / sqrt(r_i)` with `mean(r) = r_i`.
+            let (mean_root, root) = (r.sqrt(), r.sqrt());
+            *o = (mean_root / root) * (1.0 / c.sqrt());
+        }
+    }
+}
+
 /// Matrices per work unit of a batch: whole groups, about [`UNIT_ELEMS`] elements.
 fn matrices_per_unit(k: usize) -> usize {
     LANES * (UNIT_ELEMS / (LANES * k.max(1))).max(1)
@@ -285,18 +373,20 @@ fn batch_statistics<T: Element>(
                     let (e0, len) = (l0 * k, cnt * k);
                     sums.sum_sq_x += weight_sq(&reads, e0, &mut s.xbuf[..len]);
                     let g = load_grad(grad, e0, &mut s.gbuf[..len], reads.check, &mut sums.probe);
-                    to_lanes(g, k, cnt, &mut s.gt);
-                    let (u2, g2) = batch_group(
-                        &mut s,
-                        n,
-                        m,
-                        cnt,
+                    let (ro, co) = (
                         &args.r_old[l0 * n..(l0 + cnt) * n],
                         &args.c_old[l0 * m..(l0 + cnt) * m],
-                        &args,
+                    );
+                    let (rw, cw) = (
                         &mut r_out[done * n..(done + cnt) * n],
                         &mut c_out[done * m..(done + cnt) * m],
                     );
+                    let (u2, g2) = if k == 1 {
+                        ones_group(g, ro, co, &args, rw, cw)
+                    } else {
+                        to_lanes(g, k, cnt, &mut s.gt);
+                        batch_group(&mut s, n, m, cnt, ro, co, &args, rw, cw)
+                    };
                     su2 += u2;
                     sums.sum_sq_grad += g2;
                     done += cnt;
@@ -543,13 +633,24 @@ fn batch_write<T: Element>(
                 let k = n * m;
                 let mut s = Scratch::new();
                 let mut probe = 0f32;
+                if k == 1 {
+                    // Elementwise: blocks as large as the scratch, not one group.
+                    for (bi, xb) in xs.chunks_mut(s.fac.len()).enumerate() {
+                        let (e0, len) = (u * mpu + bi * s.fac.len(), xb.len());
+                        let (r, c) = (&st.r[e0..e0 + len], &st.c[e0..e0 + len]);
+                        ones_factors(r, c, &mut s.fac[..len]);
+                        let g = load_grad(grad, e0, &mut s.gbuf[..len], false, &mut probe);
+                        store_block(xb, e0, g, &s.fac[..len], &mut s.xbuf[..len], w);
+                    }
+                    return;
+                }
                 for (gi, xg) in xs.chunks_mut(LANES * k).enumerate() {
                     let l0 = u * mpu + gi * LANES;
                     let cnt = xg.len() / k;
+                    let len = cnt * k;
                     to_lanes(&st.r[l0 * n..(l0 + cnt) * n], n, cnt, &mut s.ro);
                     to_lanes(&st.c[l0 * m..(l0 + cnt) * m], m, cnt, &mut s.co);
                     factors(&s.ro[..n], &s.co[..m], &mut s.a[..n], &mut s.b[..m]);
-                    let len = cnt * k;
                     for (l, fm) in s.fac[..len].chunks_exact_mut(k).enumerate() {
                         for (frow, ai) in fm.chunks_exact_mut(m).zip(&s.a[..n]) {
                             for (fv, bj) in frow.iter_mut().zip(&s.b[..m]) {
@@ -616,4 +717,53 @@ fn rows_write<T: Element>(
             })
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `1 x 1` factors against [`factors`] (the general lane-major formula), bit for bit,
+    /// on regular blocks and on blocks holding a zero, infinite, NaN, negative or subnormal `r`.
+    #[test]
+    fn ones_factors_have_the_bits_of_the_general_formula() {
+        let odd = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NAN,
+            -1.0,
+            f32::MIN_POSITIVE / 8.0,
+            1e-30,
+            3e38,
+        ];
+        for case in 0..=odd.len() {
+            let r: Lanes = std::array::from_fn(|l| 0.37 + l as f32 * 1.7);
+            let mut r = r;
+            if case < odd.len() {
+                r[case % LANES] = odd[case];
+            }
+            let c: Lanes = std::array::from_fn(|l| {
+                if l == 3 {
+                    odd[case % odd.len()]
+                } else {
+                    1e-3 * (l as f32 + 1.0)
+                }
+            });
+            let mut fast = [0f32; LANES];
+            ones_factors(&r, &c, &mut fast);
+            let (mut a, mut b) = ([[0f32; LANES]; 1], [[0f32; LANES]; 1]);
+            factors(&[r], &[c], &mut a, &mut b);
+            for l in 0..LANES {
+                let want = a[0][l] * b[0][l];
+                assert_eq!(
+                    fast[l].to_bits(),
+                    want.to_bits(),
+                    "case {case} lane {l}: r {} c {}",
+                    r[l],
+                    c[l]
+                );
+            }
+        }
+    }
 }
