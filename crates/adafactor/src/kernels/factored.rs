@@ -72,6 +72,7 @@ fn sums_into<'a>(
     col: &'a mut [f32],
     (w, squares): (&'a mut [f32], &'a mut [f32]),
     row_sums: &'a mut Vec<f64>,
+    probe: &'a mut f32,
 ) -> Pass1Sums<'a> {
     Pass1Sums {
         col,
@@ -82,6 +83,7 @@ fn sums_into<'a>(
             squares,
         }),
         row_sums,
+        probe,
     }
 }
 
@@ -155,15 +157,19 @@ pub fn pass1<T: RowLoops>(
                 col32.fill(0.0);
                 wcol32.fill(0.0);
                 let first = u.row0 + k0;
-                if T::in_registers() && !probe_rows && grad.is_plain() {
-                    // Gradient and weight converted in registers, one sweep over both.
+                if T::in_registers() {
+                    // Gradient and weight converted (and the gradient transformed) in
+                    // registers, one sweep over both.
                     let (b0, b1) = (first * m, (first + block) * m);
                     let rows_in = Pass1Rows {
-                        g: &grad.g[b0..b1],
+                        g: grad.slice(b0, b1),
                         x: &x[b0..b1],
                         m,
                         decay,
                     };
+                    // Clamping would hide an infinity from the sums: the rows probe the
+                    // unscaled gradient.
+                    let mut row_probe = 0f32;
                     sx += T::pass1_rows(
                         rows_in,
                         sums_into(
@@ -172,8 +178,12 @@ pub fn pass1<T: RowLoops>(
                             &mut *col32,
                             (&mut *wcol32, &mut *squares),
                             &mut rows,
+                            &mut row_probe,
                         ),
                     );
+                    if probe_rows {
+                        probe += row_probe;
+                    }
                 } else {
                     gbuf.resize(m, 0.0);
                     xbuf.resize(m, 0.0);
@@ -188,7 +198,7 @@ pub fn pass1<T: RowLoops>(
                         };
                         let xv = decayed_view(&x[base..base + m], decay, &mut xbuf);
                         let rows_in = Pass1Rows {
-                            g,
+                            g: Grad::plain(g),
                             x: xv,
                             m,
                             decay: None,
@@ -201,6 +211,7 @@ pub fn pass1<T: RowLoops>(
                                 &mut *col32,
                                 (&mut *wcol32, &mut *squares),
                                 &mut rows,
+                                &mut 0.0,
                             ),
                         );
                     }
@@ -387,15 +398,15 @@ pub fn pass2<T: RowLoops>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_s
         |u| {
             let b = &p.col_factor[u.slice * m..(u.slice + 1) * m];
             let a = &p.row_factor[u.row0..u.row0 + u.rows];
-            if T::in_registers() && grad.is_plain() {
-                let g = &grad.g[u.row0 * m..(u.row0 + u.rows) * m];
+            if T::in_registers() {
+                let g = grad.slice(u.row0 * m, (u.row0 + u.rows) * m);
                 return T::pass2_rows(g, b, a, grad_scale);
             }
             let mut gbuf = vec![0f32; m];
             let mut total = 0f64;
             for (k, ak) in a.chunks(1).enumerate() {
                 let g = grad.view((u.row0 + k) * m, &mut gbuf);
-                total += f32::pass2_rows(g, b, ak, grad_scale);
+                total += f32::pass2_rows(Grad::plain(g), b, ak, grad_scale);
             }
             total
         },
@@ -428,8 +439,8 @@ impl Pass3<'_> {
             decay: self.decay,
             rounding: self.rounding,
         };
-        if T::in_registers() && grad.is_plain() {
-            T::update_rows(xs, grad.g, first_row, &u);
+        if T::in_registers() {
+            T::update_rows(xs, grad.slice(0, xs.len()), first_row, &u);
             return;
         }
         let (mut gbuf, mut xbuf) = (vec![0f32; m], vec![0f32; m]);
@@ -437,11 +448,11 @@ impl Pass3<'_> {
             let row = first_row + k;
             let g = grad.view(k * m, &mut gbuf);
             if let Some(xf) = T::as_f32_mut(xrow) {
-                f32::update_rows(xf, g, row, &u);
+                f32::update_rows(xf, Grad::plain(g), row, &u);
                 continue;
             }
             T::load(xrow, &mut xbuf);
-            f32::update_rows(&mut xbuf, g, row, &u);
+            f32::update_rows(&mut xbuf, Grad::plain(g), row, &u);
             self.rounding.store_slice(&xbuf, xrow, (row * m) as u64);
         }
     }

@@ -17,6 +17,28 @@ pub struct GradTransform {
     pub clip_value: Option<f32>,
 }
 
+impl GradTransform {
+    /// One element's effective gradient from its stored value `g` and accumulator value `acc`,
+    /// in Keras's order (the same operations as [`Grad::load`]); adds `u * 0` of the unscaled
+    /// value `u` to `probe`.
+    #[inline(always)]
+    pub(crate) fn apply(self, g: f32, acc: Option<f32>, probe: &mut f32) -> f32 {
+        let mut v = match self.loss_scale {
+            Some(l) => g / l,
+            None => g,
+        };
+        *probe += v * 0.0;
+        if let (Some(k), Some(a)) = (self.accumulate_steps, acc) {
+            v = (v + a) / k;
+        }
+        if let Some(c) = self.clip_value {
+            // `clamp` keeps NaN, as Keras's clip does.
+            v = v.clamp(-c, c);
+        }
+        v
+    }
+}
+
 /// The gradient of one variable as the kernels read it.
 #[derive(Debug, Clone, Copy)]
 pub struct Grad<'a, T> {
@@ -46,6 +68,29 @@ impl<'a, T: Element> Grad<'a, T> {
     /// True when empty.
     pub fn is_empty(&self) -> bool {
         self.g.is_empty()
+    }
+
+    /// Elements `start..end`, the accumulator's with them.
+    #[inline(always)]
+    pub(crate) fn slice(&self, start: usize, end: usize) -> Grad<'a, T> {
+        Grad {
+            g: &self.g[start..end],
+            acc: self.acc.map(|a| &a[start..end]),
+            transform: self.transform,
+        }
+    }
+
+    /// Element `j` of the effective gradient, as [`Grad::load`] computes it, for the row loops
+    /// that transform the gradient as they read it. `FX` false: the stored value (the caller
+    /// checked [`Grad::is_plain`]). `FX` true: the transform, adding `u * 0` of the unscaled
+    /// value `u` to `probe` (NaN when it is not finite, as [`Grad::load_checked`] probes).
+    #[inline(always)]
+    pub(crate) fn at<const FX: bool>(&self, j: usize, probe: &mut f32) -> f32 {
+        let g = self.g[j].to_f32();
+        if !FX {
+            return g;
+        }
+        self.transform.apply(g, self.acc.map(|a| a[j]), probe)
     }
 
     /// True when the effective gradient is the stored one (no transform, no accumulator).

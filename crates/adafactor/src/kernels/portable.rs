@@ -7,10 +7,15 @@
 //! order on the same [`LANES`] lanes (no fused multiply-add), so they give the same bits. The
 //! compiler's own vectorisation of these loops proved fragile: a loop that reads two 16-bit
 //! streams and keeps three sums came out scalar.
+//!
+//! The loops read the gradient through [`Grad`]: with `FX` false (a plain gradient, the
+//! default) the stored values, with `FX` true the effective gradient (unscaled, averaged with
+//! the accumulator, clamped) computed as each element is read ([`Grad::at`]), so that a
+//! transformed gradient needs no float32 row buffer.
 
 use super::cpu::prefetch;
 use super::element::Element;
-use super::grad::Decay;
+use super::grad::{Decay, Grad};
 use super::reduce::CHUNK;
 use super::row_args::{Pass1Rows, Pass1Sums, RowUpdate};
 use super::store::{with_store, Store};
@@ -37,27 +42,30 @@ pub(crate) fn lane_sum(lanes: &[f32; LANES]) -> f32 {
 /// Pass 1 over one row, in one sweep: the float32 sum of squares of `g` ([`LANES`] lanes,
 /// blocked by [`CHUNK`], blocks added in float32), each square added into `col` (and written to
 /// `squares` unless it is empty, for the row fold), and the sum of squares of the weight `x`
-/// after the optional decay (blocked likewise, blocks added in f64).
+/// after the optional decay (blocked likewise, blocks added in f64). With `FX`, the unscaled
+/// gradient is probed into `probe`.
 #[inline(always)]
-pub(crate) fn pass1<T: Element>(
-    g: &[T],
+pub(crate) fn pass1<T: Element, const FX: bool>(
+    g: Grad<'_, T>,
     x: &[T],
     decay: Option<Decay>,
     col: &mut [f32],
     squares: &mut [f32],
+    probe: &mut f32,
 ) -> (f32, f64) {
     match decay {
-        None => pass1_with(g, x, col, squares, |v| v),
-        Some(d) => pass1_with(g, x, col, squares, move |v| d.apply(v)),
+        None => pass1_with::<T, FX>(g, x, col, squares, probe, |v| v),
+        Some(d) => pass1_with::<T, FX>(g, x, col, squares, probe, move |v| d.apply(v)),
     }
 }
 
 #[inline(always)]
-fn pass1_with<T: Element>(
-    g: &[T],
+fn pass1_with<T: Element, const FX: bool>(
+    g: Grad<'_, T>,
     x: &[T],
     col: &mut [f32],
     squares: &mut [f32],
+    probe: &mut f32,
     xmap: impl Fn(f32) -> f32 + Copy,
 ) -> (f32, f64) {
     let len = g.len().min(x.len()).min(col.len());
@@ -71,7 +79,7 @@ fn pass1_with<T: Element>(
         let mut j = start;
         while j + LANES <= end {
             for l in 0..LANES {
-                let gv = g[j + l].to_f32();
+                let gv = g.at::<FX>(j + l, probe);
                 let e = gv * gv;
                 col[j + l] += e;
                 if keep {
@@ -83,7 +91,7 @@ fn pass1_with<T: Element>(
             }
             j += LANES;
         }
-        let rem = tail_squares_into(g, col, squares, j..end);
+        let rem = tail_squares_into::<T, FX>(g, col, squares, j..end, probe);
         let xrem = tail_squares(&x[j..end], xmap);
         total_g += rem + lane_sum(&lanes);
         total_x += (xrem + lane_sum(&xlanes)) as f64;
@@ -95,16 +103,17 @@ fn pass1_with<T: Element>(
 /// The elements `range` after the last whole group of lanes in a block, one at a time: the sum
 /// of their squares, each square also added into `col` (and written to `squares` unless empty).
 #[inline(always)]
-pub(crate) fn tail_squares_into<T: Element>(
-    g: &[T],
+pub(crate) fn tail_squares_into<T: Element, const FX: bool>(
+    g: Grad<'_, T>,
     col: &mut [f32],
     squares: &mut [f32],
     range: std::ops::Range<usize>,
+    probe: &mut f32,
 ) -> f32 {
     let mut rem = 0f32;
     let keep = !squares.is_empty();
     for j in range {
-        let gv = g[j].to_f32();
+        let gv = g.at::<FX>(j, probe);
         let e = gv * gv;
         col[j] += e;
         if keep {
@@ -138,9 +147,9 @@ pub(crate) fn add_scaled(e: &[f32], scale: f32, w: &mut [f32]) {
 /// rounded once by `store`, `x[0]` being element `base` of the variable.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn update<T: Element, S: Store>(
+pub(crate) fn update<T: Element, S: Store, const FX: bool>(
     x: &mut [T],
-    g: &[T],
+    g: Grad<'_, T>,
     b: &[f32],
     ca: f32,
     s: f32,
@@ -148,16 +157,20 @@ pub(crate) fn update<T: Element, S: Store>(
     store: S,
     base: u64,
 ) {
+    // Pass 3 does not probe.
+    let mut probe = 0f32;
+    let len = x.len().min(g.len()).min(b.len());
+    let g = g.slice(0, len);
     match decay {
         None => {
-            for (j, ((xv, g), bj)) in x.iter_mut().zip(g).zip(b).enumerate() {
-                let v = xv.to_f32() - ca * (s * g.to_f32()) * bj;
+            for (j, (xv, bj)) in x[..len].iter_mut().zip(b).enumerate() {
+                let v = xv.to_f32() - ca * (s * g.at::<FX>(j, &mut probe)) * bj;
                 *xv = store.store(v, base + j as u64);
             }
         }
         Some(d) => {
-            for (j, ((xv, g), bj)) in x.iter_mut().zip(g).zip(b).enumerate() {
-                let v = d.apply(xv.to_f32()) - ca * (s * g.to_f32()) * bj;
+            for (j, (xv, bj)) in x[..len].iter_mut().zip(b).enumerate() {
+                let v = d.apply(xv.to_f32()) - ca * (s * g.at::<FX>(j, &mut probe)) * bj;
                 *xv = store.store(v, base + j as u64);
             }
         }
@@ -176,7 +189,7 @@ const PREFETCH_BYTES: usize = 4096;
 pub(crate) fn pass1_rows_with<T: Element>(
     rows: Pass1Rows<'_, T>,
     sums: Pass1Sums<'_>,
-    sweep: impl Fn(&[T], &[T], &mut [f32], &mut [f32]) -> (f32, f64),
+    sweep: impl Fn(Grad<'_, T>, &[T], &mut [f32], &mut [f32], &mut f32) -> (f32, f64),
     add: impl Fn(&[f32], f32, &mut [f32]),
 ) -> f64 {
     let Pass1Rows { g, x, m, .. } = rows;
@@ -184,6 +197,7 @@ pub(crate) fn pass1_rows_with<T: Element>(
         col,
         mut fold,
         row_sums,
+        probe,
     } = sums;
     if m == 0 {
         return 0.0;
@@ -204,12 +218,15 @@ pub(crate) fn pass1_rows_with<T: Element>(
     let mut sum_x = 0f64;
     let mut pending: Option<f32> = None;
     let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
-    for (k, (gr, xr)) in g.chunks_exact(m).zip(x.chunks_exact(m)).enumerate() {
+    for (k, xr) in x.chunks_exact(m).take(g.len() / m).enumerate() {
         let next = (k * m + ahead).min(g.len());
         let end = (next + m).min(g.len());
-        prefetch(&g[next..end]);
+        prefetch(&g.g[next..end]);
         prefetch(&x[next..end]);
-        let (rs, sxr) = sweep(gr, xr, col, cur);
+        if let Some(a) = g.acc {
+            prefetch(&a[next..end]);
+        }
+        let (rs, sxr) = sweep(g.slice(k * m, (k + 1) * m), xr, col, cur, probe);
         if let Some(f) = fold.as_mut() {
             if let Some(sp) = pending.take() {
                 add(prev, sp, f.w);
@@ -231,17 +248,18 @@ pub(crate) fn pass1_rows_with<T: Element>(
 #[inline(always)]
 pub(crate) fn update_rows_with<T: Element>(
     x: &mut [T],
-    g: &[T],
+    g: Grad<'_, T>,
     first_row: usize,
     u: &RowUpdate<'_>,
-    upd: impl Fn(&mut [T], &[T], &[f32], f32, u64),
+    upd: impl Fn(&mut [T], Grad<'_, T>, &[f32], f32, u64),
 ) {
     let (m, n) = (u.m, u.n);
     if m == 0 || n == 0 {
         return;
     }
     let (mut row, mut slice, mut in_slice) = (first_row, first_row / n, first_row % n);
-    for (xr, gr) in x.chunks_exact_mut(m).zip(g.chunks_exact(m)) {
+    for (k, xr) in x.chunks_exact_mut(m).take(g.len() / m).enumerate() {
+        let gr = g.slice(k * m, (k + 1) * m);
         let b = &u.col_factor[slice * m..(slice + 1) * m];
         upd(xr, gr, b, u.coef * u.row_factor[row], (row * m) as u64);
         row += 1;
@@ -255,7 +273,9 @@ pub(crate) fn update_rows_with<T: Element>(
 
 /// Pass 2 over one row: `sum_j ((s g_j) b_j)^2`, blocked like pass 1's sums.
 #[inline(always)]
-pub(crate) fn weighted_sq<T: Element>(g: &[T], b: &[f32], s: f32) -> f64 {
+pub(crate) fn weighted_sq<T: Element, const FX: bool>(g: Grad<'_, T>, b: &[f32], s: f32) -> f64 {
+    // Pass 2 does not probe.
+    let mut probe = 0f32;
     let len = g.len().min(b.len());
     let mut total = 0f64;
     let mut start = 0;
@@ -265,12 +285,12 @@ pub(crate) fn weighted_sq<T: Element>(g: &[T], b: &[f32], s: f32) -> f64 {
         let mut j = start;
         while j + LANES <= end {
             for l in 0..LANES {
-                let u = s * g[j + l].to_f32() * b[j + l];
+                let u = s * g.at::<FX>(j + l, &mut probe) * b[j + l];
                 lanes[l] += u * u;
             }
             j += LANES;
         }
-        let rem = tail_weighted_sq(&g[j..end], &b[j..end], s);
+        let rem = tail_weighted_sq::<T, FX>(g.slice(j, end), &b[j..end], s);
         total += (rem + lane_sum(&lanes)) as f64;
         start = end;
     }
@@ -279,10 +299,14 @@ pub(crate) fn weighted_sq<T: Element>(g: &[T], b: &[f32], s: f32) -> f64 {
 
 /// The elements after the last whole group of lanes in a block: their `((s g) b)^2`, summed.
 #[inline(always)]
-pub(crate) fn tail_weighted_sq<T: Element>(g: &[T], b: &[f32], s: f32) -> f32 {
-    let mut rem = 0f32;
-    for (g, b) in g.iter().zip(b) {
-        let u = s * g.to_f32() * b;
+pub(crate) fn tail_weighted_sq<T: Element, const FX: bool>(
+    g: Grad<'_, T>,
+    b: &[f32],
+    s: f32,
+) -> f32 {
+    let (mut rem, mut probe) = (0f32, 0f32);
+    for (j, b) in b.iter().enumerate().take(g.len()) {
+        let u = s * g.at::<FX>(j, &mut probe) * b;
         rem += u * u;
     }
     rem
@@ -292,10 +316,10 @@ pub(crate) fn tail_weighted_sq<T: Element>(g: &[T], b: &[f32], s: f32) -> f32 {
 /// factors and `b` the slice's column factors (its length is the row length).
 #[inline(always)]
 pub(crate) fn pass2_rows_with<T: Element>(
-    g: &[T],
+    g: Grad<'_, T>,
     b: &[f32],
     a: &[f32],
-    row: impl Fn(&[T]) -> f64,
+    row: impl Fn(Grad<'_, T>) -> f64,
 ) -> f64 {
     let m = b.len();
     if m == 0 {
@@ -303,39 +327,67 @@ pub(crate) fn pass2_rows_with<T: Element>(
     }
     let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
     let mut total = 0f64;
-    for (k, (gr, ak)) in g.chunks_exact(m).zip(a).enumerate() {
+    for (k, ak) in a.iter().take(g.len() / m).enumerate() {
         let next = (k * m + ahead).min(g.len());
-        prefetch(&g[next..(next + m).min(g.len())]);
+        let end = (next + m).min(g.len());
+        prefetch(&g.g[next..end]);
+        if let Some(acc) = g.acc {
+            prefetch(&acc[next..end]);
+        }
         let ak = *ak as f64;
-        total += row(gr) * ak * ak;
+        total += row(g.slice(k * m, (k + 1) * m)) * ak * ak;
     }
     total
 }
 
 /// Pass 2 over whole rows, portable: see [`pass2_rows_with`].
 #[inline(always)]
-pub(crate) fn pass2_rows<T: Element>(g: &[T], b: &[f32], a: &[f32], s: f32) -> f64 {
-    pass2_rows_with(g, b, a, |g| weighted_sq(g, b, s))
+pub(crate) fn pass2_rows<T: Element>(g: Grad<'_, T>, b: &[f32], a: &[f32], s: f32) -> f64 {
+    if g.is_plain() {
+        pass2_rows_with(g, b, a, |g| weighted_sq::<T, false>(g, b, s))
+    } else {
+        pass2_rows_with(g, b, a, |g| weighted_sq::<T, true>(g, b, s))
+    }
 }
 
 /// Pass 1 over whole rows, portable: see [`pass1_rows_with`].
 #[inline(always)]
 pub(crate) fn pass1_rows<T: Element>(rows: Pass1Rows<'_, T>, sums: Pass1Sums<'_>) -> f64 {
     let decay = rows.decay;
-    pass1_rows_with(
-        rows,
-        sums,
-        |g, x, c, e| pass1(g, x, decay, c, e),
-        add_scaled,
-    )
+    if rows.g.is_plain() {
+        pass1_rows_with(
+            rows,
+            sums,
+            |g, x, c, e, p| pass1::<T, false>(g, x, decay, c, e, p),
+            add_scaled,
+        )
+    } else {
+        pass1_rows_with(
+            rows,
+            sums,
+            |g, x, c, e, p| pass1::<T, true>(g, x, decay, c, e, p),
+            add_scaled,
+        )
+    }
 }
 
 /// Pass 3 over whole rows, portable: see [`update_rows_with`].
 #[inline(always)]
-pub(crate) fn update_rows<T: Element>(x: &mut [T], g: &[T], first_row: usize, u: &RowUpdate<'_>) {
+pub(crate) fn update_rows<T: Element>(
+    x: &mut [T],
+    g: Grad<'_, T>,
+    first_row: usize,
+    u: &RowUpdate<'_>,
+) {
     with_store!(u.rounding.for_type::<T>(), st => {
-        update_rows_with(x, g, first_row, u, |x, g, b, ca, base| {
-            update(x, g, b, ca, u.grad_scale, u.decay, st, base)
-        })
+        if g.is_plain() {
+            update_rows_with(x, g, first_row, u, |x, g, b, ca, base| {
+                update::<T, _, false>(x, g, b, ca, u.grad_scale, u.decay, st, base)
+            })
+        } else {
+            update_rows_with(x, g, first_row, u, |x, g, b, ca, base| {
+                update::<T, _, true>(x, g, b, ca, u.grad_scale, u.decay, st, base)
+            })
+        }
     })
 }

@@ -1,7 +1,7 @@
 //! The arguments of the factored passes' row loops, shared by the passes ([`super::factored`])
 //! and the loops ([`super::portable`], the vector twins).
 
-use super::grad::Decay;
+use super::grad::{Decay, Grad};
 use super::store::Rounding;
 
 /// Folds the row-statistics update into pass 1, which then also collects what RMS(u) needs, so
@@ -48,8 +48,8 @@ pub struct FoldRows<'a> {
 /// Pass 1's inputs for a run of whole rows.
 #[derive(Debug, Clone, Copy)]
 pub struct Pass1Rows<'a, T> {
-    /// The gradient's rows.
-    pub g: &'a [T],
+    /// The gradient's rows (with their accumulator and transform, applied as they are read).
+    pub g: Grad<'a, T>,
     /// The weight's rows.
     pub x: &'a [T],
     /// Row length.
@@ -67,6 +67,9 @@ pub struct Pass1Sums<'a> {
     pub fold: Option<FoldRows<'a>>,
     /// Each row's sum of `g^2` is pushed here.
     pub row_sums: &'a mut Vec<f64>,
+    /// With a transformed gradient, `u * 0` of each unscaled value `u` is added here: NaN when
+    /// one is not finite (checked before clamping, which could hide an infinity).
+    pub probe: &'a mut f32,
 }
 
 /// What pass 3 needs for a run of rows: `x = decay(x) - coef * a_i * (s g_ij) * b_j`.

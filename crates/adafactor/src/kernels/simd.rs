@@ -24,6 +24,12 @@ pub(crate) trait Lanes: Copy {
     unsafe fn sub(self, o: Self) -> Self;
     /// Lane-wise `self * o`.
     unsafe fn mul(self, o: Self) -> Self;
+    /// Lane-wise `self / o` (a true division, as the scalar code divides).
+    unsafe fn div(self, o: Self) -> Self;
+    /// Lane-wise `self.clamp(lo, hi)` as [`f32::clamp`] computes it: a NaN lane stays itself.
+    /// The max and min instructions return their second operand when either is NaN (or both
+    /// are zeros), so the value goes second: `min(hi, max(lo, x))`.
+    unsafe fn clamp(self, lo: Self, hi: Self) -> Self;
     /// Sixteen float32 values from `p`.
     unsafe fn load(p: *const f32) -> Self;
     /// The lanes into `p..p + 16`.
@@ -146,6 +152,17 @@ impl Lanes for Avx2 {
         Avx2(_mm256_mul_ps(self.0, o.0), _mm256_mul_ps(self.1, o.1))
     }
     #[inline(always)]
+    unsafe fn div(self, o: Self) -> Self {
+        Avx2(_mm256_div_ps(self.0, o.0), _mm256_div_ps(self.1, o.1))
+    }
+    #[inline(always)]
+    unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
+        Avx2(
+            _mm256_min_ps(hi.0, _mm256_max_ps(lo.0, self.0)),
+            _mm256_min_ps(hi.1, _mm256_max_ps(lo.1, self.1)),
+        )
+    }
+    #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
         Avx2(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
     }
@@ -199,6 +216,14 @@ impl<const BF16: bool> Lanes for Avx512<BF16> {
     #[inline(always)]
     unsafe fn mul(self, o: Self) -> Self {
         Avx512(_mm512_mul_ps(self.0, o.0))
+    }
+    #[inline(always)]
+    unsafe fn div(self, o: Self) -> Self {
+        Avx512(_mm512_div_ps(self.0, o.0))
+    }
+    #[inline(always)]
+    unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
+        Avx512(_mm512_min_ps(hi.0, _mm512_max_ps(lo.0, self.0)))
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {

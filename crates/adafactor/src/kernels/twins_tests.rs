@@ -4,7 +4,7 @@
 use super::cpu::{has_avx2, has_avx512, has_avx512_bf16};
 use super::element::Element;
 use super::factored::{FoldRows, RowFold};
-use super::grad::Decay;
+use super::grad::{Decay, Grad, GradTransform};
 use super::portable::{pass1_rows, pass2_rows, update_rows};
 use super::row_args::{Pass1Rows, Pass1Sums, RowUpdate};
 use super::store::Rounding;
@@ -33,17 +33,30 @@ fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 }
 
 type Pass1Fn<T> = fn(Pass1Rows<'_, T>, Pass1Sums<'_>) -> f64;
-type UpdateFn<T> = fn(&mut [T], &[T], usize, &RowUpdate<'_>);
-type Pass2Fn<T> = fn(&[T], &[f32], &[f32], f32) -> f64;
+type UpdateFn<T> = fn(&mut [T], Grad<'_, T>, usize, &RowUpdate<'_>);
+type Pass2Fn<T> = fn(Grad<'_, T>, &[f32], &[f32], f32) -> f64;
+
+/// An element type with vector twins on every instruction set.
+trait Twinned:
+    simd::Wide<simd::Avx2> + simd::Wide<simd::Avx512<false>> + simd::Wide<simd::Avx512<true>>
+{
+}
+
+impl Twinned for f32 {}
+impl Twinned for bf16 {}
+impl Twinned for f16 {}
 
 /// Every version of the row loops, on rows of every remainder length and longer than a
 /// block, several rows (across slices), with and without decay and fold: the same bits as
 /// the portable loops.
-fn twins_agree<
-    T: simd::Wide<simd::Avx2> + simd::Wide<simd::Avx512<false>> + simd::Wide<simd::Avx512<true>>,
->(
-    from: impl Fn(&[f32]) -> Vec<T>,
-) {
+fn twins_agree<T: Twinned>(from: impl Fn(&[f32]) -> Vec<T>) {
+    for (pass1_v, pass2_v, update_v) in vector_versions::<T>() {
+        versions_agree(&from, pass1_v, pass2_v, update_v);
+    }
+}
+
+/// The vector twins of every instruction set this CPU has.
+fn vector_versions<T: Twinned>() -> Vec<(Pass1Fn<T>, Pass2Fn<T>, UpdateFn<T>)> {
     let mut versions: Vec<(Pass1Fn<T>, Pass2Fn<T>, UpdateFn<T>)> = Vec::new();
     if available("AVX2 and F16C", has_avx2()) {
         // SAFETY (both): only called when the CPU has AVX2.
@@ -69,9 +82,7 @@ fn twins_agree<
             |x, g, first, u| unsafe { wide::avx512_bf16::update_rows(x, g, first, u) },
         ));
     }
-    for (pass1_v, pass2_v, update_v) in versions {
-        versions_agree(&from, pass1_v, pass2_v, update_v);
-    }
+    versions
 }
 
 fn versions_agree<T: Element>(
@@ -106,14 +117,15 @@ fn versions_agree<T: Element>(
                 let (mut w_p, mut w_v) = (col0.clone(), col0.clone());
                 let (mut rows_p, mut rows_v) = (Vec::new(), Vec::new());
                 let rows_in = Pass1Rows {
-                    g: &g,
+                    g: Grad::plain(&g),
                     x: &x,
                     m,
                     decay,
                 };
                 // The portable run gets no scratch (it allocates its own).
                 let (mut sq_p, mut sq_v) = (Vec::new(), vec![0f32; 2 * m]);
-                let sums = |col, w, squares, row_sums| Pass1Sums {
+                let (mut probe_p, mut probe_v) = (0f32, 0f32);
+                let sums = |col, w, squares, row_sums, probe| Pass1Sums {
                     col,
                     fold: folded.then_some(FoldRows {
                         fold,
@@ -122,10 +134,11 @@ fn versions_agree<T: Element>(
                         squares,
                     }),
                     row_sums,
+                    probe,
                 };
-                let sums_p = sums(&mut col_p, &mut w_p, &mut sq_p, &mut rows_p);
+                let sums_p = sums(&mut col_p, &mut w_p, &mut sq_p, &mut rows_p, &mut probe_p);
                 let sx_p = pass1_rows(rows_in, sums_p);
-                let sums_v = sums(&mut col_v, &mut w_v, &mut sq_v, &mut rows_v);
+                let sums_v = sums(&mut col_v, &mut w_v, &mut sq_v, &mut rows_v, &mut probe_v);
                 let sx_v = pass1_v(rows_in, sums_v);
                 assert_eq!(sx_p.to_bits(), sx_v.to_bits(), "m {m}");
                 assert_eq!(rows_p, rows_v, "m {m}");
@@ -143,8 +156,8 @@ fn versions_agree<T: Element>(
                 (0.9, Rounding::Stochastic(key)),
             ] {
                 let (b, a) = (&col_factor[..m], &row_factor[..rows]);
-                let sum_p = pass2_rows(&g, b, a, s);
-                let sum_v = pass2_v(&g, b, a, s);
+                let sum_p = pass2_rows(Grad::plain(&g), b, a, s);
+                let sum_v = pass2_v(Grad::plain(&g), b, a, s);
                 assert_eq!(sum_p.to_bits(), sum_v.to_bits(), "m {m}, scale {s}");
                 let u = RowUpdate {
                     col_factor: &col_factor,
@@ -157,8 +170,8 @@ fn versions_agree<T: Element>(
                     rounding,
                 };
                 let (mut x_p, mut x_v) = (x.clone(), x.clone());
-                update_rows(&mut x_p, &g, first, &u);
-                update_v(&mut x_v, &g, first, &u);
+                update_rows(&mut x_p, Grad::plain(&g), first, &u);
+                update_v(&mut x_v, Grad::plain(&g), first, &u);
                 let (x_p, x_v): (Vec<f32>, Vec<f32>) = (
                     x_p.iter().map(|v| v.to_f32()).collect(),
                     x_v.iter().map(|v| v.to_f32()).collect(),
@@ -169,23 +182,31 @@ fn versions_agree<T: Element>(
     }
 }
 
+fn as_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|x| bf16::from_f32(*x)).collect()
+}
+
+fn as_f16(v: &[f32]) -> Vec<f16> {
+    v.iter().map(|x| f16::from_f32(*x)).collect()
+}
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
 #[test]
 fn vector_twins_match_portable_loops_f32() {
-    twins_agree::<f32>(|v| v.to_vec());
+    twins_agree::<f32>(<[f32]>::to_vec);
 }
 
 #[test]
 fn vector_twins_match_portable_loops_bf16() {
-    twins_agree::<bf16>(|v| v.iter().map(|x| bf16::from_f32(*x)).collect());
+    twins_agree::<bf16>(as_bf16);
 }
 
 #[test]
 fn vector_twins_match_portable_loops_f16() {
-    twins_agree::<f16>(|v| v.iter().map(|x| f16::from_f32(*x)).collect());
+    twins_agree::<f16>(as_f16);
 }
 
 /// Loads every 16-bit pattern sixteen at a time through `V` and rounds a range of float32
@@ -320,4 +341,284 @@ fn vector_stochastic_rounding_matches_scalar() {
     if available("AVX-512 BF16", has_avx512_bf16()) {
         stochastic_stores_match::<simd::Avx512<true>, bf16>(&probes);
     }
+}
+
+/// Gradient (or accumulator) values with NaN, infinities, huge values (whose squares, or whose
+/// unscaled values, overflow), signed zeros and subnormals among ordinary ones.
+fn special_values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let specials = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3e38,
+        -3e38,
+        0.0,
+        -0.0,
+        1e-40,
+        0.005,
+        -0.02,
+        2e19,
+    ];
+    let mut v = values(seed, n, scale);
+    for (i, x) in v.iter_mut().enumerate() {
+        // Specials in some stretches only, so that some rows are all ordinary.
+        if i % 5 == 3 && (i / 37) % 3 == 0 {
+            *x = specials[(i / 5) % specials.len()];
+        }
+    }
+    v
+}
+
+/// NaN compares as NaN: the compiler may order the operands of an addition or multiplication
+/// either way, which picks which of two NaNs' payloads survives.
+fn canonical(v: f32) -> u32 {
+    if v.is_nan() {
+        0x7FC0_0000
+    } else {
+        v.to_bits()
+    }
+}
+
+fn same_f64(a: f64, b: f64) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+/// The gradient transforms (loss scale, accumulation, clipvalue; each alone, all together),
+/// applied in the row loops as they read the gradient: every version (portable and vector
+/// twins, every element type) gives the bits of the float32 loops on the effective gradient
+/// loaded by [`Grad::load`] (the buffered path), and the same finiteness probe as
+/// [`Grad::load_checked`], on values with NaN, infinities and huge values and rows of every
+/// remainder length.
+fn transforms_agree<T: Twinned>(from: impl Fn(&[f32]) -> Vec<T>) {
+    let mut versions: Vec<(Pass1Fn<T>, Pass2Fn<T>, UpdateFn<T>)> = vec![(
+        |rows, sums| pass1_rows(rows, sums),
+        |g, b, a, s| pass2_rows(g, b, a, s),
+        |x, g, first, u| update_rows(x, g, first, u),
+    )];
+    versions.extend(vector_versions::<T>());
+    let none = GradTransform::default();
+    let transforms = [
+        (
+            GradTransform {
+                loss_scale: Some(128.0),
+                ..none
+            },
+            false,
+        ),
+        (
+            GradTransform {
+                loss_scale: Some(0.3),
+                ..none
+            },
+            false,
+        ),
+        (
+            GradTransform {
+                accumulate_steps: Some(2.0),
+                ..none
+            },
+            true,
+        ),
+        (
+            GradTransform {
+                accumulate_steps: Some(3.0),
+                ..none
+            },
+            true,
+        ),
+        // Powers of two whose reciprocals are subnormal or overflow.
+        (
+            GradTransform {
+                loss_scale: Some(2f32.powi(127)),
+                accumulate_steps: Some(2f32.powi(-127)),
+                ..none
+            },
+            true,
+        ),
+        (
+            GradTransform {
+                loss_scale: Some(2f32.powi(-128)),
+                ..none
+            },
+            false,
+        ),
+        // Accumulation steps without an accumulator (not the update call): no averaging.
+        (
+            GradTransform {
+                accumulate_steps: Some(2.0),
+                ..none
+            },
+            false,
+        ),
+        (
+            GradTransform {
+                clip_value: Some(0.01),
+                ..none
+            },
+            false,
+        ),
+        (
+            GradTransform {
+                clip_value: Some(0.0),
+                ..none
+            },
+            false,
+        ),
+        (
+            GradTransform {
+                loss_scale: Some(0.75),
+                accumulate_steps: Some(3.0),
+                clip_value: Some(0.05),
+            },
+            true,
+        ),
+    ];
+    let decay = Some(Decay {
+        weight_decay: 0.1,
+        learning_rate: 0.01,
+    });
+    let key = RoundingKey::new(3, 4, 5, RoundingStream::Update);
+    let (n, rows, first) = (2, 3, 1);
+    for m in (0..34).chain([1023, 1025, 2100]) {
+        let len = rows * m;
+        for special in [false, true] {
+            let make = |seed: u64, scale: f32| {
+                if special {
+                    special_values(seed, len, scale)
+                } else {
+                    values(seed, len, scale)
+                }
+            };
+            let g = from(&make(m as u64 + 1, 2.0));
+            let acc = make(m as u64 + 2, 1.0);
+            let x = from(&values(m as u64 + 99, len, 0.2));
+            let xl: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let col0 = values(m as u64 + 3, m, 1.0);
+            let r_old: Vec<f32> = values(m as u64 + 5, first + rows, 1.0)
+                .iter()
+                .map(|v| v.abs() + 0.1)
+                .collect();
+            let fold = RowFold {
+                r_old: &r_old,
+                beta2: 0.3,
+                epsilon_1: 1e-30,
+            };
+            let col_factor = values(m as u64 + 7, 3 * m, 4.0);
+            let row_factor = values(m as u64 + 11, first + rows, 2.0);
+            for (transform, with_acc) in transforms {
+                let grad = Grad {
+                    g: &g,
+                    acc: with_acc.then_some(&acc[..]),
+                    transform,
+                };
+                // The buffered path: the effective gradient loaded, then the float32 loops.
+                let mut gl = vec![0f32; len];
+                let probe_ref = grad.load_checked(0, &mut gl);
+                let plain = Grad::plain(&gl[..]);
+                let what = format!("m {m}, {transform:?}, acc {with_acc}, special {special}");
+                for folded in [false, true] {
+                    for decay in [None, decay] {
+                        let run = |pass1_t: Option<Pass1Fn<T>>|
+                         -> (f64, Vec<f64>, Vec<u32>, Vec<u32>, f32) {
+                            let (mut col, mut w) = (col0.clone(), col0.clone());
+                            let (mut row_sums, mut sq) = (Vec::new(), vec![0f32; 2 * m]);
+                            let mut probe = 0f32;
+                            let sums = Pass1Sums {
+                                col: &mut col,
+                                fold: folded.then_some(FoldRows {
+                                    fold,
+                                    first_row: first,
+                                    w: &mut w,
+                                    squares: &mut sq,
+                                }),
+                                row_sums: &mut row_sums,
+                                probe: &mut probe,
+                            };
+                            let sx = match pass1_t {
+                                Some(p) => p(
+                                    Pass1Rows {
+                                        g: grad,
+                                        x: &x,
+                                        m,
+                                        decay,
+                                    },
+                                    sums,
+                                ),
+                                None => pass1_rows::<f32>(
+                                    Pass1Rows {
+                                        g: plain,
+                                        x: &xl,
+                                        m,
+                                        decay,
+                                    },
+                                    sums,
+                                ),
+                            };
+                            let c = |v: &[f32]| v.iter().map(|x| canonical(*x)).collect();
+                            (sx, row_sums, c(&col), c(&w), probe)
+                        };
+                        let want = run(None);
+                        for (pass1_v, _, _) in &versions {
+                            let got = run(Some(*pass1_v));
+                            assert!(same_f64(got.0, want.0), "{what}: sum x^2");
+                            assert_eq!(got.1.len(), want.1.len(), "{what}");
+                            for (a, b) in got.1.iter().zip(&want.1) {
+                                assert!(same_f64(*a, *b), "{what}: row sums {a} vs {b}");
+                            }
+                            assert_eq!(got.2, want.2, "{what}: column sums");
+                            assert_eq!(got.3, want.3, "{what}: fold sums");
+                            assert_eq!(got.4 == 0.0, probe_ref == 0.0, "{what}: probe");
+                        }
+                    }
+                }
+                let (b, a) = (&col_factor[..m], &row_factor[..rows]);
+                for s in [1.0f32, 0.9] {
+                    let want = pass2_rows(plain, b, a, s);
+                    for (_, pass2_v, _) in &versions {
+                        let got = pass2_v(grad, b, a, s);
+                        assert!(same_f64(got, want), "{what}, scale {s}: {got} vs {want}");
+                    }
+                    for rounding in [Rounding::Nearest, Rounding::Stochastic(key)] {
+                        let u = RowUpdate {
+                            col_factor: &col_factor,
+                            row_factor: &row_factor,
+                            n,
+                            m,
+                            coef: 0.013,
+                            grad_scale: s,
+                            decay,
+                            rounding,
+                        };
+                        // The buffered path: float32 rows updated, then rounded into `T`.
+                        let mut xr = xl.clone();
+                        update_rows(&mut xr, plain, first, &u);
+                        let mut want = x.clone();
+                        rounding.store_slice(&xr, &mut want, (first * m) as u64);
+                        let want: Vec<u32> = want.iter().map(|v| canonical(v.to_f32())).collect();
+                        for (_, _, update_v) in &versions {
+                            let mut got = x.clone();
+                            update_v(&mut got, grad, first, &u);
+                            let got: Vec<u32> = got.iter().map(|v| canonical(v.to_f32())).collect();
+                            assert_eq!(got, want, "{what}, scale {s}, {rounding:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gradient_transforms_in_the_row_loops_f32() {
+    transforms_agree::<f32>(<[f32]>::to_vec);
+}
+
+#[test]
+fn gradient_transforms_in_the_row_loops_bf16() {
+    transforms_agree::<bf16>(as_bf16);
+}
+
+#[test]
+fn gradient_transforms_in_the_row_loops_f16() {
+    transforms_agree::<f16>(as_f16);
 }

@@ -1,9 +1,12 @@
 //! The row loops' vector twins: written once over sixteen float32 lanes ([`simd::Lanes`]) and
 //! compiled once per instruction set (AVX2 with F16C, AVX-512, AVX-512 with its bf16
 //! conversion). They do the same float32 operations in the same order as the portable loops
-//! ([`super::portable`]), whose tails they call, so every version gives the same bits.
+//! ([`super::portable`]), whose tails they call, so every version gives the same bits. A
+//! transformed gradient (`FX`: loss scale, accumulation, clipvalue) is transformed in the lanes
+//! as it is loaded ([`loops`]'s `GradLanes`), in the order and with the operations of
+//! [`Grad::at`].
 
-use super::grad::Decay;
+use super::grad::{Decay, Grad};
 use super::portable::{
     add_scaled, lane_sum, pass1_rows_with, pass2_rows_with, tail_squares, tail_squares_into,
     tail_weighted_sq, update, update_rows_with, LANES,
@@ -18,8 +21,115 @@ use super::store::{with_store, Store};
 mod loops {
     use super::simd::{Lanes, Wide};
     use super::{
-        lane_sum, tail_squares, tail_squares_into, tail_weighted_sq, Decay, Store, CHUNK, LANES,
+        lane_sum, tail_squares, tail_squares_into, tail_weighted_sq, Decay, Grad, Store, CHUNK,
+        LANES,
     };
+
+    /// A gradient's transform on sixteen lanes: [`Grad::at`] lane by lane, the same float32
+    /// results in the same order (divisions, a clamp that keeps NaN).
+    #[derive(Clone, Copy)]
+    struct GradLanes<V> {
+        /// Division by `loss_scale_factor`.
+        scale: Option<Divide<V>>,
+        /// The accumulator's elements (as many as the gradient's) and the division by `k`.
+        acc: Option<(*const f32, Divide<V>)>,
+        /// `-clipvalue`, `clipvalue`.
+        clip: Option<(V, V)>,
+    }
+
+    /// A division of every lane by `d`: by a multiplication with `1 / d` where that is exact,
+    /// i.e. `d` is a power of two whose reciprocal is a float32 (loss scales and accumulation
+    /// steps usually are). `x * 2^-k` and `x / 2^k` are the same real number, so they round to
+    /// the same float32 (subnormals, zeros, infinities and NaN included); a multiplication
+    /// costs far less than a division, which would otherwise bound a loop that reads memory.
+    #[derive(Clone, Copy)]
+    enum Divide<V> {
+        By(V),
+        Times(V),
+    }
+
+    impl<V: Lanes> Divide<V> {
+        #[inline(always)]
+        unsafe fn new(d: f32) -> Self {
+            let r = 1.0 / d;
+            // A float32 times a float32 is exact in f64: the product is 1 only for the exact
+            // reciprocal, which only a power of two has.
+            if r.is_finite() && r as f64 * d as f64 == 1.0 {
+                Divide::Times(V::splat(r))
+            } else {
+                Divide::By(V::splat(d))
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn apply(self, x: V) -> V {
+            match self {
+                Divide::By(d) => x.div(d),
+                Divide::Times(r) => x.mul(r),
+            }
+        }
+    }
+
+    impl<V: Lanes> GradLanes<V> {
+        /// The lanes of `g`'s transform.
+        #[inline(always)]
+        unsafe fn of<W>(g: &Grad<'_, W>) -> Self {
+            let t = g.transform;
+            let acc = match (t.accumulate_steps, g.acc) {
+                (Some(k), Some(a)) => {
+                    // The lanes read the accumulator where they read the gradient.
+                    assert!(
+                        a.len() >= g.g.len(),
+                        "accumulator shorter than the gradient"
+                    );
+                    Some((a.as_ptr(), Divide::new(k)))
+                }
+                _ => None,
+            };
+            GradLanes {
+                scale: t.loss_scale.map(|l| Divide::new(l)),
+                acc,
+                clip: t.clip_value.map(|c| (V::splat(-c), V::splat(c))),
+            }
+        }
+
+        /// The effective gradient of elements `j..j + 16` from their stored lanes `g`, adding
+        /// `u * 0` of the unscaled lanes `u` to `probe`.
+        ///
+        /// # Safety
+        /// `j + 16` within the gradient's length.
+        #[inline(always)]
+        unsafe fn apply(&self, g: V, j: usize, probe: &mut V) -> V {
+            let mut v = g;
+            if let Some(l) = self.scale {
+                v = l.apply(v);
+            }
+            *probe = probe.add(v.mul(V::zero()));
+            if let Some((ap, k)) = self.acc {
+                v = k.apply(v.add(V::load(ap.add(j))));
+            }
+            if let Some((lo, hi)) = self.clip {
+                v = v.clamp(lo, hi);
+            }
+            v
+        }
+    }
+
+    /// Sixteen elements of the effective gradient from `j` (`FX`: transformed by `fx`).
+    #[inline(always)]
+    unsafe fn grad16<V: Lanes, W: Wide<V>, const FX: bool>(
+        gp: *const W,
+        fx: &GradLanes<V>,
+        j: usize,
+        probe: &mut V,
+    ) -> V {
+        let g = W::load16(gp.add(j));
+        if FX {
+            fx.apply(g, j, probe)
+        } else {
+            g
+        }
+    }
 
     /// `x - x * wd * lr` on every lane, as [`Decay::apply`] rounds it.
     #[inline(always)]
@@ -36,20 +146,30 @@ mod loops {
         }
     }
 
-    /// `DECAY`: `decay` is set; `KEEP`: the squares are kept for a fold (fixed per
-    /// instantiation, as in [`update`]).
+    /// `DECAY`: `decay` is set; `KEEP`: the squares are kept for a fold; `FX`: the gradient
+    /// is transformed, its unscaled values probed into `probe` (fixed per instantiation, as in
+    /// [`update`]).
     #[inline(always)]
-    pub(super) unsafe fn pass1<V: Lanes, W: Wide<V>, const DECAY: bool, const KEEP: bool>(
-        g: &[W],
+    pub(super) unsafe fn pass1<
+        V: Lanes,
+        W: Wide<V>,
+        const DECAY: bool,
+        const KEEP: bool,
+        const FX: bool,
+    >(
+        g: Grad<'_, W>,
         x: &[W],
         decay: Option<Decay>,
         col: &mut [f32],
         squares: &mut [f32],
+        probe: &mut f32,
     ) -> (f32, f64) {
         let len = g.len().min(x.len()).min(col.len());
         let len = if KEEP { len.min(squares.len()) } else { len };
         let (wd, lr) = decay_lanes::<V>(decay);
-        let (gp, xp, cp) = (g.as_ptr(), x.as_ptr(), col.as_mut_ptr());
+        let fx = GradLanes::<V>::of(&g);
+        let mut plane = V::zero();
+        let (gp, xp, cp) = (g.g.as_ptr(), x.as_ptr(), col.as_mut_ptr());
         let ep = squares.as_mut_ptr();
         let (mut total_g, mut total_x) = (0f32, 0f64);
         let mut start = 0;
@@ -59,7 +179,7 @@ mod loops {
             let mut j = start;
             while j + LANES <= end {
                 // SAFETY: j + LANES <= len, within all three slices.
-                let gv = W::load16(gp.add(j));
+                let gv = grad16::<V, W, FX>(gp, &fx, j, &mut plane);
                 let e = gv.mul(gv);
                 V::load(cp.add(j)).add(e).store(cp.add(j));
                 if KEEP {
@@ -73,7 +193,7 @@ mod loops {
                 xlanes = xlanes.add(xv.mul(xv));
                 j += LANES;
             }
-            let rem = tail_squares_into(g, col, squares, j..end);
+            let rem = tail_squares_into::<W, FX>(g, col, squares, j..end, probe);
             let xrem = match decay {
                 None => tail_squares(&x[j..end], |v| v),
                 Some(d) => tail_squares(&x[j..end], |v| d.apply(v)),
@@ -81,6 +201,9 @@ mod loops {
             total_g += rem + lane_sum(&lanes.to_array());
             total_x += (xrem + lane_sum(&xlanes.to_array())) as f64;
             start = end;
+        }
+        if FX {
+            *probe += lane_sum(&plane.to_array());
         }
         (total_g, total_x)
     }
@@ -101,16 +224,18 @@ mod loops {
         super::add_scaled(&e[j..len], scale, &mut w[j..len]);
     }
 
-    /// `SCALED`: `s != 1` (as in [`update`]).
+    /// `SCALED`: `s != 1`; `FX`: the gradient is transformed (as in [`update`]).
     #[inline(always)]
-    pub(super) unsafe fn weighted_sq<V: Lanes, W: Wide<V>, const SCALED: bool>(
-        g: &[W],
+    pub(super) unsafe fn weighted_sq<V: Lanes, W: Wide<V>, const SCALED: bool, const FX: bool>(
+        g: Grad<'_, W>,
         b: &[f32],
         s: f32,
     ) -> f64 {
         let len = g.len().min(b.len());
         let vs = V::splat(s);
-        let (gp, bp) = (g.as_ptr(), b.as_ptr());
+        let fx = GradLanes::<V>::of(&g);
+        let mut plane = V::zero();
+        let (gp, bp) = (g.g.as_ptr(), b.as_ptr());
         let mut total = 0f64;
         let mut start = 0;
         while start < len {
@@ -119,7 +244,7 @@ mod loops {
             let mut j = start;
             while j + LANES <= end {
                 // SAFETY: j + LANES <= len, within both slices.
-                let mut gs = W::load16(gp.add(j));
+                let mut gs = grad16::<V, W, FX>(gp, &fx, j, &mut plane);
                 if SCALED {
                     gs = vs.mul(gs);
                 }
@@ -127,7 +252,7 @@ mod loops {
                 lanes = lanes.add(u.mul(u));
                 j += LANES;
             }
-            let rem = tail_weighted_sq(&g[j..end], &b[j..end], s);
+            let rem = tail_weighted_sq::<W, FX>(g.slice(j, end), &b[j..end], s);
             total += (rem + lane_sum(&lanes.to_array())) as f64;
             start = end;
         }
@@ -135,8 +260,9 @@ mod loops {
     }
 
     /// `DECAY`: `decay_by` is set; `SCALED`: `s != 1` (without norm clipping, the default,
-    /// `s * g` is `g`); `store` rounds, `x[0]` being element `base` of the variable. Fixed per
-    /// instantiation, so the loop has no branch but its own.
+    /// `s * g` is `g`); `FX`: the gradient is transformed; `store` rounds, `x[0]` being element
+    /// `base` of the variable. Fixed per instantiation, so the loop has no branch but its own
+    /// (and, with `FX`, the transform's).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn update<
@@ -145,9 +271,10 @@ mod loops {
         S: Store,
         const DECAY: bool,
         const SCALED: bool,
+        const FX: bool,
     >(
         x: &mut [W],
-        g: &[W],
+        g: Grad<'_, W>,
         b: &[f32],
         ca: f32,
         s: f32,
@@ -158,7 +285,9 @@ mod loops {
         let len = x.len().min(g.len()).min(b.len());
         let (wd, lr) = decay_lanes::<V>(decay_by);
         let (vca, vs) = (V::splat(ca), V::splat(s));
-        let (xp, gp, bp) = (x.as_mut_ptr(), g.as_ptr(), b.as_ptr());
+        let fx = GradLanes::<V>::of(&g);
+        let mut plane = V::zero();
+        let (xp, gp, bp) = (x.as_mut_ptr(), g.g.as_ptr(), b.as_ptr());
         let mut j = 0;
         while j + LANES <= len {
             // SAFETY: j + LANES <= len, within all three slices.
@@ -166,7 +295,7 @@ mod loops {
             if DECAY {
                 xv = decayed(xv, wd, lr);
             }
-            let mut gs = W::load16(gp.add(j));
+            let mut gs = grad16::<V, W, FX>(gp, &fx, j, &mut plane);
             if SCALED {
                 gs = vs.mul(gs);
             }
@@ -177,8 +306,8 @@ mod loops {
             }
             j += LANES;
         }
-        let tail = (&mut x[j..len], &g[j..len], &b[j..len]);
-        super::update(
+        let tail = (&mut x[j..len], g.slice(j, len), &b[j..len]);
+        super::update::<W, S, FX>(
             tail.0,
             tail.1,
             tail.2,
@@ -194,7 +323,7 @@ mod loops {
 mod wide_rows {
     use super::simd::{Lanes, Wide};
     use super::{
-        loops, pass1_rows_with, pass2_rows_with, update_rows_with, with_store, Pass1Rows,
+        loops, pass1_rows_with, pass2_rows_with, update_rows_with, with_store, Grad, Pass1Rows,
         Pass1Sums, RowUpdate, Store,
     };
 
@@ -203,17 +332,29 @@ mod wide_rows {
         rows: Pass1Rows<'_, W>,
         sums: Pass1Sums<'_>,
     ) -> f64 {
-        match (rows.decay.is_some(), sums.fold.is_some()) {
-            (false, false) => pass1_rows_as::<V, W, false, false>(rows, sums),
-            (true, false) => pass1_rows_as::<V, W, true, false>(rows, sums),
-            (false, true) => pass1_rows_as::<V, W, false, true>(rows, sums),
-            (true, true) => pass1_rows_as::<V, W, true, true>(rows, sums),
+        let fx = !rows.g.is_plain();
+        match (rows.decay.is_some(), sums.fold.is_some(), fx) {
+            (false, false, false) => pass1_rows_as::<V, W, false, false, false>(rows, sums),
+            (true, false, false) => pass1_rows_as::<V, W, true, false, false>(rows, sums),
+            (false, true, false) => pass1_rows_as::<V, W, false, true, false>(rows, sums),
+            (true, true, false) => pass1_rows_as::<V, W, true, true, false>(rows, sums),
+            (false, false, true) => pass1_rows_as::<V, W, false, false, true>(rows, sums),
+            (true, false, true) => pass1_rows_as::<V, W, true, false, true>(rows, sums),
+            (false, true, true) => pass1_rows_as::<V, W, false, true, true>(rows, sums),
+            (true, true, true) => pass1_rows_as::<V, W, true, true, true>(rows, sums),
         }
     }
 
-    /// `DECAY`: the rows have a decay; `KEEP`: the sweep keeps the squares for a fold.
+    /// `DECAY`: the rows have a decay; `KEEP`: the sweep keeps the squares for a fold; `FX`:
+    /// the gradient is transformed.
     #[inline(always)]
-    unsafe fn pass1_rows_as<V: Lanes, W: Wide<V>, const DECAY: bool, const KEEP: bool>(
+    unsafe fn pass1_rows_as<
+        V: Lanes,
+        W: Wide<V>,
+        const DECAY: bool,
+        const KEEP: bool,
+        const FX: bool,
+    >(
         rows: Pass1Rows<'_, W>,
         sums: Pass1Sums<'_>,
     ) -> f64 {
@@ -224,7 +365,7 @@ mod wide_rows {
             rows,
             sums,
             #[inline(always)]
-            |g, x, c, e| unsafe { loops::pass1::<V, W, DECAY, KEEP>(g, x, decay, c, e) },
+            |g, x, c, e, p| unsafe { loops::pass1::<V, W, DECAY, KEEP, FX>(g, x, decay, c, e, p) },
             #[inline(always)]
             |e, s, w| unsafe { loops::add_scaled::<V>(e, s, w) },
         )
@@ -232,45 +373,72 @@ mod wide_rows {
 
     #[inline(always)]
     pub(super) unsafe fn pass2_rows<V: Lanes, W: Wide<V>>(
-        g: &[W],
+        g: Grad<'_, W>,
         b: &[f32],
         a: &[f32],
         s: f32,
     ) -> f64 {
-        // SAFETY (both closures): the caller has the instruction set of `V`. Inlined, so that
-        // they are compiled with it.
-        if s != 1.0 {
-            pass2_rows_with(
-                g,
-                b,
-                a,
-                #[inline(always)]
-                |g| unsafe { loops::weighted_sq::<V, W, true>(g, b, s) },
-            )
-        } else {
-            pass2_rows_with(
-                g,
-                b,
-                a,
-                #[inline(always)]
-                |g| unsafe { loops::weighted_sq::<V, W, false>(g, b, s) },
-            )
+        match (s != 1.0, !g.is_plain()) {
+            (false, false) => pass2_rows_as::<V, W, false, false>(g, b, a, s),
+            (true, false) => pass2_rows_as::<V, W, true, false>(g, b, a, s),
+            (false, true) => pass2_rows_as::<V, W, false, true>(g, b, a, s),
+            (true, true) => pass2_rows_as::<V, W, true, true>(g, b, a, s),
         }
+    }
+
+    /// `SCALED`: `s != 1`; `FX`: the gradient is transformed.
+    #[inline(always)]
+    unsafe fn pass2_rows_as<V: Lanes, W: Wide<V>, const SCALED: bool, const FX: bool>(
+        g: Grad<'_, W>,
+        b: &[f32],
+        a: &[f32],
+        s: f32,
+    ) -> f64 {
+        // SAFETY: the caller has the instruction set of `V`. Inlined, so that it is compiled
+        // with it.
+        pass2_rows_with(
+            g,
+            b,
+            a,
+            #[inline(always)]
+            |g| unsafe { loops::weighted_sq::<V, W, SCALED, FX>(g, b, s) },
+        )
     }
 
     #[inline(always)]
     pub(super) unsafe fn update_rows<V: Lanes, W: Wide<V>>(
         x: &mut [W],
-        g: &[W],
+        g: Grad<'_, W>,
         first_row: usize,
         u: &RowUpdate<'_>,
     ) {
+        let fx = !g.is_plain();
         with_store!(u.rounding.for_type::<W>(), st => {
-            match (u.decay.is_some(), u.grad_scale != 1.0) {
-                (false, false) => update_rows_as::<V, W, _, false, false>(x, g, first_row, u, st),
-                (true, false) => update_rows_as::<V, W, _, true, false>(x, g, first_row, u, st),
-                (false, true) => update_rows_as::<V, W, _, false, true>(x, g, first_row, u, st),
-                (true, true) => update_rows_as::<V, W, _, true, true>(x, g, first_row, u, st),
+            match (u.decay.is_some(), u.grad_scale != 1.0, fx) {
+                (false, false, false) => {
+                    update_rows_as::<V, W, _, false, false, false>(x, g, first_row, u, st)
+                }
+                (true, false, false) => {
+                    update_rows_as::<V, W, _, true, false, false>(x, g, first_row, u, st)
+                }
+                (false, true, false) => {
+                    update_rows_as::<V, W, _, false, true, false>(x, g, first_row, u, st)
+                }
+                (true, true, false) => {
+                    update_rows_as::<V, W, _, true, true, false>(x, g, first_row, u, st)
+                }
+                (false, false, true) => {
+                    update_rows_as::<V, W, _, false, false, true>(x, g, first_row, u, st)
+                }
+                (true, false, true) => {
+                    update_rows_as::<V, W, _, true, false, true>(x, g, first_row, u, st)
+                }
+                (false, true, true) => {
+                    update_rows_as::<V, W, _, false, true, true>(x, g, first_row, u, st)
+                }
+                (true, true, true) => {
+                    update_rows_as::<V, W, _, true, true, true>(x, g, first_row, u, st)
+                }
             }
         })
     }
@@ -282,9 +450,10 @@ mod wide_rows {
         S: Store,
         const DECAY: bool,
         const SCALED: bool,
+        const FX: bool,
     >(
         x: &mut [W],
-        g: &[W],
+        g: Grad<'_, W>,
         first_row: usize,
         u: &RowUpdate<'_>,
         st: S,
@@ -298,7 +467,7 @@ mod wide_rows {
             u,
             #[inline(always)]
             |x, g, b, ca, base| unsafe {
-                loops::update::<V, W, S, DECAY, SCALED>(
+                loops::update::<V, W, S, DECAY, SCALED, FX>(
                     x,
                     g,
                     b,
@@ -319,7 +488,7 @@ macro_rules! twins {
         $(#[$doc])*
         pub(crate) mod $name {
             use super::simd::Wide;
-            use super::{wide_rows, Pass1Rows, Pass1Sums, RowUpdate};
+            use super::{wide_rows, Grad, Pass1Rows, Pass1Sums, RowUpdate};
 
             /// [`super::pass1_rows`].
             ///
@@ -339,7 +508,7 @@ macro_rules! twins {
             /// The CPU must have the instruction set.
             #[target_feature(enable = $features)]
             pub(crate) unsafe fn pass2_rows<W: Wide<$lanes>>(
-                g: &[W],
+                g: Grad<'_, W>,
                 b: &[f32],
                 a: &[f32],
                 s: f32,
@@ -354,7 +523,7 @@ macro_rules! twins {
             #[target_feature(enable = $features)]
             pub(crate) unsafe fn update_rows<W: Wide<$lanes>>(
                 x: &mut [W],
-                g: &[W],
+                g: Grad<'_, W>,
                 first_row: usize,
                 u: &RowUpdate<'_>,
             ) {
