@@ -95,10 +95,14 @@ pub(crate) fn map_units<U: Send, R: Send>(
 /// are the same on every machine.
 pub(crate) const MAX_UNITS: usize = 64;
 
-/// Rows per work unit for `rows` rows of `m` elements: about [`UNIT_ELEMS`] elements, and at
-/// most [`MAX_UNITS`] units.
+/// Fewest rows per work unit (when the tensor has that many): pass 1 adds its float32 column
+/// sums into the unit's f64 totals every 64 rows, and shorter units would do it more often.
+pub(crate) const MIN_UNIT_ROWS: usize = 64;
+
+/// Rows per work unit for `rows` rows of `m` elements: about [`UNIT_ELEMS`] elements and at
+/// least [`MIN_UNIT_ROWS`] rows, and at most [`MAX_UNITS`] units.
 pub(crate) fn rows_per_unit(rows: usize, m: usize) -> usize {
-    let by_size = (UNIT_ELEMS / m.max(1)).max(1);
+    let by_size = (UNIT_ELEMS / m.max(1)).max(MIN_UNIT_ROWS.min(rows));
     by_size.max(rows.div_ceil(MAX_UNITS)).max(1)
 }
 
