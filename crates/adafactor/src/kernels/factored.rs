@@ -552,16 +552,14 @@ mod tests {
             let runs: Vec<Vec<u64>> = [1, 2, 3]
                 .iter()
                 .map(|&threads| {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .expect("a thread pool");
                     let row_fold = fold.then_some(RowFold {
                         r_old: &r_old,
                         beta2: 0.5,
                         epsilon_1: 1e-30,
                     });
-                    pool.install(|| bits(&pass1(&grad, &x, None, f, true, row_fold)))
+                    super::super::parallel::on_threads(threads, || {
+                        bits(&pass1(&grad, &x, None, f, true, row_fold))
+                    })
                 })
                 .collect();
             assert!(runs[1] == runs[0], "fold {fold}: 2 threads differ from 1");

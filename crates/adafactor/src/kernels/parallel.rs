@@ -32,30 +32,28 @@ pub(crate) fn for_chunks<A: Send>(dst: &mut [A], f: impl Fn(usize, &mut [A]) + S
 }
 
 /// [`for_chunks`] whose chunks each return a partial sum; the sum of the partials, in chunk
-/// order.
+/// order. The chunks come from the length alone ([`split_for`]), so the sum has the same bits
+/// on any number of threads.
 pub(crate) fn sum_chunks<A: Send>(
     dst: &mut [A],
     f: impl Fn(usize, &mut [A]) -> f64 + Sync + Send,
 ) -> f64 {
-    if parallel_for(dst.len()) {
-        let parts: Vec<f64> = dst
-            .par_chunks_mut(UNIT_ELEMS)
-            .enumerate()
-            .map(|(i, c)| {
-                vectorized(
-                    #[inline(always)]
-                    || f(i * UNIT_ELEMS, c),
-                )
-            })
-            .collect();
-        parts.iter().sum()
-    } else if !dst.is_empty() {
-        vectorized(
-            #[inline(always)]
-            || f(0, dst),
-        )
+    let len = dst.len();
+    let chunk = if split_for(len) {
+        UNIT_ELEMS
     } else {
-        0.0
+        len.max(1)
+    };
+    let units: Vec<(usize, &mut [A])> = dst
+        .chunks_mut(chunk)
+        .enumerate()
+        .map(|(i, c)| (i * chunk, c))
+        .collect();
+    let parts = map_units(units, parallel_for(len), |(start, c)| f(start, c));
+    match parts.as_slice() {
+        [] => 0.0,
+        [one] => *one,
+        _ => parts.iter().sum(),
     }
 }
 
@@ -116,4 +114,14 @@ pub(crate) fn split_for(len: usize) -> bool {
 /// Whether a tensor of `len` elements is split across threads.
 pub(crate) fn parallel_for(len: usize) -> bool {
     len >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1
+}
+
+/// Runs `f` on a rayon pool of `threads` threads (tests of thread-count independence).
+#[cfg(test)]
+pub(crate) fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a thread pool")
+        .install(f)
 }

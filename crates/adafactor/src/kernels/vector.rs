@@ -3,7 +3,7 @@
 use super::after_write::{write_blocks, Tail};
 use super::element::Element;
 use super::grad::{decay_in_place, decayed_view, Decay, Grad};
-use super::parallel::{map_units, parallel_for, sum_chunks, UNIT_ELEMS};
+use super::parallel::{map_units, parallel_for, split_for, sum_chunks, UNIT_ELEMS};
 use super::reduce::{sum_sq, CHUNK};
 use super::shaped::load_grad;
 use super::store::Rounding;
@@ -19,8 +19,12 @@ pub struct Pass1 {
     pub finite: bool,
 }
 
-fn ranges(len: usize, parallel: bool) -> Vec<(usize, usize)> {
-    let step = if parallel { UNIT_ELEMS } else { len.max(1) };
+fn ranges(len: usize) -> Vec<(usize, usize)> {
+    let step = if split_for(len) {
+        UNIT_ELEMS
+    } else {
+        len.max(1)
+    };
     (0..len)
         .step_by(step)
         .map(|s| (s, (s + step).min(len)))
@@ -36,7 +40,7 @@ pub fn pass1<T: Element>(
 ) -> Pass1 {
     let parallel = parallel_for(x.len());
     let outs = map_units(
-        ranges(x.len(), parallel),
+        ranges(x.len()),
         parallel,
         #[inline(always)]
         |(s, e)| {
@@ -101,7 +105,11 @@ pub fn pass1_fold<T: Element>(
 ) -> (Pass1, f64) {
     let len = v_new.len();
     let parallel = parallel_for(len);
-    let step = if parallel { UNIT_ELEMS } else { len.max(1) };
+    let step = if split_for(len) {
+        UNIT_ELEMS
+    } else {
+        len.max(1)
+    };
     let units: Vec<(usize, &mut [f32])> = v_new
         .chunks_mut(step)
         .enumerate()
@@ -220,6 +228,46 @@ pub fn pass3_then<T: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A large vector's sums (pass 1, and the folded sweep's) have the same bits on 1, 2 and 3
+    /// threads: the work units come from the length alone. The blocks' values span forty binary
+    /// orders of magnitude, so that adding the units' partial sums in another grouping rounds
+    /// differently.
+    #[test]
+    fn sums_have_the_same_bits_on_any_thread_count() {
+        let len = 40 * UNIT_ELEMS + 3;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        // One scale per block of the reduction, so that the blocks' sums differ by up to 2^80.
+        let g: Vec<f32> = (0..len)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                unit * 2f32.powi(((i / CHUNK) * 7919 % 41) as i32 - 20)
+            })
+            .collect();
+        let x: Vec<f32> = g.iter().map(|v| v * 3.0 + 1e-3).collect();
+        let v_old = vec![1e-3f32; len];
+        let grad = Grad::plain(&g[..]);
+        let runs: Vec<Vec<u64>> = [1, 2, 3]
+            .iter()
+            .map(|&threads| {
+                super::super::parallel::on_threads(threads, || {
+                    let p = pass1(&grad, &x, None, true);
+                    let mut v_new = vec![0f32; len];
+                    let (f, u2) = pass1_fold(&grad, &x, None, true, &v_old, &mut v_new, 0.5, 1e-30);
+                    let u = pass2(&grad, &v_old, &mut v_new, 0.5, 1e-30, 0.75);
+                    vec![p.sum_sq_grad, p.sum_sq_x, f.sum_sq_grad, f.sum_sq_x, u2, u]
+                        .into_iter()
+                        .map(f64::to_bits)
+                        .collect()
+                })
+            })
+            .collect();
+        assert_eq!(runs[1], runs[0], "2 threads differ from 1");
+        assert_eq!(runs[2], runs[0], "3 threads differ from 1");
+    }
 
     /// The folded sweep gives the bits of pass 1 followed by pass 2, in one thread or several.
     #[test]
