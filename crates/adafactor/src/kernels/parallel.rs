@@ -31,6 +31,22 @@ pub(crate) fn for_chunks<A: Send>(dst: &mut [A], f: impl Fn(usize, &mut [A]) + S
     }
 }
 
+/// `dst` cut into its work units, each with the index of its first element: chunks of
+/// [`UNIT_ELEMS`] from [`split_for`]'s length on, else the whole slice (the length alone decides,
+/// so reductions over the units do not depend on the thread count).
+pub(crate) fn chunk_units<A>(dst: &mut [A]) -> Vec<(usize, &mut [A])> {
+    let len = dst.len();
+    let chunk = if split_for(len) {
+        UNIT_ELEMS
+    } else {
+        len.max(1)
+    };
+    dst.chunks_mut(chunk)
+        .enumerate()
+        .map(|(i, c)| (i * chunk, c))
+        .collect()
+}
+
 /// [`for_chunks`] whose chunks each return a partial sum; the sum of the partials, in chunk
 /// order. The chunks come from the length alone ([`split_for`]), so the sum has the same bits
 /// on any number of threads.
@@ -39,17 +55,9 @@ pub(crate) fn sum_chunks<A: Send>(
     f: impl Fn(usize, &mut [A]) -> f64 + Sync + Send,
 ) -> f64 {
     let len = dst.len();
-    let chunk = if split_for(len) {
-        UNIT_ELEMS
-    } else {
-        len.max(1)
-    };
-    let units: Vec<(usize, &mut [A])> = dst
-        .chunks_mut(chunk)
-        .enumerate()
-        .map(|(i, c)| (i * chunk, c))
-        .collect();
-    let parts = map_units(units, parallel_for(len), |(start, c)| f(start, c));
+    let parts = map_units(chunk_units(dst), parallel_for(len), |(start, c)| {
+        f(start, c)
+    });
     match parts.as_slice() {
         [] => 0.0,
         [one] => *one,

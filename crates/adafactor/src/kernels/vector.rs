@@ -3,7 +3,7 @@
 use super::after_write::{write_blocks, Tail};
 use super::element::Element;
 use super::grad::{decay_in_place, decayed_view, Decay, Grad};
-use super::parallel::{map_units, parallel_for, split_for, sum_chunks, UNIT_ELEMS};
+use super::parallel::{chunk_units, map_units, parallel_for, split_for, sum_chunks, UNIT_ELEMS};
 use super::reduce::{sum_sq, CHUNK};
 use super::shaped::load_grad;
 use super::store::Rounding;
@@ -105,16 +105,7 @@ pub fn pass1_fold<T: Element>(
 ) -> (Pass1, f64) {
     let len = v_new.len();
     let parallel = parallel_for(len);
-    let step = if split_for(len) {
-        UNIT_ELEMS
-    } else {
-        len.max(1)
-    };
-    let units: Vec<(usize, &mut [f32])> = v_new
-        .chunks_mut(step)
-        .enumerate()
-        .map(|(i, c)| (i * step, c))
-        .collect();
+    let units = chunk_units(v_new);
     let outs = map_units(
         units,
         parallel,
