@@ -37,7 +37,8 @@
 #[path = "bench/ideal.rs"]
 mod ideal;
 
-use candle_adafactor::{Adafactor, AdafactorConfig, DataPath};
+use adafactor::Strided;
+use candle_adafactor::{Adafactor, AdafactorConfig, DataPath, FactoredAxes};
 use candle_core::{DType, Device, Tensor, Var, WithDType};
 use rayon::prelude::*;
 use std::error::Error;
@@ -361,6 +362,41 @@ fn cpu_ms() -> Option<f64> {
     Some(total as f64 / 1e6)
 }
 
+/// Float32 statistics per tensor: one per row and one per column of every factored matrix
+/// (the last two axes, or `(in, out)` of a convolution kernel with `--factor-convolutions on`),
+/// one per element of a vector.
+fn stat_lens(shapes: &[Vec<usize>], factor_convolutions: bool) -> Vec<usize> {
+    let names: Vec<String> = (0..shapes.len()).map(|i| format!("p{i}")).collect();
+    let convolutions = if factor_convolutions {
+        FactoredAxes::convolutions(
+            names
+                .iter()
+                .map(String::as_str)
+                .zip(shapes.iter().map(|s| &s[..])),
+        )
+    } else {
+        Default::default()
+    };
+    names
+        .iter()
+        .zip(shapes)
+        .map(|(name, shape)| {
+            let axes = convolutions
+                .get(name)
+                .copied()
+                .or(FactoredAxes::keras(shape.len()));
+            match axes {
+                Some(axes) => {
+                    let s = Strided::of(shape, axes);
+                    let (rows, cols) = s.rows_cols();
+                    s.batch() * (rows + cols)
+                }
+                None => shape.iter().product(),
+            }
+        })
+        .collect()
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("bench: {e}");
@@ -394,11 +430,14 @@ fn run() -> BoxResult<()> {
         ema: args.config.use_ema,
         accumulation: args.config.gradient_accumulation_steps.filter(|k| *k >= 2),
     };
-    let ideal_times = ideal::Ideal::new(&lens, traffic).time(args.warmup, args.steps);
+    let stat_lens = stat_lens(&shapes, args.factor_convolutions);
+    let ideal_times = ideal::Ideal::new(&lens, &stat_lens, traffic).time(args.warmup, args.steps);
     let mut sorted_ideal = ideal_times.clone();
     sorted_ideal.sort_by(f64::total_cmp);
     let ideal_ms = median(&sorted_ideal);
-    let bytes_per_param = traffic.mean_bytes_per_param();
+    let stats_per_param =
+        stat_lens.iter().sum::<usize>() as f64 / lens.iter().sum::<usize>().max(1) as f64;
+    let bytes_per_param = traffic.mean_bytes_per_param(stats_per_param);
     println!(
         "ideal bytes_per_param={bytes_per_param:.1} median_ms={ideal_ms:.3} gbps={:.2}",
         bytes_per_param * lens.iter().sum::<usize>() as f64 / (ideal_ms * 1e6)

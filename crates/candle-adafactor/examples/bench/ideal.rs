@@ -16,6 +16,12 @@
 //! seen all of them. Without norm clipping a float32 update call moves 20 bytes per parameter.
 //! `clipvalue`, `loss_scale_factor` and weight decay add arithmetic, not bytes.
 //!
+//! The second-moment statistics (float32) come on top, per statistic rather than per
+//! parameter: an update call reads and writes them in pass 1 and reads them in pass 3 (12
+//! bytes), and reads them once more in pass 2 (16 bytes). For a large matrix they are a
+//! rounding error; for a vector (one statistic per element), an `n x 1` or `1 x n` matrix or a
+//! batch of tiny matrices they are as large as the weight, and the ideal counts them.
+//!
 //! The kernel runs on separate buffers of the same tensor sizes, over rayon with the same
 //! threads, pass 3 in the reverse order of pass 1 as the fused step does. Its words are moved as
 //! integers (xor), so the time is that of the memory traffic and the loop overhead alone.
@@ -39,6 +45,16 @@ pub struct Traffic {
     pub accumulation: Option<u64>,
 }
 
+/// Bytes of float32 statistics per statistic on an update call: read and written in pass 1,
+/// read in pass 3, and read in pass 2 when there is one.
+pub fn stat_bytes(norm_pass: bool) -> usize {
+    if norm_pass {
+        16
+    } else {
+        12
+    }
+}
+
 impl Traffic {
     /// Bytes per parameter moved by call number `raw` (0-based), as the table above counts.
     pub fn bytes_per_param(&self, raw: u64) -> usize {
@@ -54,10 +70,12 @@ impl Traffic {
         }
     }
 
-    /// Mean bytes per parameter over one accumulation cycle (or one call).
-    pub fn mean_bytes_per_param(&self) -> f64 {
+    /// Mean bytes per parameter over one accumulation cycle (or one call), with `stats`
+    /// statistics per parameter.
+    pub fn mean_bytes_per_param(&self, stats: f64) -> f64 {
         let k = self.accumulation.unwrap_or(1).max(1);
-        (0..k).map(|r| self.bytes_per_param(r)).sum::<usize>() as f64 / k as f64
+        let per_call = (0..k).map(|r| self.bytes_per_param(r)).sum::<usize>() as f64 / k as f64;
+        per_call + stats * stat_bytes(self.norm_pass) as f64 / k as f64
     }
 }
 
@@ -75,16 +93,38 @@ pub struct Ideal {
     g16: Vec<Vec<u16>>,
     ema: Vec<Vec<u32>>,
     acc: Vec<Vec<u32>>,
+    /// The float32 statistics, one buffer per tensor.
+    stats: Vec<Vec<u32>>,
     jobs: Vec<Job>,
+    /// The statistics that go with each of `jobs`.
+    stat_jobs: Vec<Job>,
 }
 
 fn filled<T: Copy + Send + Sync>(lens: &[usize], v: T) -> Vec<Vec<T>> {
     lens.par_iter().map(|&n| vec![v; n]).collect()
 }
 
+/// `JOB`-sized pieces of buffers of `lens` elements.
+fn jobs_of(lens: &[usize]) -> Vec<Job> {
+    lens.iter()
+        .enumerate()
+        .flat_map(|(t, &n)| (0..n).step_by(JOB).map(move |s| (t, s, (s + JOB).min(n))))
+        .collect()
+}
+
+/// The statistics each job moves: its tensor's statistics in proportion to the job's share of
+/// the tensor, so that they stream in the same jobs as the weights.
+fn stat_jobs(jobs: &[Job], lens: &[usize], stat_lens: &[usize]) -> Vec<Job> {
+    let at = |t: usize, i: usize| i * stat_lens[t] / lens[t].max(1);
+    jobs.iter()
+        .map(|&(t, s, e)| (t, at(t, s), at(t, e)))
+        .collect()
+}
+
 impl Ideal {
-    /// Buffers for tensors of `lens` elements (first-touched on the worker threads).
-    pub fn new(lens: &[usize], traffic: Traffic) -> Ideal {
+    /// Buffers for tensors of `lens` elements with `stat_lens` statistics each (first-touched
+    /// on the worker threads).
+    pub fn new(lens: &[usize], stat_lens: &[usize], traffic: Traffic) -> Ideal {
         let wide = traffic.elem_bytes == 4;
         let none = |on: bool| {
             if on {
@@ -93,11 +133,7 @@ impl Ideal {
                 vec![0; lens.len()]
             }
         };
-        let jobs = lens
-            .iter()
-            .enumerate()
-            .flat_map(|(t, &n)| (0..n).step_by(JOB).map(move |s| (t, s, (s + JOB).min(n))))
-            .collect();
+        let jobs = jobs_of(lens);
         Ideal {
             x32: filled(&none(wide), 0x3c00_0001),
             g32: filled(&none(wide), 0x3a00_0003),
@@ -105,7 +141,9 @@ impl Ideal {
             g16: filled(&none(!wide), 0x3a03),
             ema: filled(&none(traffic.ema), 7),
             acc: filled(&none(traffic.accumulation.is_some()), 5),
+            stats: filled(stat_lens, 9),
             traffic,
+            stat_jobs: stat_jobs(&jobs, lens, stat_lens),
             jobs,
         }
     }
@@ -132,22 +170,43 @@ impl Ideal {
         self.write_pass(bit, averaging)
     }
 
-    /// Pass 1 (gradient and weight) or pass 2 (gradient only), plus the accumulator when the
-    /// call averages with it.
-    fn read_pass(&self, averaging: bool, with_x: bool) -> u64 {
-        let acc = &self.acc;
-        let sum = |&(t, s, e): &Job| -> u64 {
-            let mut h = if self.traffic.elem_bytes == 4 {
-                xor_words(&self.g32[t][s..e], with_x.then(|| &self.x32[t][s..e]))
+    /// Pass 1 (gradient and weight; statistics read and written) or pass 2 (gradient only;
+    /// statistics read), plus the accumulator when the call averages with it.
+    fn read_pass(&mut self, averaging: bool, pass1: bool) -> u64 {
+        let Ideal {
+            traffic,
+            x32,
+            g32,
+            x16,
+            g16,
+            acc,
+            stats,
+            jobs,
+            stat_jobs,
+            ..
+        } = self;
+        let (x32, g32, x16, g16, acc) = (&*x32, &*g32, &*x16, &*g16, &*acc);
+        let wide = traffic.elem_bytes == 4;
+        let work: Vec<_> = jobs.iter().zip(pieces(stats, stat_jobs, true)).collect();
+        let sum = |(&(t, s, e), stat): (&Job, Option<&mut [u32]>)| -> u64 {
+            let mut h = if wide {
+                xor_words(&g32[t][s..e], pass1.then(|| &x32[t][s..e]))
             } else {
-                xor_words(&self.g16[t][s..e], with_x.then(|| &self.x16[t][s..e]))
+                xor_words(&g16[t][s..e], pass1.then(|| &x16[t][s..e]))
             };
             if averaging {
                 h ^= xor_words(&acc[t][s..e], None);
             }
+            if let Some(stat) = stat {
+                if pass1 {
+                    h ^= flip_words(stat);
+                } else {
+                    h ^= xor_words(stat, None);
+                }
+            }
             h
         };
-        self.jobs.par_iter().map(sum).reduce(|| 0, |a, b| a ^ b)
+        work.into_par_iter().map(sum).reduce(|| 0, |a, b| a ^ b)
     }
 
     /// Pass 3, in the reverse order of pass 1: reads the gradient and the weight, writes the
@@ -161,10 +220,13 @@ impl Ideal {
             g16,
             ema,
             acc,
+            stats,
             jobs,
+            stat_jobs,
         } = self;
         let wide = traffic.elem_bytes == 4;
         let with_ema = traffic.ema;
+        let stats = &*stats;
         // Split every buffer into the jobs' disjoint pieces, in reverse order.
         let x32 = pieces(x32, jobs, wide);
         let x16 = pieces(x16, jobs, !wide);
@@ -172,6 +234,7 @@ impl Ideal {
         let acc = pieces(acc, jobs, averaging);
         let work: Vec<_> = jobs
             .iter()
+            .zip(stat_jobs.iter())
             .zip(x32)
             .zip(x16)
             .zip(ema)
@@ -179,8 +242,8 @@ impl Ideal {
             .rev()
             .collect();
         work.into_par_iter()
-            .map(|(((((t, s, e), x32), x16), ema), acc)| {
-                let mut h = 0u32;
+            .map(|((((((t, s, e), &(_, ss, se)), x32), x16), ema), acc)| {
+                let mut h = xor_words(&stats[*t][ss..se], None) as u32;
                 let a_bits = match acc {
                     Some(a) => {
                         let v = a.iter().fold(0, |p, q| p ^ q);
@@ -223,6 +286,7 @@ impl Ideal {
             ema,
             acc,
             jobs,
+            ..
         } = self;
         let wide = traffic.elem_bytes == 4;
         let with_ema = traffic.ema;
@@ -291,6 +355,17 @@ where
     h.into()
 }
 
+/// Flips the low bit of every word of `a` (a read and a write of each) and returns the xor of
+/// the results.
+fn flip_words(a: &mut [u32]) -> u64 {
+    let mut h = 0u32;
+    for v in a.iter_mut() {
+        *v ^= 1;
+        h ^= *v;
+    }
+    h as u64
+}
+
 /// The disjoint pieces of `bufs` that `jobs` cover, in job order (`None` for every job when the
 /// buffers are not used).
 fn pieces<'a, T>(bufs: &'a mut [Vec<T>], jobs: &[Job], used: bool) -> Vec<Option<&'a mut [T]>> {
@@ -339,5 +414,23 @@ mod tests {
         };
         assert_eq!(acc.bytes_per_param(0), 12);
         assert_eq!(acc.bytes_per_param(1), 20 + 8 + 4);
+        // A vector has one statistic per element; statistics move on update calls only.
+        assert_eq!(f32_default.mean_bytes_per_param(1.0), 32.0);
+        assert_eq!(clip.mean_bytes_per_param(1.0), 40.0);
+        assert_eq!(acc.mean_bytes_per_param(1.0), (12.0 + 32.0 + 12.0) / 2.0);
+    }
+
+    #[test]
+    fn every_statistic_is_touched() {
+        let traffic = Traffic {
+            elem_bytes: 4,
+            norm_pass: false,
+            ema: false,
+            accumulation: None,
+        };
+        let mut ideal = Ideal::new(&[3, 70_000], &[2, 70_000], traffic);
+        ideal.call(0);
+        // Pass 1 writes every statistic once.
+        assert!(ideal.stats.iter().flatten().all(|&v| v == 9 ^ 1));
     }
 }
