@@ -249,19 +249,20 @@ pub fn f16_stochastic(x: f32, r: u32) -> f16 {
         // (2^-25): the chance of rounding up is below 2^-100.
         return f16::from_bits(sign);
     }
-    let mant = (m & 0x7F_FFFF) | 0x80_0000; // 24 bits, |x| = mant * 2^(e - 150)
+    // 24 bits, |x| = mant * 2^(e - 150); in u64, so that shifts by up to 39 are defined.
+    let mant = ((m & 0x7F_FFFF) | 0x80_0000) as u64;
     let s = 126 - e; // |x| / 2^-24 = mant / 2^s, with s >= 14
     if s >= 40 {
         // Below 2^-16 quanta: the first 16 fraction bits are zero.
         return f16::from_bits(sign);
     }
-    let k = (mant >> s) as u16; // whole quanta
+    let k = (mant >> s) as u16; // whole quanta (none from s = 24 on)
     let frac = mant & ((1 << s) - 1);
-    let first16 = if s >= 16 {
+    let first16 = (if s >= 16 {
         frac >> (s - 16)
     } else {
         frac << (16 - s)
-    };
+    }) as u32;
     let up = ((r & 0xFFFF) < first16) as u16;
     f16::from_bits(sign | (k + up))
 }
@@ -358,6 +359,8 @@ mod tests {
             3.1e-6,  // float16 subnormal range
             -1.7e-7, // float16 subnormal range, well below one quantum of 2^-24 (about 6e-8)
             2e-8,    // below one float16 quantum
+            1e-10,   // below 2^-32: 33 bits below one float16 quantum
+            -4e-12,  // below 2^-37
             1e30,
             -2.5e-39, // float32 subnormal
             65000.3,

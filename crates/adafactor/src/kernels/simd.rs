@@ -112,15 +112,6 @@ pub(crate) trait Wide<V: Lanes>: super::element::Element {
     unsafe fn store16_stochastic(p: *mut Self, v: V, r: V::Bits);
 }
 
-/// [`Wide::store16_stochastic`] one lane at a time (the scalar reference).
-#[inline(always)]
-unsafe fn store16_stochastic_scalar<V: Lanes, W: Wide<V>>(p: *mut W, v: V, r: V::Bits) {
-    let (xs, rs) = (v.to_array(), V::bits_array(r));
-    for l in 0..16 {
-        *p.add(l) = W::from_f32_stochastic(xs[l], rs[l]);
-    }
-}
-
 /// Two AVX2 registers: lanes 0..8, then 8..16.
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2(__m256, __m256);
@@ -305,6 +296,40 @@ unsafe fn f16_stochastic_bits8(v: __m256, r: __m256i) -> (__m256i, bool) {
     (_mm256_or_si256(sign, mag), normal)
 }
 
+/// `f16_stochastic` on eight lanes, every case: `normal` holds the lanes of float16's normal
+/// range (from [`f16_stochastic_bits8`]); below 2^-14 the magnitude in quanta of 2^-24 is split
+/// into whole quanta `k` and a fraction whose first 16 bits are compared with the random bits
+/// (the variable shifts give 0 for counts above 31, which covers zeros and the values far below
+/// one quantum); overflow and NaN take the hardware conversion to nearest, as `half` rounds them.
+#[inline(always)]
+unsafe fn f16_stochastic_any8(v: __m256, r: __m256i, normal: __m256i) -> __m256i {
+    let x = _mm256_castps_si256(v);
+    let m = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFF_FFFF));
+    let small = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3880_0000), m);
+    let large = _mm256_cmpgt_epi32(m, _mm256_set1_epi32(0x477F_E000));
+    let e = _mm256_srli_epi32::<23>(m);
+    let mant = _mm256_or_si256(
+        _mm256_and_si256(m, _mm256_set1_epi32(0x7F_FFFF)),
+        _mm256_set1_epi32(0x80_0000),
+    );
+    let s = _mm256_sub_epi32(_mm256_set1_epi32(126), e);
+    let k = _mm256_srlv_epi32(mant, s);
+    let frac = _mm256_sub_epi32(mant, _mm256_sllv_epi32(k, s));
+    let sixteen = _mm256_set1_epi32(16);
+    let first16 = _mm256_or_si256(
+        _mm256_srlv_epi32(frac, _mm256_sub_epi32(s, sixteen)),
+        _mm256_sllv_epi32(frac, _mm256_sub_epi32(sixteen, s)),
+    );
+    let r16 = _mm256_and_si256(r, _mm256_set1_epi32(0xFFFF));
+    // -1 where the lane rounds up.
+    let up = _mm256_cmpgt_epi32(first16, r16);
+    let sign = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(0x8000));
+    let sub = _mm256_or_si256(sign, _mm256_sub_epi32(k, up));
+    let bits = _mm256_blendv_epi8(normal, sub, small);
+    let nearest = _mm256_cvtepu16_epi32(_mm256_cvtps_ph::<F16_ROUNDING>(v));
+    _mm256_blendv_epi8(bits, nearest, large)
+}
+
 /// Eight bf16 as float32: a bf16 is the top half of an f32.
 #[inline(always)]
 unsafe fn bf16_load8(p: *const bf16) -> __m256 {
@@ -420,8 +445,9 @@ impl Wide<Avx2> for f16 {
         if an && bn {
             narrow16_avx2(a, b, p as *mut u16);
         } else {
-            // Subnormal results, zeros, overflow, NaN (rare in weights): the scalar rounding.
-            store16_stochastic_scalar(p, v, r);
+            // Subnormal results, zeros, overflow, NaN (rare in weights): every case per lane.
+            let a = f16_stochastic_any8(v.0, r.0, a);
+            narrow16_avx2(a, f16_stochastic_any8(v.1, r.1, b), p as *mut u16);
         }
     }
 }
@@ -442,15 +468,37 @@ impl<const BF16: bool> Wide<Avx512<BF16>> for f16 {
         let m = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFF_FFFF));
         let normal = _mm512_cmpge_epi32_mask(m, _mm512_set1_epi32(0x3880_0000))
             & _mm512_cmple_epi32_mask(m, _mm512_set1_epi32(0x477F_E000));
-        if normal != 0xFFFF {
-            // Subnormal results, zeros, overflow, NaN (rare in weights): the scalar rounding.
-            return store16_stochastic_scalar(p, v, r);
-        }
         let low = _mm512_and_si512(r, _mm512_set1_epi32(0x1FFF));
         let up = _mm512_srli_epi32::<13>(_mm512_add_epi32(m, low));
         let mag = _mm512_sub_epi32(up, _mm512_set1_epi32(0x1_C000));
         let sign = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(0x8000));
-        let bits = _mm512_or_si512(sign, mag);
+        let mut bits = _mm512_or_si512(sign, mag);
+        if normal != 0xFFFF {
+            // Subnormal results and zeros (in quanta of 2^-24, as `f16_stochastic_any8` computes
+            // them), then overflow and NaN, rounded to nearest by the hardware
+            // conversion as `half` rounds them (rare in weights).
+            let small = _mm512_cmplt_epi32_mask(m, _mm512_set1_epi32(0x3880_0000));
+            let large = _mm512_cmpgt_epi32_mask(m, _mm512_set1_epi32(0x477F_E000));
+            let e = _mm512_srli_epi32::<23>(m);
+            let mant = _mm512_or_si512(
+                _mm512_and_si512(m, _mm512_set1_epi32(0x7F_FFFF)),
+                _mm512_set1_epi32(0x80_0000),
+            );
+            let s = _mm512_sub_epi32(_mm512_set1_epi32(126), e);
+            let k = _mm512_srlv_epi32(mant, s);
+            let frac = _mm512_sub_epi32(mant, _mm512_sllv_epi32(k, s));
+            let sixteen = _mm512_set1_epi32(16);
+            let first16 = _mm512_or_si512(
+                _mm512_srlv_epi32(frac, _mm512_sub_epi32(s, sixteen)),
+                _mm512_sllv_epi32(frac, _mm512_sub_epi32(sixteen, s)),
+            );
+            let r16 = _mm512_and_si512(r, _mm512_set1_epi32(0xFFFF));
+            let up = _mm512_cmpgt_epi32_mask(first16, r16);
+            let quanta = _mm512_mask_add_epi32(k, up, k, _mm512_set1_epi32(1));
+            bits = _mm512_mask_blend_epi32(small, bits, _mm512_or_si512(sign, quanta));
+            let nearest = _mm512_cvtepu16_epi32(_mm512_cvtps_ph::<F16_ROUNDING>(v.0));
+            bits = _mm512_mask_blend_epi32(large, bits, nearest);
+        }
         _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(bits));
     }
 }

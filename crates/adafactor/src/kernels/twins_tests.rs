@@ -282,7 +282,7 @@ fn vector_bf16_conversions_match_half() {
 
 /// The vector generator and stochastic stores against the scalar ones, lane for lane: indices
 /// whose low halves wrap inside a group included, and values across every rounding case
-/// (float16 subnormals, overflow and NaN take the scalar fallback).
+/// (float16 subnormals, overflow and NaN included).
 fn stochastic_stores_match<V: simd::Lanes, T: simd::Wide<V>>(probes: &[f32]) {
     let key = RoundingKey::new(11, 12, 13, RoundingStream::Update);
     let bases = [
@@ -330,6 +330,14 @@ fn vector_stochastic_rounding_matches_scalar() {
     }
     // Runs of ordinary values, so that whole groups take the float16 vector path too.
     probes.extend(values(1, 4096, 3.0));
+    // Float16's subnormal range and below it, densely, each value four times (other random
+    // bits), so that rounding up and down both show at every quantum scale.
+    for _ in 0..4 {
+        for x in (0x2C00_0000u32..0x3880_4000).step_by(0x1_3579) {
+            probes.push(f32::from_bits(x));
+            probes.push(-f32::from_bits(x));
+        }
+    }
     if available("AVX2 and F16C", has_avx2()) {
         stochastic_stores_match::<simd::Avx2, bf16>(&probes);
         stochastic_stores_match::<simd::Avx2, f16>(&probes);
