@@ -47,7 +47,8 @@ pub(crate) trait Lanes: Copy {
     /// [`random_bits`]`(key, index + l)` in lane `l`, as the scalar generator computes it
     /// (16-bit values).
     unsafe fn random_bits(key: RoundingKey, index: u64) -> Self::Bits;
-    /// The integer lanes as an array, in order.
+    /// The integer lanes as an array, in order (the tests compare them with the scalar bits).
+    #[cfg(test)]
     unsafe fn bits_array(b: Self::Bits) -> [u32; 16];
 }
 
@@ -177,6 +178,7 @@ impl Lanes for Avx2 {
             _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(h)),
         )
     }
+    #[cfg(test)]
     #[inline(always)]
     unsafe fn bits_array(b: Self::Bits) -> [u32; 16] {
         let mut out = [0u32; 16];
@@ -233,6 +235,7 @@ impl<const BF16: bool> Lanes for Avx512<BF16> {
         }
         _mm512_cvtepu16_epi32(random_halves16(key, index))
     }
+    #[cfg(test)]
     #[inline(always)]
     unsafe fn bits_array(b: __m512i) -> [u32; 16] {
         let mut out = [0u32; 16];
