@@ -47,6 +47,15 @@ pub(crate) trait Lanes: Copy {
     /// [`random_bits`]`(key, index + l)` in lane `l`, as the scalar generator computes it
     /// (16-bit values).
     unsafe fn random_bits(key: RoundingKey, index: u64) -> Self::Bits;
+    /// [`random_bits`]`(key, index + l)` for `l` in `0..32`: two groups of sixteen lanes, for
+    /// instruction sets that make more generator words at once than one group needs.
+    #[inline(always)]
+    unsafe fn random_bits32(key: RoundingKey, index: u64) -> (Self::Bits, Self::Bits) {
+        (
+            Self::random_bits(key, index),
+            Self::random_bits(key, index + 16),
+        )
+    }
     /// The integer lanes as an array, in order (the tests compare them with the scalar bits).
     #[cfg(test)]
     unsafe fn bits_array(b: Self::Bits) -> [u32; 16];
@@ -75,6 +84,17 @@ unsafe fn hash32_8(mut x: __m256i, k: u32) -> __m256i {
     x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
     x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x846C_A68Bu32 as i32));
     _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
+}
+
+/// [`crate::rounding::hash32`] on sixteen lanes.
+#[inline(always)]
+unsafe fn hash32_16(mut x: __m512i, k: u32) -> __m512i {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB_352D));
+    x = _mm512_xor_si512(x, _mm512_set1_epi32(k as i32));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846C_A68Bu32 as i32));
+    _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
 }
 
 /// [`random_bits`] of `index..index + 16` as sixteen 16-bit values
@@ -234,6 +254,25 @@ impl<const BF16: bool> Lanes for Avx512<BF16> {
             return _mm512_loadu_si512(random_bits16(key, index).as_ptr() as *const _);
         }
         _mm512_cvtepu16_epi32(random_halves16(key, index))
+    }
+    #[inline(always)]
+    unsafe fn random_bits32(key: RoundingKey, index: u64) -> (__m512i, __m512i) {
+        let pair = index >> 1;
+        if index & 1 == 1 || (pair as u32) > u32::MAX - 16 {
+            return (
+                Self::random_bits(key, index),
+                Self::random_bits(key, index + 16),
+            );
+        }
+        // Sixteen generator words in one register: their 32 halves are the 32 elements.
+        let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let idx = _mm512_add_epi32(_mm512_set1_epi32(pair as u32 as i32), iota);
+        let x = _mm512_xor_si512(idx, _mm512_set1_epi32(key.0[0] as i32));
+        let w = hash32_16(x, middle_key(key, pair));
+        (
+            _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)),
+            _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(w)),
+        )
     }
     #[cfg(test)]
     #[inline(always)]

@@ -299,6 +299,22 @@ fn stochastic_stores_match<V: simd::Lanes, T: simd::Wide<V>>(probes: &[f32]) {
         for (l, r) in lanes.iter().enumerate() {
             assert_eq!(*r, random_bits(key, base + l as u64), "index {base} + {l}");
         }
+        // Two groups at once, from this index and from its neighbours (odd and even).
+        for start in [base, base + 1, base + 2]
+            .into_iter()
+            .filter(|s| *s <= u64::MAX - 32)
+        {
+            // SAFETY: as above.
+            let (a, b) = unsafe { V::random_bits32(key, start) };
+            let (a, b) = unsafe { (V::bits_array(a), V::bits_array(b)) };
+            for (l, r) in a.iter().chain(&b).enumerate() {
+                assert_eq!(
+                    *r,
+                    random_bits(key, start + l as u64),
+                    "index {start} + {l}"
+                );
+            }
+        }
     }
     for (k, chunk) in probes.chunks(16).filter(|c| c.len() == 16).enumerate() {
         let index = 16 * k as u64;

@@ -288,22 +288,46 @@ mod loops {
         let fx = GradLanes::<V>::of(&g);
         let mut plane = V::zero();
         let (xp, gp, bp) = (x.as_mut_ptr(), g.g.as_ptr(), b.as_ptr());
+        // One group of sixteen at `j`, stored with the random bits `r` when rounding
+        // stochastically (a macro, not a closure: a closure would not get the instruction set
+        // this function is compiled for). SAFETY (of every use): j + LANES <= len, within all
+        // three slices.
+        macro_rules! group {
+            ($j:expr, $r:expr) => {{
+                let j = $j;
+                let mut xv = W::load16(xp.add(j));
+                if DECAY {
+                    xv = decayed(xv, wd, lr);
+                }
+                let mut gs = grad16::<V, W, FX>(gp, &fx, j, &mut plane);
+                if SCALED {
+                    gs = vs.mul(gs);
+                }
+                let v = xv.sub(vca.mul(gs).mul(V::load(bp.add(j))));
+                match $r {
+                    None => W::store16(xp.add(j), v),
+                    Some(r) => W::store16_stochastic(xp.add(j), v, r),
+                }
+            }};
+        }
         let mut j = 0;
+        if let Some(k) = store.key() {
+            // Two groups per generator call: AVX-512 makes the bits of both at once.
+            while j + 2 * LANES <= len {
+                let (r0, r1) = V::random_bits32(k, base + j as u64);
+                group!(j, Some(r0));
+                group!(j + LANES, Some(r1));
+                j += 2 * LANES;
+            }
+        }
         while j + LANES <= len {
-            // SAFETY: j + LANES <= len, within all three slices.
-            let mut xv = W::load16(xp.add(j));
-            if DECAY {
-                xv = decayed(xv, wd, lr);
-            }
-            let mut gs = grad16::<V, W, FX>(gp, &fx, j, &mut plane);
-            if SCALED {
-                gs = vs.mul(gs);
-            }
-            let v = xv.sub(vca.mul(gs).mul(V::load(bp.add(j))));
-            match store.key() {
-                None => W::store16(xp.add(j), v),
-                Some(k) => W::store16_stochastic(xp.add(j), v, V::random_bits(k, base + j as u64)),
-            }
+            // A match, not `Option::map`: the closure would not get this instruction set.
+            #[allow(clippy::manual_map)]
+            let r = match store.key() {
+                Some(k) => Some(V::random_bits(k, base + j as u64)),
+                None => None,
+            };
+            group!(j, r);
             j += LANES;
         }
         let tail = (&mut x[j..len], g.slice(j, len), &b[j..len]);
