@@ -405,6 +405,20 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                             let len = grad.len().max(1) as f64;
                             let check = ctx.check_finite;
                             let (p, sum_sq_grad, sum_sq_x, finite) = match st {
+                                Stats::Factored { factoring: f @ Factoring { strided: Some(s), .. }, r, c } if fold => {
+                                    // As for the row loops below: the statistics update and
+                                    // RMS(u) come out of pass 1, and pass 2 is skipped.
+                                    let low_fold = factored::RowFold {
+                                        r_old: if s.rows_low { r } else { c },
+                                        beta2: u.beta2_t,
+                                        epsilon_1: u.epsilon_1,
+                                    };
+                                    let (p, w) = strided::pass1_fold(grad, x, decay, *s, check, low_fold);
+                                    let m = (p.sum_sq_grad, p.sum_sq_x, p.finite);
+                                    let prep = factored::prepare(&p, r, c, *f, u.beta2_t, u.epsilon_1, 1.0);
+                                    let sum_u2 = strided::sum_sq_update(&w, &prep, *f);
+                                    (Measured::Prepared(Mutex::new(Some((prep, sum_u2)))), m.0, m.1, m.2)
+                                }
                                 Stats::Factored { factoring: Factoring { strided: Some(s), .. }, .. } => {
                                     let p = strided::pass1(grad, x, decay, *s, check);
                                     let s = (p.sum_sq_grad, p.sum_sq_x, p.finite);

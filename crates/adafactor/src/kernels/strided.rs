@@ -16,11 +16,12 @@
 //! their partial sums are added in unit order: results do not depend on the number of threads.
 
 use super::element::Element;
-use super::factored::{Pass1, Prepared};
+use super::factored::{Pass1, Prepared, RowFold};
 use super::grad::{decayed_view, Decay, Grad};
 use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
 use super::store::Rounding;
 use crate::axes::Strided;
+use crate::state::Factoring;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -299,6 +300,81 @@ pub fn pass1<T: Element>(
     s: Strided,
     check_finite: bool,
 ) -> Pass1 {
+    pass1_with(grad, x, decay, s, check_finite, None).0
+}
+
+/// [`pass1`] with the statistics fold, when the gradient scale is 1 (no norm clipping): each
+/// line holds every element of its `low` statistics (the `inner` lanes), so their new values
+/// are known once the line is summed, and the unit then adds `g^2 / q` into an accumulator laid
+/// out like the `high` statistics, `q` the new `low` statistic of each element. Returned in
+/// storage order next to the sums, it gives RMS(u) without pass 2 ([`sum_sq_update`]), as
+/// [`super::factored::RowFold`] does for the row loops. `fold.r_old` holds the old statistics
+/// of the `low` axis: `r` when the rows are the first factored axis, else `c`.
+pub fn pass1_fold<T: Element>(
+    grad: &Grad<'_, T>,
+    x: &[T],
+    decay: Option<Decay>,
+    s: Strided,
+    check_finite: bool,
+    fold: RowFold<'_>,
+) -> (Pass1, Vec<f64>) {
+    let (p, w) = pass1_with(grad, x, decay, s, check_finite, Some(fold));
+    (p, w.unwrap_or_default())
+}
+
+/// Index in storage order (`[outer, mid, inner, low]`) of lane `k` of line `line`'s `low`
+/// statistic, as [`low_to_storage`] places it.
+#[inline(always)]
+fn low_storage_index(s: Strided, line: usize, k: usize) -> usize {
+    let (l, q, r) = (s.low, s.mid.max(1), s.inner);
+    let (p, i, j) = (line / (l * q), (line / q) % l, line % q);
+    p * l * q * r + (j * r + k) * l + i
+}
+
+/// One unit's fold: for each of its lines, the new `low` statistics from the line's sums
+/// (`part.low`), then `g^2 / q` of every element added into a float32 accumulator of the unit's
+/// `high` span (the gradient is read again from the cache: a unit is about [`UNIT_ELEMS`]
+/// elements), returned in f64 for the sum over units.
+fn unit_fold<T: Element>(
+    grad: &Grad<'_, T>,
+    s: Strided,
+    part: &Part1,
+    fold: RowFold<'_>,
+) -> Vec<f64> {
+    let (hr, r) = (line_len(s), s.inner);
+    let mut w = vec![0f32; part.high.len()];
+    let mut inv = vec![0f32; r];
+    let (mut gbuf, mut ibuf) = (Vec::new(), vec![0f32; hr]);
+    super::cpu::vectorized(
+        #[inline(always)]
+        || {
+            for (k, line) in part.lines.clone().enumerate() {
+                for (lane, q) in inv.iter_mut().enumerate() {
+                    let at = low_storage_index(s, line, lane);
+                    *q = fold.inv_r(at, part.low[k * r + lane], s.high) as f32;
+                }
+                spread(&inv, &mut ibuf);
+                let g = line_of(grad, line * hr, hr, &mut gbuf);
+                let pq = outer_mid(s, line) - part.first_pq;
+                let ws = &mut w[pq * hr..(pq + 1) * hr];
+                for ((wv, gv), q) in ws.iter_mut().zip(g).zip(&ibuf) {
+                    *wv += gv * gv * q;
+                }
+            }
+        },
+    );
+    w.iter().map(|v| *v as f64).collect()
+}
+
+/// [`pass1`], and the fold's accumulator in storage order when there is a `fold`.
+fn pass1_with<T: Element>(
+    grad: &Grad<'_, T>,
+    x: &[T],
+    decay: Option<Decay>,
+    s: Strided,
+    check_finite: bool,
+    fold: Option<RowFold<'_>>,
+) -> (Pass1, Option<Vec<f64>>) {
     let (hr, r) = (line_len(s), s.inner);
     let parts = map_units(
         units(s),
@@ -306,15 +382,18 @@ pub fn pass1<T: Element>(
         #[inline(always)]
         |lines: Range<usize>| {
             let p = unit_pass1::<f32, T>(grad, x, decay, s, check_finite, lines.clone());
-            if p.finite() {
+            let p = if p.finite() {
                 p
             } else {
                 unit_pass1::<f64, T>(grad, x, decay, s, check_finite, lines)
-            }
+            };
+            let w = fold.map(|f| unit_fold(grad, s, &p, f));
+            (p, w)
         },
     );
     let mut high = vec![0f64; s.outer * s.mid * hr];
     let mut low = vec![0f64; line_count(s) * r];
+    let mut weighted = fold.map(|_| vec![0f64; high.len()]);
     let mut out = Pass1 {
         row_sums: Vec::new(),
         col_sums: Vec::new(),
@@ -323,10 +402,15 @@ pub fn pass1<T: Element>(
         finite: true,
         weighted_cols: None,
     };
-    for p in parts {
+    for (p, w) in parts {
         let at = p.first_pq * hr;
         for (a, b) in high[at..at + p.high.len()].iter_mut().zip(&p.high) {
             *a += b;
+        }
+        if let (Some(all), Some(w)) = (weighted.as_mut(), w) {
+            for (a, b) in all[at..at + w.len()].iter_mut().zip(&w) {
+                *a += b;
+            }
         }
         low[p.lines.start * r..p.lines.end * r].copy_from_slice(&p.low);
         out.sum_sq_grad += p.sum_sq_grad;
@@ -335,7 +419,29 @@ pub fn pass1<T: Element>(
     }
     let (high, low) = (high_to_storage(s, &high), low_to_storage(s, &low));
     (out.row_sums, out.col_sums) = if s.rows_low { (low, high) } else { (high, low) };
-    out
+    (out, weighted.map(|w| high_to_storage(s, &w)))
+}
+
+/// `sum(u^2)` from [`pass1_fold`]'s accumulator and the new statistics: `u_ij^2 = g_ij^2
+/// mean(r) / (r_i c_j)`, so per matrix `sum(u^2) = mean(r) sum_h w_h / q_h`, with `h` running
+/// over the `high` axis's statistics (`c` when the rows are the first factored axis, else `r`).
+pub fn sum_sq_update(weighted: &[f64], p: &Prepared, f: Factoring) -> f64 {
+    let (stats, per) = match f.strided {
+        Some(s) if !s.rows_low => (&p.r, f.n),
+        _ => (&p.c, f.m),
+    };
+    if per == 0 {
+        return 0.0;
+    }
+    weighted
+        .chunks(per)
+        .zip(stats.chunks(per))
+        .zip(&p.row_mean)
+        .map(|((ws, qs), mean)| {
+            let per_stat: f64 = ws.iter().zip(qs).map(|(w, q)| w / *q as f64).sum();
+            *mean as f64 * per_stat
+        })
+        .sum()
 }
 
 /// `[outer, mid, high, inner]` (grad order) to `[outer, mid, inner, high]` (storage order).
@@ -616,6 +722,57 @@ mod tests {
                 let want_sx: f64 = x0.iter().map(|v| (v * v) as f64).sum();
                 assert!((p1.sum_sq_x - want_sx).abs() <= 1e-6 * want_sx);
             }
+        }
+    }
+
+    /// The fold (pass 1 with the statistics update, no pass 2) gives pass 1's sums bit for bit
+    /// and pass 2's sum(u^2) up to rounding, for every pair of axes and for units that split a
+    /// block of lines, with old statistics and beta2 that make the update matter.
+    #[test]
+    fn the_fold_gives_pass_2s_rms() {
+        let cases: Vec<(Vec<usize>, FactoredAxes)> = (0..4)
+            .flat_map(|row| (0..4).map(move |col| (row, col)))
+            .filter(|(row, col)| row != col && (*row, *col) != (2, 3))
+            .map(|(row, col)| (vec![4usize, 3, 2, 5], FactoredAxes { row, col }))
+            .chain([
+                (
+                    vec![2usize, 3, 20000, 4, 2],
+                    FactoredAxes { row: 1, col: 3 },
+                ),
+                (
+                    vec![2usize, 3, 20000, 4, 2],
+                    FactoredAxes { row: 3, col: 1 },
+                ),
+                (vec![64usize, 48, 3, 3], FactoredAxes::CONVOLUTION),
+            ])
+            .collect();
+        for (shape, axes) in cases {
+            let f = Factoring::with_axes(&shape, Some(axes)).unwrap();
+            let s = f.strided.unwrap();
+            let len = s.len();
+            let g: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0)
+                .collect();
+            let x: Vec<f32> = (0..len).map(|i| (i % 13) as f32 * 0.1).collect();
+            let r_old: Vec<f32> = (0..f.lead * f.n).map(|i| 0.5 + (i % 7) as f32).collect();
+            let c_old: Vec<f32> = (0..f.lead * f.m).map(|i| 0.25 + (i % 5) as f32).collect();
+            let (beta2, eps) = (0.7f32, 1e-30f32);
+            let grad = Grad::plain(&g[..]);
+            let p1 = pass1(&grad, &x, None, s, true);
+            let prep = crate::kernels::factored::prepare(&p1, &r_old, &c_old, f, beta2, eps, 1.0);
+            let want = pass2(&grad, &prep, s, 1.0);
+            let fold = RowFold {
+                r_old: if s.rows_low { &r_old } else { &c_old },
+                beta2,
+                epsilon_1: eps,
+            };
+            let (pf, w) = pass1_fold(&grad, &x, None, s, true, fold);
+            assert_eq!(pf, p1, "{shape:?} {axes:?}: the sums");
+            let got = sum_sq_update(&w, &prep, f);
+            assert!(
+                (got - want).abs() <= 1e-6 * want,
+                "{shape:?} {axes:?}: sum(u^2) {got} against pass 2's {want}"
+            );
         }
     }
 
