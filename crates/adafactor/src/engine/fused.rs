@@ -447,33 +447,27 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                     };
                                     (Measured::Shaped(Mutex::new(st)), s.0, s.1, s.2)
                                 }
-                                Stats::Factored { factoring, r, c } => {
-                                    let row_fold = fold.then_some(factored::RowFold {
-                                        r_old: r,
-                                        beta2: u.beta2_t,
-                                        epsilon_1: u.epsilon_1,
-                                    });
-                                    let p = factored::pass1(grad, x, decay, *factoring, check, row_fold);
-                                    let s = (p.sum_sq_grad, p.sum_sq_x, p.finite);
+                                Stats::Factored { factoring, r, c } if fold => {
                                     // Without norm clipping the gradient scale is 1 now, so the
                                     // statistics update runs here, while the sums are in cache
                                     // (with thousands of small tensors, a stage of its own costs
-                                    // as much as a pass), and pass 1's sums are freed at once.
-                                    let prepared = fold
-                                        .then(|| {
-                                            let prep = factored::prepare(
-                                                &p, r, c, *factoring, u.beta2_t, u.epsilon_1, 1.0,
-                                            );
-                                            factored::sum_sq_update(&p, &prep, *factoring)
-                                                .map(|sum_u2| (prep, sum_u2))
-                                        })
-                                        .flatten();
-                                    match prepared {
-                                        Some(done) => {
-                                            (Measured::Prepared(Mutex::new(Some(done))), s.0, s.1, s.2)
-                                        }
-                                        None => (Measured::Factored(p), s.0, s.1, s.2),
-                                    }
+                                    // as much as a pass).
+                                    let row_fold = factored::RowFold {
+                                        r_old: r,
+                                        beta2: u.beta2_t,
+                                        epsilon_1: u.epsilon_1,
+                                    };
+                                    let done = factored::pass1_folded(
+                                        grad, x, decay, *factoring, check, row_fold, c,
+                                    );
+                                    let s = (done.sum_sq_grad, done.sum_sq_x, done.finite);
+                                    let prepared = (done.prepared, done.sum_sq_update);
+                                    (Measured::Prepared(Mutex::new(Some(prepared))), s.0, s.1, s.2)
+                                }
+                                Stats::Factored { factoring, .. } => {
+                                    let p = factored::pass1(grad, x, decay, *factoring, check, None);
+                                    let s = (p.sum_sq_grad, p.sum_sq_x, p.finite);
+                                    (Measured::Factored(p), s.0, s.1, s.2)
                                 }
                                 Stats::Unfactored { v } if fold => {
                                     let mut v_new = self.buffer(v.len());

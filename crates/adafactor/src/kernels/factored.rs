@@ -122,6 +122,215 @@ fn row_sq_and_cols(g: &[f32], col: &mut [f64]) -> f64 {
     total
 }
 
+/// One work unit's pass-1 sums.
+#[derive(Debug, Default)]
+struct UnitSums {
+    /// Sum of `g^2` per row of the unit.
+    rows: Vec<f64>,
+    /// Sum of `g^2` per column.
+    col: Vec<f64>,
+    /// With a fold, `sum_i g_ij^2 / r_i` per column (empty without).
+    wcol: Vec<f64>,
+    /// Sum of `g^2`.
+    se: f64,
+    /// Sum of `x^2` after weight decay.
+    sx: f64,
+    /// Zero when the gradient is finite (or was not checked).
+    probe: f32,
+}
+
+/// A unit's working buffers: converted rows and the float32 block sums.
+#[derive(Debug, Default)]
+struct UnitWork {
+    gbuf: Vec<f32>,
+    xbuf: Vec<f32>,
+    block: Vec<f32>,
+}
+
+/// What a thread keeps from one small variable to the next: with thousands of small tensors,
+/// allocating a unit's buffers and sums for each costs as much as reading it.
+#[derive(Debug, Default)]
+struct Scratch {
+    work: UnitWork,
+    sums: UnitSums,
+    factors: Factors,
+}
+
+/// Pass 3's factors and `mean(r)` per slice, when the [`Prepared`] left them out.
+#[derive(Debug, Default)]
+struct Factors {
+    row_factor: Vec<f32>,
+    col_factor: Vec<f32>,
+    row_mean: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
+}
+
+/// Runs `f` on this thread's [`Scratch`] (taken out meanwhile, so a nested call gets a fresh one).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut s = SCRATCH.with(|c| c.take());
+    let out = f(&mut s);
+    SCRATCH.with(|c| c.set(s));
+    out
+}
+
+/// Pass 1's inputs, shared by its units.
+struct Pass1In<'a, 'g, T> {
+    grad: &'a Grad<'g, T>,
+    x: &'a [T],
+    decay: Option<Decay>,
+    m: usize,
+    check_finite: bool,
+    fold: Option<RowFold<'a>>,
+}
+
+impl<T: RowLoops> Pass1In<'_, '_, T> {
+    /// Pass 1 over unit `u`, its sums written to `out` (whose buffers are reused).
+    #[inline(always)]
+    fn unit(&self, u: Unit, work: &mut UnitWork, out: &mut UnitSums) {
+        let Pass1In {
+            grad,
+            x,
+            decay,
+            m,
+            check_finite,
+            fold,
+        } = *self;
+        let probe_rows = check_finite && grad.transform.clip_value.is_some();
+        let UnitWork { gbuf, xbuf, block } = work;
+        let UnitSums {
+            rows,
+            col,
+            wcol,
+            se,
+            sx,
+            probe,
+        } = out;
+        rows.clear();
+        rows.reserve(u.rows);
+        col.clear();
+        col.resize(m, 0.0);
+        wcol.clear();
+        wcol.resize(if fold.is_some() { m } else { 0 }, 0.0);
+        // Float32 column sums of a block, and with a fold its weighted column sums and two
+        // rows of squares: one buffer.
+        block.clear();
+        block.resize(m + 3 * wcol.len(), 0.0);
+        let (col32, rest) = block.split_at_mut(m);
+        let (wcol32, squares) = rest.split_at_mut(wcol.len());
+        (*se, *sx, *probe) = (0.0, 0.0, 0.0);
+        let mut k0 = 0;
+        while k0 < u.rows {
+            let block = BLOCK_ROWS.min(u.rows - k0);
+            // Fast path: float32 sums over a block of rows, added into the f64 totals.
+            col32.fill(0.0);
+            wcol32.fill(0.0);
+            let first = u.row0 + k0;
+            if T::in_registers() {
+                // Gradient and weight converted (and the gradient transformed) in
+                // registers, one sweep over both.
+                let (b0, b1) = (first * m, (first + block) * m);
+                let rows_in = Pass1Rows {
+                    g: grad.slice(b0, b1),
+                    x: &x[b0..b1],
+                    m,
+                    decay,
+                };
+                // Clamping would hide an infinity from the sums: the rows probe the
+                // unscaled gradient.
+                let mut row_probe = 0f32;
+                *sx += T::pass1_rows(
+                    rows_in,
+                    sums_into(
+                        fold,
+                        first,
+                        &mut *col32,
+                        (&mut *wcol32, &mut *squares),
+                        rows,
+                        &mut row_probe,
+                    ),
+                );
+                if probe_rows {
+                    *probe += row_probe;
+                }
+            } else {
+                gbuf.resize(m, 0.0);
+                xbuf.resize(m, 0.0);
+                for row in first..first + block {
+                    let base = row * m;
+                    let g = if probe_rows {
+                        // Clamping would hide an infinity from the sums: probe before it.
+                        *probe += grad.load_checked(base, gbuf);
+                        &gbuf[..]
+                    } else {
+                        grad.view(base, gbuf)
+                    };
+                    let xv = decayed_view(&x[base..base + m], decay, xbuf);
+                    let rows_in = Pass1Rows {
+                        g: Grad::plain(g),
+                        x: xv,
+                        m,
+                        decay: None,
+                    };
+                    *sx += f32::pass1_rows(
+                        rows_in,
+                        sums_into(
+                            fold,
+                            row,
+                            &mut *col32,
+                            (&mut *wcol32, &mut *squares),
+                            rows,
+                            &mut 0.0,
+                        ),
+                    );
+                }
+            }
+            let mut ok = rows[k0..].iter().all(|r| r.is_finite());
+            ok &= nonfinite_probe(col32) + nonfinite_probe(wcol32) == 0.0;
+            if ok {
+                add_into(col, col32);
+                add_into(wcol, wcol32);
+            } else {
+                // Rare: float32 partial sums overflowed (huge but finite squares) or the
+                // gradient is not finite. Redo the block in f64, from cache.
+                rows.truncate(k0);
+                gbuf.resize(m, 0.0);
+                for k in k0..k0 + block {
+                    let row = u.row0 + k;
+                    let base = row * m;
+                    let g = grad.view(base, gbuf);
+                    let rs = row_sq_and_cols(g, col);
+                    if let Some(fold) = fold {
+                        let inv_r = fold.inv_r(row, rs, m);
+                        for (w, g) in wcol.iter_mut().zip(g) {
+                            *w += (g * g) as f64 * inv_r;
+                        }
+                    }
+                    rows.push(rs);
+                    if check_finite && !probe_rows && !rs.is_finite() {
+                        // Decide on the unscaled values themselves: a NaN or infinity, or only a
+                        // finite value whose square overflows.
+                        *probe += grad.load_checked(base, gbuf);
+                    }
+                }
+            }
+            k0 += block;
+        }
+        *se += rows.iter().sum::<f64>();
+    }
+}
+
+/// The single work unit of a variable too small to split, if it is one.
+fn single_unit(f: Factoring) -> Option<Unit> {
+    (f.lead == 1 && !split_for(f.len())).then_some(Unit {
+        slice: 0,
+        row0: 0,
+        rows: f.n,
+    })
+}
+
 /// Pass 1: row and column sums of the effective gradient squared, the weight's sum of squares
 /// after weight decay, and (when `check_finite`) whether the gradient is finite.
 pub fn pass1<T: RowLoops>(
@@ -133,135 +342,42 @@ pub fn pass1<T: RowLoops>(
     fold: Option<RowFold<'_>>,
 ) -> Pass1 {
     let m = f.m;
-    let parallel = parallel_for(f.len());
-    let probe_rows = check_finite && grad.transform.clip_value.is_some();
-    let outs = map_units(
-        units(f),
-        parallel,
-        #[inline(always)]
-        |u| {
-            let (mut gbuf, mut xbuf) = (Vec::new(), Vec::new());
-            let mut col = vec![0f64; m];
-            let mut wcol = vec![0f64; if fold.is_some() { m } else { 0 }];
-            // Float32 column sums of a block, and with a fold its weighted column sums and two
-            // rows of squares: one allocation.
-            let mut block_cols = vec![0f32; m + 3 * wcol.len()];
-            let (col32, rest) = block_cols.split_at_mut(m);
-            let (wcol32, squares) = rest.split_at_mut(wcol.len());
-            let mut rows = Vec::with_capacity(u.rows);
-            let (mut se, mut sx, mut probe) = (0f64, 0f64, 0f32);
-            let mut k0 = 0;
-            while k0 < u.rows {
-                let block = BLOCK_ROWS.min(u.rows - k0);
-                // Fast path: float32 sums over a block of rows, added into the f64 totals.
-                col32.fill(0.0);
-                wcol32.fill(0.0);
-                let first = u.row0 + k0;
-                if T::in_registers() {
-                    // Gradient and weight converted (and the gradient transformed) in
-                    // registers, one sweep over both.
-                    let (b0, b1) = (first * m, (first + block) * m);
-                    let rows_in = Pass1Rows {
-                        g: grad.slice(b0, b1),
-                        x: &x[b0..b1],
-                        m,
-                        decay,
-                    };
-                    // Clamping would hide an infinity from the sums: the rows probe the
-                    // unscaled gradient.
-                    let mut row_probe = 0f32;
-                    sx += T::pass1_rows(
-                        rows_in,
-                        sums_into(
-                            fold,
-                            first,
-                            &mut *col32,
-                            (&mut *wcol32, &mut *squares),
-                            &mut rows,
-                            &mut row_probe,
-                        ),
-                    );
-                    if probe_rows {
-                        probe += row_probe;
-                    }
-                } else {
-                    gbuf.resize(m, 0.0);
-                    xbuf.resize(m, 0.0);
-                    for row in first..first + block {
-                        let base = row * m;
-                        let g = if probe_rows {
-                            // Clamping would hide an infinity from the sums: probe before it.
-                            probe += grad.load_checked(base, &mut gbuf);
-                            &gbuf[..]
-                        } else {
-                            grad.view(base, &mut gbuf)
-                        };
-                        let xv = decayed_view(&x[base..base + m], decay, &mut xbuf);
-                        let rows_in = Pass1Rows {
-                            g: Grad::plain(g),
-                            x: xv,
-                            m,
-                            decay: None,
-                        };
-                        sx += f32::pass1_rows(
-                            rows_in,
-                            sums_into(
-                                fold,
-                                row,
-                                &mut *col32,
-                                (&mut *wcol32, &mut *squares),
-                                &mut rows,
-                                &mut 0.0,
-                            ),
-                        );
-                    }
-                }
-                let mut ok = rows[k0..].iter().all(|r| r.is_finite());
-                ok &= nonfinite_probe(col32) + nonfinite_probe(wcol32) == 0.0;
-                if ok {
-                    add_into(&mut col, col32);
-                    add_into(&mut wcol, wcol32);
-                } else {
-                    // Rare: float32 partial sums overflowed (huge but finite squares) or the
-                    // gradient is not finite. Redo the block in f64, from cache.
-                    rows.truncate(k0);
-                    gbuf.resize(m, 0.0);
-                    for k in k0..k0 + block {
-                        let row = u.row0 + k;
-                        let base = row * m;
-                        let g = grad.view(base, &mut gbuf);
-                        let rs = row_sq_and_cols(g, &mut col);
-                        if let Some(fold) = fold {
-                            let inv_r = fold.inv_r(row, rs, m);
-                            for (w, g) in wcol.iter_mut().zip(g) {
-                                *w += (g * g) as f64 * inv_r;
-                            }
-                        }
-                        rows.push(rs);
-                        if check_finite && !probe_rows && !rs.is_finite() {
-                            // Decide on the unscaled values themselves: a NaN or infinity, or only a
-                            // finite value whose square overflows.
-                            probe += grad.load_checked(base, &mut gbuf);
-                        }
-                    }
-                }
-                k0 += block;
-            }
-            se += rows.iter().sum::<f64>();
-            (u, rows, col, wcol, se, sx, probe)
-        },
-    );
-    let mut outs = outs;
-    if f.lead == 1 && outs.len() == 1 {
+    let job = Pass1In {
+        grad,
+        x,
+        decay,
+        m,
+        check_finite,
+        fold,
+    };
+    let mut outs = match single_unit(f) {
         // One unit (a small matrix): its sums are the result, no copy.
-        if let Some((_, rows, col, wcol, se, sx, probe)) = outs.pop() {
+        Some(u) => {
+            let sums = vectorized(
+                #[inline(always)]
+                || with_scratch(|s| run_unit(&job, u, &mut s.work)),
+            );
+            vec![(u, sums)]
+        }
+        None => {
+            let parallel = parallel_for(f.len());
+            map_units(
+                units(f),
+                parallel,
+                #[inline(always)]
+                |u| (u, with_scratch(|s| run_unit(&job, u, &mut s.work))),
+            )
+        }
+    };
+    if f.lead == 1 && outs.len() == 1 {
+        if let Some((_, s)) = outs.pop() {
             return Pass1 {
-                row_sums: rows,
-                col_sums: col,
-                sum_sq_grad: se,
-                sum_sq_x: sx,
-                finite: probe == 0.0,
-                weighted_cols: fold.map(|_| wcol),
+                row_sums: s.rows,
+                col_sums: s.col,
+                sum_sq_grad: s.se,
+                sum_sq_x: s.sx,
+                finite: s.probe == 0.0,
+                weighted_cols: fold.map(|_| s.wcol),
             };
         }
     }
@@ -273,24 +389,114 @@ pub fn pass1<T: RowLoops>(
         finite: true,
         weighted_cols: fold.map(|_| vec![0.0; f.lead * m]),
     };
-    for (u, rows, col, wcol, se, sx, probe) in outs {
+    for (u, s) in outs {
         if let Some(w) = out.weighted_cols.as_mut() {
-            for (a, b) in w[u.slice * m..(u.slice + 1) * m].iter_mut().zip(&wcol) {
+            for (a, b) in w[u.slice * m..(u.slice + 1) * m].iter_mut().zip(&s.wcol) {
                 *a += b;
             }
         }
-        out.row_sums[u.row0..u.row0 + u.rows].copy_from_slice(&rows);
+        out.row_sums[u.row0..u.row0 + u.rows].copy_from_slice(&s.rows);
         for (a, b) in out.col_sums[u.slice * m..(u.slice + 1) * m]
             .iter_mut()
-            .zip(&col)
+            .zip(&s.col)
         {
             *a += b;
         }
-        out.sum_sq_grad += se;
-        out.sum_sq_x += sx;
-        out.finite &= probe == 0.0;
+        out.sum_sq_grad += s.se;
+        out.sum_sq_x += s.sx;
+        out.finite &= s.probe == 0.0;
     }
     out
+}
+
+/// One unit's sums in buffers of its own (they are the unit's result).
+#[inline(always)]
+fn run_unit<T: RowLoops>(job: &Pass1In<'_, '_, T>, u: Unit, work: &mut UnitWork) -> UnitSums {
+    let mut sums = UnitSums::default();
+    job.unit(u, work, &mut sums);
+    sums
+}
+
+/// The statistics update of a factored variable folded into pass 1 (without norm clipping):
+/// what the write pass needs and the sums the step's scalars need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Folded {
+    /// New statistics and the factors of `1/sqrt(v)`.
+    pub prepared: Prepared,
+    /// `sum(u^2)`, for RMS(u).
+    pub sum_sq_update: f64,
+    /// Sum of `g^2` over the whole tensor.
+    pub sum_sq_grad: f64,
+    /// Sum of `x^2` of the weight after weight decay.
+    pub sum_sq_x: f64,
+    /// False when the gradient holds NaN or infinity (only checked when asked).
+    pub finite: bool,
+}
+
+/// [`pass1`] with `fold`, then [`prepare`] and [`sum_sq_update`] with a gradient scale of 1:
+/// the same bits. A variable too small to split keeps its pass-1 sums in a per-thread scratch,
+/// so that thousands of small tensors do not allocate them each.
+pub fn pass1_folded<T: RowLoops>(
+    grad: &Grad<'_, T>,
+    x: &[T],
+    decay: Option<Decay>,
+    f: Factoring,
+    check_finite: bool,
+    fold: RowFold<'_>,
+    c_old: &[f32],
+) -> Folded {
+    let (beta2, eps1) = (fold.beta2, fold.epsilon_1);
+    let Some(u) = single_unit(f).filter(|_| f.strided.is_none()) else {
+        let p1 = pass1(grad, x, decay, f, check_finite, Some(fold));
+        let prepared = prepare(&p1, fold.r_old, c_old, f, beta2, eps1, 1.0);
+        let sum_sq_update = match sum_sq_update(&p1, &prepared, f) {
+            Some(s) => s,
+            None => pass2(grad, &prepared, f, 1.0),
+        };
+        return Folded {
+            prepared,
+            sum_sq_update,
+            sum_sq_grad: p1.sum_sq_grad,
+            sum_sq_x: p1.sum_sq_x,
+            finite: p1.finite,
+        };
+    };
+    let job = Pass1In {
+        grad,
+        x,
+        decay,
+        m: f.m,
+        check_finite,
+        fold: Some(fold),
+    };
+    with_scratch(|s| {
+        vectorized(
+            #[inline(always)]
+            || {
+                job.unit(u, &mut s.work, &mut s.sums);
+                let sums = &s.sums;
+                let rc = (&sums.rows[..], &sums.col[..]);
+                let (r, c) = new_stats(rc, (fold.r_old, c_old), f, (beta2, eps1, 1.0));
+                row_means(&r, f, &mut s.factors.row_mean);
+                let sum_sq_update = weighted_sum(&sums.wcol, &c, &s.factors.row_mean, f);
+                Folded {
+                    // The factors are left to pass 3: a tensor's buffers that live from this
+                    // stage to the write cost as much as computing them there.
+                    prepared: Prepared {
+                        r,
+                        c,
+                        row_factor: Vec::new(),
+                        col_factor: Vec::new(),
+                        row_mean: Vec::new(),
+                    },
+                    sum_sq_update,
+                    sum_sq_grad: sums.se,
+                    sum_sq_x: sums.sx,
+                    finite: sums.probe == 0.0,
+                }
+            },
+        )
+    })
 }
 
 /// New statistics and the per-row and per-column factors of `1/sqrt(v)`.
@@ -300,7 +506,9 @@ pub struct Prepared {
     pub r: Vec<f32>,
     /// New column statistics `c` (`lead * m`).
     pub c: Vec<f32>,
-    /// `a_i = sqrt(mean(r) / r_i)`, the row factor of `1/sqrt(v_ij)`.
+    /// `a_i = sqrt(mean(r) / r_i)`, the row factor of `1/sqrt(v_ij)`. Empty, with
+    /// `col_factor` and `row_mean`, when [`pass1_folded`] left them to [`pass3`], which then
+    /// computes them from `r` and `c`.
     pub row_factor: Vec<f32>,
     /// `b_j = 1 / sqrt(c_j)`, the column factor of `1/sqrt(v_ij)`.
     pub col_factor: Vec<f32>,
@@ -320,43 +528,18 @@ pub fn prepare(
     epsilon_1: f32,
     grad_scale: f32,
 ) -> Prepared {
+    let sums = (&p1.row_sums[..], &p1.col_sums[..]);
     // Vectorised square roots and divisions: per row and column, this is most of a small
     // matrix's cost outside the passes.
     vectorized(
         #[inline(always)]
         || {
-            let s2 = (grad_scale as f64) * (grad_scale as f64);
-            let r: Vec<f32> = p1
-                .row_sums
-                .iter()
-                .zip(r_old)
-                .map(|(s, old)| new_stat(*old, *s, f.m, beta2, epsilon_1, s2))
-                .collect();
-            let c: Vec<f32> = p1
-                .col_sums
-                .iter()
-                .zip(c_old)
-                .map(|(s, old)| new_stat(*old, *s, f.n, beta2, epsilon_1, s2))
-                .collect();
-            let mut row_factor = vec![0f32; r.len()];
-            let mut row_mean = vec![0f32; f.lead];
-            if f.n > 0 {
-                for ((rs, af), mean_out) in r
-                    .chunks(f.n)
-                    .zip(row_factor.chunks_mut(f.n))
-                    .zip(&mut row_mean)
-                {
-                    let mean = (rs.iter().map(|v| *v as f64).sum::<f64>() / f.n as f64) as f32;
-                    *mean_out = mean;
-                    for (a, ri) in af.iter_mut().zip(rs) {
-                        *a = (mean as f64 / *ri as f64).sqrt() as f32;
-                    }
-                }
-            }
-            let col_factor = c
-                .iter()
-                .map(|cj| (1.0 / (*cj as f64).sqrt()) as f32)
-                .collect();
+            let update = (beta2, epsilon_1, grad_scale);
+            let (r, c) = new_stats(sums, (r_old, c_old), f, update);
+            let mut row_mean = Vec::new();
+            row_means(&r, f, &mut row_mean);
+            let (mut row_factor, mut col_factor) = (Vec::new(), Vec::new());
+            factors_into(&r, &c, f, &row_mean, (&mut row_factor, &mut col_factor));
             Prepared {
                 r,
                 c,
@@ -368,22 +551,84 @@ pub fn prepare(
     )
 }
 
+/// The new statistics `r` and `c` from pass 1's row and column sums;
+/// `(beta2, epsilon_1, grad_scale)` are the update's scalars.
+#[inline(always)]
+fn new_stats(
+    (row_sums, col_sums): (&[f64], &[f64]),
+    (r_old, c_old): (&[f32], &[f32]),
+    f: Factoring,
+    (beta2, epsilon_1, grad_scale): (f32, f32, f32),
+) -> (Vec<f32>, Vec<f32>) {
+    let s2 = (grad_scale as f64) * (grad_scale as f64);
+    let r = row_sums
+        .iter()
+        .zip(r_old)
+        .map(|(s, old)| new_stat(*old, *s, f.m, beta2, epsilon_1, s2))
+        .collect();
+    let c = col_sums
+        .iter()
+        .zip(c_old)
+        .map(|(s, old)| new_stat(*old, *s, f.n, beta2, epsilon_1, s2))
+        .collect();
+    (r, c)
+}
+
+/// `mean(r)` per slice into `out` (`lead` values).
+#[inline(always)]
+fn row_means(r: &[f32], f: Factoring, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(f.lead, 0.0);
+    if f.n > 0 {
+        for (rs, mean) in r.chunks(f.n).zip(out.iter_mut()) {
+            *mean = (rs.iter().map(|v| *v as f64).sum::<f64>() / f.n as f64) as f32;
+        }
+    }
+}
+
+/// The factors of `1/sqrt(v_ij) = a_i b_j`: `a_i = sqrt(mean(r) / r_i)` into `row_factor`,
+/// `b_j = 1 / sqrt(c_j)` into `col_factor`.
+#[inline(always)]
+fn factors_into(
+    r: &[f32],
+    c: &[f32],
+    f: Factoring,
+    row_mean: &[f32],
+    (row_factor, col_factor): (&mut Vec<f32>, &mut Vec<f32>),
+) {
+    row_factor.clear();
+    row_factor.resize(r.len(), 0.0);
+    if f.n > 0 {
+        for ((rs, af), mean) in r.chunks(f.n).zip(row_factor.chunks_mut(f.n)).zip(row_mean) {
+            for (a, ri) in af.iter_mut().zip(rs) {
+                *a = (*mean as f64 / *ri as f64).sqrt() as f32;
+            }
+        }
+    }
+    col_factor.clear();
+    col_factor.extend(c.iter().map(|cj| (1.0 / (*cj as f64).sqrt()) as f32));
+}
+
 /// `sum(u^2)` from pass 1's [`RowFold`] sums, when it ran with one: pass 2 is then not needed.
 pub fn sum_sq_update(p1: &Pass1, p: &Prepared, f: Factoring) -> Option<f64> {
     let w = p1.weighted_cols.as_ref()?;
+    Some(weighted_sum(w, &p.c, &p.row_mean, f))
+}
+
+/// `sum(u^2) = sum over slices of mean(r) sum_j w_j / c_j`, `w` the row fold's weighted column
+/// sums ([`RowFold`]).
+fn weighted_sum(w: &[f64], c: &[f32], row_mean: &[f32], f: Factoring) -> f64 {
     if f.m == 0 {
-        return Some(0.0);
+        return 0.0;
     }
-    let total = w
-        .chunks(f.m)
-        .zip(p.c.chunks(f.m))
-        .zip(&p.row_mean)
+    w.chunks(f.m)
+        .zip(c.chunks(f.m))
+        .zip(row_mean)
         .map(|((ws, cs), mean)| {
             let per_col: f64 = ws.iter().zip(cs).map(|(w, c)| w / *c as f64).sum();
             *mean as f64 * per_col
         })
-        .sum();
-    Some(total)
+        .sum()
 }
 
 /// Pass 2: `sum(u^2)` with `u_ij = (s g_ij) b_j a_i`, for RMS(u). The scale is applied first,
@@ -416,7 +661,8 @@ pub fn pass2<T: RowLoops>(grad: &Grad<'_, T>, p: &Prepared, f: Factoring, grad_s
 
 /// Pass 3's inputs, shared by its chunks.
 struct Pass3<'a> {
-    p: &'a Prepared,
+    row_factor: &'a [f32],
+    col_factor: &'a [f32],
     f: Factoring,
     coef: f32,
     grad_scale: f32,
@@ -430,8 +676,8 @@ impl Pass3<'_> {
     fn rows<T: RowLoops>(&self, first_row: usize, xs: &mut [T], grad: &Grad<'_, T>) {
         let m = self.f.m;
         let u = RowUpdate {
-            col_factor: &self.p.col_factor,
-            row_factor: &self.p.row_factor,
+            col_factor: self.col_factor,
+            row_factor: self.row_factor,
             n: self.f.n,
             m,
             coef: self.coef,
@@ -500,16 +746,38 @@ pub fn pass3_then<T: RowLoops>(
     } else {
         f.lead * f.n
     };
-    let job = Pass3 {
-        p,
-        f,
-        coef,
-        grad_scale,
-        decay,
-        rounding: rounding.for_type::<T>(),
+    let run = |row_factor: &[f32], col_factor: &[f32]| {
+        let job = Pass3 {
+            row_factor,
+            col_factor,
+            f,
+            coef,
+            grad_scale,
+            decay,
+            rounding: rounding.for_type::<T>(),
+        };
+        let body = |start: usize, xs: &mut [T], grad: &Grad<'_, T>| job.rows(start / m, xs, grad);
+        write_blocks(x, grad, m, rows_chunk * m, parallel, tail, body);
     };
-    let body = |start: usize, xs: &mut [T], grad: &Grad<'_, T>| job.rows(start / m, xs, grad);
-    write_blocks(x, grad, m, rows_chunk * m, parallel, tail, body);
+    if p.row_factor.len() == p.r.len() && p.col_factor.len() == p.c.len() {
+        return run(&p.row_factor, &p.col_factor);
+    }
+    // Factors left out by `pass1_folded`: computed here, in this thread's scratch.
+    with_scratch(|s| {
+        let Factors {
+            row_factor,
+            col_factor,
+            row_mean,
+        } = &mut s.factors;
+        vectorized(
+            #[inline(always)]
+            || {
+                row_means(&p.r, f, row_mean);
+                factors_into(&p.r, &p.c, f, row_mean, (row_factor, col_factor));
+            },
+        );
+        run(row_factor, col_factor)
+    })
 }
 
 #[cfg(test)]
@@ -564,6 +832,53 @@ mod tests {
                 .collect();
             assert!(runs[1] == runs[0], "fold {fold}: 2 threads differ from 1");
             assert!(runs[2] == runs[0], "fold {fold}: 3 threads differ from 1");
+        }
+    }
+
+    /// [`pass1_folded`] gives the bits of [`pass1`] with the fold, [`prepare`] and
+    /// [`sum_sq_update`], on a matrix too small to split (whose factors it leaves to pass 3) and
+    /// on one split into work units; pass 3 then writes the same weights from either.
+    #[test]
+    fn pass1_folded_gives_the_bits_of_the_three_steps() {
+        for shape in [[48usize, 40], [300, 256]] {
+            let f = Factoring::of(&shape).expect("a matrix");
+            let g: Vec<f32> = (0..f.len())
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3)
+                .collect();
+            let x0: Vec<f32> = (0..f.len())
+                .map(|i| ((i % 37) as f32) * 0.01 - 0.2)
+                .collect();
+            let r_old: Vec<f32> = (0..f.n).map(|i| 0.5 + i as f32 * 1e-3).collect();
+            let c_old: Vec<f32> = (0..f.m).map(|j| 0.25 + j as f32 * 1e-3).collect();
+            let fold = RowFold {
+                r_old: &r_old,
+                beta2: 0.75,
+                epsilon_1: 1e-30,
+            };
+            let decay = Some(Decay {
+                weight_decay: 0.01,
+                learning_rate: 0.1,
+            });
+            let grad = Grad::plain(&g[..]);
+            let p1 = pass1(&grad, &x0, decay, f, true, Some(fold));
+            let prep = prepare(&p1, &r_old, &c_old, f, 0.75, 1e-30, 1.0);
+            let want_u2 = sum_sq_update(&p1, &prep, f).expect("a fold");
+            let got = pass1_folded(&grad, &x0, decay, f, true, fold, &c_old);
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.prepared.r), bits(&prep.r), "{shape:?}: r");
+            assert_eq!(bits(&got.prepared.c), bits(&prep.c), "{shape:?}: c");
+            assert_eq!(got.sum_sq_update.to_bits(), want_u2.to_bits(), "{shape:?}");
+            assert_eq!(got.sum_sq_grad.to_bits(), p1.sum_sq_grad.to_bits());
+            assert_eq!(got.sum_sq_x.to_bits(), p1.sum_sq_x.to_bits());
+            assert!(got.finite && p1.finite);
+            let compact = got.prepared.row_factor.is_empty();
+            assert_eq!(compact, shape[0] == 48, "{shape:?}: factors left out");
+            let write = |p: &Prepared| {
+                let mut x = x0.clone();
+                pass3(&mut x, &grad, p, f, 0.01, 1.0, decay, Rounding::Nearest);
+                bits(&x)
+            };
+            assert_eq!(write(&got.prepared), write(&prep), "{shape:?}: pass 3");
         }
     }
 

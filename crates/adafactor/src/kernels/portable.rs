@@ -218,13 +218,19 @@ pub(crate) fn pass1_rows_with<T: Element>(
     let mut sum_x = 0f64;
     let mut pending: Option<f32> = None;
     let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
+    // Rows longer than the distance are left to the hardware prefetcher: asking for a whole
+    // row at its start pulls it into the first-level cache ahead of its use and evicts the
+    // column sums (a 4096 x 4096 step took a sixth more CPU time with it).
+    let ask = m <= ahead;
     for (k, xr) in x.chunks_exact(m).take(g.len() / m).enumerate() {
-        let next = (k * m + ahead).min(g.len());
-        let end = (next + m).min(g.len());
-        prefetch(&g.g[next..end]);
-        prefetch(&x[next..end]);
-        if let Some(a) = g.acc {
-            prefetch(&a[next..end]);
+        if ask {
+            let next = (k * m + ahead).min(g.len());
+            let end = (next + m).min(g.len());
+            prefetch(&g.g[next..end]);
+            prefetch(&x[next..end]);
+            if let Some(a) = g.acc {
+                prefetch(&a[next..end]);
+            }
         }
         let (rs, sxr) = sweep(g.slice(k * m, (k + 1) * m), xr, col, cur, probe);
         if let Some(f) = fold.as_mut() {
