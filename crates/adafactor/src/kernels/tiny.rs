@@ -12,7 +12,7 @@
 use super::element::Element;
 use super::grad::{decayed_view, Grad};
 use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
-use super::reduce::sum_sq;
+use super::reduce::{sum_sq, CHUNK};
 use super::row_args::new_stat;
 use super::shaped::{
     add_into, load_grad, update_block, Fresh, Reads, StatArgs, Statistics, Sums, WriteArgs,
@@ -481,6 +481,9 @@ fn rows_statistics<T: Element>(
         parallel_for(f.len()),
         #[inline(always)]
         |((slice, i0), r_out)| {
+            if m == 1 {
+                return column_unit(grad, &reads, &args, slice, slice * n + i0, r_out);
+            }
             with_cols!(m, m => {
                 let mut s = Scratch::new();
                 let mut sums = Sums::default();
@@ -556,6 +559,62 @@ fn rows_statistics<T: Element>(
     (st, sums)
 }
 
+/// One work unit of an `n x 1` variable (rows `q0..q0 + r_out.len()`, one element each): the
+/// steps and bits of the short-row loop, whose lane `l` holds the rows `l`, `l + 16`, ... of the
+/// unit, here streamed as they are stored, in blocks of [`CHUNK`] rows. A row's only element is
+/// its sum, so the column sum of `g^2` is the sum of the rows' sums.
+#[inline(always)]
+fn column_unit<T: Element>(
+    grad: &Grad<'_, T>,
+    reads: &Reads<'_, T>,
+    args: &StatArgs<'_>,
+    slice: usize,
+    q0: usize,
+    r_out: &mut [f32],
+) -> RowsPart {
+    let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
+    let s2 = (sc as f64) * (sc as f64);
+    let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+    let mut sums = Sums::default();
+    let (mut sum_g, mut sum_w, mut sum_r) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
+    // Lane `l` of the accumulators takes the row `l` of each group of sixteen.
+    let mut row = |g: f32, old: f32, l: usize| -> f32 {
+        let e = (g * g) as f64;
+        let rn = new_stat(old, e, 1, b2, eps, s2);
+        let ge = sc * g;
+        sum_g[l] += e;
+        sum_r[l] += rn as f64;
+        sum_w[l] += ((ge * ge) * (1.0 / rn)) as f64;
+        rn
+    };
+    for (bi, out) in r_out.chunks_mut(CHUNK).enumerate() {
+        let (q, len) = (q0 + bi * CHUNK, out.len());
+        sums.sum_sq_x += weight_sq(reads, q, &mut xbuf[..len]);
+        let g = load_grad(grad, q, &mut gbuf[..len], reads.check, &mut sums.probe);
+        let old = &args.r_old[q..q + len];
+        let (g16, g_rest) = g.as_chunks::<LANES>();
+        let (o16, o_rest) = old.as_chunks::<LANES>();
+        let (out16, out_rest) = out.as_chunks_mut::<LANES>();
+        for ((gv, ov), rv) in g16.iter().zip(o16).zip(out16.iter_mut()) {
+            for l in 0..LANES {
+                rv[l] = row(gv[l], ov[l], l);
+            }
+        }
+        for (l, ((g, o), r)) in g_rest.iter().zip(o_rest).zip(out_rest).enumerate() {
+            *r = row(*g, *o, l);
+        }
+    }
+    let lanes = |v: &Lanes64| v.iter().sum::<f64>();
+    sums.sum_sq_grad = lanes(&sum_g);
+    RowsPart {
+        slice,
+        col: vec![sums.sum_sq_grad],
+        weighted: vec![lanes(&sum_w)],
+        sum_r: lanes(&sum_r),
+        sums,
+    }
+}
+
 /// The column statistics (into `c`), `mean(r)` per slice and `sum(u^2)` from the slices'
 /// combined sums: `sum_ij u_ij^2 = mean(r) sum_j (sum_i (s g_ij)^2 / r_i) / c_j`.
 fn finish_slices(
@@ -608,6 +667,11 @@ fn store_block<T: Element>(
     xbuf: &mut [f32],
     w: WriteArgs,
 ) {
+    // A float32 weight is written exactly by any rounding: updated where it is stored.
+    if let Some(xf) = T::as_f32_mut(xs) {
+        update_block(xf, g, fac, w);
+        return;
+    }
     T::load(xs, xbuf);
     update_block(xbuf, g, fac, w);
     w.rounding.store_slice(xbuf, xs, offset as u64);
@@ -698,21 +762,27 @@ fn rows_write<T: Element>(
                 for (bj, c) in b.iter_mut().zip(&st.c[slice * m..(slice + 1) * m]) {
                     *bj = 1.0 / c.sqrt();
                 }
-                for (gi, xg) in xs.chunks_mut(LANES * m).enumerate() {
-                    let q = slice * n + i0 + gi * LANES;
-                    let cnt = xg.len() / m;
-                    let mut a = [0f32; LANES];
-                    for (al, r) in a.iter_mut().zip(&st.r[q..q + cnt]) {
-                        *al = sm / r.sqrt();
-                    }
-                    let len = cnt * m;
-                    for (frow, al) in s.fac[..len].chunks_exact_mut(m).zip(&a) {
-                        for (fv, bj) in frow.iter_mut().zip(&b[..m]) {
-                            *fv = al * bj;
+                // Blocks of whole rows, as many as the scratch holds: the factors are per
+                // element, so the blocking changes no bits.
+                let block_rows = s.fac.len() / m;
+                for (bi, xb) in xs.chunks_mut(block_rows * m).enumerate() {
+                    let q = slice * n + i0 + bi * block_rows;
+                    let len = xb.len();
+                    let fac = &mut s.fac[..len];
+                    if m == 1 {
+                        for (fv, r) in fac.iter_mut().zip(&st.r[q..q + len]) {
+                            *fv = (sm / r.sqrt()) * b[0];
+                        }
+                    } else {
+                        for (frow, r) in fac.chunks_exact_mut(m).zip(&st.r[q..]) {
+                            let al = sm / r.sqrt();
+                            for (fv, bj) in frow.iter_mut().zip(&b[..m]) {
+                                *fv = al * bj;
+                            }
                         }
                     }
                     let g = load_grad(grad, q * m, &mut s.gbuf[..len], false, &mut probe);
-                    store_block(xg, q * m, g, &s.fac[..len], &mut s.xbuf[..len], w);
+                    store_block(xb, q * m, g, &s.fac[..len], &mut s.xbuf[..len], w);
                 }
             })
         },
