@@ -315,20 +315,23 @@ fn batch_statistics<T: Element>(
                 let mut s = Scratch::new();
                 let mut sums = Sums::default();
                 let mut su2 = 0f64;
-                let (first, count) = (u * mpu, r_out.len() / n);
+                let first = u * mpu;
                 if k == 1 {
-                    let mut done = 0;
-                    while done < count {
-                        let cnt = LANES.min(count - done);
-                        let l0 = first + done;
+                    // Blocks of CHUNK matrices, sixteen at a time.
+                    for (bi, (rw, cw)) in r_out.chunks_mut(CHUNK).zip(c_out.chunks_mut(CHUNK)).enumerate() {
+                        let (l0, cnt) = (first + bi * CHUNK, rw.len());
                         sums.sum_sq_x += weight_sq(&reads, l0, &mut s.xbuf[..cnt]);
                         let g = load_grad(grad, l0, &mut s.gbuf[..cnt], reads.check, &mut sums.probe);
                         let (ro, co) = (&args.r_old[l0..l0 + cnt], &args.c_old[l0..l0 + cnt]);
-                        let (rw, cw) = (&mut r_out[done..done + cnt], &mut c_out[done..done + cnt]);
-                        let (u2, g2) = ones_group(g, ro, co, &args, rw, cw);
-                        su2 += u2;
-                        sums.sum_sq_grad += g2;
-                        done += cnt;
+                        let groups = g
+                            .chunks(LANES)
+                            .zip(ro.chunks(LANES).zip(co.chunks(LANES)))
+                            .zip(rw.chunks_mut(LANES).zip(cw.chunks_mut(LANES)));
+                        for ((gg, (rog, cog)), (rwg, cwg)) in groups {
+                            let (u2, g2) = ones_group(gg, rog, cog, &args, rwg, cwg);
+                            su2 += u2;
+                            sums.sum_sq_grad += g2;
+                        }
                     }
                 } else {
                     // Blocks of whole groups, about CHUNK elements each.
@@ -560,22 +563,41 @@ fn rows_unit<T: Element>(
             .zip(old.chunks(LANES))
             .zip(out.chunks_mut(LANES))
         {
-            let rows = gg.chunks_exact(m).zip(og).zip(rg.iter_mut());
-            for (l, ((grow, old), rn)) in rows.enumerate() {
-                let (ca, wa) = (&mut cacc[l * m..(l + 1) * m], &mut wacc[l * m..(l + 1) * m]);
-                let mut rs = 0f64;
-                for (gv, ca) in grow.iter().zip(ca.iter_mut()) {
-                    let e = (gv * gv) as f64;
-                    rs += e;
-                    *ca += e;
+            let cnt = rg.len();
+            // The rows' sums of squares, then the statistics of all sixteen rows at once.
+            let mut rs = [0f64; LANES];
+            for (rl, grow) in rs.iter_mut().zip(gg.chunks_exact(m)) {
+                let mut acc = 0f64;
+                for gv in grow {
+                    acc += (gv * gv) as f64;
                 }
-                *rn = new_stat(*old, rs, m, b2, eps, s2);
-                let inv = 1.0 / *rn;
-                sum_r[l] += *rn as f64;
-                sum_g[l] += rs;
-                for (gv, wa) in grow.iter().zip(wa.iter_mut()) {
+                *rl = acc;
+            }
+            let old = lanes_of(og);
+            let (mut rn, mut inv) = ([0f32; LANES], [0f32; LANES]);
+            for l in 0..LANES {
+                rn[l] = new_stat(old[l], rs[l], m, b2, eps, s2);
+                inv[l] = 1.0 / rn[l];
+            }
+            if cnt == LANES {
+                for l in 0..LANES {
+                    sum_r[l] += rn[l] as f64;
+                    sum_g[l] += rs[l];
+                }
+            } else {
+                for l in 0..cnt {
+                    sum_r[l] += rn[l] as f64;
+                    sum_g[l] += rs[l];
+                }
+            }
+            store_lanes(&rn, rg);
+            for (ca, gv) in cacc.iter_mut().zip(gg) {
+                *ca += (gv * gv) as f64;
+            }
+            for ((wa, grow), il) in wacc.chunks_exact_mut(m).zip(gg.chunks_exact(m)).zip(&inv) {
+                for (wa, gv) in wa.iter_mut().zip(grow) {
                     let ge = sc * gv;
-                    *wa += ((ge * ge) * inv) as f64;
+                    *wa += ((ge * ge) * il) as f64;
                 }
             }
         }
@@ -754,6 +776,8 @@ fn rows_write<T: Element>(
                 // Blocks of whole rows, as many as the scratch holds: the factors are per
                 // element, so the blocking changes no bits.
                 let block_rows = s.fac.len() / m;
+                // The rows' `a_i` of a block (of at least two columns).
+                let mut a_buf = [0f32; CHUNK / 2];
                 for (bi, xb) in xs.chunks_mut(block_rows * m).enumerate() {
                     let q = slice * n + i0 + bi * block_rows;
                     let len = xb.len();
@@ -763,8 +787,12 @@ fn rows_write<T: Element>(
                             *fv = (sm / r.sqrt()) * b[0];
                         }
                     } else {
-                        for (frow, r) in fac.chunks_exact_mut(m).zip(&st.r[q..]) {
-                            let al = sm / r.sqrt();
+                        let rows = len / m;
+                        let a = &mut a_buf[..rows];
+                        for (al, r) in a.iter_mut().zip(&st.r[q..q + rows]) {
+                            *al = sm / r.sqrt();
+                        }
+                        for (frow, al) in fac.chunks_exact_mut(m).zip(a.iter()) {
                             for (fv, bj) in frow.iter_mut().zip(&b[..m]) {
                                 *fv = al * bj;
                             }
