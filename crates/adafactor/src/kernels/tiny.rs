@@ -12,6 +12,7 @@
 //! thread count. The update runs in the weight's own layout with the factors `a_i b_j` laid
 //! out alongside. See [`super::shaped`] for the passes.
 
+use super::cpu::prefetch_ahead;
 use super::element::Element;
 use super::grad::{decayed_view, Grad};
 use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
@@ -48,6 +49,18 @@ impl Scratch {
             xbuf: flat.clone(),
             fac: flat,
         }
+    }
+}
+
+/// Asks for the gradient and the weight of elements `start..start + len`, [`PREFETCH_BYTES`]
+/// ahead.
+///
+/// [`PREFETCH_BYTES`]: super::cpu::PREFETCH_BYTES
+#[inline(always)]
+fn ask_ahead<T: Element>(grad: &Grad<'_, T>, x: Option<&[T]>, start: usize, len: usize) {
+    prefetch_ahead(grad.g, start, len);
+    if let Some(x) = x {
+        prefetch_ahead(x, start, len);
     }
 }
 
@@ -327,7 +340,8 @@ fn batch_statistics<T: Element>(
                             .chunks(LANES)
                             .zip(ro.chunks(LANES).zip(co.chunks(LANES)))
                             .zip(rw.chunks_mut(LANES).zip(cw.chunks_mut(LANES)));
-                        for ((gg, (rog, cog)), (rwg, cwg)) in groups {
+                        for (t, ((gg, (rog, cog)), (rwg, cwg))) in groups.enumerate() {
+                            ask_ahead(grad, reads.x, l0 + t * LANES, LANES);
                             let (u2, g2) = ones_group(gg, rog, cog, &args, rwg, cwg);
                             su2 += u2;
                             sums.sum_sq_grad += g2;
@@ -346,12 +360,13 @@ fn batch_statistics<T: Element>(
                             &args.r_old[l0 * n..(l0 + cnt) * n],
                             &args.c_old[l0 * m..(l0 + cnt) * m],
                         );
-                        for (((gg, rog), cog), (rwg, cwg)) in g
+                        let groups = g
                             .chunks(LANES * k)
                             .zip(ro.chunks(LANES * n))
                             .zip(co.chunks(LANES * m))
-                            .zip(rw.chunks_mut(LANES * n).zip(cw.chunks_mut(LANES * m)))
-                        {
+                            .zip(rw.chunks_mut(LANES * n).zip(cw.chunks_mut(LANES * m)));
+                        for (t, (((gg, rog), cog), (rwg, cwg))) in groups.enumerate() {
+                            ask_ahead(grad, reads.x, e0 + t * LANES * k, LANES * k);
                             let (u2, g2) = matrices_group(gg, n, m, rog, cog, &args, rwg, cwg);
                             su2 += u2;
                             sums.sum_sq_grad += g2;
@@ -510,7 +525,10 @@ fn column_unit<T: Element>(
         let (g16, g_rest) = g.as_chunks::<LANES>();
         let (o16, o_rest) = old.as_chunks::<LANES>();
         let (out16, out_rest) = out.as_chunks_mut::<LANES>();
-        for ((gv, ov), rv) in g16.iter().zip(o16).zip(out16.iter_mut()) {
+        for (t, ((gv, ov), rv)) in g16.iter().zip(o16).zip(out16.iter_mut()).enumerate() {
+            let e = q + t * LANES;
+            ask_ahead(grad, reads.x, e, LANES);
+            prefetch_ahead(args.r_old, e, LANES);
             for l in 0..LANES {
                 rv[l] = row(gv[l], ov[l], l);
             }
@@ -558,11 +576,12 @@ fn rows_unit<T: Element>(
         sums.sum_sq_x += weight_sq(reads, e0, &mut xbuf[..len]);
         let g = load_grad(grad, e0, &mut gbuf[..len], reads.check, &mut sums.probe);
         let old = &args.r_old[q..q + out.len()];
-        for ((gg, og), rg) in g
+        let groups = g
             .chunks(LANES * m)
             .zip(old.chunks(LANES))
-            .zip(out.chunks_mut(LANES))
-        {
+            .zip(out.chunks_mut(LANES));
+        for (t, ((gg, og), rg)) in groups.enumerate() {
+            ask_ahead(grad, reads.x, e0 + t * LANES * m, LANES * m);
             let cnt = rg.len();
             // The rows' sums of squares, then the statistics of all sixteen rows at once.
             let mut rs = [0f64; LANES];
