@@ -102,6 +102,19 @@ pub(crate) fn prefetch<T>(s: &[T]) {
     let _ = s;
 }
 
+/// How far ahead the streaming passes ask for the data they will read: the hardware
+/// prefetcher alone leaves passes that compute between short runs short of the bandwidth.
+pub(crate) const PREFETCH_BYTES: usize = 4096;
+
+/// Asks for elements `start + ahead .. start + ahead + len` of `v` (clipped to it), `ahead`
+/// being [`PREFETCH_BYTES`] of `v`'s elements.
+#[inline(always)]
+pub(crate) fn prefetch_ahead<T>(v: &[T], start: usize, len: usize) {
+    let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
+    let from = (start + ahead).min(v.len());
+    prefetch(&v[from..(from + len).min(v.len())]);
+}
+
 /// Runs `f` compiled for AVX2 when the row loops may use it ([`simd`]), else for
 /// the baseline: the 16-bit conversions need it to vectorise. The kernels' lanes are written out
 /// explicitly and floating-point operations are never contracted or reordered, so both versions

@@ -15,6 +15,7 @@
 //! The work units are ranges of lines of about [`UNIT_ELEMS`] elements, fixed by the shape, and
 //! their partial sums are added in unit order: results do not depend on the number of threads.
 
+use super::cpu::prefetch_ahead;
 use super::element::Element;
 use super::factored::{Pass1, Prepared, RowFold};
 use super::grad::{decayed_view, Decay, Grad};
@@ -58,18 +59,6 @@ fn line_of<'b, T: Element>(
     buf.resize(len, 0.0);
     grad.load(start, buf);
     buf
-}
-
-/// How far ahead the passes ask for the data of the lines they will read: as the row loops do,
-/// the hardware prefetcher alone leaves the passes short of the bandwidth.
-const PREFETCH_BYTES: usize = 4096;
-
-/// Asks for elements `start + ahead .. start + ahead + len` of `v` (clipped to it).
-#[inline(always)]
-fn prefetch_ahead<T>(v: &[T], start: usize, len: usize) {
-    let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
-    let from = (start + ahead).min(v.len());
-    super::cpu::prefetch(&v[from..(from + len).min(v.len())]);
 }
 
 /// A scratch buffer of `len` values, allocated only when `needed`.

@@ -1,18 +1,22 @@
 //! Short rows: batches of tiny matrices (a convolution kernel `[out, in, kh, kw]` factored over
 //! its last two axes is `out * in` matrices of `kh x kw`) and matrices of a few columns
-//! (`n x 1`, `n x 4`), sixteen matrices or sixteen rows per vector.
+//! (`n x 1`, `n x 4`).
 //!
-//! A group of [`LANES`] consecutive matrices (or rows) is turned lane-major (element `k` of
-//! matrix `l` at `[k][l]`), so that every per-matrix step (row and column sums, the statistics
-//! update, `a_i = sqrt(mean(r)) / sqrt(r_i)`, `b_j = 1 / sqrt(c_j)`, RMS(u)) is one operation on
-//! sixteen lanes; the update itself runs in the weight's own layout with the factors `a_i b_j`
-//! laid out alongside. Sums of squares are f64 per lane (a row of huge finite squares still has a
-//! finite mean, as in the row loops), lanes added in order. See [`super::shaped`] for the passes.
+//! Both stream the gradient as it is stored, in blocks of about [`CHUNK`] elements (whole
+//! groups of [`LANES`] matrices or rows), and take each matrix (or row) in its own layout:
+//! a tiny matrix's row and column sums, statistics update, factors
+//! `a_i = sqrt(mean(r)) / sqrt(r_i)`, `b_j = 1 / sqrt(c_j)` and `sum(u^2)` are computed on the
+//! matrix itself; short rows add into per-lane accumulators, lane `l` taking row `l` of each
+//! group. Sums of squares are f64 (a row of huge finite squares still has a finite mean, as in
+//! the row loops), added in a fixed order: the bits do not depend on the blocking or on the
+//! thread count. The update runs in the weight's own layout with the factors `a_i b_j` laid
+//! out alongside. See [`super::shaped`] for the passes.
 
+use super::cpu::prefetch_ahead;
 use super::element::Element;
 use super::grad::{decayed_view, Grad};
 use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
-use super::reduce::sum_sq;
+use super::reduce::{sum_sq, CHUNK};
 use super::row_args::new_stat;
 use super::shaped::{
     add_into, load_grad, update_block, Fresh, Reads, StatArgs, Statistics, Sums, WriteArgs,
@@ -30,91 +34,33 @@ type Lanes64 = [f64; LANES];
 /// A batch's work unit: its index and its matrices' new `r` and `c`.
 type BatchUnit<'a> = (usize, (&'a mut [f32], &'a mut [f32]));
 
-/// Per-unit scratch: a group's gradient and weight in their layout, and lane-major buffers.
+/// Per-unit scratch: a block's gradient, weight and factors in their layout.
 struct Scratch {
     gbuf: Vec<f32>,
     xbuf: Vec<f32>,
     fac: Vec<f32>,
-    gt: Vec<Lanes>,
-    rs: Vec<Lanes64>,
-    cs: Vec<Lanes64>,
-    ro: Vec<Lanes>,
-    co: Vec<Lanes>,
-    a: Vec<Lanes>,
-    b: Vec<Lanes>,
 }
 
 impl Scratch {
     fn new() -> Self {
-        let flat = vec![0f32; LANES * MAX_MATRIX];
+        let flat = vec![0f32; CHUNK];
         Scratch {
             gbuf: flat.clone(),
             xbuf: flat.clone(),
             fac: flat,
-            gt: vec![[0.0; LANES]; MAX_MATRIX],
-            rs: vec![[0.0; LANES]; MAX_MATRIX],
-            cs: vec![[0.0; LANES]; MAX_MATRIX],
-            ro: vec![[0.0; LANES]; MAX_MATRIX],
-            co: vec![[0.0; LANES]; MAX_MATRIX],
-            a: vec![[0.0; LANES]; MAX_MATRIX],
-            b: vec![[0.0; LANES]; MAX_MATRIX],
         }
     }
 }
 
-/// `cnt` items of `k` values each (`src`, item after item) to lane-major `dst[k][lane]`; lanes
-/// from `cnt` on are zero.
+/// Asks for the gradient and the weight of elements `start..start + len`, [`PREFETCH_BYTES`]
+/// ahead.
+///
+/// [`PREFETCH_BYTES`]: super::cpu::PREFETCH_BYTES
 #[inline(always)]
-fn to_lanes(src: &[f32], k: usize, cnt: usize, dst: &mut [Lanes]) {
-    let dst = &mut dst[..k];
-    for l in 0..LANES {
-        if l < cnt {
-            for (d, v) in dst.iter_mut().zip(&src[l * k..(l + 1) * k]) {
-                d[l] = *v;
-            }
-        } else {
-            for d in dst.iter_mut() {
-                d[l] = 0.0;
-            }
-        }
-    }
-}
-
-/// Lane-major `src[k][lane]` back to `cnt` items of `k` values in `dst`.
-#[inline(always)]
-fn from_lanes(src: &[Lanes], k: usize, cnt: usize, dst: &mut [f32]) {
-    for (l, item) in dst[..cnt * k].chunks_exact_mut(k).enumerate() {
-        for (d, s) in item.iter_mut().zip(&src[..k]) {
-            *d = s[l];
-        }
-    }
-}
-
-/// The factors of `1/sqrt(v_ij) = a_i b_j` of sixteen matrices from their new statistics:
-/// `a_i = sqrt(mean(r)) / sqrt(r_i)` (as the composed path evaluates Keras's `v = r / mean(r) * c`,
-/// so that a tiny `r_i` next to huge ones cannot underflow `v`), `b_j = 1 / sqrt(c_j)`.
-#[inline(always)]
-fn factors(rn: &[Lanes], cn: &[Lanes], a: &mut [Lanes], b: &mut [Lanes]) {
-    let n = rn.len();
-    let mut sum = [0f64; LANES];
-    for r in rn {
-        for l in 0..LANES {
-            sum[l] += r[l] as f64;
-        }
-    }
-    let mut sm = [0f32; LANES];
-    for l in 0..LANES {
-        sm[l] = ((sum[l] / n as f64) as f32).sqrt();
-    }
-    for (ai, r) in a.iter_mut().zip(rn) {
-        for l in 0..LANES {
-            ai[l] = sm[l] / r[l].sqrt();
-        }
-    }
-    for (bj, c) in b.iter_mut().zip(cn) {
-        for l in 0..LANES {
-            bj[l] = 1.0 / c[l].sqrt();
-        }
+fn ask_ahead<T: Element>(grad: &Grad<'_, T>, x: Option<&[T]>, start: usize, len: usize) {
+    prefetch_ahead(grad.g, start, len);
+    if let Some(x) = x {
+        prefetch_ahead(x, start, len);
     }
 }
 
@@ -131,66 +77,78 @@ fn weight_sq<T: Element>(reads: &Reads<'_, T>, start: usize, xbuf: &mut [f32]) -
     }
 }
 
-/// One group of `cnt` tiny `n x m` matrices (lane-major gradient in `s.gt`): the new statistics
-/// written to `r_out`, `c_out` (the group's own), and the group's `sum(u^2)` and `sum(g^2)`.
+/// One group of at most [`LANES`] tiny `n x m` matrices (their gradient `g`, stored matrix after
+/// matrix): the new statistics written to `r_out`, `c_out` (the group's own), and the group's
+/// `sum(u^2)` and `sum(g^2)`. Each matrix is handled in its own layout (no lane-major copy);
+/// its sums run in the order of the lane-major loops, so the bits are theirs: row and column
+/// sums of `g^2` in f64 (a row of huge finite squares still has a finite mean, as in the row
+/// loops), `sum(u^2)` of a matrix in float32, the group's matrices added in f64 in order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn batch_group(
-    s: &mut Scratch,
+fn matrices_group(
+    g: &[f32],
     n: usize,
     m: usize,
-    cnt: usize,
     r_old: &[f32],
     c_old: &[f32],
     args: &StatArgs<'_>,
     r_out: &mut [f32],
     c_out: &mut [f32],
 ) -> (f64, f64) {
-    let (rs, cs) = (&mut s.rs[..n], &mut s.cs[..m]);
-    rs.iter_mut().for_each(|v| *v = [0.0; LANES]);
-    cs.iter_mut().for_each(|v| *v = [0.0; LANES]);
-    for (grow, ri) in s.gt[..n * m].chunks_exact(m).zip(rs.iter_mut()) {
-        for (gv, cj) in grow.iter().zip(cs.iter_mut()) {
-            for l in 0..LANES {
-                let e = (gv[l] * gv[l]) as f64;
-                ri[l] += e;
-                cj[l] += e;
-            }
-        }
-    }
-    to_lanes(r_old, n, cnt, &mut s.ro);
-    to_lanes(c_old, m, cnt, &mut s.co);
-    let (b2, eps) = (args.beta2, args.epsilon_1);
-    let s2 = (args.scale as f64) * (args.scale as f64);
-    for (ro, ri) in s.ro[..n].iter_mut().zip(rs.iter()) {
-        for l in 0..LANES {
-            ro[l] = new_stat(ro[l], ri[l], m, b2, eps, s2);
-        }
-    }
-    for (co, cj) in s.co[..m].iter_mut().zip(cs.iter()) {
-        for l in 0..LANES {
-            co[l] = new_stat(co[l], cj[l], n, b2, eps, s2);
-        }
-    }
-    factors(&s.ro[..n], &s.co[..m], &mut s.a[..n], &mut s.b[..m]);
-    let sc = args.scale;
-    let mut u2 = [0f32; LANES];
-    for (grow, ai) in s.gt[..n * m].chunks_exact(m).zip(&s.a[..n]) {
-        for (gv, bj) in grow.iter().zip(&s.b[..m]) {
-            for l in 0..LANES {
-                let t = (sc * gv[l]) * (ai[l] * bj[l]);
-                u2[l] += t * t;
-            }
-        }
-    }
-    from_lanes(&s.ro, n, cnt, r_out);
-    from_lanes(&s.co, m, cnt, c_out);
+    let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
+    let s2 = (sc as f64) * (sc as f64);
     let (mut su2, mut sg2) = (0f64, 0f64);
-    for l in 0..cnt {
-        su2 += u2[l] as f64;
-        sg2 += rs.iter().map(|r| r[l]).sum::<f64>();
+    let mats = g
+        .chunks_exact(n * m)
+        .zip(r_old.chunks_exact(n).zip(c_old.chunks_exact(m)))
+        .zip(r_out.chunks_exact_mut(n).zip(c_out.chunks_exact_mut(m)));
+    for ((gm, (ro, co)), (rw, cw)) in mats {
+        let mut cs = [0f64; MAX_MATRIX];
+        let mut g2 = 0f64;
+        for (i, grow) in gm.chunks_exact(m).enumerate() {
+            let mut rs = 0f64;
+            for (j, gv) in grow.iter().enumerate() {
+                let e = (gv * gv) as f64;
+                rs += e;
+                cs[j] += e;
+            }
+            g2 += rs;
+            rw[i] = new_stat(ro[i], rs, m, b2, eps, s2);
+        }
+        for j in 0..m {
+            cw[j] = new_stat(co[j], cs[j], n, b2, eps, s2);
+        }
+        let (mut a, mut b) = ([0f32; MAX_MATRIX], [0f32; MAX_MATRIX]);
+        matrix_factors(rw, cw, &mut a[..n], &mut b[..m]);
+        let mut u2 = 0f32;
+        for (grow, ai) in gm.chunks_exact(m).zip(&a[..n]) {
+            for (gv, bj) in grow.iter().zip(&b[..m]) {
+                let t = (sc * gv) * (ai * bj);
+                u2 += t * t;
+            }
+        }
+        su2 += u2 as f64;
+        sg2 += g2;
     }
     (su2, sg2)
+}
+
+/// The factors `a_i`, `b_j` of `1/sqrt(v_ij) = a_i b_j` of one matrix from its new statistics:
+/// `a_i = sqrt(mean(r)) / sqrt(r_i)` (as the composed path evaluates Keras's
+/// `v = r / mean(r) * c`, so that a tiny `r_i` next to huge ones cannot underflow `v`), `b_j` = 1 / sqrt(c_j)`.
+#[inline(always)]
+fn matrix_factors(r: &[f32], c: &[f32], a: &mut [f32], b: &mut [f32]) {
+    let mut sum = 0f64;
+    for v in r {
+        sum += *v as f64;
+    }
+    let sm = ((sum / r.len() as f64) as f32).sqrt();
+    for (ai, v) in a.iter_mut().zip(r) {
+        *ai = sm / v.sqrt();
+    }
+    for (bj, v) in b.iter_mut().zip(c) {
+        *bj = 1.0 / v.sqrt();
+    }
 }
 
 /// One group of at most [`LANES`] `1 x 1` matrices (a `1 x 1` convolution's kernel): the same
@@ -259,7 +217,7 @@ fn store_lanes(v: &Lanes, dst: &mut [f32]) {
     }
 }
 
-/// `a b` of `1 x 1` matrices from their new statistics, with the bits of [`factors`]:
+/// `a b` of `1 x 1` matrices from their new statistics, with the bits of [`matrix_factors`]:
 /// `a = sqrt(r) / sqrt(r)`, which is exactly 1 for a positive finite `r` (then `a b = b`, one
 /// square root and one division per matrix instead of two of each); any other `r` in the block
 /// takes the whole formula.
@@ -284,6 +242,11 @@ fn ones_factors(r: &[f32], c: &[f32], out: &mut [f32]) {
 /// Matrices per work unit of a batch: whole groups, about [`UNIT_ELEMS`] elements.
 fn matrices_per_unit(k: usize) -> usize {
     LANES * (UNIT_ELEMS / (LANES * k.max(1))).max(1)
+}
+
+/// Matrices per block of a batch: whole groups, about [`CHUNK`] elements.
+fn matrices_per_block(k: usize) -> usize {
+    LANES * (CHUNK / (LANES * k.max(1))).max(1)
 }
 
 /// Rows per work unit of the short-row kernel: whole groups, about [`UNIT_ELEMS`] elements.
@@ -365,31 +328,50 @@ fn batch_statistics<T: Element>(
                 let mut s = Scratch::new();
                 let mut sums = Sums::default();
                 let mut su2 = 0f64;
-                let (first, count) = (u * mpu, r_out.len() / n);
-                let mut done = 0;
-                while done < count {
-                    let cnt = LANES.min(count - done);
-                    let l0 = first + done;
-                    let (e0, len) = (l0 * k, cnt * k);
-                    sums.sum_sq_x += weight_sq(&reads, e0, &mut s.xbuf[..len]);
-                    let g = load_grad(grad, e0, &mut s.gbuf[..len], reads.check, &mut sums.probe);
-                    let (ro, co) = (
-                        &args.r_old[l0 * n..(l0 + cnt) * n],
-                        &args.c_old[l0 * m..(l0 + cnt) * m],
-                    );
-                    let (rw, cw) = (
-                        &mut r_out[done * n..(done + cnt) * n],
-                        &mut c_out[done * m..(done + cnt) * m],
-                    );
-                    let (u2, g2) = if k == 1 {
-                        ones_group(g, ro, co, &args, rw, cw)
-                    } else {
-                        to_lanes(g, k, cnt, &mut s.gt);
-                        batch_group(&mut s, n, m, cnt, ro, co, &args, rw, cw)
-                    };
-                    su2 += u2;
-                    sums.sum_sq_grad += g2;
-                    done += cnt;
+                let first = u * mpu;
+                if k == 1 {
+                    // Blocks of CHUNK matrices, sixteen at a time.
+                    for (bi, (rw, cw)) in r_out.chunks_mut(CHUNK).zip(c_out.chunks_mut(CHUNK)).enumerate() {
+                        let (l0, cnt) = (first + bi * CHUNK, rw.len());
+                        sums.sum_sq_x += weight_sq(&reads, l0, &mut s.xbuf[..cnt]);
+                        let g = load_grad(grad, l0, &mut s.gbuf[..cnt], reads.check, &mut sums.probe);
+                        let (ro, co) = (&args.r_old[l0..l0 + cnt], &args.c_old[l0..l0 + cnt]);
+                        let groups = g
+                            .chunks(LANES)
+                            .zip(ro.chunks(LANES).zip(co.chunks(LANES)))
+                            .zip(rw.chunks_mut(LANES).zip(cw.chunks_mut(LANES)));
+                        for (t, ((gg, (rog, cog)), (rwg, cwg))) in groups.enumerate() {
+                            ask_ahead(grad, reads.x, l0 + t * LANES, LANES);
+                            let (u2, g2) = ones_group(gg, rog, cog, &args, rwg, cwg);
+                            su2 += u2;
+                            sums.sum_sq_grad += g2;
+                        }
+                    }
+                } else {
+                    // Blocks of whole groups, about CHUNK elements each.
+                    let bm = matrices_per_block(k);
+                    for (bi, (rw, cw)) in r_out.chunks_mut(bm * n).zip(c_out.chunks_mut(bm * m)).enumerate() {
+                        let l0 = first + bi * bm;
+                        let cnt = rw.len() / n;
+                        let (e0, len) = (l0 * k, cnt * k);
+                        sums.sum_sq_x += weight_sq(&reads, e0, &mut s.xbuf[..len]);
+                        let g = load_grad(grad, e0, &mut s.gbuf[..len], reads.check, &mut sums.probe);
+                        let (ro, co) = (
+                            &args.r_old[l0 * n..(l0 + cnt) * n],
+                            &args.c_old[l0 * m..(l0 + cnt) * m],
+                        );
+                        let groups = g
+                            .chunks(LANES * k)
+                            .zip(ro.chunks(LANES * n))
+                            .zip(co.chunks(LANES * m))
+                            .zip(rw.chunks_mut(LANES * n).zip(cw.chunks_mut(LANES * m)));
+                        for (t, (((gg, rog), cog), (rwg, cwg))) in groups.enumerate() {
+                            ask_ahead(grad, reads.x, e0 + t * LANES * k, LANES * k);
+                            let (u2, g2) = matrices_group(gg, n, m, rog, cog, &args, rwg, cwg);
+                            su2 += u2;
+                            sums.sum_sq_grad += g2;
+                        }
+                    }
                 }
                 (su2, sums)
             })
@@ -474,64 +456,15 @@ fn rows_statistics<T: Element>(
     let (n, m) = (f.n, f.m);
     let Fresh { mut r, mut c } = out;
     let units = rows_units(&mut r, f);
-    let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
-    let s2 = (sc as f64) * (sc as f64);
     let parts = map_units(
         units,
         parallel_for(f.len()),
         #[inline(always)]
         |((slice, i0), r_out)| {
-            with_cols!(m, m => {
-                let mut s = Scratch::new();
-                let mut sums = Sums::default();
-                let mut cacc = vec![[0f64; LANES]; m];
-                let mut wacc = vec![[0f64; LANES]; m];
-                let (mut sum_r, mut sum_g) = ([0f64; LANES], [0f64; LANES]);
-                let mut done = 0;
-                while done < r_out.len() {
-                    let cnt = LANES.min(r_out.len() - done);
-                    let q = slice * n + i0 + done;
-                    let (e0, len) = (q * m, cnt * m);
-                    sums.sum_sq_x += weight_sq(&reads, e0, &mut s.xbuf[..len]);
-                    let g = load_grad(grad, e0, &mut s.gbuf[..len], reads.check, &mut sums.probe);
-                    // Rows in lanes: gt[j][row].
-                    to_lanes(g, m, cnt, &mut s.gt);
-                    let mut rsum = [0f64; LANES];
-                    for gv in &s.gt[..m] {
-                        for l in 0..LANES {
-                            rsum[l] += (gv[l] * gv[l]) as f64;
-                        }
-                    }
-                    let mut old = [0f32; LANES];
-                    old[..cnt].copy_from_slice(&args.r_old[q..q + cnt]);
-                    let (mut rn, mut inv, mut valid) = ([0f32; LANES], [0f32; LANES], [0f64; LANES]);
-                    for l in 0..LANES {
-                        rn[l] = new_stat(old[l], rsum[l], m, b2, eps, s2);
-                        inv[l] = 1.0 / rn[l];
-                        valid[l] = (l < cnt) as u8 as f64;
-                        sum_r[l] += rn[l] as f64 * valid[l];
-                        sum_g[l] += rsum[l];
-                    }
-                    for ((gv, ca), wa) in s.gt[..m].iter().zip(&mut cacc).zip(&mut wacc) {
-                        for l in 0..LANES {
-                            let ge = sc * gv[l];
-                            ca[l] += (gv[l] * gv[l]) as f64;
-                            wa[l] += ((ge * ge) * inv[l]) as f64;
-                        }
-                    }
-                    r_out[done..done + cnt].copy_from_slice(&rn[..cnt]);
-                    done += cnt;
-                }
-                let lanes = |v: &Lanes64| v.iter().sum::<f64>();
-                sums.sum_sq_grad = lanes(&sum_g);
-                RowsPart {
-                    slice,
-                    col: cacc.iter().map(lanes).collect(),
-                    weighted: wacc.iter().map(lanes).collect(),
-                    sum_r: lanes(&sum_r),
-                    sums,
-                }
-            })
+            if m == 1 {
+                return column_unit(grad, &reads, &args, slice, slice * n + i0, r_out);
+            }
+            with_cols!(m, m => rows_unit(grad, &reads, &args, m, slice, slice * n + i0, r_out))
         },
     );
     // Each slice's units, added in order.
@@ -554,6 +487,155 @@ fn rows_statistics<T: Element>(
         sum_sq_update,
     };
     (st, sums)
+}
+
+/// One work unit of an `n x 1` variable (rows `q0..q0 + r_out.len()`, one element each): the
+/// steps and bits of the short-row loop, whose lane `l` holds the rows `l`, `l + 16`, ... of the
+/// unit, here streamed as they are stored, in blocks of [`CHUNK`] rows. A row's only element is
+/// its sum, so the column sum of `g^2` is the sum of the rows' sums.
+#[inline(always)]
+fn column_unit<T: Element>(
+    grad: &Grad<'_, T>,
+    reads: &Reads<'_, T>,
+    args: &StatArgs<'_>,
+    slice: usize,
+    q0: usize,
+    r_out: &mut [f32],
+) -> RowsPart {
+    let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
+    let s2 = (sc as f64) * (sc as f64);
+    let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+    let mut sums = Sums::default();
+    let (mut sum_g, mut sum_w, mut sum_r) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
+    // Lane `l` of the accumulators takes the row `l` of each group of sixteen.
+    let mut row = |g: f32, old: f32, l: usize| -> f32 {
+        let e = (g * g) as f64;
+        let rn = new_stat(old, e, 1, b2, eps, s2);
+        let ge = sc * g;
+        sum_g[l] += e;
+        sum_r[l] += rn as f64;
+        sum_w[l] += ((ge * ge) * (1.0 / rn)) as f64;
+        rn
+    };
+    for (bi, out) in r_out.chunks_mut(CHUNK).enumerate() {
+        let (q, len) = (q0 + bi * CHUNK, out.len());
+        sums.sum_sq_x += weight_sq(reads, q, &mut xbuf[..len]);
+        let g = load_grad(grad, q, &mut gbuf[..len], reads.check, &mut sums.probe);
+        let old = &args.r_old[q..q + len];
+        let (g16, g_rest) = g.as_chunks::<LANES>();
+        let (o16, o_rest) = old.as_chunks::<LANES>();
+        let (out16, out_rest) = out.as_chunks_mut::<LANES>();
+        for (t, ((gv, ov), rv)) in g16.iter().zip(o16).zip(out16.iter_mut()).enumerate() {
+            let e = q + t * LANES;
+            ask_ahead(grad, reads.x, e, LANES);
+            prefetch_ahead(args.r_old, e, LANES);
+            for l in 0..LANES {
+                rv[l] = row(gv[l], ov[l], l);
+            }
+        }
+        for (l, ((g, o), r)) in g_rest.iter().zip(o_rest).zip(out_rest).enumerate() {
+            *r = row(*g, *o, l);
+        }
+    }
+    let lanes = |v: &Lanes64| v.iter().sum::<f64>();
+    sums.sum_sq_grad = lanes(&sum_g);
+    RowsPart {
+        slice,
+        col: vec![sums.sum_sq_grad],
+        weighted: vec![lanes(&sum_w)],
+        sum_r: lanes(&sum_r),
+        sums,
+    }
+}
+
+/// One work unit of short rows of `m` elements (rows `q0..q0 + r_out.len()`), streamed as they
+/// are stored in blocks of whole groups of [`LANES`] rows: the row `l` of each group adds into
+/// the accumulators of lane `l` (the column sums at `[l * m + j]`), in the order of the
+/// lane-major loops, so the bits are theirs.
+#[inline(always)]
+fn rows_unit<T: Element>(
+    grad: &Grad<'_, T>,
+    reads: &Reads<'_, T>,
+    args: &StatArgs<'_>,
+    m: usize,
+    slice: usize,
+    q0: usize,
+    r_out: &mut [f32],
+) -> RowsPart {
+    let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
+    let s2 = (sc as f64) * (sc as f64);
+    let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+    let mut sums = Sums::default();
+    let mut cacc = vec![0f64; LANES * m];
+    let mut wacc = vec![0f64; LANES * m];
+    let (mut sum_r, mut sum_g) = ([0f64; LANES], [0f64; LANES]);
+    let block_rows = LANES * (CHUNK / (LANES * m)).max(1);
+    for (bi, out) in r_out.chunks_mut(block_rows).enumerate() {
+        let q = q0 + bi * block_rows;
+        let (e0, len) = (q * m, out.len() * m);
+        sums.sum_sq_x += weight_sq(reads, e0, &mut xbuf[..len]);
+        let g = load_grad(grad, e0, &mut gbuf[..len], reads.check, &mut sums.probe);
+        let old = &args.r_old[q..q + out.len()];
+        let groups = g
+            .chunks(LANES * m)
+            .zip(old.chunks(LANES))
+            .zip(out.chunks_mut(LANES));
+        for (t, ((gg, og), rg)) in groups.enumerate() {
+            ask_ahead(grad, reads.x, e0 + t * LANES * m, LANES * m);
+            let cnt = rg.len();
+            // The rows' sums of squares, then the statistics of all sixteen rows at once.
+            let mut rs = [0f64; LANES];
+            for (rl, grow) in rs.iter_mut().zip(gg.chunks_exact(m)) {
+                let mut acc = 0f64;
+                for gv in grow {
+                    acc += (gv * gv) as f64;
+                }
+                *rl = acc;
+            }
+            let old = lanes_of(og);
+            let (mut rn, mut inv) = ([0f32; LANES], [0f32; LANES]);
+            for l in 0..LANES {
+                rn[l] = new_stat(old[l], rs[l], m, b2, eps, s2);
+                inv[l] = 1.0 / rn[l];
+            }
+            if cnt == LANES {
+                for l in 0..LANES {
+                    sum_r[l] += rn[l] as f64;
+                    sum_g[l] += rs[l];
+                }
+            } else {
+                for l in 0..cnt {
+                    sum_r[l] += rn[l] as f64;
+                    sum_g[l] += rs[l];
+                }
+            }
+            store_lanes(&rn, rg);
+            for (ca, gv) in cacc.iter_mut().zip(gg) {
+                *ca += (gv * gv) as f64;
+            }
+            for ((wa, grow), il) in wacc.chunks_exact_mut(m).zip(gg.chunks_exact(m)).zip(&inv) {
+                for (wa, gv) in wa.iter_mut().zip(grow) {
+                    let ge = sc * gv;
+                    *wa += ((ge * ge) * il) as f64;
+                }
+            }
+        }
+    }
+    let lanes = |v: &Lanes64| v.iter().sum::<f64>();
+    // Column `j`: its lanes added in order.
+    let by_lanes = |acc: &[f64]| -> Vec<f64> {
+        (0..m)
+            .map(|j| (0..LANES).map(|l| acc[l * m + j]).sum::<f64>())
+            .collect()
+    };
+    sums.sum_sq_grad = lanes(&sum_g);
+    RowsPart {
+        slice,
+        col: by_lanes(&cacc),
+        weighted: by_lanes(&wacc),
+        sum_r: lanes(&sum_r),
+        sums,
+    }
 }
 
 /// The column statistics (into `c`), `mean(r)` per slice and `sum(u^2)` from the slices'
@@ -608,6 +690,11 @@ fn store_block<T: Element>(
     xbuf: &mut [f32],
     w: WriteArgs,
 ) {
+    // A float32 weight is written exactly by any rounding: updated where it is stored.
+    if let Some(xf) = T::as_f32_mut(xs) {
+        update_block(xf, g, fac, w);
+        return;
+    }
     T::load(xs, xbuf);
     update_block(xbuf, g, fac, w);
     w.rounding.store_slice(xbuf, xs, offset as u64);
@@ -644,22 +731,29 @@ fn batch_write<T: Element>(
                     }
                     return;
                 }
-                for (gi, xg) in xs.chunks_mut(LANES * k).enumerate() {
-                    let l0 = u * mpu + gi * LANES;
-                    let cnt = xg.len() / k;
+                // Blocks of whole groups, as many as the scratch holds; each matrix's factors
+                // in its own layout.
+                let bm = matrices_per_block(k);
+                for (bi, xb) in xs.chunks_mut(bm * k).enumerate() {
+                    let l0 = u * mpu + bi * bm;
+                    let cnt = xb.len() / k;
                     let len = cnt * k;
-                    to_lanes(&st.r[l0 * n..(l0 + cnt) * n], n, cnt, &mut s.ro);
-                    to_lanes(&st.c[l0 * m..(l0 + cnt) * m], m, cnt, &mut s.co);
-                    factors(&s.ro[..n], &s.co[..m], &mut s.a[..n], &mut s.b[..m]);
-                    for (l, fm) in s.fac[..len].chunks_exact_mut(k).enumerate() {
-                        for (frow, ai) in fm.chunks_exact_mut(m).zip(&s.a[..n]) {
-                            for (fv, bj) in frow.iter_mut().zip(&s.b[..m]) {
-                                *fv = ai[l] * bj[l];
+                    let (r, c) = (&st.r[l0 * n..(l0 + cnt) * n], &st.c[l0 * m..(l0 + cnt) * m]);
+                    for ((fm, rm), cm) in s.fac[..len]
+                        .chunks_exact_mut(k)
+                        .zip(r.chunks_exact(n))
+                        .zip(c.chunks_exact(m))
+                    {
+                        let (mut a, mut b) = ([0f32; MAX_MATRIX], [0f32; MAX_MATRIX]);
+                        matrix_factors(rm, cm, &mut a[..n], &mut b[..m]);
+                        for (frow, ai) in fm.chunks_exact_mut(m).zip(&a[..n]) {
+                            for (fv, bj) in frow.iter_mut().zip(&b[..m]) {
+                                *fv = ai * bj;
                             }
                         }
                     }
                     let g = load_grad(grad, l0 * k, &mut s.gbuf[..len], false, &mut probe);
-                    store_block(xg, l0 * k, g, &s.fac[..len], &mut s.xbuf[..len], w);
+                    store_block(xb, l0 * k, g, &s.fac[..len], &mut s.xbuf[..len], w);
                 }
             })
         },
@@ -698,21 +792,33 @@ fn rows_write<T: Element>(
                 for (bj, c) in b.iter_mut().zip(&st.c[slice * m..(slice + 1) * m]) {
                     *bj = 1.0 / c.sqrt();
                 }
-                for (gi, xg) in xs.chunks_mut(LANES * m).enumerate() {
-                    let q = slice * n + i0 + gi * LANES;
-                    let cnt = xg.len() / m;
-                    let mut a = [0f32; LANES];
-                    for (al, r) in a.iter_mut().zip(&st.r[q..q + cnt]) {
-                        *al = sm / r.sqrt();
-                    }
-                    let len = cnt * m;
-                    for (frow, al) in s.fac[..len].chunks_exact_mut(m).zip(&a) {
-                        for (fv, bj) in frow.iter_mut().zip(&b[..m]) {
-                            *fv = al * bj;
+                // Blocks of whole rows, as many as the scratch holds: the factors are per
+                // element, so the blocking changes no bits.
+                let block_rows = s.fac.len() / m;
+                // The rows' `a_i` of a block (of at least two columns).
+                let mut a_buf = [0f32; CHUNK / 2];
+                for (bi, xb) in xs.chunks_mut(block_rows * m).enumerate() {
+                    let q = slice * n + i0 + bi * block_rows;
+                    let len = xb.len();
+                    let fac = &mut s.fac[..len];
+                    if m == 1 {
+                        for (fv, r) in fac.iter_mut().zip(&st.r[q..q + len]) {
+                            *fv = (sm / r.sqrt()) * b[0];
+                        }
+                    } else {
+                        let rows = len / m;
+                        let a = &mut a_buf[..rows];
+                        for (al, r) in a.iter_mut().zip(&st.r[q..q + rows]) {
+                            *al = sm / r.sqrt();
+                        }
+                        for (frow, al) in fac.chunks_exact_mut(m).zip(a.iter()) {
+                            for (fv, bj) in frow.iter_mut().zip(&b[..m]) {
+                                *fv = al * bj;
+                            }
                         }
                     }
                     let g = load_grad(grad, q * m, &mut s.gbuf[..len], false, &mut probe);
-                    store_block(xg, q * m, g, &s.fac[..len], &mut s.xbuf[..len], w);
+                    store_block(xb, q * m, g, &s.fac[..len], &mut s.xbuf[..len], w);
                 }
             })
         },
@@ -723,7 +829,7 @@ fn rows_write<T: Element>(
 mod tests {
     use super::*;
 
-    /// The `1 x 1` factors against [`factors`] (the general lane-major formula), bit for bit,
+    /// The `1 x 1` factors against [`matrix_factors`] (the general formula), bit for bit,
     /// on regular blocks and on blocks holding a zero, infinite, NaN, negative or subnormal `r`.
     #[test]
     fn ones_factors_have_the_bits_of_the_general_formula() {
@@ -752,10 +858,10 @@ mod tests {
             });
             let mut fast = [0f32; LANES];
             ones_factors(&r, &c, &mut fast);
-            let (mut a, mut b) = ([[0f32; LANES]; 1], [[0f32; LANES]; 1]);
-            factors(&[r], &[c], &mut a, &mut b);
             for l in 0..LANES {
-                let want = a[0][l] * b[0][l];
+                let (mut a, mut b) = ([0f32], [0f32]);
+                matrix_factors(&r[l..l + 1], &c[l..l + 1], &mut a, &mut b);
+                let want = a[0] * b[0];
                 assert_eq!(
                     fast[l].to_bits(),
                     want.to_bits(),
