@@ -6,8 +6,9 @@
 //! convolution kernel `[out, in, kh, kw]` factored over its last two axes is hundreds of
 //! thousands of `kh x kw` matrices; `n x 1`, `n x 4`) or few (`1 x n`, `4 x n`). Those run on
 //! two other kernels:
-//! - [`super::tiny`], rows of at most [`MAX_SHORT_ROW`] elements: sixteen tiny matrices (or
-//!   sixteen rows) per vector, work units across the batch of matrices (or the rows);
+//! - [`super::tiny`], rows of at most [`MAX_SHORT_ROW`] elements: the gradient streamed as it
+//!   is stored, each tiny matrix (or row) taken in its own layout, work units across the batch
+//!   of matrices (or the rows);
 //! - [`super::narrow`], at most [`MAX_FEW_ROWS`] rows: work units across columns, so that each
 //!   unit's column statistics are complete and only `n` row sums are combined.
 //!
@@ -37,10 +38,10 @@ pub const MAX_FEW_ROWS: usize = 64;
 pub enum Kernel {
     /// The row loops of [`super::factored`] (large matrices).
     Rows,
-    /// Batches of at least sixteen matrices of at most [`tiny::MAX_MATRIX`] elements, sixteen
-    /// per vector.
+    /// Batches of at least sixteen matrices of at most [`tiny::MAX_MATRIX`] elements, in groups
+    /// of sixteen.
     Tiny,
-    /// Rows of at most [`MAX_SHORT_ROW`] elements, sixteen rows per vector.
+    /// Rows of at most [`MAX_SHORT_ROW`] elements, in groups of sixteen rows.
     ShortRows,
     /// At most [`MAX_FEW_ROWS`] rows, split across columns.
     FewRows,
