@@ -24,31 +24,20 @@ fn cols_per_unit(n: usize) -> usize {
 }
 
 /// A row's squares `g_j^2` added into the unit's float32 column sums `col`; returns the row's
-/// sum of squares, blocked as [`sum_sq`] blocks it (float32 lanes within a block of [`CHUNK`],
-/// blocks added in f64). The caller checks that the sums are finite (a matrix of few rows adds
+/// sum of squares, [`sum_sq`] (float32 lanes within a block of [`CHUNK`], blocks added in
+/// f64). The caller checks that the sums are finite (a matrix of few rows adds
 /// at most [`super::shaped::MAX_FEW_ROWS`] squares per column in float32, as the row loops
 /// add a block of rows).
 #[inline(always)]
 fn squares_into(g: &[f32], col: &mut [f32]) -> f64 {
     let mut total = 0f64;
     for (gb, cb) in g.chunks(CHUNK).zip(col.chunks_mut(CHUNK)) {
-        let mut lanes = [0f32; 8];
-        let mut gi = gb.chunks_exact(8);
-        let mut ci = cb.chunks_exact_mut(8);
-        for (gc, cc) in (&mut gi).zip(&mut ci) {
-            for l in 0..8 {
-                let e = gc[l] * gc[l];
-                lanes[l] += e;
-                cc[l] += e;
-            }
+        // Two loops over a block in the first-level cache, each of which the compiler
+        // vectorises (one loop doing both does not).
+        for (c, g) in cb.iter_mut().zip(gb) {
+            *c += g * g;
         }
-        let mut rem = 0f32;
-        for (g, c) in gi.remainder().iter().zip(ci.into_remainder()) {
-            let e = g * g;
-            rem += e;
-            *c += e;
-        }
-        total += (rem + lanes.iter().sum::<f32>()) as f64;
+        total += sum_sq(gb);
     }
     total
 }
