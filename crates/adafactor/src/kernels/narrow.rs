@@ -64,6 +64,25 @@ fn squares_into_f64(g: &[f32], col: &mut [f64]) -> f64 {
     lanes.iter().sum()
 }
 
+/// `sum_j ((s g_j) b_j)^2` over a block, float32 lanes added in f64.
+#[inline(always)]
+fn weighted_sq(g: &[f32], b: &[f32], s: f32) -> f64 {
+    let mut lanes = [0f32; 16];
+    let mut gi = g.chunks_exact(16);
+    let mut bi = b.chunks_exact(16);
+    for (gc, bc) in (&mut gi).zip(&mut bi) {
+        for l in 0..16 {
+            let t = (s * gc[l]) * bc[l];
+            lanes[l] += t * t;
+        }
+    }
+    for (g, b) in gi.remainder().iter().zip(bi.remainder()) {
+        let t = (s * g) * b;
+        lanes[0] += t * t;
+    }
+    lanes.iter().map(|v| *v as f64).sum()
+}
+
 /// The scalars of [`new_stat`] for a unit's columns.
 #[derive(Clone, Copy)]
 struct StatScalars {
@@ -160,68 +179,68 @@ pub(crate) fn statistics<T: Element>(
         |((slice, j0), c_out)| {
             let width = c_out.len();
             let row_start = |i: usize| (slice * n + i) * m + j0;
-            let mut gbuf = vec![0f32; width];
-            let mut xbuf = vec![0f32; if reads.x.is_some() { width } else { 0 }];
-            let mut col = vec![0f32; width];
-            let mut rows = vec![0f64; n];
+            let bw = CHUNK.min(width);
+            let mut gbuf = vec![0f32; bw];
+            let mut xbuf = vec![0f32; if reads.x.is_some() { bw } else { 0 }];
+            let (mut col, mut b) = (vec![0f32; bw], vec![0f32; bw]);
+            let (mut rows, mut xrows) = (vec![0f64; n], vec![0f64; n]);
+            let (mut block_rows, mut weighted) = (vec![0f64; n], vec![0f64; n]);
+            let mut col64 = Vec::new();
             let mut sums = Sums::default();
-            for (i, rsum) in rows.iter_mut().enumerate() {
-                let start = row_start(i);
-                if let Some(x) = reads.x {
-                    let xv = decayed_view(&x[start..start + width], reads.decay, &mut xbuf);
-                    sums.sum_sq_x += sum_sq(xv);
-                }
-                let g = load_grad(grad, start, &mut gbuf, probe_clip, &mut sums.probe);
-                *rsum = squares_into(g, &mut col);
-            }
-            let c_old = &args.c_old[slice * m + j0..slice * m + j0 + width];
-            let mut b = vec![0f32; width];
             let stat = StatScalars {
                 count: n,
                 beta2: b2,
                 epsilon_1: eps,
                 s2,
             };
-            if rows.iter().all(|r| r.is_finite()) && nonfinite_probe(&col) == 0.0 {
-                column_stats(&col, c_old, stat, c_out, &mut b);
-            } else {
-                // Rare: float32 partial sums overflowed (huge but finite squares) or the
-                // gradient is not finite. Redo the unit in f64, from cache.
-                let mut col = vec![0f64; width];
-                for (i, rsum) in rows.iter_mut().enumerate() {
-                    let start = row_start(i);
-                    let g = grad.view(start, &mut gbuf);
-                    *rsum = squares_into_f64(g, &mut col);
-                    if reads.check && !probe_clip && !rsum.is_finite() {
-                        // Decide on the unscaled values themselves: a NaN or infinity, or
-                        // only a finite value whose square overflows.
-                        sums.probe += grad.load_checked(start, &mut gbuf);
+            // Column blocks of CHUNK, every row of a block before the next block: the rows'
+            // streams are read side by side, and each row's sums are added block by block in
+            // the order of one sweep along the row.
+            for k0 in (0..width).step_by(CHUNK) {
+                let w = CHUNK.min(width - k0);
+                let (col, b) = (&mut col[..w], &mut b[..w]);
+                col.fill(0.0);
+                for (i, brow) in block_rows.iter_mut().enumerate() {
+                    let start = row_start(i) + k0;
+                    if let Some(x) = reads.x {
+                        let xv = decayed_view(&x[start..start + w], reads.decay, &mut xbuf[..w]);
+                        xrows[i] += sum_sq(xv);
                     }
+                    let g = load_grad(grad, start, &mut gbuf[..w], probe_clip, &mut sums.probe);
+                    *brow = squares_into(g, col);
                 }
-                column_stats(&col, c_old, stat, c_out, &mut b);
+                let c_old = &args.c_old[slice * m + j0 + k0..slice * m + j0 + k0 + w];
+                let c_new = &mut c_out[k0..k0 + w];
+                if block_rows.iter().all(|r| r.is_finite()) && nonfinite_probe(col) == 0.0 {
+                    column_stats(col, c_old, stat, c_new, b);
+                } else {
+                    // Rare: float32 partial sums overflowed (huge but finite squares) or the
+                    // gradient is not finite. Redo the block in f64, from cache.
+                    col64.clear();
+                    col64.resize(w, 0f64);
+                    for (i, brow) in block_rows.iter_mut().enumerate() {
+                        let start = row_start(i) + k0;
+                        let g = grad.view(start, &mut gbuf[..w]);
+                        *brow = squares_into_f64(g, &mut col64);
+                        if reads.check && !probe_clip && !brow.is_finite() {
+                            // Decide on the unscaled values themselves: a NaN or infinity, or
+                            // only a finite value whose square overflows.
+                            sums.probe += grad.load_checked(start, &mut gbuf[..w]);
+                        }
+                    }
+                    column_stats(&col64, c_old, stat, c_new, b);
+                }
+                add_into(&mut rows, &block_rows);
+                // RMS(u) needs the block's new column statistics: a second sweep, from cache.
+                let mut probe = 0f32;
+                for (i, wsum) in weighted.iter_mut().enumerate() {
+                    let start = row_start(i) + k0;
+                    let g = load_grad(grad, start, &mut gbuf[..w], false, &mut probe);
+                    *wsum += weighted_sq(g, b, sc);
+                }
             }
+            sums.sum_sq_x = xrows.iter().sum();
             sums.sum_sq_grad = rows.iter().sum();
-            // RMS(u) needs every column's new statistic: a second sweep, from cache.
-            let mut weighted = vec![0f64; n];
-            let mut probe = 0f32;
-            for (i, wsum) in weighted.iter_mut().enumerate() {
-                let start = (slice * n + i) * m + j0;
-                let g = load_grad(grad, start, &mut gbuf, false, &mut probe);
-                let mut lanes = [0f32; 16];
-                let mut gi = g.chunks_exact(16);
-                let mut bi = b.chunks_exact(16);
-                for (gc, bc) in (&mut gi).zip(&mut bi) {
-                    for l in 0..16 {
-                        let t = (sc * gc[l]) * bc[l];
-                        lanes[l] += t * t;
-                    }
-                }
-                for (g, b) in gi.remainder().iter().zip(bi.remainder()) {
-                    let t = (sc * g) * b;
-                    lanes[0] += t * t;
-                }
-                *wsum = lanes.iter().map(|v| *v as f64).sum();
-            }
             Part {
                 slice,
                 rows,
@@ -298,26 +317,38 @@ pub(crate) fn write<T: Element>(
         |(slice, j0)| {
             let width = cpu.min(m - j0);
             let sm = st.row_mean[slice].sqrt();
-            let b: Vec<f32> = st.c[slice * m + j0..slice * m + j0 + width]
+            // `coef * a_i`, `a_i = sqrt(mean(r)) / sqrt(r_i)`, as the row loops compute it.
+            let ca: Vec<f32> = st.r[slice * n..(slice + 1) * n]
                 .iter()
-                .map(|c| 1.0 / c.sqrt())
+                .map(|r| w.coef * (sm / r.sqrt()))
                 .collect();
-            let mut gbuf = vec![0f32; width];
-            let mut xbuf = vec![0f32; if T::IS_F32 { 0 } else { width }];
-            for (i, r) in st.r[slice * n..(slice + 1) * n].iter().enumerate() {
-                // `coef * a_i`, `a_i = sqrt(mean(r)) / sqrt(r_i)`, as the row loops compute it.
-                let ca = w.coef * (sm / r.sqrt());
-                let start = (slice * n + i) * m + j0;
-                let g = grad.view(start, &mut gbuf);
-                // SAFETY: units cover disjoint column ranges, so no two touch the same elements.
-                let xs = unsafe { x_at.slice(start, width) };
-                match T::as_f32_mut(xs) {
-                    // A float32 weight is updated where it is stored.
-                    Some(xf) => update_row(xf, g, &b, ca, w.scale, w.decay),
-                    None => {
-                        T::load(xs, &mut xbuf);
-                        update_row(&mut xbuf, g, &b, ca, w.scale, w.decay);
-                        w.rounding.store_slice(&xbuf, xs, start as u64);
+            let bw = CHUNK.min(width);
+            let (mut b, mut gbuf) = (vec![0f32; bw], vec![0f32; bw]);
+            let mut xbuf = vec![0f32; if T::IS_F32 { 0 } else { bw }];
+            // Column blocks of CHUNK, every row of a block before the next, as in the
+            // statistics pass.
+            for k0 in (0..width).step_by(CHUNK) {
+                let len = CHUNK.min(width - k0);
+                let c = &st.c[slice * m + j0 + k0..slice * m + j0 + k0 + len];
+                let b = &mut b[..len];
+                for (b, c) in b.iter_mut().zip(c) {
+                    *b = 1.0 / c.sqrt();
+                }
+                for (i, ca) in ca.iter().enumerate() {
+                    let start = (slice * n + i) * m + j0 + k0;
+                    let g = grad.view(start, &mut gbuf[..len]);
+                    // SAFETY: units cover disjoint column ranges, so no two touch the same
+                    // elements.
+                    let xs = unsafe { x_at.slice(start, len) };
+                    match T::as_f32_mut(xs) {
+                        // A float32 weight is updated where it is stored.
+                        Some(xf) => update_row(xf, g, b, *ca, w.scale, w.decay),
+                        None => {
+                            let xb = &mut xbuf[..len];
+                            T::load(xs, xb);
+                            update_row(xb, g, b, *ca, w.scale, w.decay);
+                            w.rounding.store_slice(xb, xs, start as u64);
+                        }
                     }
                 }
             }
