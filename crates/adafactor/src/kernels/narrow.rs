@@ -6,13 +6,11 @@
 //! as long as the row, read and written for every row. See [`super::shaped`] for the passes.
 
 use super::element::Element;
-use super::grad::{decayed_view, Grad};
+use super::grad::{decayed_view, Decay, Grad};
 use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
-use super::reduce::sum_sq;
+use super::reduce::{nonfinite_probe, sum_sq, CHUNK};
 use super::row_args::new_stat;
-use super::shaped::{
-    add_into, load_grad, update_block, Fresh, Reads, StatArgs, Statistics, Sums, WriteArgs,
-};
+use super::shaped::{add_into, load_grad, Fresh, Reads, StatArgs, Statistics, Sums, WriteArgs};
 use crate::state::Factoring;
 
 /// Fewest and most columns per unit: long enough runs for the prefetcher, a buffer that stays
@@ -23,6 +21,119 @@ const MAX_COLS: usize = 8192;
 /// Columns per work unit of `n` rows: about [`UNIT_ELEMS`] elements.
 fn cols_per_unit(n: usize) -> usize {
     (UNIT_ELEMS / n.max(1)).clamp(MIN_COLS, MAX_COLS)
+}
+
+/// A row's squares `g_j^2` added into the unit's float32 column sums `col`; returns the row's
+/// sum of squares, [`sum_sq`] (float32 lanes within a block of [`CHUNK`], blocks added in
+/// f64). The caller checks that the sums are finite (a matrix of few rows adds
+/// at most [`super::shaped::MAX_FEW_ROWS`] squares per column in float32, as the row loops
+/// add a block of rows).
+#[inline(always)]
+fn squares_into(g: &[f32], col: &mut [f32]) -> f64 {
+    let mut total = 0f64;
+    for (gb, cb) in g.chunks(CHUNK).zip(col.chunks_mut(CHUNK)) {
+        // Two loops over a block in the first-level cache, each of which the compiler
+        // vectorises (one loop doing both does not).
+        for (c, g) in cb.iter_mut().zip(gb) {
+            *c += g * g;
+        }
+        total += sum_sq(gb);
+    }
+    total
+}
+
+/// [`squares_into`] in f64, for a unit whose float32 sums are not finite: a row or column of
+/// large finite squares whose float32 sum would overflow still has a finite mean.
+#[inline(always)]
+fn squares_into_f64(g: &[f32], col: &mut [f64]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut gi = g.chunks_exact(8);
+    let mut ci = col.chunks_exact_mut(8);
+    for (gc, cc) in (&mut gi).zip(&mut ci) {
+        for l in 0..8 {
+            let e = (gc[l] * gc[l]) as f64;
+            lanes[l] += e;
+            cc[l] += e;
+        }
+    }
+    for (g, c) in gi.remainder().iter().zip(ci.into_remainder()) {
+        let e = (g * g) as f64;
+        lanes[0] += e;
+        *c += e;
+    }
+    lanes.iter().sum()
+}
+
+/// `sum_j ((s g_j) b_j)^2` over a block, float32 lanes added in f64.
+#[inline(always)]
+fn weighted_sq(g: &[f32], b: &[f32], s: f32) -> f64 {
+    let mut lanes = [0f32; 16];
+    let mut gi = g.chunks_exact(16);
+    let mut bi = b.chunks_exact(16);
+    for (gc, bc) in (&mut gi).zip(&mut bi) {
+        for l in 0..16 {
+            let t = (s * gc[l]) * bc[l];
+            lanes[l] += t * t;
+        }
+    }
+    for (g, b) in gi.remainder().iter().zip(bi.remainder()) {
+        let t = (s * g) * b;
+        lanes[0] += t * t;
+    }
+    lanes.iter().map(|v| *v as f64).sum()
+}
+
+/// The scalars of [`new_stat`] for a unit's columns.
+#[derive(Clone, Copy)]
+struct StatScalars {
+    /// Rows per column.
+    count: usize,
+    beta2: f32,
+    epsilon_1: f32,
+    /// The square of the gradient scale.
+    s2: f64,
+}
+
+/// Each column's new statistic, `c_j = new_stat(old_j, sum_j, ...)` bit for bit, and its
+/// factor `b_j = 1 / sqrt(c_j)`, in one vectorisable loop: the division by the row count is a
+/// multiplication by its reciprocal when the count is a power of two (`1 x n`, `4 x n`, `64 x
+/// n`), which gives the same bits (`x * 2^-k` and `x / 2^k` are the same real number).
+#[inline(always)]
+fn column_stats<S: Copy + Into<f64>>(
+    sums: &[S],
+    old: &[f32],
+    k: StatScalars,
+    c: &mut [f32],
+    b: &mut [f32],
+) {
+    if k.count.is_power_of_two() {
+        let inv = 1.0 / k.count as f64;
+        column_stats_by(sums, old, k, c, b, move |q| q * inv);
+    } else {
+        let d = k.count as f64;
+        column_stats_by(sums, old, k, c, b, move |q| q / d);
+    }
+}
+
+#[inline(always)]
+fn column_stats_by<S: Copy + Into<f64>>(
+    sums: &[S],
+    old: &[f32],
+    k: StatScalars,
+    c: &mut [f32],
+    b: &mut [f32],
+    mean: impl Fn(f64) -> f64,
+) {
+    let (beta2, eps, s2) = (k.beta2, k.epsilon_1 as f64, k.s2);
+    // As `new_stat`: a zero scale zeroes the gradient, even where its sum of squares overflowed.
+    let zero = s2 == 0.0;
+    for (((c, b), s), old) in c.iter_mut().zip(b.iter_mut()).zip(sums).zip(old) {
+        let sum: f64 = (*s).into();
+        let sq = if zero { 0.0 } else { sum * s2 };
+        let q = (mean(sq) + eps) as f32;
+        *c = beta2 * old + (1.0 - beta2) * q;
+        *b = 1.0 / c.sqrt();
+    }
 }
 
 /// One unit's partial row sums.
@@ -57,69 +168,79 @@ pub(crate) fn statistics<T: Element>(
         .collect();
     let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
     let s2 = (sc as f64) * (sc as f64);
+    // Clamping would hide an infinity from the sums: with clipvalue the gradient is probed as
+    // it is read; otherwise finite sums show a finite gradient, and only a unit whose sums are
+    // not finite looks at the values themselves.
+    let probe_clip = reads.check && grad.transform.clip_value.is_some();
     let parts = map_units(
         units,
         parallel_for(f.len()),
         #[inline(always)]
         |((slice, j0), c_out)| {
             let width = c_out.len();
-            let mut gbuf = vec![0f32; width];
-            let mut xbuf = vec![0f32; if reads.x.is_some() { width } else { 0 }];
-            let mut col = vec![0f64; width];
-            let mut rows = vec![0f64; n];
+            let row_start = |i: usize| (slice * n + i) * m + j0;
+            let bw = CHUNK.min(width);
+            let mut gbuf = vec![0f32; bw];
+            let mut xbuf = vec![0f32; if reads.x.is_some() { bw } else { 0 }];
+            let (mut col, mut b) = (vec![0f32; bw], vec![0f32; bw]);
+            let (mut rows, mut xrows) = (vec![0f64; n], vec![0f64; n]);
+            let (mut block_rows, mut weighted) = (vec![0f64; n], vec![0f64; n]);
+            let mut col64 = Vec::new();
             let mut sums = Sums::default();
-            for (i, rsum) in rows.iter_mut().enumerate() {
-                let start = (slice * n + i) * m + j0;
-                if let Some(x) = reads.x {
-                    let xv = decayed_view(&x[start..start + width], reads.decay, &mut xbuf);
-                    sums.sum_sq_x += sum_sq(xv);
-                }
-                let g = load_grad(grad, start, &mut gbuf, reads.check, &mut sums.probe);
-                let mut lanes = [0f64; 8];
-                let mut gi = g.chunks_exact(8);
-                let mut ci = col.chunks_exact_mut(8);
-                for (gc, cc) in (&mut gi).zip(&mut ci) {
-                    for l in 0..8 {
-                        let e = (gc[l] * gc[l]) as f64;
-                        lanes[l] += e;
-                        cc[l] += e;
+            let stat = StatScalars {
+                count: n,
+                beta2: b2,
+                epsilon_1: eps,
+                s2,
+            };
+            // Column blocks of CHUNK, every row of a block before the next block: the rows'
+            // streams are read side by side, and each row's sums are added block by block in
+            // the order of one sweep along the row.
+            for k0 in (0..width).step_by(CHUNK) {
+                let w = CHUNK.min(width - k0);
+                let (col, b) = (&mut col[..w], &mut b[..w]);
+                col.fill(0.0);
+                for (i, brow) in block_rows.iter_mut().enumerate() {
+                    let start = row_start(i) + k0;
+                    if let Some(x) = reads.x {
+                        let xv = decayed_view(&x[start..start + w], reads.decay, &mut xbuf[..w]);
+                        xrows[i] += sum_sq(xv);
                     }
+                    let g = load_grad(grad, start, &mut gbuf[..w], probe_clip, &mut sums.probe);
+                    *brow = squares_into(g, col);
                 }
-                for (g, c) in gi.remainder().iter().zip(ci.into_remainder()) {
-                    let e = (g * g) as f64;
-                    lanes[0] += e;
-                    *c += e;
-                }
-                *rsum = lanes.iter().sum();
-                sums.sum_sq_grad += *rsum;
-            }
-            let c_old = &args.c_old[slice * m + j0..slice * m + j0 + width];
-            let mut b = vec![0f32; width];
-            for (((co, cs), old), bj) in c_out.iter_mut().zip(&col).zip(c_old).zip(&mut b) {
-                *co = new_stat(*old, *cs, n, b2, eps, s2);
-                *bj = 1.0 / co.sqrt();
-            }
-            // RMS(u) needs every column's new statistic: a second sweep, from cache.
-            let mut weighted = vec![0f64; n];
-            let mut probe = 0f32;
-            for (i, wsum) in weighted.iter_mut().enumerate() {
-                let start = (slice * n + i) * m + j0;
-                let g = load_grad(grad, start, &mut gbuf, false, &mut probe);
-                let mut lanes = [0f32; 16];
-                let mut gi = g.chunks_exact(16);
-                let mut bi = b.chunks_exact(16);
-                for (gc, bc) in (&mut gi).zip(&mut bi) {
-                    for l in 0..16 {
-                        let t = (sc * gc[l]) * bc[l];
-                        lanes[l] += t * t;
+                let c_old = &args.c_old[slice * m + j0 + k0..slice * m + j0 + k0 + w];
+                let c_new = &mut c_out[k0..k0 + w];
+                if block_rows.iter().all(|r| r.is_finite()) && nonfinite_probe(col) == 0.0 {
+                    column_stats(col, c_old, stat, c_new, b);
+                } else {
+                    // Rare: float32 partial sums overflowed (huge but finite squares) or the
+                    // gradient is not finite. Redo the block in f64, from cache.
+                    col64.clear();
+                    col64.resize(w, 0f64);
+                    for (i, brow) in block_rows.iter_mut().enumerate() {
+                        let start = row_start(i) + k0;
+                        let g = grad.view(start, &mut gbuf[..w]);
+                        *brow = squares_into_f64(g, &mut col64);
+                        if reads.check && !probe_clip && !brow.is_finite() {
+                            // Decide on the unscaled values themselves: a NaN or infinity, or
+                            // only a finite value whose square overflows.
+                            sums.probe += grad.load_checked(start, &mut gbuf[..w]);
+                        }
                     }
+                    column_stats(&col64, c_old, stat, c_new, b);
                 }
-                for (g, b) in gi.remainder().iter().zip(bi.remainder()) {
-                    let t = (sc * g) * b;
-                    lanes[0] += t * t;
+                add_into(&mut rows, &block_rows);
+                // RMS(u) needs the block's new column statistics: a second sweep, from cache.
+                let mut probe = 0f32;
+                for (i, wsum) in weighted.iter_mut().enumerate() {
+                    let start = row_start(i) + k0;
+                    let g = load_grad(grad, start, &mut gbuf[..w], false, &mut probe);
+                    *wsum += weighted_sq(g, b, sc);
                 }
-                *wsum = lanes.iter().map(|v| *v as f64).sum();
             }
+            sums.sum_sq_x = xrows.iter().sum();
+            sums.sum_sq_grad = rows.iter().sum();
             Part {
                 slice,
                 rows,
@@ -195,32 +316,62 @@ pub(crate) fn write<T: Element>(
         #[inline(always)]
         |(slice, j0)| {
             let width = cpu.min(m - j0);
-            let mut a = vec![0f32; n];
             let sm = st.row_mean[slice].sqrt();
-            for (a, r) in a.iter_mut().zip(&st.r[slice * n..(slice + 1) * n]) {
-                *a = sm / r.sqrt();
-            }
-            let b: Vec<f32> = st.c[slice * m + j0..slice * m + j0 + width]
+            // `coef * a_i`, `a_i = sqrt(mean(r)) / sqrt(r_i)`, as the row loops compute it.
+            let ca: Vec<f32> = st.r[slice * n..(slice + 1) * n]
                 .iter()
-                .map(|c| 1.0 / c.sqrt())
+                .map(|r| w.coef * (sm / r.sqrt()))
                 .collect();
-            let (mut gbuf, mut xbuf, mut fac) =
-                (vec![0f32; width], vec![0f32; width], vec![0f32; width]);
-            let mut probe = 0f32;
-            for (i, ai) in a.iter().enumerate() {
-                let start = (slice * n + i) * m + j0;
-                for (fv, bj) in fac.iter_mut().zip(&b) {
-                    *fv = ai * bj;
+            let bw = CHUNK.min(width);
+            let (mut b, mut gbuf) = (vec![0f32; bw], vec![0f32; bw]);
+            let mut xbuf = vec![0f32; if T::IS_F32 { 0 } else { bw }];
+            // Column blocks of CHUNK, every row of a block before the next, as in the
+            // statistics pass.
+            for k0 in (0..width).step_by(CHUNK) {
+                let len = CHUNK.min(width - k0);
+                let c = &st.c[slice * m + j0 + k0..slice * m + j0 + k0 + len];
+                let b = &mut b[..len];
+                for (b, c) in b.iter_mut().zip(c) {
+                    *b = 1.0 / c.sqrt();
                 }
-                let g = load_grad(grad, start, &mut gbuf, false, &mut probe);
-                // SAFETY: units cover disjoint column ranges, so no two touch the same elements.
-                let xs = unsafe { x_at.slice(start, width) };
-                T::load(xs, &mut xbuf);
-                update_block(&mut xbuf, g, &fac, w);
-                w.rounding.store_slice(&xbuf, xs, start as u64);
+                for (i, ca) in ca.iter().enumerate() {
+                    let start = (slice * n + i) * m + j0 + k0;
+                    let g = grad.view(start, &mut gbuf[..len]);
+                    // SAFETY: units cover disjoint column ranges, so no two touch the same
+                    // elements.
+                    let xs = unsafe { x_at.slice(start, len) };
+                    match T::as_f32_mut(xs) {
+                        // A float32 weight is updated where it is stored.
+                        Some(xf) => update_row(xf, g, b, *ca, w.scale, w.decay),
+                        None => {
+                            let xb = &mut xbuf[..len];
+                            T::load(xs, xb);
+                            update_row(xb, g, b, *ca, w.scale, w.decay);
+                            w.rounding.store_slice(xb, xs, start as u64);
+                        }
+                    }
+                }
             }
         },
     );
+}
+
+/// `x_j = decay(x_j) - ca * (s g_j) * b_j` over one row's columns, the operations of the row
+/// loops' update in their order.
+#[inline(always)]
+fn update_row(x: &mut [f32], g: &[f32], b: &[f32], ca: f32, s: f32, decay: Option<Decay>) {
+    match decay {
+        None => {
+            for ((x, g), b) in x.iter_mut().zip(g).zip(b) {
+                *x -= ca * (s * g) * b;
+            }
+        }
+        Some(d) => {
+            for ((x, g), b) in x.iter_mut().zip(g).zip(b) {
+                *x = d.apply(*x) - ca * (s * g) * b;
+            }
+        }
+    }
 }
 
 /// Disjoint writable pieces of one buffer handed to parallel units (each unit writes a column
@@ -254,5 +405,153 @@ impl<T> SharedRows<T> {
         );
         // SAFETY: in bounds (checked above); exclusive by the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::shaped::{self, Fresh};
+    use crate::kernels::Rounding;
+
+    /// The vectorisable column update against [`new_stat`], bit for bit: row counts that are
+    /// powers of two (a multiplication) and others (a division), scales of zero, one and
+    /// others, sums near zero, huge and infinite.
+    #[test]
+    fn column_stats_have_the_bits_of_new_stat() {
+        let sums: Vec<f64> = (0..200)
+            .map(|i| match i % 7 {
+                0 => 0.0,
+                1 => f64::INFINITY,
+                2 => 1e300 * i as f64,
+                3 => 1e-40 * i as f64,
+                _ => (i as f64 * 0.731).sin().abs() * 10f64.powi(i % 13 - 6),
+            })
+            .collect();
+        let sums32: Vec<f32> = sums.iter().map(|s| *s as f32).collect();
+        let old: Vec<f32> = (0..200).map(|i| 1e-3 * (1 + i % 17) as f32).collect();
+        for count in [1usize, 2, 3, 4, 7, 64] {
+            for s2 in [0.0, 1.0, 0.3, 2.5e-5] {
+                let k = StatScalars {
+                    count,
+                    beta2: 0.75,
+                    epsilon_1: 1e-30,
+                    s2,
+                };
+                let (mut c, mut b) = (vec![0f32; 200], vec![0f32; 200]);
+                column_stats(&sums, &old, k, &mut c, &mut b);
+                let (mut c32, mut b32) = (vec![0f32; 200], vec![0f32; 200]);
+                column_stats(&sums32, &old, k, &mut c32, &mut b32);
+                for j in 0..200 {
+                    let want = new_stat(old[j], sums[j], count, 0.75, 1e-30, s2);
+                    let want32 = new_stat(old[j], sums32[j] as f64, count, 0.75, 1e-30, s2);
+                    let what = format!("count {count} s2 {s2} sum {}", sums[j]);
+                    assert_eq!(c[j].to_bits(), want.to_bits(), "{what}");
+                    assert_eq!(c32[j].to_bits(), want32.to_bits(), "{what} (float32)");
+                    assert_eq!(b[j].to_bits(), (1.0 / want.sqrt()).to_bits(), "{what}");
+                }
+            }
+        }
+    }
+
+    fn few_rows(n: usize, m: usize) -> Factoring {
+        Factoring {
+            lead: 1,
+            n,
+            m,
+            strided: None,
+        }
+    }
+
+    /// Squares too large for float32 sums (finite gradients near `1e18`) still give finite
+    /// statistics and a finite gradient, through the f64 redo; a NaN or an infinity in the
+    /// gradient is reported, with or without clipvalue.
+    #[test]
+    fn overflowing_squares_are_summed_in_f64_and_nonfinite_gradients_found() {
+        let f = few_rows(3, 3000);
+        let len = f.len();
+        let x = vec![0.5f32; len];
+        let (r_old, c_old) = (vec![1f32; 3], vec![1f32; 3000]);
+        let args = StatArgs {
+            r_old: &r_old,
+            c_old: &c_old,
+            beta2: 0.5,
+            epsilon_1: 1e-30,
+            scale: 1.0,
+        };
+        let reads = Reads {
+            x: Some(&x[..]),
+            decay: None,
+            check: true,
+        };
+        let mut g: Vec<f32> = (0..len).map(|i| 1e18 * (1.0 + (i % 5) as f32)).collect();
+        let (st, sums) = statistics(&Grad::plain(&g[..]), reads, f, args, Fresh::zeroed(f));
+        assert_eq!(sums.probe, 0.0);
+        assert!(sums.sum_sq_grad.is_finite() && sums.sum_sq_grad > 1e40);
+        assert!(st.r.iter().all(|r| *r > 1e36), "{:?}", st.r);
+        assert!(st.r.iter().chain(&st.c).all(|v| v.is_finite()), "{st:?}");
+        // The mean of column 0's squares: (1e18)^2 on each of the three rows.
+        let want = new_stat(1.0, 3.0 * (1e18f32 * 1e18f32) as f64, 3, 0.5, 1e-30, 1.0);
+        assert_eq!(st.c[0], want);
+        for bad in [f32::NAN, f32::INFINITY] {
+            g[len / 2] = bad;
+            let plain = Grad::plain(&g[..]);
+            let (_, sums) = statistics(&plain, reads, f, args, Fresh::zeroed(f));
+            assert!(sums.probe.is_nan(), "{bad} not found");
+            let mut clipped = plain;
+            clipped.transform.clip_value = Some(1.0);
+            let (_, sums) = statistics(&clipped, reads, f, args, Fresh::zeroed(f));
+            assert!(sums.probe.is_nan(), "{bad} not found under clipvalue");
+        }
+    }
+
+    /// The write pass's stochastic rounding is keyed by each element's index in the tensor:
+    /// the kernel's bf16 weights are those of rounding its float32 result element by element.
+    #[test]
+    fn stochastic_rounding_is_keyed_by_element_index() {
+        use crate::rounding::{RoundingKey, RoundingStream};
+        use half::bf16;
+        let f = few_rows(2, 40000);
+        let len = f.len();
+        let g: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
+            .collect();
+        let x32: Vec<f32> = (0..len).map(|i| 1.0 + (i % 97) as f32 * 1e-3).collect();
+        let xb: Vec<bf16> = x32.iter().map(|v| bf16::from_f32(*v)).collect();
+        let x0: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+        let st = shaped::Statistics {
+            r: vec![0.5, 2.0],
+            c: (0..40000).map(|j| 1e-3 * (1 + j % 11) as f32).collect(),
+            row_mean: vec![1.25],
+            sum_sq_update: 0.0,
+        };
+        let key = Rounding::Stochastic(RoundingKey::new(1, 2, 3, RoundingStream::Update));
+        let gb: Vec<bf16> = g.iter().map(|v| bf16::from_f32(*v)).collect();
+        let mut got = xb.clone();
+        shaped::write(
+            &mut got,
+            &Grad::plain(&gb[..]),
+            &st,
+            f,
+            0.01,
+            1.0,
+            None,
+            key,
+        );
+        let g0: Vec<f32> = gb.iter().map(|v| v.to_f32()).collect();
+        let mut want = x0.clone();
+        shaped::write(
+            &mut want,
+            &Grad::plain(&g0[..]),
+            &st,
+            f,
+            0.01,
+            1.0,
+            None,
+            key,
+        );
+        for (i, (a, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(*a, key.store::<bf16>(*w, i as u64), "element {i}");
+        }
     }
 }

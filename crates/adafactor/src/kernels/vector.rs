@@ -2,7 +2,7 @@
 
 use super::after_write::{write_blocks, Tail};
 use super::element::Element;
-use super::grad::{decay_in_place, decayed_view, Decay, Grad};
+use super::grad::{decayed_view, Decay, Grad};
 use super::parallel::{chunk_units, map_units, parallel_for, split_for, sum_chunks, UNIT_ELEMS};
 use super::reduce::{sum_sq, CHUNK};
 use super::shaped::load_grad;
@@ -39,6 +39,7 @@ pub fn pass1<T: Element>(
     check_finite: bool,
 ) -> Pass1 {
     let parallel = parallel_for(x.len());
+    let probe_clip = check_finite && grad.transform.clip_value.is_some();
     let outs = map_units(
         ranges(x.len()),
         parallel,
@@ -50,10 +51,13 @@ pub fn pass1<T: Element>(
             for b in (s..e).step_by(CHUNK) {
                 let n = CHUNK.min(e - b);
                 // A plain float32 gradient and an undecayed float32 weight are read in place.
-                let gb = load_grad(grad, b, &mut gbuf[..n], check_finite, &mut probe);
+                let gb = load_grad(grad, b, &mut gbuf[..n], probe_clip, &mut probe);
                 let xb = decayed_view(&x[b..b + n], decay, &mut xbuf[..n]);
                 sg += sum_sq(gb);
                 sx += sum_sq(xb);
+            }
+            if check_finite && !probe_clip {
+                probe += probe_unless_finite(grad, (s, e), sg);
             }
             (sg, sx, probe)
         },
@@ -89,6 +93,27 @@ fn velocity_block(
     }
 }
 
+/// 0 when the unit `s..e`'s effective gradient is finite, NaN otherwise, from its sum of
+/// squares `sum_sq_grad`: NaN and infinities reach the sum (clipvalue, which could hide them,
+/// is probed as the gradient is read instead), so only a unit whose sum is not finite, with
+/// infinite values or only squares whose sum overflowed, looks at the unscaled values.
+fn probe_unless_finite<T: Element>(
+    grad: &Grad<'_, T>,
+    (s, e): (usize, usize),
+    sum_sq_grad: f64,
+) -> f32 {
+    if sum_sq_grad.is_finite() {
+        return 0.0;
+    }
+    let mut buf = [0f32; CHUNK];
+    let mut probe = 0f32;
+    for b in (s..e).step_by(CHUNK) {
+        let n = CHUNK.min(e - b);
+        probe += grad.load_checked(b, &mut buf[..n]);
+    }
+    probe
+}
+
 /// Passes 1 and 2 in one sweep, when the gradient scale is 1 (no norm clipping): the sums of
 /// [`pass1`], the new velocity into `v_new` and `sum(u^2)` as [`pass2`] computes them (the same
 /// blocks, so the same bits), reading the gradient once instead of twice.
@@ -106,6 +131,7 @@ pub fn pass1_fold<T: Element>(
     let len = v_new.len();
     let parallel = parallel_for(len);
     let units = chunk_units(v_new);
+    let probe_clip = check_finite && grad.transform.clip_value.is_some();
     let outs = map_units(
         units,
         parallel,
@@ -116,13 +142,18 @@ pub fn pass1_fold<T: Element>(
             for (k, vb) in vs.chunks_mut(CHUNK).enumerate() {
                 let b = s + k * CHUNK;
                 let n = vb.len();
-                let gb = load_grad(grad, b, &mut gbuf[..n], check_finite, &mut probe);
+                let gb = load_grad(grad, b, &mut gbuf[..n], probe_clip, &mut probe);
                 let xb = decayed_view(&x[b..b + n], decay, &mut xbuf[..n]);
+                // Four loops over a block in the first-level cache, each of which the compiler
+                // vectorises (one loop doing all four does not).
                 sg += sum_sq(gb);
                 sx += sum_sq(xb);
                 let ub = &mut ubuf[..n];
                 velocity_block(gb, &v_old[b..b + n], vb, ub, (beta2, epsilon_1, 1.0));
                 su += sum_sq(ub);
+            }
+            if check_finite && !probe_clip {
+                probe += probe_unless_finite(grad, (s, s + vs.len()), sg);
             }
             (sg, sx, su, probe)
         },
@@ -204,16 +235,37 @@ pub fn pass3_then<T: Element>(
             let b = k * CHUNK;
             let n = xblock.len();
             let gb = load_grad(grad, b, &mut gbuf[..n], false, &mut probe);
-            let xb = &mut xbuf[..n];
-            T::load(xblock, xb);
-            decay_in_place(decay, xb);
-            for ((xv, g), v) in xb.iter_mut().zip(gb.iter()).zip(&v_new[start + b..]) {
-                *xv -= coef * ((grad_scale * g) / v.sqrt());
+            let vb = &v_new[start + b..start + b + n];
+            match T::as_f32_mut(xblock) {
+                // A float32 weight is updated where it is stored.
+                Some(xf) => update_block(xf, gb, vb, coef, grad_scale, decay),
+                None => {
+                    let xb = &mut xbuf[..n];
+                    T::load(xblock, xb);
+                    update_block(xb, gb, vb, coef, grad_scale, decay);
+                    rounding.store_slice(xb, xblock, (start + b) as u64);
+                }
             }
-            rounding.store_slice(xb, xblock, (start + b) as u64);
         }
     };
     write_blocks(x, grad, 1, chunk, parallel, tail, body);
+}
+
+/// `x = decay(x) - coef * ((s g) / sqrt(v_new))` over a block.
+#[inline(always)]
+fn update_block(x: &mut [f32], g: &[f32], v: &[f32], coef: f32, s: f32, decay: Option<Decay>) {
+    match decay {
+        None => {
+            for ((x, g), v) in x.iter_mut().zip(g).zip(v) {
+                *x -= coef * ((s * g) / v.sqrt());
+            }
+        }
+        Some(d) => {
+            for ((x, g), v) in x.iter_mut().zip(g).zip(v) {
+                *x = d.apply(*x) - coef * ((s * g) / v.sqrt());
+            }
+        }
+    }
 }
 
 #[cfg(test)]
