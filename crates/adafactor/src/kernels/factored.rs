@@ -100,9 +100,10 @@ fn add_into(acc: &mut [f64], part: &[f32]) {
 
 /// Sum of squares of `g` while adding each square into `col`. The squares are float32, as
 /// Keras computes them; the sums are f64, so a row or column of large finite squares whose
-/// float32 sum would overflow still has a finite mean.
+/// float32 sum would overflow still has a finite mean (also the few-row kernel's fallback when
+/// its float32 sums overflow).
 #[inline(always)]
-fn row_sq_and_cols(g: &[f32], col: &mut [f64]) -> f64 {
+pub(crate) fn row_sq_and_cols(g: &[f32], col: &mut [f64]) -> f64 {
     let mut lanes = [0f64; 4];
     let mut gi = g.chunks_exact(4);
     let mut ci = col.chunks_exact_mut(4);

@@ -6,6 +6,7 @@
 //! as long as the row, read and written for every row. See [`super::shaped`] for the passes.
 
 use super::element::Element;
+use super::factored::row_sq_and_cols;
 use super::grad::{decayed_view, Decay, Grad};
 use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
 use super::reduce::{nonfinite_probe, sum_sq, CHUNK};
@@ -40,28 +41,6 @@ fn squares_into(g: &[f32], col: &mut [f32]) -> f64 {
         total += sum_sq(gb);
     }
     total
-}
-
-/// [`squares_into`] in f64, for a unit whose float32 sums are not finite: a row or column of
-/// large finite squares whose float32 sum would overflow still has a finite mean.
-#[inline(always)]
-fn squares_into_f64(g: &[f32], col: &mut [f64]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let mut gi = g.chunks_exact(8);
-    let mut ci = col.chunks_exact_mut(8);
-    for (gc, cc) in (&mut gi).zip(&mut ci) {
-        for l in 0..8 {
-            let e = (gc[l] * gc[l]) as f64;
-            lanes[l] += e;
-            cc[l] += e;
-        }
-    }
-    for (g, c) in gi.remainder().iter().zip(ci.into_remainder()) {
-        let e = (g * g) as f64;
-        lanes[0] += e;
-        *c += e;
-    }
-    lanes.iter().sum()
 }
 
 /// `sum_j ((s g_j) b_j)^2` over a block, float32 lanes added in f64.
@@ -221,7 +200,7 @@ pub(crate) fn statistics<T: Element>(
                     for (i, brow) in block_rows.iter_mut().enumerate() {
                         let start = row_start(i) + k0;
                         let g = grad.view(start, &mut gbuf[..w]);
-                        *brow = squares_into_f64(g, &mut col64);
+                        *brow = row_sq_and_cols(g, &mut col64);
                         if reads.check && !probe_clip && !brow.is_finite() {
                             // Decide on the unscaled values themselves: a NaN or infinity, or
                             // only a finite value whose square overflows.
