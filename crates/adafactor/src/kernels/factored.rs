@@ -479,7 +479,7 @@ pub fn pass1_folded<T: RowLoops>(
                 let rc = (&sums.rows[..], &sums.col[..]);
                 let (r, c) = new_stats(rc, (fold.r_old, c_old), f, (beta2, eps1, 1.0));
                 row_means(&r, f, &mut s.factors.row_mean);
-                let sum_sq_update = weighted_sum(&sums.wcol, &c, &s.factors.row_mean, f);
+                let sum_sq_update = weighted_sum(&sums.wcol, &c, f.m, &s.factors.row_mean);
                 Folded {
                     // The factors are left to pass 3: a tensor's buffers that live from this
                     // stage to the write cost as much as computing them there.
@@ -613,21 +613,22 @@ fn factors_into(
 /// `sum(u^2)` from pass 1's [`RowFold`] sums, when it ran with one: pass 2 is then not needed.
 pub fn sum_sq_update(p1: &Pass1, p: &Prepared, f: Factoring) -> Option<f64> {
     let w = p1.weighted_cols.as_ref()?;
-    Some(weighted_sum(w, &p.c, &p.row_mean, f))
+    Some(weighted_sum(w, &p.c, f.m, &p.row_mean))
 }
 
-/// `sum(u^2) = sum over slices of mean(r) sum_j w_j / c_j`, `w` the row fold's weighted column
-/// sums ([`RowFold`]).
-fn weighted_sum(w: &[f64], c: &[f32], row_mean: &[f32], f: Factoring) -> f64 {
-    if f.m == 0 {
+/// `sum(u^2) = sum over slices of mean(r) sum_h w_h / q_h`: `w` a fold's weighted sums and `q`
+/// the new statistics of the same axis, `per` of each per slice (the row fold's weighted column
+/// sums against `c`; the strided and short-row kernels' own folds likewise).
+pub(crate) fn weighted_sum(w: &[f64], q: &[f32], per: usize, row_mean: &[f32]) -> f64 {
+    if per == 0 {
         return 0.0;
     }
-    w.chunks(f.m)
-        .zip(c.chunks(f.m))
+    w.chunks(per)
+        .zip(q.chunks(per))
         .zip(row_mean)
-        .map(|((ws, cs), mean)| {
-            let per_col: f64 = ws.iter().zip(cs).map(|(w, c)| w / *c as f64).sum();
-            *mean as f64 * per_col
+        .map(|((ws, qs), mean)| {
+            let per_stat: f64 = ws.iter().zip(qs).map(|(w, q)| w / *q as f64).sum();
+            *mean as f64 * per_stat
         })
         .sum()
 }

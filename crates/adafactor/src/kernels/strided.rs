@@ -419,18 +419,7 @@ pub fn sum_sq_update(weighted: &[f64], p: &Prepared, f: Factoring) -> f64 {
         Some(s) if !s.rows_low => (&p.r, f.n),
         _ => (&p.c, f.m),
     };
-    if per == 0 {
-        return 0.0;
-    }
-    weighted
-        .chunks(per)
-        .zip(stats.chunks(per))
-        .zip(&p.row_mean)
-        .map(|((ws, qs), mean)| {
-            let per_stat: f64 = ws.iter().zip(qs).map(|(w, q)| w / *q as f64).sum();
-            *mean as f64 * per_stat
-        })
-        .sum()
+    super::factored::weighted_sum(weighted, stats, per, &p.row_mean)
 }
 
 /// `[outer, mid, high, inner]` (grad order) to `[outer, mid, inner, high]` (storage order).

@@ -653,11 +653,7 @@ fn finish_slices(
         *c = new_stat(*old, *s, f.n, args.beta2, args.epsilon_1, s2);
     }
     let row_mean: Vec<f32> = sum_r.iter().map(|s| (s / f.n as f64) as f32).collect();
-    let mut total = 0f64;
-    for ((cs, ws), mean) in c.chunks(f.m).zip(weighted.chunks(f.m)).zip(&row_mean) {
-        let per_col: f64 = ws.iter().zip(cs).map(|(w, c)| w / *c as f64).sum();
-        total += *mean as f64 * per_col;
-    }
+    let total = super::factored::weighted_sum(weighted, c, f.m, &row_mean);
     (row_mean, total)
 }
 
