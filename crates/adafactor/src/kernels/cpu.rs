@@ -70,6 +70,22 @@ pub(crate) fn has_avx512_bf16() -> bool {
     }
 }
 
+/// True when this CPU has AVX-512 VL and DQ (with F and BW, what [`vectorized_wide`] compiles
+/// for).
+#[inline(always)]
+fn has_avx512_vl_dq() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// True when this CPU runs the AVX2 twins (AVX2 and F16C; the standard library checks once).
 #[inline(always)]
 pub(crate) fn has_avx2() -> bool {
@@ -133,4 +149,24 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     f()
+}
+
+/// [`vectorized`], but compiled for AVX-512 where the row loops may use it: for the loops that
+/// are written as sixteen-lane steps (batches of tiny matrices, few rows), which then take one
+/// instruction per step. Not for every loop: the short-row loops run slower at that width.
+#[inline(always)]
+pub(crate) fn vectorized_wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if simd() >= Simd::Avx512 && has_avx512_vl_dq() {
+            // SAFETY: the CPU supports AVX-512 F and BW (`simd` checked them), VL and DQ
+            // (checked here), AVX2 and F16C (every AVX-512 CPU has them).
+            return unsafe { avx512(f) };
+        }
+    }
+    vectorized(f)
 }

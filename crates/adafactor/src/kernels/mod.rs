@@ -32,7 +32,8 @@
 //! vector twins (`wide.rs`), dispatched per element type by [`RowLoops`] (`dispatch.rs`); the
 //! kernels themselves ([`factored`], [`strided`] for variables factored over other axes than
 //! their last two, [`vector`], [`elementwise`]); for factored shapes other than large matrices,
-//! [`shaped`] picks the short-row kernel (`tiny.rs`) or the column-split one (`narrow.rs`).
+//! [`shaped`] picks the short-row kernel (`tiny.rs`, with `transpose.rs` for its lane-major
+//! groups) or the column-split one (`narrow.rs`).
 
 pub mod after_write;
 mod cpu;
@@ -53,6 +54,7 @@ mod spare;
 pub mod store;
 pub mod strided;
 mod tiny;
+mod transpose;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod twins_tests;
 pub mod vector;

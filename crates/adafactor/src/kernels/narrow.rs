@@ -8,7 +8,7 @@
 use super::element::Element;
 use super::factored::row_sq_and_cols;
 use super::grad::{decayed_view, Decay, Grad};
-use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
+use super::parallel::{map_units_wide, parallel_for, UNIT_ELEMS};
 use super::reduce::{nonfinite_probe, sum_sq, CHUNK};
 use super::row_args::new_stat;
 use super::shaped::{add_into, load_grad, Fresh, Reads, StatArgs, Statistics, Sums, WriteArgs};
@@ -151,7 +151,7 @@ pub(crate) fn statistics<T: Element>(
     // it is read; otherwise finite sums show a finite gradient, and only a unit whose sums are
     // not finite looks at the values themselves.
     let probe_clip = reads.check && grad.transform.clip_value.is_some();
-    let parts = map_units(
+    let parts = map_units_wide(
         units,
         parallel_for(f.len()),
         #[inline(always)]
@@ -289,7 +289,7 @@ pub(crate) fn write<T: Element>(
         .rev()
         .collect();
     let x_at = SharedRows::new(x);
-    map_units(
+    map_units_wide(
         units,
         parallel_for(f.len()),
         #[inline(always)]

@@ -1,7 +1,7 @@
 //! Parallel scheduling: how a tensor is split into work units across rayon's threads, each
 //! unit compiled for the best allowed instruction set ([`super::cpu::vectorized`]).
 
-use super::cpu::vectorized;
+use super::cpu::{vectorized, vectorized_wide};
 use rayon::prelude::*;
 
 /// Tensors with fewer elements than this run on the calling thread: many small tensors are
@@ -72,26 +72,43 @@ pub(crate) fn map_units<U: Send, R: Send>(
     parallel: bool,
     f: impl Fn(U) -> R + Sync + Send,
 ) -> Vec<R> {
+    map_units_at::<false, U, R>(units, parallel, f)
+}
+
+/// [`map_units`], each unit compiled for AVX-512 where allowed ([`vectorized_wide`]).
+pub(crate) fn map_units_wide<U: Send, R: Send>(
+    units: Vec<U>,
+    parallel: bool,
+    f: impl Fn(U) -> R + Sync + Send,
+) -> Vec<R> {
+    map_units_at::<true, U, R>(units, parallel, f)
+}
+
+/// [`map_units`] with the units compiled by [`vectorized_wide`] when `WIDE`, else by
+/// [`vectorized`].
+#[inline(always)]
+fn map_units_at<const WIDE: bool, U: Send, R: Send>(
+    units: Vec<U>,
+    parallel: bool,
+    f: impl Fn(U) -> R + Sync + Send,
+) -> Vec<R> {
+    let run = |u: U| {
+        if WIDE {
+            vectorized_wide(
+                #[inline(always)]
+                || f(u),
+            )
+        } else {
+            vectorized(
+                #[inline(always)]
+                || f(u),
+            )
+        }
+    };
     if parallel && units.len() > 1 {
-        units
-            .into_par_iter()
-            .map(|u| {
-                vectorized(
-                    #[inline(always)]
-                    || f(u),
-                )
-            })
-            .collect()
+        units.into_par_iter().map(run).collect()
     } else {
-        units
-            .into_iter()
-            .map(|u| {
-                vectorized(
-                    #[inline(always)]
-                    || f(u),
-                )
-            })
-            .collect()
+        units.into_iter().map(run).collect()
     }
 }
 

@@ -3,24 +3,27 @@
 //! (`n x 1`, `n x 4`).
 //!
 //! Both stream the gradient as it is stored, in blocks of about [`CHUNK`] elements (whole
-//! groups of [`LANES`] matrices or rows), and take each matrix (or row) in its own layout:
-//! a tiny matrix's row and column sums, statistics update, factors
-//! `a_i = sqrt(mean(r)) / sqrt(r_i)`, `b_j = 1 / sqrt(c_j)` and `sum(u^2)` are computed on the
-//! matrix itself; short rows add into per-lane accumulators, lane `l` taking row `l` of each
-//! group. Sums of squares are f64 (a row of huge finite squares still has a finite mean, as in
-//! the row loops), added in a fixed order: the bits do not depend on the blocking or on the
+//! groups of [`LANES`] matrices or rows). A group of sixteen tiny matrices is turned lane-major
+//! (`transpose.rs`, element `e` of matrix `l` at `[e][l]`), and each step of a matrix (row and
+//! column sums, statistics update, factors `a_i = sqrt(mean(r)) / sqrt(r_i)`,
+//! `b_j = 1 / sqrt(c_j)`, `sum(u^2)`) runs on the sixteen at once, one vector instruction per
+//! step; short rows add into per-lane accumulators, lane `l` taking row `l` of each group.
+//! Sums of squares are f64 (a row of huge finite squares still has a finite mean, as in the
+//! row loops), added in a fixed order: the bits do not depend on the blocking or on the
 //! thread count. The update runs in the weight's own layout with the factors `a_i b_j` laid
 //! out alongside. See [`super::shaped`] for the passes.
 
 use super::cpu::prefetch_ahead;
 use super::element::Element;
 use super::grad::{decayed_view, Grad};
-use super::parallel::{map_units, parallel_for, UNIT_ELEMS};
+use super::parallel::{map_units, map_units_wide, parallel_for, UNIT_ELEMS};
 use super::reduce::{sum_sq, CHUNK};
 use super::row_args::new_stat;
 use super::shaped::{
     add_into, load_grad, update_block, Fresh, Reads, StatArgs, Statistics, Sums, WriteArgs,
+    MAX_SHORT_ROW,
 };
+use super::transpose;
 use crate::state::Factoring;
 
 /// Matrices (or rows) per group, one per lane.
@@ -34,11 +37,13 @@ type Lanes64 = [f64; LANES];
 /// A batch's work unit: its index and its matrices' new `r` and `c`.
 type BatchUnit<'a> = (usize, (&'a mut [f32], &'a mut [f32]));
 
-/// Per-unit scratch: a block's gradient, weight and factors in their layout.
+/// Per-unit scratch: a block's gradient, weight and factors in their layout, and one group's
+/// matrices lane-major.
 struct Scratch {
     gbuf: Vec<f32>,
     xbuf: Vec<f32>,
     fac: Vec<f32>,
+    group: Box<GroupLanes>,
 }
 
 impl Scratch {
@@ -48,6 +53,61 @@ impl Scratch {
             gbuf: flat.clone(),
             xbuf: flat.clone(),
             fac: flat,
+            group: Box::new(GroupLanes {
+                g: [[0.0; LANES]; MAX_MATRIX],
+                row: [[0.0; LANES]; MAX_MATRIX],
+                col: [[0.0; LANES]; MAX_MATRIX],
+                row_sq: [[0.0; LANES]; MAX_MATRIX],
+                col_sq: [[0.0; LANES]; MAX_MATRIX],
+            }),
+        }
+    }
+}
+
+/// One group of [`LANES`] tiny matrices lane-major: element `e` of matrix `l` at `[e][l]`, so
+/// that every step of a matrix runs on all sixteen matrices at once in plain per-lane loops
+/// (which compile to vector instructions). Only the first `n * m`, `n` or `m` rows are used.
+struct GroupLanes {
+    /// The gradient.
+    g: [Lanes; MAX_MATRIX],
+    /// Row statistics (old, then new), then the factors `a_i`.
+    row: [Lanes; MAX_MATRIX],
+    /// Column statistics (old, then new), then the factors `b_j`.
+    col: [Lanes; MAX_MATRIX],
+    /// Row sums of `g^2`.
+    row_sq: [Lanes64; MAX_MATRIX],
+    /// Column sums of `g^2`.
+    col_sq: [Lanes64; MAX_MATRIX],
+}
+
+/// `dst[e][l] = src[l * per + e]` for the `per` values of each of the first `cnt` lanes, and
+/// `pad` in the lanes after them.
+#[inline(always)]
+fn to_lanes(src: &[f32], per: usize, cnt: usize, pad: f32, dst: &mut [Lanes]) {
+    if cnt == LANES {
+        transpose::to_lanes(src, per, dst);
+        return;
+    }
+    for d in dst[..per].iter_mut() {
+        *d = [pad; LANES];
+    }
+    for (l, vals) in src.chunks_exact(per).take(cnt).enumerate() {
+        for (d, v) in dst[..per].iter_mut().zip(vals) {
+            d[l] = *v;
+        }
+    }
+}
+
+/// `dst[l * per + e] = src[e][l]` for the first `dst.len() / per` lanes.
+#[inline(always)]
+fn from_lanes(src: &[Lanes], per: usize, dst: &mut [f32]) {
+    if dst.len() == LANES * per {
+        transpose::from_lanes(src, per, dst);
+        return;
+    }
+    for (l, vals) in dst.chunks_exact_mut(per).enumerate() {
+        for (v, s) in vals.iter_mut().zip(&src[..per]) {
+            *v = s[l];
         }
     }
 }
@@ -79,10 +139,12 @@ fn weight_sq<T: Element>(reads: &Reads<'_, T>, start: usize, xbuf: &mut [f32]) -
 
 /// One group of at most [`LANES`] tiny `n x m` matrices (their gradient `g`, stored matrix after
 /// matrix): the new statistics written to `r_out`, `c_out` (the group's own), and the group's
-/// `sum(u^2)` and `sum(g^2)`. Each matrix is handled in its own layout (no lane-major copy);
-/// its sums run in the order of the lane-major loops, so the bits are theirs: row and column
-/// sums of `g^2` in f64 (a row of huge finite squares still has a finite mean, as in the row
-/// loops), `sum(u^2)` of a matrix in float32, the group's matrices added in f64 in order.
+/// `sum(u^2)` and `sum(g^2)`. The sixteen matrices run side by side, lane-major in `lanes`
+/// (lanes past the group's end hold a zero gradient and unit statistics, and are dropped);
+/// each lane's sums run in the order of the per-matrix loops, so the bits are theirs: row and
+/// column sums of `g^2` in f64 (a row of huge finite squares still has a finite mean, as in
+/// the row loops), `sum(u^2)` of a matrix in float32 row after row, the group's matrices added
+/// in f64 in order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn matrices_group(
@@ -94,49 +156,138 @@ fn matrices_group(
     args: &StatArgs<'_>,
     r_out: &mut [f32],
     c_out: &mut [f32],
+    lanes: &mut GroupLanes,
 ) -> (f64, f64) {
     let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
     let s2 = (sc as f64) * (sc as f64);
+    let (k, cnt) = (n * m, r_out.len() / n);
+    let GroupLanes {
+        g: gl,
+        row,
+        col,
+        row_sq,
+        col_sq,
+    } = lanes;
+    to_lanes(g, k, cnt, 0.0, gl);
+    to_lanes(r_old, n, cnt, 1.0, row);
+    to_lanes(c_old, m, cnt, 1.0, col);
+    // Sums of squares: rows in order, each column down the rows.
+    for cs in col_sq[..m].iter_mut() {
+        *cs = [0.0; LANES];
+    }
+    let mut g2 = [0f64; LANES];
+    for (i, rs) in row_sq[..n].iter_mut().enumerate() {
+        let mut acc = [0f64; LANES];
+        for (gv, cs) in gl[i * m..(i + 1) * m].iter().zip(col_sq[..m].iter_mut()) {
+            let e = squares64(gv);
+            acc = add64(&acc, &e);
+            *cs = add64(cs, &e);
+        }
+        g2 = add64(&g2, &acc);
+        *rs = acc;
+    }
+    // The new statistics.
+    for (rv, rs) in row[..n].iter_mut().zip(&row_sq[..n]) {
+        *rv = new_stats(rv, rs, m, b2, eps, s2);
+    }
+    for (cv, cs) in col[..m].iter_mut().zip(&col_sq[..m]) {
+        *cv = new_stats(cv, cs, n, b2, eps, s2);
+    }
+    from_lanes(row, n, r_out);
+    from_lanes(col, m, c_out);
+    // The factors, in place of the statistics, and sum(u^2).
+    lane_factors(&mut row[..n], &mut col[..m]);
+    let mut u2 = [0f32; LANES];
+    for (i, av) in row[..n].iter().enumerate() {
+        for (gv, bv) in gl[i * m..(i + 1) * m].iter().zip(&col[..m]) {
+            u2 = add_update_sq(&u2, gv, av, bv, sc);
+        }
+    }
     let (mut su2, mut sg2) = (0f64, 0f64);
-    let mats = g
-        .chunks_exact(n * m)
-        .zip(r_old.chunks_exact(n).zip(c_old.chunks_exact(m)))
-        .zip(r_out.chunks_exact_mut(n).zip(c_out.chunks_exact_mut(m)));
-    for ((gm, (ro, co)), (rw, cw)) in mats {
-        let mut cs = [0f64; MAX_MATRIX];
-        let mut g2 = 0f64;
-        for (i, grow) in gm.chunks_exact(m).enumerate() {
-            let mut rs = 0f64;
-            for (j, gv) in grow.iter().enumerate() {
-                let e = (gv * gv) as f64;
-                rs += e;
-                cs[j] += e;
-            }
-            g2 += rs;
-            rw[i] = new_stat(ro[i], rs, m, b2, eps, s2);
-        }
-        for j in 0..m {
-            cw[j] = new_stat(co[j], cs[j], n, b2, eps, s2);
-        }
-        let (mut a, mut b) = ([0f32; MAX_MATRIX], [0f32; MAX_MATRIX]);
-        matrix_factors(rw, cw, &mut a[..n], &mut b[..m]);
-        let mut u2 = 0f32;
-        for (grow, ai) in gm.chunks_exact(m).zip(&a[..n]) {
-            for (gv, bj) in grow.iter().zip(&b[..m]) {
-                let t = (sc * gv) * (ai * bj);
-                u2 += t * t;
-            }
-        }
-        su2 += u2 as f64;
-        sg2 += g2;
+    for l in 0..cnt {
+        su2 += u2[l] as f64;
+        sg2 += g2[l];
     }
     (su2, sg2)
+}
+
+/// [`matrix_factors`] of sixteen matrices at once, lane-major, with its bits: their new row
+/// statistics `r` become `a_i`, their column statistics `c` become `b_j`.
+#[inline(always)]
+fn lane_factors(r: &mut [Lanes], c: &mut [Lanes]) {
+    let mut sum = [0f64; LANES];
+    for rv in r.iter() {
+        sum = add64(&sum, &widen(rv));
+    }
+    let count = r.len() as f64;
+    let sm: Lanes = std::array::from_fn(|l| ((sum[l] / count) as f32).sqrt());
+    for rv in r.iter_mut() {
+        *rv = std::array::from_fn(|l| sm[l] / rv[l].sqrt());
+    }
+    for cv in c.iter_mut() {
+        *cv = std::array::from_fn(|l| 1.0 / cv[l].sqrt());
+    }
+}
+
+// Whole-lane steps, each a function of arrays by value: the per-matrix loops above unroll
+// fully, and a step written as one small function is what the compiler turns into vector
+// instructions after that.
+
+/// `(g * g) as f64` per lane.
+#[inline(always)]
+fn squares64(g: &Lanes) -> Lanes64 {
+    std::array::from_fn(|l| (g[l] * g[l]) as f64)
+}
+
+/// Each lane widened to f64.
+#[inline(always)]
+fn widen(v: &Lanes) -> Lanes64 {
+    std::array::from_fn(|l| v[l] as f64)
+}
+
+/// `a + b` per lane.
+#[inline(always)]
+fn add64(a: &Lanes64, b: &Lanes64) -> Lanes64 {
+    std::array::from_fn(|l| a[l] + b[l])
+}
+
+/// `a * b` per lane.
+#[inline(always)]
+fn mul(a: &Lanes, b: &Lanes) -> Lanes {
+    std::array::from_fn(|l| a[l] * b[l])
+}
+
+/// [`new_stat`] per lane.
+#[inline(always)]
+fn new_stats(old: &Lanes, sum: &Lanes64, count: usize, b2: f32, eps: f32, s2: f64) -> Lanes {
+    std::array::from_fn(|l| new_stat(old[l], sum[l], count, b2, eps, s2))
+}
+
+/// `acc + ((s g)^2 inv) as f64` per lane: one column of sixteen short rows added to its
+/// `sum_i (s g_ij)^2 / r_i`.
+#[inline(always)]
+fn add_weighted_sq(acc: &Lanes64, g: &Lanes, inv: &Lanes, s: f32) -> Lanes64 {
+    std::array::from_fn(|l| {
+        let ge = s * g[l];
+        acc[l] + ((ge * ge) * inv[l]) as f64
+    })
+}
+
+/// `u2 + t * t` per lane, `t = (s g) (a b)`: one element of sixteen matrices added to their
+/// `sum(u^2)`.
+#[inline(always)]
+fn add_update_sq(u2: &Lanes, g: &Lanes, a: &Lanes, b: &Lanes, s: f32) -> Lanes {
+    std::array::from_fn(|l| {
+        let t = (s * g[l]) * (a[l] * b[l]);
+        u2[l] + t * t
+    })
 }
 
 /// The factors `a_i`, `b_j` of `1/sqrt(v_ij) = a_i b_j` of one matrix from its new statistics:
 /// `a_i = sqrt(mean(r)) / sqrt(r_i)` (as the composed path evaluates Keras's
 /// `v = r / mean(r) * c`, so that a tiny `r_i` next to huge ones cannot underflow `v`), `b_j` = 1 / sqrt(c_j)`.
 #[inline(always)]
+#[cfg(test)]
 fn matrix_factors(r: &[f32], c: &[f32], a: &mut [f32], b: &mut [f32]) {
     let mut sum = 0f64;
     for v in r {
@@ -318,7 +469,7 @@ fn batch_statistics<T: Element>(
         .zip(c.chunks_mut(mpu * m))
         .enumerate()
         .collect();
-    let outs = map_units(
+    let outs = map_units_wide(
         units,
         parallel_for(f.len()),
         #[inline(always)]
@@ -367,7 +518,7 @@ fn batch_statistics<T: Element>(
                             .zip(rw.chunks_mut(LANES * n).zip(cw.chunks_mut(LANES * m)));
                         for (t, (((gg, rog), cog), (rwg, cwg))) in groups.enumerate() {
                             ask_ahead(grad, reads.x, e0 + t * LANES * k, LANES * k);
-                            let (u2, g2) = matrices_group(gg, n, m, rog, cog, &args, rwg, cwg);
+                            let (u2, g2) = matrices_group(gg, n, m, rog, cog, &args, rwg, cwg, &mut s.group);
                             su2 += u2;
                             sums.sum_sq_grad += g2;
                         }
@@ -566,8 +717,10 @@ fn rows_unit<T: Element>(
     let s2 = (sc as f64) * (sc as f64);
     let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
     let mut sums = Sums::default();
-    let mut cacc = vec![0f64; LANES * m];
-    let mut wacc = vec![0f64; LANES * m];
+    // Column `j` of lane `l` (row `l` of each group) at `[j][l]`.
+    let mut cacc = [[0f64; LANES]; MAX_SHORT_ROW];
+    let mut wacc = [[0f64; LANES]; MAX_SHORT_ROW];
+    let mut gl = [[0f32; LANES]; MAX_SHORT_ROW];
     let (mut sum_r, mut sum_g) = ([0f64; LANES], [0f64; LANES]);
     let block_rows = LANES * (CHUNK / (LANES * m)).max(1);
     for (bi, out) in r_out.chunks_mut(block_rows).enumerate() {
@@ -583,26 +736,21 @@ fn rows_unit<T: Element>(
         for (t, ((gg, og), rg)) in groups.enumerate() {
             ask_ahead(grad, reads.x, e0 + t * LANES * m, LANES * m);
             let cnt = rg.len();
-            // The rows' sums of squares, then the statistics of all sixteen rows at once.
+            // Sixteen rows lane-major (a zero gradient past the end): their sums of squares,
+            // then the statistics of all sixteen rows at once.
+            to_lanes(gg, m, cnt, 0.0, &mut gl[..m]);
             let mut rs = [0f64; LANES];
-            for (rl, grow) in rs.iter_mut().zip(gg.chunks_exact(m)) {
-                let mut acc = 0f64;
-                for gv in grow {
-                    acc += (gv * gv) as f64;
-                }
-                *rl = acc;
+            for (gv, ca) in gl[..m].iter().zip(cacc.iter_mut()) {
+                let e = squares64(gv);
+                rs = add64(&rs, &e);
+                *ca = add64(ca, &e);
             }
             let old = lanes_of(og);
-            let (mut rn, mut inv) = ([0f32; LANES], [0f32; LANES]);
-            for l in 0..LANES {
-                rn[l] = new_stat(old[l], rs[l], m, b2, eps, s2);
-                inv[l] = 1.0 / rn[l];
-            }
+            let rn = new_stats(&old, &rs, m, b2, eps, s2);
+            let inv: Lanes = std::array::from_fn(|l| 1.0 / rn[l]);
             if cnt == LANES {
-                for l in 0..LANES {
-                    sum_r[l] += rn[l] as f64;
-                    sum_g[l] += rs[l];
-                }
+                sum_r = add64(&sum_r, &widen(&rn));
+                sum_g = add64(&sum_g, &rs);
             } else {
                 for l in 0..cnt {
                     sum_r[l] += rn[l] as f64;
@@ -610,24 +758,15 @@ fn rows_unit<T: Element>(
                 }
             }
             store_lanes(&rn, rg);
-            for (ca, gv) in cacc.iter_mut().zip(gg) {
-                *ca += (gv * gv) as f64;
-            }
-            for ((wa, grow), il) in wacc.chunks_exact_mut(m).zip(gg.chunks_exact(m)).zip(&inv) {
-                for (wa, gv) in wa.iter_mut().zip(grow) {
-                    let ge = sc * gv;
-                    *wa += ((ge * ge) * il) as f64;
-                }
+            for (gv, wa) in gl[..m].iter().zip(wacc.iter_mut()) {
+                *wa = add_weighted_sq(wa, gv, &inv, sc);
             }
         }
     }
     let lanes = |v: &Lanes64| v.iter().sum::<f64>();
     // Column `j`: its lanes added in order.
-    let by_lanes = |acc: &[f64]| -> Vec<f64> {
-        (0..m)
-            .map(|j| (0..LANES).map(|l| acc[l * m + j]).sum::<f64>())
-            .collect()
-    };
+    let by_lanes =
+        |acc: &[Lanes64]| -> Vec<f64> { acc[..m].iter().map(|a| a.iter().sum::<f64>()).collect() };
     sums.sum_sq_grad = lanes(&sum_g);
     RowsPart {
         slice,
@@ -707,7 +846,7 @@ fn batch_write<T: Element>(
     let mpu = matrices_per_unit(k);
     // Last units first: pass 1 read them last, so they may still be in the last-level cache.
     let units: Vec<(usize, &mut [T])> = x.chunks_mut(mpu * k).enumerate().rev().collect();
-    map_units(
+    map_units_wide(
         units,
         parallel_for(f.len()),
         #[inline(always)]
@@ -735,18 +874,21 @@ fn batch_write<T: Element>(
                     let cnt = xb.len() / k;
                     let len = cnt * k;
                     let (r, c) = (&st.r[l0 * n..(l0 + cnt) * n], &st.c[l0 * m..(l0 + cnt) * m]);
-                    for ((fm, rm), cm) in s.fac[..len]
-                        .chunks_exact_mut(k)
-                        .zip(r.chunks_exact(n))
-                        .zip(c.chunks_exact(m))
-                    {
-                        let (mut a, mut b) = ([0f32; MAX_MATRIX], [0f32; MAX_MATRIX]);
-                        matrix_factors(rm, cm, &mut a[..n], &mut b[..m]);
-                        for (frow, ai) in fm.chunks_exact_mut(m).zip(&a[..n]) {
-                            for (fv, bj) in frow.iter_mut().zip(&b[..m]) {
-                                *fv = ai * bj;
+                    let groups = s.fac[..len]
+                        .chunks_mut(LANES * k)
+                        .zip(r.chunks(LANES * n).zip(c.chunks(LANES * m)));
+                    for (fg, (rg, cg)) in groups {
+                        let GroupLanes { g: fl, row, col, .. } = &mut *s.group;
+                        let gc = rg.len() / n;
+                        to_lanes(rg, n, gc, 1.0, row);
+                        to_lanes(cg, m, gc, 1.0, col);
+                        lane_factors(&mut row[..n], &mut col[..m]);
+                        for (i, av) in row[..n].iter().enumerate() {
+                            for (fv, bv) in fl[i * m..(i + 1) * m].iter_mut().zip(&col[..m]) {
+                                *fv = mul(av, bv);
                             }
                         }
+                        from_lanes(fl, k, fg);
                     }
                     let g = load_grad(grad, l0 * k, &mut s.gbuf[..len], false, &mut probe);
                     store_block(xb, l0 * k, g, &s.fac[..len], &mut s.xbuf[..len], w);
@@ -824,6 +966,108 @@ fn rows_write<T: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One tiny matrix the plain way, as the kernel computed it before the lanes: its new
+    /// statistics, `sum(u^2)` (float32, row after row) and `sum(g^2)`.
+    fn one_matrix(
+        g: &[f32],
+        (n, m): (usize, usize),
+        (r_old, c_old): (&[f32], &[f32]),
+        args: &StatArgs<'_>,
+    ) -> (Vec<f32>, Vec<f32>, f32, f64) {
+        let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
+        let s2 = (sc as f64) * (sc as f64);
+        let (mut r, mut c) = (vec![0f32; n], vec![0f32; m]);
+        let mut cs = vec![0f64; m];
+        let mut g2 = 0f64;
+        for (i, grow) in g.chunks_exact(m).enumerate() {
+            let mut rs = 0f64;
+            for (j, gv) in grow.iter().enumerate() {
+                let e = (gv * gv) as f64;
+                rs += e;
+                cs[j] += e;
+            }
+            g2 += rs;
+            r[i] = new_stat(r_old[i], rs, m, b2, eps, s2);
+        }
+        for j in 0..m {
+            c[j] = new_stat(c_old[j], cs[j], n, b2, eps, s2);
+        }
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; m]);
+        matrix_factors(&r, &c, &mut a, &mut b);
+        let mut u2 = 0f32;
+        for (grow, ai) in g.chunks_exact(m).zip(&a) {
+            for (gv, bj) in grow.iter().zip(&b) {
+                let t = (sc * gv) * (ai * bj);
+                u2 += t * t;
+            }
+        }
+        (r, c, u2, g2)
+    }
+
+    /// A group of sixteen matrices run lane-major, and the partial groups at a batch's end, give
+    /// each matrix the bits of [`one_matrix`], for every tiny shape the batches take and
+    /// statistics spread over many binades.
+    #[test]
+    fn lane_major_groups_have_the_bits_of_one_matrix_at_a_time() {
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |lo: f32, span: f32| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+            lo * 10f32.powf(span * u)
+        };
+        let mut group = Scratch::new().group;
+        for (n, m) in [
+            (1, 2),
+            (2, 2),
+            (3, 3),
+            (4, 4),
+            (2, 5),
+            (7, 7),
+            (8, 8),
+            (1, 64),
+            (64, 1),
+        ] {
+            for cnt in [LANES, 5, 1] {
+                let k = n * m;
+                let g: Vec<f32> = (0..cnt * k)
+                    .map(|i| next(1e-3, 6.0) * if i % 3 == 0 { -1.0 } else { 1.0 })
+                    .collect();
+                let r_old: Vec<f32> = (0..cnt * n).map(|_| next(1e-8, 8.0)).collect();
+                let c_old: Vec<f32> = (0..cnt * m).map(|_| next(1e-8, 8.0)).collect();
+                let args = StatArgs {
+                    r_old: &r_old,
+                    c_old: &c_old,
+                    beta2: 0.8,
+                    epsilon_1: 1e-30,
+                    scale: 0.75,
+                };
+                let (mut r, mut c) = (vec![0f32; cnt * n], vec![0f32; cnt * m]);
+                let (su2, sg2) =
+                    matrices_group(&g, n, m, &r_old, &c_old, &args, &mut r, &mut c, &mut group);
+                let (mut want_u2, mut want_g2) = (0f64, 0f64);
+                for l in 0..cnt {
+                    let (rw, cw, u2, g2) = one_matrix(
+                        &g[l * k..(l + 1) * k],
+                        (n, m),
+                        (&r_old[l * n..(l + 1) * n], &c_old[l * m..(l + 1) * m]),
+                        &args,
+                    );
+                    let what = format!("{n}x{m}, {cnt} matrices, matrix {l}");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&r[l * n..(l + 1) * n]), bits(&rw), "{what}: r");
+                    assert_eq!(bits(&c[l * m..(l + 1) * m]), bits(&cw), "{what}: c");
+                    want_u2 += u2 as f64;
+                    want_g2 += g2;
+                }
+                let what = format!("{n}x{m}, {cnt} matrices");
+                assert_eq!(su2.to_bits(), want_u2.to_bits(), "{what}: sum(u^2)");
+                assert_eq!(sg2.to_bits(), want_g2.to_bits(), "{what}: sum(g^2)");
+            }
+        }
+    }
 
     /// The `1 x 1` factors against [`matrix_factors`] (the general formula), bit for bit,
     /// on regular blocks and on blocks holding a zero, infinite, NaN, negative or subnormal `r`.

@@ -1,0 +1,180 @@
+//! Sixteen rows to lane-major and back: the batch-of-tiny-matrices kernel (`tiny.rs`) runs each
+//! step of a matrix on sixteen matrices at once, with element `e` of matrix `l` at `[e][l]`.
+//!
+//! Pure data movement (the bits cannot change): on AVX-512 in 16 x 16 register tiles (64
+//! shuffles and 16 masked loads and stores per tile, instead of a scalar load and store per
+//! element), elsewhere in plain loops.
+
+/// One lane-major row: the same element of sixteen matrices.
+pub(crate) type Lanes = [f32; 16];
+
+/// `dst[e][l] = src[l * per + e]` for `e < per`, `l < 16`: sixteen rows of `per` values stored
+/// one after the other, lane-major. `src` holds exactly `16 * per` values.
+#[inline(always)]
+pub(crate) fn to_lanes(src: &[f32], per: usize, dst: &mut [Lanes]) {
+    debug_assert!(src.len() == 16 * per && dst.len() >= per);
+    #[cfg(target_arch = "x86_64")]
+    if per >= 8 && super::cpu::simd() >= super::cpu::Simd::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (`simd` checked it); the lengths are as asserted.
+        unsafe { avx512::to_lanes(src, per, dst) };
+        return;
+    }
+    for (l, vals) in src.chunks_exact(per).enumerate() {
+        for (d, v) in dst[..per].iter_mut().zip(vals) {
+            d[l] = *v;
+        }
+    }
+}
+
+/// `dst[l * per + e] = src[e][l]` for `e < per`, `l < 16`: the inverse of [`to_lanes`].
+#[inline(always)]
+pub(crate) fn from_lanes(src: &[Lanes], per: usize, dst: &mut [f32]) {
+    debug_assert!(dst.len() == 16 * per && src.len() >= per);
+    #[cfg(target_arch = "x86_64")]
+    if per >= 8 && super::cpu::simd() >= super::cpu::Simd::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (`simd` checked it); the lengths are as asserted.
+        unsafe { avx512::from_lanes(src, per, dst) };
+        return;
+    }
+    for (l, vals) in dst.chunks_exact_mut(per).enumerate() {
+        for (v, s) in vals.iter_mut().zip(&src[..per]) {
+            *v = s[l];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Lanes;
+    use std::arch::x86_64::*;
+
+    /// Transposes sixteen rows of sixteen values in registers: `out[j]` lane `i` is `r[i]`
+    /// lane `j`. Unpacks within 128-bit lanes, then moves the 128-bit lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn tile(r: [__m512; 16]) -> [__m512; 16] {
+        // Lane q of t[2p], t[2p + 1]: rows 2p and 2p + 1 interleaved, columns 4q, 4q + 1 and
+        // 4q + 2, 4q + 3.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for p in 0..8 {
+            t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+        }
+        // Lane q of s[4p + c]: rows 4p..4p + 4 of column 4q + c.
+        let mut s = [_mm512_setzero_ps(); 16];
+        for p in 0..4 {
+            let (a, b) = (_mm512_castps_pd(t[4 * p]), _mm512_castps_pd(t[4 * p + 1]));
+            let (c, e) = (
+                _mm512_castps_pd(t[4 * p + 2]),
+                _mm512_castps_pd(t[4 * p + 3]),
+            );
+            s[4 * p] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+            s[4 * p + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+            s[4 * p + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+            s[4 * p + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+        }
+        // Column 4q + c gathers lane q of s[c], s[4 + c], s[8 + c], s[12 + c].
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let even_lo = _mm512_shuffle_f32x4::<0x88>(s[c], s[4 + c]);
+            let odd_lo = _mm512_shuffle_f32x4::<0xDD>(s[c], s[4 + c]);
+            let even_hi = _mm512_shuffle_f32x4::<0x88>(s[8 + c], s[12 + c]);
+            let odd_hi = _mm512_shuffle_f32x4::<0xDD>(s[8 + c], s[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(even_lo, even_hi);
+            out[8 + c] = _mm512_shuffle_f32x4::<0xDD>(even_lo, even_hi);
+            out[4 + c] = _mm512_shuffle_f32x4::<0x88>(odd_lo, odd_hi);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(odd_lo, odd_hi);
+        }
+        out
+    }
+
+    /// The mask of the first `n` (at most 16) lanes.
+    #[inline(always)]
+    fn first(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// [`super::to_lanes`] in tiles of sixteen columns.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `src.len() == 16 * per`, `dst.len() >= per`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn to_lanes(src: &[f32], per: usize, dst: &mut [Lanes]) {
+        let mut e0 = 0;
+        while e0 < per {
+            let w = (per - e0).min(16);
+            let mask = first(w);
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (l, v) in r.iter_mut().enumerate() {
+                // SAFETY: the masked lanes `l * per + e0 .. + w` lie within `src`; masked-off
+                // lanes are not read.
+                *v = unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().add(l * per + e0)) };
+            }
+            let out = tile(r);
+            for (d, v) in dst[e0..e0 + w].iter_mut().zip(out) {
+                // SAFETY: `d` is sixteen floats.
+                unsafe { _mm512_storeu_ps(d.as_mut_ptr(), v) };
+            }
+            e0 += 16;
+        }
+    }
+
+    /// [`super::from_lanes`] in tiles of sixteen columns.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `dst.len() == 16 * per`, `src.len() >= per`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn from_lanes(src: &[Lanes], per: usize, dst: &mut [f32]) {
+        let mut e0 = 0;
+        while e0 < per {
+            let w = (per - e0).min(16);
+            let mask = first(w);
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (v, s) in r.iter_mut().zip(&src[e0..e0 + w]) {
+                // SAFETY: `s` is sixteen floats.
+                *v = unsafe { _mm512_loadu_ps(s.as_ptr()) };
+            }
+            let out = tile(r);
+            for (l, v) in out.into_iter().enumerate() {
+                // SAFETY: the masked lanes `l * per + e0 .. + w` lie within `dst`; masked-off
+                // lanes are not written.
+                unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().add(l * per + e0), mask, v) };
+            }
+            e0 += 16;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both directions against the definition, for every width up to four tiles, at whatever
+    /// instruction set this CPU runs (the plain loops are the definition itself).
+    #[test]
+    fn transposes_move_every_value_to_its_place() {
+        for per in 1..=64 {
+            let src: Vec<f32> = (0..16 * per).map(|i| i as f32 + 0.5).collect();
+            let mut lanes = vec![[f32::NAN; 16]; per + 1];
+            to_lanes(&src, per, &mut lanes);
+            for e in 0..per {
+                for l in 0..16 {
+                    assert_eq!(lanes[e][l], src[l * per + e], "per {per}: [{e}][{l}]");
+                }
+            }
+            assert!(
+                lanes[per].iter().all(|v| v.is_nan()),
+                "per {per}: wrote past"
+            );
+            let mut back = vec![f32::NAN; 16 * per];
+            from_lanes(&lanes, per, &mut back);
+            assert_eq!(back, src, "per {per}: round trip");
+        }
+    }
+}
