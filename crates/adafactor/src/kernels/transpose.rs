@@ -1,9 +1,12 @@
 //! Sixteen rows to lane-major and back: the batch-of-tiny-matrices kernel (`tiny.rs`) runs each
 //! step of a matrix on sixteen matrices at once, with element `e` of matrix `l` at `[e][l]`.
 //!
-//! Pure data movement (the bits cannot change): on AVX-512 in 16 x 16 register tiles (64
-//! shuffles and 16 masked loads and stores per tile, instead of a scalar load and store per
-//! element), elsewhere in plain loops.
+//! Pure data movement (the bits cannot change). On AVX-512, from eight values per row on, in
+//! 16 x 16 register tiles (64 shuffles and 16 masked loads and stores per tile, instead of a
+//! scalar load and store per element), and four values per row (the statistics of 4 x 4
+//! matrices, rows of four columns) in 16 shuffles of four registers with plain loads and
+//! stores: masked loads of a few values per row, from memory, made a batch slower than the
+//! plain loops that the other widths and CPUs use.
 
 /// One lane-major row: the same element of sixteen matrices.
 pub(crate) type Lanes = [f32; 16];
@@ -14,9 +17,15 @@ pub(crate) type Lanes = [f32; 16];
 pub(crate) fn to_lanes(src: &[f32], per: usize, dst: &mut [Lanes]) {
     debug_assert!(src.len() == 16 * per && dst.len() >= per);
     #[cfg(target_arch = "x86_64")]
-    if per >= 8 && super::cpu::simd() >= super::cpu::Simd::Avx512 {
+    if (per >= 8 || per == 4) && super::cpu::simd() >= super::cpu::Simd::Avx512 {
         // SAFETY: the CPU has AVX-512 F (`simd` checked it); the lengths are as asserted.
-        unsafe { avx512::to_lanes(src, per, dst) };
+        unsafe {
+            if per == 4 {
+                avx512::to_lanes4(src, dst)
+            } else {
+                avx512::to_lanes(src, per, dst)
+            }
+        };
         return;
     }
     for (l, vals) in src.chunks_exact(per).enumerate() {
@@ -31,9 +40,15 @@ pub(crate) fn to_lanes(src: &[f32], per: usize, dst: &mut [Lanes]) {
 pub(crate) fn from_lanes(src: &[Lanes], per: usize, dst: &mut [f32]) {
     debug_assert!(dst.len() == 16 * per && src.len() >= per);
     #[cfg(target_arch = "x86_64")]
-    if per >= 8 && super::cpu::simd() >= super::cpu::Simd::Avx512 {
+    if (per >= 8 || per == 4) && super::cpu::simd() >= super::cpu::Simd::Avx512 {
         // SAFETY: the CPU has AVX-512 F (`simd` checked it); the lengths are as asserted.
-        unsafe { avx512::from_lanes(src, per, dst) };
+        unsafe {
+            if per == 4 {
+                avx512::from_lanes4(src, dst)
+            } else {
+                avx512::from_lanes(src, per, dst)
+            }
+        };
         return;
     }
     for (l, vals) in dst.chunks_exact_mut(per).enumerate() {
@@ -86,6 +101,80 @@ mod avx512 {
             out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(odd_lo, odd_hi);
         }
         out
+    }
+
+    /// Moves the 128-bit lanes of four registers: lane `q` of output `c` is lane `c` of input
+    /// `q` (a 4 x 4 transpose of 128-bit blocks; its own inverse).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn blocks(z: [__m512; 4]) -> [__m512; 4] {
+        // Lanes 0, 2 of z0 then of z1; lanes 1, 3 likewise; the same for z2, z3.
+        let even01 = _mm512_shuffle_f32x4::<0x88>(z[0], z[1]);
+        let odd01 = _mm512_shuffle_f32x4::<0xDD>(z[0], z[1]);
+        let even23 = _mm512_shuffle_f32x4::<0x88>(z[2], z[3]);
+        let odd23 = _mm512_shuffle_f32x4::<0xDD>(z[2], z[3]);
+        [
+            _mm512_shuffle_f32x4::<0x88>(even01, even23),
+            _mm512_shuffle_f32x4::<0x88>(odd01, odd23),
+            _mm512_shuffle_f32x4::<0xDD>(even01, even23),
+            _mm512_shuffle_f32x4::<0xDD>(odd01, odd23),
+        ]
+    }
+
+    /// A 4 x 4 transpose within each 128-bit lane of four registers: element `i` of lane `q`
+    /// of output `j` is element `j` of lane `q` of input `i` (its own inverse).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn within(s: [__m512; 4]) -> [__m512; 4] {
+        let t0 = _mm512_castps_pd(_mm512_unpacklo_ps(s[0], s[1]));
+        let t1 = _mm512_castps_pd(_mm512_unpackhi_ps(s[0], s[1]));
+        let t2 = _mm512_castps_pd(_mm512_unpacklo_ps(s[2], s[3]));
+        let t3 = _mm512_castps_pd(_mm512_unpackhi_ps(s[2], s[3]));
+        [
+            _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2)),
+            _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3)),
+        ]
+    }
+
+    /// [`super::to_lanes`] of four values per row: four plain loads, then the 128-bit lanes
+    /// (matrix `4q + c` to lane `q` of register `c`), then the values within them.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `src.len() == 64`, `dst.len() >= 4`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn to_lanes4(src: &[f32], dst: &mut [Lanes]) {
+        let mut z = [_mm512_setzero_ps(); 4];
+        for (q, v) in z.iter_mut().enumerate() {
+            // SAFETY: `src` holds 64 floats.
+            *v = unsafe { _mm512_loadu_ps(src.as_ptr().add(16 * q)) };
+        }
+        let out = within(blocks(z));
+        for (d, v) in dst[..4].iter_mut().zip(out) {
+            // SAFETY: `d` is sixteen floats.
+            unsafe { _mm512_storeu_ps(d.as_mut_ptr(), v) };
+        }
+    }
+
+    /// [`super::from_lanes`] of four values per row: the steps of [`to_lanes4`] in reverse.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `dst.len() == 64`, `src.len() >= 4`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn from_lanes4(src: &[Lanes], dst: &mut [f32]) {
+        let mut r = [_mm512_setzero_ps(); 4];
+        for (v, s) in r.iter_mut().zip(&src[..4]) {
+            // SAFETY: `s` is sixteen floats.
+            *v = unsafe { _mm512_loadu_ps(s.as_ptr()) };
+        }
+        let z = blocks(within(r));
+        for (q, v) in z.into_iter().enumerate() {
+            // SAFETY: `dst` holds 64 floats.
+            unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(16 * q), v) };
+        }
     }
 
     /// The mask of the first `n` (at most 16) lanes.
