@@ -23,7 +23,7 @@ use super::shaped::{
     add_into, load_grad, update_block, Fresh, Reads, StatArgs, Statistics, Sums, WriteArgs,
     MAX_SHORT_ROW,
 };
-use super::transpose;
+use super::transpose::{from_lanes, to_lanes};
 use crate::state::Factoring;
 
 /// Matrices (or rows) per group, one per lane.
@@ -78,38 +78,6 @@ struct GroupLanes {
     row_sq: [Lanes64; MAX_MATRIX],
     /// Column sums of `g^2`.
     col_sq: [Lanes64; MAX_MATRIX],
-}
-
-/// `dst[e][l] = src[l * per + e]` for the `per` values of each of the first `cnt` lanes, and
-/// `pad` in the lanes after them.
-#[inline(always)]
-fn to_lanes(src: &[f32], per: usize, cnt: usize, pad: f32, dst: &mut [Lanes]) {
-    if cnt == LANES {
-        transpose::to_lanes(src, per, dst);
-        return;
-    }
-    for d in dst[..per].iter_mut() {
-        *d = [pad; LANES];
-    }
-    for (l, vals) in src.chunks_exact(per).take(cnt).enumerate() {
-        for (d, v) in dst[..per].iter_mut().zip(vals) {
-            d[l] = *v;
-        }
-    }
-}
-
-/// `dst[l * per + e] = src[e][l]` for the first `dst.len() / per` lanes.
-#[inline(always)]
-fn from_lanes(src: &[Lanes], per: usize, dst: &mut [f32]) {
-    if dst.len() == LANES * per {
-        transpose::from_lanes(src, per, dst);
-        return;
-    }
-    for (l, vals) in dst.chunks_exact_mut(per).enumerate() {
-        for (v, s) in vals.iter_mut().zip(&src[..per]) {
-            *v = s[l];
-        }
-    }
 }
 
 /// Asks for the gradient and the weight of elements `start..start + len`, [`PREFETCH_BYTES`]
@@ -168,9 +136,9 @@ fn matrices_group(
         row_sq,
         col_sq,
     } = lanes;
-    to_lanes(g, k, cnt, 0.0, gl);
-    to_lanes(r_old, n, cnt, 1.0, row);
-    to_lanes(c_old, m, cnt, 1.0, col);
+    to_lanes(g, k, 0.0, gl);
+    to_lanes(r_old, n, 1.0, row);
+    to_lanes(c_old, m, 1.0, col);
     // Sums of squares: rows in order, each column down the rows.
     for cs in col_sq[..m].iter_mut() {
         *cs = [0.0; LANES];
@@ -738,7 +706,7 @@ fn rows_unit<T: Element>(
             let cnt = rg.len();
             // Sixteen rows lane-major (a zero gradient past the end): their sums of squares,
             // then the statistics of all sixteen rows at once.
-            to_lanes(gg, m, cnt, 0.0, &mut gl[..m]);
+            to_lanes(gg, m, 0.0, &mut gl[..m]);
             let mut rs = [0f64; LANES];
             for (gv, ca) in gl[..m].iter().zip(cacc.iter_mut()) {
                 let e = squares64(gv);
@@ -765,8 +733,7 @@ fn rows_unit<T: Element>(
     }
     let lanes = |v: &Lanes64| v.iter().sum::<f64>();
     // Column `j`: its lanes added in order.
-    let by_lanes =
-        |acc: &[Lanes64]| -> Vec<f64> { acc[..m].iter().map(|a| a.iter().sum::<f64>()).collect() };
+    let by_lanes = |acc: &[Lanes64]| -> Vec<f64> { acc[..m].iter().map(lanes).collect() };
     sums.sum_sq_grad = lanes(&sum_g);
     RowsPart {
         slice,
@@ -879,9 +846,8 @@ fn batch_write<T: Element>(
                         .zip(r.chunks(LANES * n).zip(c.chunks(LANES * m)));
                     for (fg, (rg, cg)) in groups {
                         let GroupLanes { g: fl, row, col, .. } = &mut *s.group;
-                        let gc = rg.len() / n;
-                        to_lanes(rg, n, gc, 1.0, row);
-                        to_lanes(cg, m, gc, 1.0, col);
+                        to_lanes(rg, n, 1.0, row);
+                        to_lanes(cg, m, 1.0, col);
                         lane_factors(&mut row[..n], &mut col[..m]);
                         for (i, av) in row[..n].iter().enumerate() {
                             for (fv, bv) in fl[i * m..(i + 1) * m].iter_mut().zip(&col[..m]) {

@@ -11,14 +11,16 @@
 /// One lane-major row: the same element of sixteen matrices.
 pub(crate) type Lanes = [f32; 16];
 
-/// `dst[e][l] = src[l * per + e]` for `e < per`, `l < 16`: sixteen rows of `per` values stored
-/// one after the other, lane-major. `src` holds exactly `16 * per` values.
+/// `dst[e][l] = src[l * per + e]` for `e < per`: up to sixteen rows of `per` values stored one
+/// after the other (`src.len() / per` of them), lane-major, with `pad` in the lanes past the
+/// last row.
 #[inline(always)]
-pub(crate) fn to_lanes(src: &[f32], per: usize, dst: &mut [Lanes]) {
-    debug_assert!(src.len() == 16 * per && dst.len() >= per);
+pub(crate) fn to_lanes(src: &[f32], per: usize, pad: f32, dst: &mut [Lanes]) {
+    let rows = src.len() / per;
+    debug_assert!(rows * per == src.len() && rows <= 16 && dst.len() >= per);
     #[cfg(target_arch = "x86_64")]
-    if (per >= 8 || per == 4) && super::cpu::simd() >= super::cpu::Simd::Avx512 {
-        // SAFETY: the CPU has AVX-512 F (`simd` checked it); the lengths are as asserted.
+    if rows == 16 && (per >= 8 || per == 4) && super::cpu::simd() >= super::cpu::Simd::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (`simd` checked it); `src` holds `16 * per` values.
         unsafe {
             if per == 4 {
                 avx512::to_lanes4(src, dst)
@@ -28,6 +30,11 @@ pub(crate) fn to_lanes(src: &[f32], per: usize, dst: &mut [Lanes]) {
         };
         return;
     }
+    if rows < 16 {
+        for d in dst[..per].iter_mut() {
+            *d = [pad; 16];
+        }
+    }
     for (l, vals) in src.chunks_exact(per).enumerate() {
         for (d, v) in dst[..per].iter_mut().zip(vals) {
             d[l] = *v;
@@ -35,13 +42,15 @@ pub(crate) fn to_lanes(src: &[f32], per: usize, dst: &mut [Lanes]) {
     }
 }
 
-/// `dst[l * per + e] = src[e][l]` for `e < per`, `l < 16`: the inverse of [`to_lanes`].
+/// `dst[l * per + e] = src[e][l]` for `e < per` and the first `dst.len() / per` (at most
+/// sixteen) lanes: the inverse of [`to_lanes`].
 #[inline(always)]
 pub(crate) fn from_lanes(src: &[Lanes], per: usize, dst: &mut [f32]) {
-    debug_assert!(dst.len() == 16 * per && src.len() >= per);
+    let rows = dst.len() / per;
+    debug_assert!(rows * per == dst.len() && rows <= 16 && src.len() >= per);
     #[cfg(target_arch = "x86_64")]
-    if (per >= 8 || per == 4) && super::cpu::simd() >= super::cpu::Simd::Avx512 {
-        // SAFETY: the CPU has AVX-512 F (`simd` checked it); the lengths are as asserted.
+    if rows == 16 && (per >= 8 || per == 4) && super::cpu::simd() >= super::cpu::Simd::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (`simd` checked it); `dst` holds `16 * per` values.
         unsafe {
             if per == 4 {
                 avx512::from_lanes4(src, dst)
@@ -251,7 +260,7 @@ mod tests {
         for per in 1..=64 {
             let src: Vec<f32> = (0..16 * per).map(|i| i as f32 + 0.5).collect();
             let mut lanes = vec![[f32::NAN; 16]; per + 1];
-            to_lanes(&src, per, &mut lanes);
+            to_lanes(&src, per, f32::NAN, &mut lanes);
             for e in 0..per {
                 for l in 0..16 {
                     assert_eq!(lanes[e][l], src[l * per + e], "per {per}: [{e}][{l}]");
@@ -264,6 +273,18 @@ mod tests {
             let mut back = vec![f32::NAN; 16 * per];
             from_lanes(&lanes, per, &mut back);
             assert_eq!(back, src, "per {per}: round trip");
+            // Five rows: the lanes past them padded, and only five rows written back.
+            let part = &src[..5 * per];
+            to_lanes(part, per, -1.0, &mut lanes);
+            for e in 0..per {
+                for l in 0..16 {
+                    let want = if l < 5 { part[l * per + e] } else { -1.0 };
+                    assert_eq!(lanes[e][l], want, "per {per}, five rows: [{e}][{l}]");
+                }
+            }
+            let mut back = vec![f32::NAN; 5 * per];
+            from_lanes(&lanes, per, &mut back);
+            assert_eq!(back, part, "per {per}: five rows' round trip");
         }
     }
 }
