@@ -386,6 +386,61 @@ mod tests {
         }
     }
 
+    /// Squares that are finite but whose float32 sums overflow (rows of `1.5e19`, whose squares
+    /// are 2.25e38) keep the finite statistics of f64 sums in every shaped kernel, as in the
+    /// row loops: the float32 fast paths hand such blocks to their f64 code.
+    #[test]
+    fn huge_finite_squares_keep_finite_statistics() {
+        for &(lead, n, m) in &[
+            (1, 300, 4),
+            (1, 5000, 2),
+            (40, 4, 4),
+            (2, 100, 3),
+            (1, 4, 3000),
+        ] {
+            let f = Factoring {
+                lead,
+                n,
+                m,
+                strided: None,
+            };
+            let len = f.len();
+            let mut g = values(31, len, -1.0, 2.0);
+            // Two whole rows near the start and a few scattered values.
+            for i in (m..3 * m).chain((0..len).step_by(997)) {
+                g[i] = 1.5e19;
+            }
+            let x0 = values(32, len, -0.5, 1.0);
+            let r_old = values(33, lead * n, 0.1, 1.0);
+            let c_old = values(34, lead * m, 0.1, 1.0);
+            let grad = Grad::plain(&g[..]);
+            let (b2, eps) = (0.9f32, 1e-30f32);
+            let p1 = factored::pass1(&grad, &x0, None, f, true, None);
+            let prep = factored::prepare(&p1, &r_old, &c_old, f, b2, eps, 1.0);
+            let args = StatArgs {
+                r_old: &r_old,
+                c_old: &c_old,
+                beta2: b2,
+                epsilon_1: eps,
+                scale: 1.0,
+            };
+            let reads = Reads {
+                x: Some(&x0[..]),
+                decay: None,
+                check: true,
+            };
+            let (st, sums) = statistics(&grad, reads, f, args, Fresh::zeroed(f));
+            let what = format!("{f:?}");
+            assert_eq!(sums.probe, 0.0, "{what}: a finite gradient");
+            assert!(sums.sum_sq_grad.is_finite(), "{what}");
+            assert!(close(sums.sum_sq_grad, p1.sum_sq_grad, 1e-6), "{what}");
+            for (a, b) in st.r.iter().zip(&prep.r).chain(st.c.iter().zip(&prep.c)) {
+                assert!(a.is_finite(), "{what}: {a}");
+                assert!(close(*a as f64, *b as f64, 1e-6), "{what}: {a} vs {b}");
+            }
+        }
+    }
+
     /// The same bits with one thread and with three, on shapes large enough to run in parallel.
     #[test]
     fn shaped_kernels_do_not_depend_on_the_thread_count() {

@@ -8,9 +8,10 @@
 //! column sums, statistics update, factors `a_i = sqrt(mean(r)) / sqrt(r_i)`,
 //! `b_j = 1 / sqrt(c_j)`, `sum(u^2)`) runs on the sixteen at once, one vector instruction per
 //! step; short rows add into per-lane accumulators, lane `l` taking row `l` of each group.
-//! Sums of squares are f64 (a row of huge finite squares still has a finite mean, as in the
-//! row loops), added in a fixed order: the bits do not depend on the blocking or on the
-//! thread count. The update runs in the weight's own layout with the factors `a_i b_j` laid
+//! A tiny matrix's sums of squares are f64; short rows sum a block in float32 lanes and add
+//! the blocks in f64, taking f64 sums for a block whose float32 sums are not finite (a row of
+//! huge finite squares still has a finite mean, as in the row loops). Every sum runs in a fixed
+//! order: the bits do not depend on the thread count. The update runs in the weight's own layout with the factors `a_i b_j` laid
 //! out alongside. See [`super::shaped`] for the passes.
 
 use super::cpu::prefetch_ahead;
@@ -34,6 +35,19 @@ pub const MAX_MATRIX: usize = 64;
 
 type Lanes = [f32; LANES];
 type Lanes64 = [f64; LANES];
+
+/// An array of [`LANES`] values, `$e` for each lane `$l`, built in a plain loop: inlined where
+/// it is used, so it gets the caller's instruction set (`std::array::from_fn` may be left out
+/// of line, compiled for the baseline).
+macro_rules! per_lane {
+    (|$l:ident| $e:expr) => {{
+        let mut out = [Default::default(); LANES];
+        for $l in 0..LANES {
+            out[$l] = $e;
+        }
+        out
+    }};
+}
 /// A batch's work unit: its index and its matrices' new `r` and `c`.
 type BatchUnit<'a> = (usize, (&'a mut [f32], &'a mut [f32]));
 
@@ -179,6 +193,19 @@ fn matrices_group(
     (su2, sg2)
 }
 
+/// Each lane's `sum(u^2)` (widened) and `sum(g^2)`, zero past the group's `cnt` matrices: the
+/// caller adds them lane by lane over its groups and adds the lanes at the end (a `1 x 1`
+/// matrix has too little work to hide sixteen dependent additions per group).
+#[inline(always)]
+fn lane_sums(u2: &Lanes, g2: &Lanes64, cnt: usize) -> (Lanes64, Lanes64) {
+    let (mut u, mut g) = (widen(u2), *g2);
+    for l in cnt..LANES {
+        u[l] = 0.0;
+        g[l] = 0.0;
+    }
+    (u, g)
+}
+
 /// [`matrix_factors`] of sixteen matrices at once, lane-major, with its bits: their new row
 /// statistics `r` become `a_i`, their column statistics `c` become `b_j`.
 #[inline(always)]
@@ -188,12 +215,12 @@ fn lane_factors(r: &mut [Lanes], c: &mut [Lanes]) {
         sum = add64(&sum, &widen(rv));
     }
     let count = r.len() as f64;
-    let sm: Lanes = std::array::from_fn(|l| ((sum[l] / count) as f32).sqrt());
+    let sm: Lanes = per_lane!(|l| ((sum[l] / count) as f32).sqrt());
     for rv in r.iter_mut() {
-        *rv = std::array::from_fn(|l| sm[l] / rv[l].sqrt());
+        *rv = per_lane!(|l| sm[l] / rv[l].sqrt());
     }
     for cv in c.iter_mut() {
-        *cv = std::array::from_fn(|l| 1.0 / cv[l].sqrt());
+        *cv = per_lane!(|l| 1.0 / cv[l].sqrt());
     }
 }
 
@@ -204,40 +231,55 @@ fn lane_factors(r: &mut [Lanes], c: &mut [Lanes]) {
 /// `(g * g) as f64` per lane.
 #[inline(always)]
 fn squares64(g: &Lanes) -> Lanes64 {
-    std::array::from_fn(|l| (g[l] * g[l]) as f64)
+    per_lane!(|l| (g[l] * g[l]) as f64)
 }
 
 /// Each lane widened to f64.
 #[inline(always)]
 fn widen(v: &Lanes) -> Lanes64 {
-    std::array::from_fn(|l| v[l] as f64)
+    per_lane!(|l| v[l] as f64)
 }
 
 /// `a + b` per lane.
 #[inline(always)]
 fn add64(a: &Lanes64, b: &Lanes64) -> Lanes64 {
-    std::array::from_fn(|l| a[l] + b[l])
+    per_lane!(|l| a[l] + b[l])
+}
+
+/// `a + b` per lane.
+#[inline(always)]
+fn add(a: &Lanes, b: &Lanes) -> Lanes {
+    per_lane!(|l| a[l] + b[l])
 }
 
 /// `a * b` per lane.
 #[inline(always)]
 fn mul(a: &Lanes, b: &Lanes) -> Lanes {
-    std::array::from_fn(|l| a[l] * b[l])
+    per_lane!(|l| a[l] * b[l])
 }
 
 /// [`new_stat`] per lane.
 #[inline(always)]
 fn new_stats(old: &Lanes, sum: &Lanes64, count: usize, b2: f32, eps: f32, s2: f64) -> Lanes {
-    std::array::from_fn(|l| new_stat(old[l], sum[l], count, b2, eps, s2))
+    per_lane!(|l| new_stat(old[l], sum[l], count, b2, eps, s2))
 }
 
 /// `acc + ((s g)^2 inv) as f64` per lane: one column of sixteen short rows added to its
 /// `sum_i (s g_ij)^2 / r_i`.
 #[inline(always)]
 fn add_weighted_sq(acc: &Lanes64, g: &Lanes, inv: &Lanes, s: f32) -> Lanes64 {
-    std::array::from_fn(|l| {
+    per_lane!(|l| {
         let ge = s * g[l];
         acc[l] + ((ge * ge) * inv[l]) as f64
+    })
+}
+
+/// [`add_weighted_sq`] in float32: `acc + (s g)^2 inv` per lane.
+#[inline(always)]
+fn add_weighted_sq32(acc: &Lanes, g: &Lanes, inv: &Lanes, s: f32) -> Lanes {
+    per_lane!(|l| {
+        let ge = s * g[l];
+        acc[l] + (ge * ge) * inv[l]
     })
 }
 
@@ -245,7 +287,7 @@ fn add_weighted_sq(acc: &Lanes64, g: &Lanes, inv: &Lanes, s: f32) -> Lanes64 {
 /// `sum(u^2)`.
 #[inline(always)]
 fn add_update_sq(u2: &Lanes, g: &Lanes, a: &Lanes, b: &Lanes, s: f32) -> Lanes {
-    std::array::from_fn(|l| {
+    per_lane!(|l| {
         let t = (s * g[l]) * (a[l] * b[l]);
         u2[l] + t * t
     })
@@ -282,7 +324,7 @@ fn ones_group(
     args: &StatArgs<'_>,
     r_out: &mut [f32],
     c_out: &mut [f32],
-) -> (f64, f64) {
+) -> (Lanes64, Lanes64) {
     let cnt = g.len();
     let (gv, mut ro, mut co) = (lanes_of(g), lanes_of(r_old), lanes_of(c_old));
     let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
@@ -300,12 +342,7 @@ fn ones_group(
     }
     store_lanes(&ro, r_out);
     store_lanes(&co, c_out);
-    let (mut su2, mut sg2) = (0f64, 0f64);
-    for l in 0..cnt {
-        su2 += u2[l] as f64;
-        sg2 += e[l];
-    }
-    (su2, sg2)
+    lane_sums(&u2, &e, cnt)
 }
 
 /// Up to [`LANES`] values, zero-padded (a whole group is one vector move, not a copy call).
@@ -449,7 +486,9 @@ fn batch_statistics<T: Element>(
                 let mut su2 = 0f64;
                 let first = u * mpu;
                 if k == 1 {
-                    // Blocks of CHUNK matrices, sixteen at a time.
+                    // Blocks of CHUNK matrices, sixteen at a time; the sums per lane, then the
+                    // lanes in order.
+                    let (mut lane_u2, mut lane_g2) = ([0f64; LANES], [0f64; LANES]);
                     for (bi, (rw, cw)) in r_out.chunks_mut(CHUNK).zip(c_out.chunks_mut(CHUNK)).enumerate() {
                         let (l0, cnt) = (first + bi * CHUNK, rw.len());
                         sums.sum_sq_x += weight_sq(&reads, l0, &mut s.xbuf[..cnt]);
@@ -462,10 +501,12 @@ fn batch_statistics<T: Element>(
                         for (t, ((gg, (rog, cog)), (rwg, cwg))) in groups.enumerate() {
                             ask_ahead(grad, reads.x, l0 + t * LANES, LANES);
                             let (u2, g2) = ones_group(gg, rog, cog, &args, rwg, cwg);
-                            su2 += u2;
-                            sums.sum_sq_grad += g2;
+                            lane_u2 = add64(&lane_u2, &u2);
+                            lane_g2 = add64(&lane_g2, &g2);
                         }
                     }
+                    su2 = lane_u2.iter().sum();
+                    sums.sum_sq_grad = lane_g2.iter().sum();
                 } else {
                     // Blocks of whole groups, about CHUNK elements each.
                     let bm = matrices_per_block(k);
@@ -669,8 +710,11 @@ fn column_unit<T: Element>(
 
 /// One work unit of short rows of `m` elements (rows `q0..q0 + r_out.len()`), streamed as they
 /// are stored in blocks of whole groups of [`LANES`] rows: the row `l` of each group adds into
-/// the accumulators of lane `l` (the column sums at `[l * m + j]`), in the order of the
-/// lane-major loops, so the bits are theirs.
+/// the accumulators of lane `l` (the column sums at `[j][l]`). A block's sums are float32
+/// lanes, added into the unit's f64 totals at its end, as the row loops add a block of rows;
+/// a block whose float32 sums are not finite (huge but finite squares, or a non-finite
+/// gradient) is summed again in f64 from cache ([`rows_block_f64`]). The blocks are fixed by
+/// the unit, so the bits do not depend on the thread count.
 #[inline(always)]
 fn rows_unit<T: Element>(
     grad: &Grad<'_, T>,
@@ -685,11 +729,17 @@ fn rows_unit<T: Element>(
     let s2 = (sc as f64) * (sc as f64);
     let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
     let mut sums = Sums::default();
-    // Column `j` of lane `l` (row `l` of each group) at `[j][l]`.
-    let mut cacc = [[0f64; LANES]; MAX_SHORT_ROW];
-    let mut wacc = [[0f64; LANES]; MAX_SHORT_ROW];
+    // Column `j` of lane `l` (row `l` of each group) at `[j][l]`: the unit's totals, and one
+    // block's float32 sums.
+    let mut tot = RowsTotals {
+        col: [[0f64; LANES]; MAX_SHORT_ROW],
+        weighted: [[0f64; LANES]; MAX_SHORT_ROW],
+        sum_r: [0f64; LANES],
+        sum_g: [0f64; LANES],
+    };
+    let mut c32 = [[0f32; LANES]; MAX_SHORT_ROW];
+    let mut w32 = [[0f32; LANES]; MAX_SHORT_ROW];
     let mut gl = [[0f32; LANES]; MAX_SHORT_ROW];
-    let (mut sum_r, mut sum_g) = ([0f64; LANES], [0f64; LANES]);
     let block_rows = LANES * (CHUNK / (LANES * m)).max(1);
     for (bi, out) in r_out.chunks_mut(block_rows).enumerate() {
         let q = q0 + bi * block_rows;
@@ -697,6 +747,11 @@ fn rows_unit<T: Element>(
         sums.sum_sq_x += weight_sq(reads, e0, &mut xbuf[..len]);
         let g = load_grad(grad, e0, &mut gbuf[..len], reads.check, &mut sums.probe);
         let old = &args.r_old[q..q + out.len()];
+        for (c, w) in c32[..m].iter_mut().zip(w32[..m].iter_mut()) {
+            *c = [0.0; LANES];
+            *w = [0.0; LANES];
+        }
+        let (mut sr, mut sg) = ([0f32; LANES], [0f32; LANES]);
         let groups = g
             .chunks(LANES * m)
             .zip(old.chunks(LANES))
@@ -707,41 +762,116 @@ fn rows_unit<T: Element>(
             // Sixteen rows lane-major (a zero gradient past the end): their sums of squares,
             // then the statistics of all sixteen rows at once.
             to_lanes(gg, m, 0.0, &mut gl[..m]);
-            let mut rs = [0f64; LANES];
-            for (gv, ca) in gl[..m].iter().zip(cacc.iter_mut()) {
-                let e = squares64(gv);
-                rs = add64(&rs, &e);
-                *ca = add64(ca, &e);
+            let mut rs = [0f32; LANES];
+            for (gv, cs) in gl[..m].iter().zip(c32.iter_mut()) {
+                let e = mul(gv, gv);
+                rs = add(&rs, &e);
+                *cs = add(cs, &e);
             }
-            let old = lanes_of(og);
-            let rn = new_stats(&old, &rs, m, b2, eps, s2);
-            let inv: Lanes = std::array::from_fn(|l| 1.0 / rn[l]);
-            if cnt == LANES {
-                sum_r = add64(&sum_r, &widen(&rn));
-                sum_g = add64(&sum_g, &rs);
+            let rn = new_stats(&lanes_of(og), &widen(&rs), m, b2, eps, s2);
+            sg = add(&sg, &rs);
+            let inv: Lanes = if cnt == LANES {
+                sr = add(&sr, &rn);
+                per_lane!(|l| 1.0 / rn[l])
             } else {
+                // Lanes past the end take no part in the sums.
+                let mut inv = [0f32; LANES];
                 for l in 0..cnt {
-                    sum_r[l] += rn[l] as f64;
-                    sum_g[l] += rs[l];
+                    sr[l] += rn[l];
+                    inv[l] = 1.0 / rn[l];
                 }
-            }
+                inv
+            };
             store_lanes(&rn, rg);
-            for (gv, wa) in gl[..m].iter().zip(wacc.iter_mut()) {
-                *wa = add_weighted_sq(wa, gv, &inv, sc);
+            for (gv, ws) in gl[..m].iter().zip(w32.iter_mut()) {
+                *ws = add_weighted_sq32(ws, gv, &inv, sc);
             }
+        }
+        if all_finite(&c32[..m]) && all_finite(&w32[..m]) && all_finite(&[sr, sg]) {
+            for j in 0..m {
+                tot.col[j] = add64(&tot.col[j], &widen(&c32[j]));
+                tot.weighted[j] = add64(&tot.weighted[j], &widen(&w32[j]));
+            }
+            tot.sum_r = add64(&tot.sum_r, &widen(&sr));
+            tot.sum_g = add64(&tot.sum_g, &widen(&sg));
+        } else {
+            rows_block_f64(g, old, out, m, args, &mut tot, &mut gl);
         }
     }
     let lanes = |v: &Lanes64| v.iter().sum::<f64>();
     // Column `j`: its lanes added in order.
     let by_lanes = |acc: &[Lanes64]| -> Vec<f64> { acc[..m].iter().map(lanes).collect() };
-    sums.sum_sq_grad = lanes(&sum_g);
+    sums.sum_sq_grad = lanes(&tot.sum_g);
     RowsPart {
         slice,
-        col: by_lanes(&cacc),
-        weighted: by_lanes(&wacc),
-        sum_r: lanes(&sum_r),
+        col: by_lanes(&tot.col),
+        weighted: by_lanes(&tot.weighted),
+        sum_r: lanes(&tot.sum_r),
         sums,
     }
+}
+
+/// A short-row unit's f64 sums, per lane: column sums of `g^2` and `sum_i (s g_ij)^2 / r_i`
+/// at `[j][l]`, the new row statistics and `g^2`.
+struct RowsTotals {
+    col: [Lanes64; MAX_SHORT_ROW],
+    weighted: [Lanes64; MAX_SHORT_ROW],
+    sum_r: Lanes64,
+    sum_g: Lanes64,
+}
+
+/// One block of [`rows_unit`] again with every sum in f64 (its new row statistics rewritten
+/// into `out`): the rare block whose float32 sums are not finite. A row of huge but finite
+/// squares still has a finite mean, as in the row loops; a non-finite gradient gives the
+/// non-finite sums that the caller's check finds.
+#[cold]
+#[inline(never)]
+fn rows_block_f64(
+    g: &[f32],
+    old: &[f32],
+    out: &mut [f32],
+    m: usize,
+    args: &StatArgs<'_>,
+    tot: &mut RowsTotals,
+    gl: &mut [Lanes; MAX_SHORT_ROW],
+) {
+    let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
+    let s2 = (sc as f64) * (sc as f64);
+    let groups = g
+        .chunks(LANES * m)
+        .zip(old.chunks(LANES))
+        .zip(out.chunks_mut(LANES));
+    for ((gg, og), rg) in groups {
+        let cnt = rg.len();
+        to_lanes(gg, m, 0.0, &mut gl[..m]);
+        let mut rs = [0f64; LANES];
+        for (gv, ca) in gl[..m].iter().zip(tot.col.iter_mut()) {
+            let e = squares64(gv);
+            rs = add64(&rs, &e);
+            *ca = add64(ca, &e);
+        }
+        let rn = new_stats(&lanes_of(og), &rs, m, b2, eps, s2);
+        let mut inv = [0f32; LANES];
+        for l in 0..cnt {
+            tot.sum_r[l] += rn[l] as f64;
+            tot.sum_g[l] += rs[l];
+            inv[l] = 1.0 / rn[l];
+        }
+        store_lanes(&rn, rg);
+        for (gv, wa) in gl[..m].iter().zip(tot.weighted.iter_mut()) {
+            *wa = add_weighted_sq(wa, gv, &inv, sc);
+        }
+    }
+}
+
+/// True when every lane of every vector is finite (`v * 0` sums to zero).
+#[inline(always)]
+fn all_finite(vs: &[Lanes]) -> bool {
+    let mut probe = [0f32; LANES];
+    for v in vs {
+        probe = add(&probe, &mul(v, &[0.0; LANES]));
+    }
+    probe.iter().all(|p| *p == 0.0)
 }
 
 /// The column statistics (into `c`), `mean(r)` per slice and `sum(u^2)` from the slices'
