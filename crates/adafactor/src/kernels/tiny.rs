@@ -379,9 +379,21 @@ fn store_lanes(v: &Lanes, dst: &mut [f32]) {
 /// takes the whole formula.
 #[inline(always)]
 fn ones_factors(r: &[f32], c: &[f32], out: &mut [f32]) {
-    let regular = r
-        .iter()
-        .fold(true, |ok, r| ok & (*r > 0.0) & (*r < f32::INFINITY));
+    // Positive and finite: no NaN or infinity (`r * 0` sums to zero) and a positive least
+    // value; float lanes, which vectorise where a fold of booleans did not.
+    let (mut probe, mut least) = ([0f32; LANES], [f32::INFINITY; LANES]);
+    let mut it = r.chunks_exact(LANES);
+    for v in &mut it {
+        for l in 0..LANES {
+            probe[l] += v[l] * 0.0;
+            least[l] = least[l].min(v[l]);
+        }
+    }
+    for v in it.remainder() {
+        probe[0] += v * 0.0;
+        least[0] = least[0].min(*v);
+    }
+    let regular = probe.iter().sum::<f32>() == 0.0 && least.iter().all(|v| *v > 0.0);
     if regular {
         for (o, c) in out.iter_mut().zip(c) {
             *o = 1.0 / c.sqrt();
