@@ -3,10 +3,12 @@
 //!
 //! Pure data movement (the bits cannot change). On AVX-512, from eight values per row on, in
 //! 16 x 16 register tiles (64 shuffles and 16 masked loads and stores per tile, instead of a
-//! scalar load and store per element), and four values per row (the statistics of 4 x 4
+//! scalar load and store per element); four values per row (the statistics of 4 x 4
 //! matrices, rows of four columns) in 16 shuffles of four registers with plain loads and
-//! stores: masked loads of a few values per row, from memory, made a batch slower than the
-//! plain loops that the other widths and CPUs use.
+//! stores; two, three, five, six and seven values per row (the statistics of 3 x 3 matrices,
+//! rows of three columns) in two-register permutes from plain loads, `per * ceil(per / 2)` of
+//! them. Masked loads of a few values per row, from memory, made a batch slower than the plain
+//! loops that partial groups and the other CPUs use.
 
 /// One lane-major row: the same element of sixteen matrices.
 pub(crate) type Lanes = [f32; 16];
@@ -19,13 +21,17 @@ pub(crate) fn to_lanes(src: &[f32], per: usize, pad: f32, dst: &mut [Lanes]) {
     let rows = src.len() / per;
     debug_assert!(rows * per == src.len() && rows <= 16 && dst.len() >= per);
     #[cfg(target_arch = "x86_64")]
-    if rows == 16 && (per >= 8 || per == 4) && super::cpu::simd() >= super::cpu::Simd::Avx512 {
+    if rows == 16 && per >= 2 && super::cpu::simd() >= super::cpu::Simd::Avx512 {
         // SAFETY: the CPU has AVX-512 F (`simd` checked it); `src` holds `16 * per` values.
         unsafe {
-            if per == 4 {
-                avx512::to_lanes4(src, dst)
-            } else {
-                avx512::to_lanes(src, per, dst)
+            match per {
+                2 => avx512::to_lanes_small::<2>(src, dst),
+                3 => avx512::to_lanes_small::<3>(src, dst),
+                4 => avx512::to_lanes4(src, dst),
+                5 => avx512::to_lanes_small::<5>(src, dst),
+                6 => avx512::to_lanes_small::<6>(src, dst),
+                7 => avx512::to_lanes_small::<7>(src, dst),
+                _ => avx512::to_lanes(src, per, dst),
             }
         };
         return;
@@ -49,13 +55,17 @@ pub(crate) fn from_lanes(src: &[Lanes], per: usize, dst: &mut [f32]) {
     let rows = dst.len() / per;
     debug_assert!(rows * per == dst.len() && rows <= 16 && src.len() >= per);
     #[cfg(target_arch = "x86_64")]
-    if rows == 16 && (per >= 8 || per == 4) && super::cpu::simd() >= super::cpu::Simd::Avx512 {
+    if rows == 16 && per >= 2 && super::cpu::simd() >= super::cpu::Simd::Avx512 {
         // SAFETY: the CPU has AVX-512 F (`simd` checked it); `dst` holds `16 * per` values.
         unsafe {
-            if per == 4 {
-                avx512::from_lanes4(src, dst)
-            } else {
-                avx512::from_lanes(src, per, dst)
+            match per {
+                2 => avx512::from_lanes_small::<2>(src, dst),
+                3 => avx512::from_lanes_small::<3>(src, dst),
+                4 => avx512::from_lanes4(src, dst),
+                5 => avx512::from_lanes_small::<5>(src, dst),
+                6 => avx512::from_lanes_small::<6>(src, dst),
+                7 => avx512::from_lanes_small::<7>(src, dst),
+                _ => avx512::from_lanes(src, per, dst),
             }
         };
         return;
@@ -183,6 +193,136 @@ mod avx512 {
         for (q, v) in z.into_iter().enumerate() {
             // SAFETY: `dst` holds 64 floats.
             unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(16 * q), v) };
+        }
+    }
+
+    /// One step of a small transpose: the lanes `mask` of an output taken from a pair of input
+    /// registers, lane `q` from lane `idx[q]` of the pair (16 and up: the second register).
+    #[derive(Clone, Copy)]
+    struct Pick {
+        idx: [i32; 16],
+        mask: u16,
+    }
+
+    /// Widest row the permutes take, and the most register pairs of a row.
+    const SMALL: usize = 7;
+    const PAIRS: usize = SMALL.div_ceil(2);
+
+    type Picks = [[[Pick; PAIRS]; SMALL]; SMALL + 1];
+
+    /// `[per][e][p]`: output `e` of [`to_lanes_small`] (lane `l` is value `l * per + e`, in
+    /// register `(l * per + e) / 16`), from the input pair `p`.
+    const TO_PICKS: Picks = {
+        let mut t = [[[Pick {
+            idx: [0; 16],
+            mask: 0,
+        }; PAIRS]; SMALL]; SMALL + 1];
+        let mut per = 2;
+        while per <= SMALL {
+            let mut e = 0;
+            while e < per {
+                let mut l = 0;
+                while l < 16 {
+                    let i = l * per + e;
+                    let p = i / 32;
+                    t[per][e][p].idx[l] = (i % 32) as i32;
+                    t[per][e][p].mask |= 1 << l;
+                    l += 1;
+                }
+                e += 1;
+            }
+            per += 1;
+        }
+        t
+    };
+
+    /// `[per][r][p]`: output register `r` of [`from_lanes_small`] (lane `q` is value
+    /// `i = 16 r + q`, lane `i / per` of input `i % per`), from the input pair `p`.
+    const FROM_PICKS: Picks = {
+        let mut t = [[[Pick {
+            idx: [0; 16],
+            mask: 0,
+        }; PAIRS]; SMALL]; SMALL + 1];
+        let mut per = 2;
+        while per <= SMALL {
+            let mut r = 0;
+            while r < per {
+                let mut q = 0;
+                while q < 16 {
+                    let i = 16 * r + q;
+                    let (l, e) = (i / per, i % per);
+                    let p = e / 2;
+                    t[per][r][p].idx[q] = (l + 16 * (e % 2)) as i32;
+                    t[per][r][p].mask |= 1 << q;
+                    q += 1;
+                }
+                r += 1;
+            }
+            per += 1;
+        }
+        t
+    };
+
+    /// `PER` registers to `PER` registers, each output gathered from the input pairs by
+    /// `picks[r]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn permute<const PER: usize>(
+        z: &[__m512; PER],
+        picks: &[[Pick; PAIRS]; SMALL],
+    ) -> [__m512; PER] {
+        let mut out = [_mm512_setzero_ps(); PER];
+        for (o, pr) in out.iter_mut().zip(picks) {
+            for (p, pick) in pr.iter().enumerate().take(PER.div_ceil(2)) {
+                if pick.mask == 0 {
+                    continue;
+                }
+                let (a, b) = (z[2 * p], z[(2 * p + 1).min(PER - 1)]);
+                // SAFETY: `idx` is sixteen i32.
+                let idx = unsafe { _mm512_loadu_si512(pick.idx.as_ptr().cast()) };
+                let v = _mm512_permutex2var_ps(a, idx, b);
+                *o = _mm512_mask_blend_ps(pick.mask, *o, v);
+            }
+        }
+        out
+    }
+
+    /// [`super::to_lanes`] of `PER` (2, 3, 5, 6 or 7) values per row: `PER` plain loads, then
+    /// two-register permutes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `src.len() == 16 * PER`, `dst.len() >= PER`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn to_lanes_small<const PER: usize>(src: &[f32], dst: &mut [Lanes]) {
+        let mut z = [_mm512_setzero_ps(); PER];
+        for (r, v) in z.iter_mut().enumerate() {
+            // SAFETY: `src` holds `16 * PER` floats.
+            *v = unsafe { _mm512_loadu_ps(src.as_ptr().add(16 * r)) };
+        }
+        let out = permute::<PER>(&z, &TO_PICKS[PER]);
+        for (d, v) in dst[..PER].iter_mut().zip(out) {
+            // SAFETY: `d` is sixteen floats.
+            unsafe { _mm512_storeu_ps(d.as_mut_ptr(), v) };
+        }
+    }
+
+    /// [`super::from_lanes`] of `PER` (2, 3, 5, 6 or 7) values per row: the inverse permutes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `dst.len() == 16 * PER`, `src.len() >= PER`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn from_lanes_small<const PER: usize>(src: &[Lanes], dst: &mut [f32]) {
+        let mut z = [_mm512_setzero_ps(); PER];
+        for (v, s) in z.iter_mut().zip(&src[..PER]) {
+            // SAFETY: `s` is sixteen floats.
+            *v = unsafe { _mm512_loadu_ps(s.as_ptr()) };
+        }
+        let out = permute::<PER>(&z, &FROM_PICKS[PER]);
+        for (r, v) in out.into_iter().enumerate() {
+            // SAFETY: `dst` holds `16 * PER` floats.
+            unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(16 * r), v) };
         }
     }
 
