@@ -102,20 +102,29 @@ pub(crate) fn has_avx2() -> bool {
 /// Asks the CPU to start loading `s` into cache: a hint, nothing on other architectures.
 #[inline(always)]
 pub(crate) fn prefetch<T>(s: &[T]) {
+    prefetch_raw(s.as_ptr(), s.len());
+}
+
+/// [`prefetch`] of the `len` elements at `p`, for buffers that other threads hold mutably (a
+/// prefetch reads nothing, so no reference to them is made).
+#[inline(always)]
+pub(crate) fn prefetch_raw<T>(p: *const T, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        let p = s.as_ptr() as *const i8;
+        let (p, bytes) = (p as *const i8, len * std::mem::size_of::<T>());
         let mut off = 0;
-        while off < std::mem::size_of_val(s) {
-            // SAFETY: a prefetch never faults, and the address lies within `s`.
+        while off < bytes {
+            // SAFETY: a prefetch never faults; the address lies within the caller's buffer.
             unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off))
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    p.wrapping_add(off),
+                )
             };
             off += 64;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = s;
+    let _ = (p, len);
 }
 
 /// How far ahead the streaming passes ask for the data they will read: the hardware

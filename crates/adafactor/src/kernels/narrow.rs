@@ -5,6 +5,7 @@
 //! units, in unit order. A row loop over such a matrix would give each unit a column accumulator
 //! as long as the row, read and written for every row. See [`super::shaped`] for the passes.
 
+use super::cpu::{prefetch, prefetch_raw};
 use super::element::Element;
 use super::factored::row_sq_and_cols;
 use super::grad::{decayed_view, Decay, Grad};
@@ -22,6 +23,18 @@ const MAX_COLS: usize = 8192;
 /// Columns per work unit of `n` rows: about [`UNIT_ELEMS`] elements.
 fn cols_per_unit(n: usize) -> usize {
     (UNIT_ELEMS / n.max(1)).clamp(MIN_COLS, MAX_COLS)
+}
+
+/// Asks for `len` elements at `start` of the gradient and of the weight (clipped to them): the
+/// next row's block. A unit visits one block of [`CHUNK`] elements per row, row after row, too
+/// short a run for the hardware prefetcher to see the next one coming (a single row is one
+/// stream, which it does see: `1 x n` asks for nothing).
+#[inline(always)]
+fn ask_block<T>(g: &[T], x: Option<&[T]>, start: usize, len: usize) {
+    for v in [Some(g), x].into_iter().flatten() {
+        let from = start.min(v.len());
+        prefetch(&v[from..(from + len).min(v.len())]);
+    }
 }
 
 /// A row's squares `g_j^2` added into the unit's float32 column sums `col`; returns the row's
@@ -181,6 +194,14 @@ pub(crate) fn statistics<T: Element>(
                 col.fill(0.0);
                 for (i, brow) in block_rows.iter_mut().enumerate() {
                     let start = row_start(i) + k0;
+                    if n > 1 {
+                        let next = if i + 1 < n {
+                            row_start(i + 1) + k0
+                        } else {
+                            start + w
+                        };
+                        ask_block(grad.g, reads.x, next, w);
+                    }
                     if let Some(x) = reads.x {
                         let xv = decayed_view(&x[start..start + w], reads.decay, &mut xbuf[..w]);
                         xrows[i] += sum_sq(xv);
@@ -315,6 +336,11 @@ pub(crate) fn write<T: Element>(
                 }
                 for (i, ca) in ca.iter().enumerate() {
                     let start = (slice * n + i) * m + j0 + k0;
+                    if n > 1 {
+                        let next = if i + 1 < n { start + m } else { start + len };
+                        ask_block(grad.g, None, next, len);
+                        x_at.ask(next, len);
+                    }
                     let g = grad.view(start, &mut gbuf[..len]);
                     // SAFETY: units cover disjoint column ranges, so no two touch the same
                     // elements.
@@ -370,6 +396,12 @@ impl<T> SharedRows<T> {
             ptr: x.as_mut_ptr(),
             len: x.len(),
         }
+    }
+
+    /// Asks for elements `start..start + len` (clipped to the buffer), reading none.
+    fn ask(&self, start: usize, len: usize) {
+        let from = start.min(self.len);
+        prefetch_raw(self.ptr.wrapping_add(from), len.min(self.len - from));
     }
 
     /// Elements `start..start + len`.
