@@ -11,8 +11,8 @@
 //! A tiny matrix's sums of squares are f64; short rows sum a block in float32 lanes and add
 //! the blocks in f64, taking f64 sums for a block whose float32 sums are not finite (a row of
 //! huge finite squares still has a finite mean, as in the row loops). Every sum runs in a fixed
-//! order: the bits do not depend on the thread count. The update runs in the weight's own layout with the factors `a_i b_j` laid
-//! out alongside. See [`super::shaped`] for the passes.
+//! order: the bits do not depend on the thread count. The update runs in the weight's own
+//! layout with the factors `a_i b_j` laid out alongside. See [`super::shaped`] for the passes.
 
 use super::cpu::prefetch_ahead;
 use super::element::Element;
