@@ -13,7 +13,7 @@
 //! the accumulator, clamped) computed as each element is read ([`Grad::at`]), so that a
 //! transformed gradient needs no float32 row buffer.
 
-use super::cpu::prefetch;
+use super::cpu::{prefetch, PREFETCH_BYTES};
 use super::element::Element;
 use super::grad::{Decay, Grad};
 use super::reduce::CHUNK;
@@ -177,18 +177,18 @@ pub(crate) fn update<T: Element, S: Store, const FX: bool>(
     }
 }
 
-/// How far ahead pass 1 asks for the gradient and the weight: the hardware prefetcher alone
-/// leaves pass 1, which reads two streams and computes between rows, short of the bandwidth.
-const PREFETCH_BYTES: usize = 4096;
-
 /// Pass 1 over whole rows of `m` elements: [`pass1`] on each row (its sum of squares pushed to
 /// `row_sums`, its squares added into `col`), and with a fold, `w += g^2 / r_i` for each row
 /// from the squares the sweep kept, done after the next row's sweep so that the sweep does not
 /// wait for the row's statistic. Returns the sum of the rows' `x^2` sums.
+///
+/// `ask_rows`: ask for each short row's streams [`PREFETCH_BYTES`] ahead before its sweep
+/// (the portable loops, which do not ask as they go; the vector twins ask in their loops).
 #[inline(always)]
 pub(crate) fn pass1_rows_with<T: Element>(
     rows: Pass1Rows<'_, T>,
     sums: Pass1Sums<'_>,
+    ask_rows: bool,
     sweep: impl Fn(Grad<'_, T>, &[T], &mut [f32], &mut [f32], &mut f32) -> (f32, f64),
     add: impl Fn(&[f32], f32, &mut [f32]),
 ) -> f64 {
@@ -221,7 +221,7 @@ pub(crate) fn pass1_rows_with<T: Element>(
     // Rows longer than the distance are left to the hardware prefetcher: asking for a whole
     // row at its start pulls it into the first-level cache ahead of its use and evicts the
     // column sums (a 4096 x 4096 step took a sixth more CPU time with it).
-    let ask = m <= ahead;
+    let ask = ask_rows && m <= ahead;
     for (k, xr) in x.chunks_exact(m).take(g.len() / m).enumerate() {
         if ask {
             let next = (k * m + ahead).min(g.len());
@@ -319,12 +319,14 @@ pub(crate) fn tail_weighted_sq<T: Element, const FX: bool>(
 }
 
 /// Pass 2 over whole rows of one slice: `sum_k a_k^2 sum_j ((s g_kj) b_j)^2`, `a` the rows'
-/// factors and `b` the slice's column factors (its length is the row length).
+/// factors and `b` the slice's column factors (its length is the row length). `ask_rows`: as
+/// in [`pass1_rows_with`].
 #[inline(always)]
 pub(crate) fn pass2_rows_with<T: Element>(
     g: Grad<'_, T>,
     b: &[f32],
     a: &[f32],
+    ask_rows: bool,
     row: impl Fn(Grad<'_, T>) -> f64,
 ) -> f64 {
     let m = b.len();
@@ -334,11 +336,13 @@ pub(crate) fn pass2_rows_with<T: Element>(
     let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
     let mut total = 0f64;
     for (k, ak) in a.iter().take(g.len() / m).enumerate() {
-        let next = (k * m + ahead).min(g.len());
-        let end = (next + m).min(g.len());
-        prefetch(&g.g[next..end]);
-        if let Some(acc) = g.acc {
-            prefetch(&acc[next..end]);
+        if ask_rows {
+            let next = (k * m + ahead).min(g.len());
+            let end = (next + m).min(g.len());
+            prefetch(&g.g[next..end]);
+            if let Some(acc) = g.acc {
+                prefetch(&acc[next..end]);
+            }
         }
         let ak = *ak as f64;
         total += row(g.slice(k * m, (k + 1) * m)) * ak * ak;
@@ -350,9 +354,9 @@ pub(crate) fn pass2_rows_with<T: Element>(
 #[inline(always)]
 pub(crate) fn pass2_rows<T: Element>(g: Grad<'_, T>, b: &[f32], a: &[f32], s: f32) -> f64 {
     if g.is_plain() {
-        pass2_rows_with(g, b, a, |g| weighted_sq::<T, false>(g, b, s))
+        pass2_rows_with(g, b, a, true, |g| weighted_sq::<T, false>(g, b, s))
     } else {
-        pass2_rows_with(g, b, a, |g| weighted_sq::<T, true>(g, b, s))
+        pass2_rows_with(g, b, a, true, |g| weighted_sq::<T, true>(g, b, s))
     }
 }
 
@@ -364,6 +368,7 @@ pub(crate) fn pass1_rows<T: Element>(rows: Pass1Rows<'_, T>, sums: Pass1Sums<'_>
         pass1_rows_with(
             rows,
             sums,
+            true,
             |g, x, c, e, p| pass1::<T, false>(g, x, decay, c, e, p),
             add_scaled,
         )
@@ -371,6 +376,7 @@ pub(crate) fn pass1_rows<T: Element>(rows: Pass1Rows<'_, T>, sums: Pass1Sums<'_>
         pass1_rows_with(
             rows,
             sums,
+            true,
             |g, x, c, e, p| pass1::<T, true>(g, x, decay, c, e, p),
             add_scaled,
         )

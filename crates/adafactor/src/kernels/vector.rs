@@ -1,6 +1,7 @@
 //! The three passes for an unfactored variable (rank 0 or 1), which keeps its velocity `v`.
 
 use super::after_write::{write_blocks, Tail};
+use super::cpu::vectorized_wide;
 use super::element::Element;
 use super::grad::{decayed_view, Decay, Grad};
 use super::parallel::{chunk_units, map_units, parallel_for, split_for, sum_chunks, UNIT_ELEMS};
@@ -228,25 +229,32 @@ pub fn pass3_then<T: Element>(
 ) {
     let parallel = parallel_for(x.len());
     let chunk = if parallel { UNIT_ELEMS } else { x.len() };
+    // Compiled for the widest vectors (the closure that `write_blocks` runs is not inlined
+    // into its AVX2 frame, which left these loops at the baseline's four lanes).
     let body = |start: usize, xs: &mut [T], grad: &Grad<'_, T>| {
-        let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
-        let mut probe = 0f32;
-        for (k, xblock) in xs.chunks_mut(CHUNK).enumerate() {
-            let b = k * CHUNK;
-            let n = xblock.len();
-            let gb = load_grad(grad, b, &mut gbuf[..n], false, &mut probe);
-            let vb = &v_new[start + b..start + b + n];
-            match T::as_f32_mut(xblock) {
-                // A float32 weight is updated where it is stored.
-                Some(xf) => update_block(xf, gb, vb, coef, grad_scale, decay),
-                None => {
-                    let xb = &mut xbuf[..n];
-                    T::load(xblock, xb);
-                    update_block(xb, gb, vb, coef, grad_scale, decay);
-                    rounding.store_slice(xb, xblock, (start + b) as u64);
+        vectorized_wide(
+            #[inline(always)]
+            || {
+                let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+                let mut probe = 0f32;
+                for (k, xblock) in xs.chunks_mut(CHUNK).enumerate() {
+                    let b = k * CHUNK;
+                    let n = xblock.len();
+                    let gb = load_grad(grad, b, &mut gbuf[..n], false, &mut probe);
+                    let vb = &v_new[start + b..start + b + n];
+                    match T::as_f32_mut(xblock) {
+                        // A float32 weight is updated where it is stored.
+                        Some(xf) => update_block(xf, gb, vb, coef, grad_scale, decay),
+                        None => {
+                            let xb = &mut xbuf[..n];
+                            T::load(xblock, xb);
+                            update_block(xb, gb, vb, coef, grad_scale, decay);
+                            rounding.store_slice(xb, xblock, (start + b) as u64);
+                        }
+                    }
                 }
-            }
-        }
+            },
+        )
     };
     write_blocks(x, grad, 1, chunk, parallel, tail, body);
 }

@@ -6,6 +6,7 @@
 //! as it is loaded ([`loops`]'s `GradLanes`), in the order and with the operations of
 //! [`Grad::at`].
 
+use super::cpu::{prefetch_raw, PREFETCH_BYTES};
 use super::grad::{Decay, Grad};
 use super::portable::{
     add_scaled, lane_sum, pass1_rows_with, pass2_rows_with, tail_squares, tail_squares_into,
@@ -21,9 +22,24 @@ use super::store::{with_store, Store};
 mod loops {
     use super::simd::{Lanes, Wide};
     use super::{
-        lane_sum, tail_squares, tail_squares_into, tail_weighted_sq, Decay, Grad, Store, CHUNK,
-        LANES,
+        lane_sum, prefetch_raw, tail_squares, tail_squares_into, tail_weighted_sq, Decay, Grad,
+        Store, CHUNK, LANES, PREFETCH_BYTES,
     };
+
+    /// Asks for the element [`PREFETCH_BYTES`] past element `j` of the stream at `p`, once per
+    /// group of lanes. A sweep reads its rows' streams one after another; at this distance
+    /// the next lines arrive from the last-level cache or memory before they are read, which
+    /// the hardware prefetcher alone does not achieve for a loop that computes between its
+    /// loads (t5-small's step took a third less time with it in bfloat16, a tenth less in
+    /// float32). The address may lie past the stream's end: a prefetch never faults and
+    /// reads nothing the program sees.
+    #[inline(always)]
+    fn ask_ahead<T>(p: *const T, j: usize) {
+        prefetch_raw(
+            p.wrapping_add(j + PREFETCH_BYTES / std::mem::size_of::<T>().max(1)),
+            1,
+        );
+    }
 
     /// A gradient's transform on sixteen lanes: [`Grad::at`] lane by lane, the same float32
     /// results in the same order (divisions, a clamp that keeps NaN).
@@ -106,6 +122,7 @@ mod loops {
             }
             *probe = probe.add(v.mul(V::zero()));
             if let Some((ap, k)) = self.acc {
+                ask_ahead(ap, j);
                 v = k.apply(v.add(V::load(ap.add(j))));
             }
             if let Some((lo, hi)) = self.clip {
@@ -176,9 +193,11 @@ mod loops {
         while start < len {
             let end = (start + CHUNK).min(len);
             let (mut lanes, mut xlanes) = (V::zero(), V::zero());
-            let mut j = start;
-            while j + LANES <= end {
-                // SAFETY: j + LANES <= len, within all three slices.
+            let (mut j, whole) = (start, end - (end - start) % LANES);
+            while j < whole {
+                ask_ahead(gp, j);
+                ask_ahead(xp, j);
+                // SAFETY: j + LANES <= end <= len, within all three slices.
                 let gv = grad16::<V, W, FX>(gp, &fx, j, &mut plane);
                 let e = gv.mul(gv);
                 V::load(cp.add(j)).add(e).store(cp.add(j));
@@ -213,9 +232,9 @@ mod loops {
         let len = e.len().min(w.len());
         let vs = V::splat(scale);
         let (ep, wp) = (e.as_ptr(), w.as_mut_ptr());
-        let mut j = 0;
-        while j + LANES <= len {
-            // SAFETY: j + LANES <= len, within both slices.
+        let (mut j, whole) = (0, len - len % LANES);
+        while j < whole {
+            // SAFETY: j + LANES <= whole <= len, within both slices.
             V::load(wp.add(j))
                 .add(V::load(ep.add(j)).mul(vs))
                 .store(wp.add(j));
@@ -241,9 +260,10 @@ mod loops {
         while start < len {
             let end = (start + CHUNK).min(len);
             let mut lanes = V::zero();
-            let mut j = start;
-            while j + LANES <= end {
-                // SAFETY: j + LANES <= len, within both slices.
+            let (mut j, whole) = (start, end - (end - start) % LANES);
+            while j < whole {
+                ask_ahead(gp, j);
+                // SAFETY: j + LANES <= end <= len, within both slices.
                 let mut gs = grad16::<V, W, FX>(gp, &fx, j, &mut plane);
                 if SCALED {
                     gs = vs.mul(gs);
@@ -295,6 +315,8 @@ mod loops {
         macro_rules! group {
             ($j:expr, $r:expr) => {{
                 let j = $j;
+                ask_ahead(gp, j);
+                ask_ahead(xp as *const W, j);
                 let mut xv = W::load16(xp.add(j));
                 if DECAY {
                     xv = decayed(xv, wd, lr);
@@ -320,7 +342,8 @@ mod loops {
                 j += 2 * LANES;
             }
         }
-        while j + LANES <= len {
+        let whole = len - len % LANES;
+        while j < whole {
             // A match, not `Option::map`: the closure would not get this instruction set.
             #[allow(clippy::manual_map)]
             let r = match store.key() {
@@ -388,6 +411,7 @@ mod wide_rows {
         pass1_rows_with(
             rows,
             sums,
+            false,
             #[inline(always)]
             |g, x, c, e, p| unsafe { loops::pass1::<V, W, DECAY, KEEP, FX>(g, x, decay, c, e, p) },
             #[inline(always)]
@@ -424,6 +448,7 @@ mod wide_rows {
             g,
             b,
             a,
+            false,
             #[inline(always)]
             |g| unsafe { loops::weighted_sq::<V, W, SCALED, FX>(g, b, s) },
         )
