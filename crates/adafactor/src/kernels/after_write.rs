@@ -72,9 +72,17 @@ impl<'a> Tail<'a> {
             piece
                 .split(super::parallel::UNIT_ELEMS)
                 .into_par_iter()
-                .for_each(|p| vectorized(|| p.finish(momentum, overwrite)));
+                .for_each(|p| {
+                    vectorized(
+                        #[inline(always)]
+                        || p.finish(momentum, overwrite),
+                    )
+                });
         } else {
-            vectorized(|| piece.finish(momentum, overwrite));
+            vectorized(
+                #[inline(always)]
+                || piece.finish(momentum, overwrite),
+            );
         }
     }
 }
@@ -177,18 +185,27 @@ pub(crate) fn write_blocks<T: Element>(
                 transform: grad.transform,
             };
             write(s, &mut *p.x, &local);
-            p.finish(momentum, overwrite);
+            // In its own instruction-set frame: this closure is not inlined into the one
+            // around it, and the tail's loops left at the baseline ran at four lanes.
+            vectorized(
+                #[inline(always)]
+                || p.finish(momentum, overwrite),
+            );
         }
     };
     if parallel {
         // Last blocks first: pass 1 reads them last, so they may still be in the last-level
         // cache.
-        piece
-            .split(chunk)
-            .into_par_iter()
-            .rev()
-            .for_each(|job| vectorized(|| run(job)));
+        piece.split(chunk).into_par_iter().rev().for_each(|job| {
+            vectorized(
+                #[inline(always)]
+                || run(job),
+            )
+        });
     } else if !piece.x.is_empty() {
-        vectorized(|| run(piece));
+        vectorized(
+            #[inline(always)]
+            || run(piece),
+        );
     }
 }
