@@ -210,58 +210,46 @@ mod avx512 {
 
     type Picks = [[[Pick; PAIRS]; SMALL]; SMALL + 1];
 
-    /// `[per][e][p]`: output `e` of [`to_lanes_small`] (lane `l` is value `l * per + e`, in
-    /// register `(l * per + e) / 16`), from the input pair `p`.
-    const TO_PICKS: Picks = {
+    /// The permutes of every row width from 2 to [`SMALL`]: `[per][o][p]` gathers output
+    /// register `o` from the input pair `p`, lane by lane.
+    /// - `to_lanes` ([`to_lanes_small`]): lane `l` of output `o` is value `i = l * per + o`,
+    ///   lane `i % 32` of pair `i / 32`.
+    /// - else ([`from_lanes_small`]): lane `q` of output `o` is value `i = 16 o + q`, lane
+    ///   `i / per` of input `e = i % per`, so of pair `e / 2`, in its register `e % 2`.
+    const fn picks(to_lanes: bool) -> Picks {
         let mut t = [[[Pick {
             idx: [0; 16],
             mask: 0,
         }; PAIRS]; SMALL]; SMALL + 1];
         let mut per = 2;
         while per <= SMALL {
-            let mut e = 0;
-            while e < per {
-                let mut l = 0;
-                while l < 16 {
-                    let i = l * per + e;
-                    let p = i / 32;
-                    t[per][e][p].idx[l] = (i % 32) as i32;
-                    t[per][e][p].mask |= 1 << l;
-                    l += 1;
-                }
-                e += 1;
-            }
-            per += 1;
-        }
-        t
-    };
-
-    /// `[per][r][p]`: output register `r` of [`from_lanes_small`] (lane `q` is value
-    /// `i = 16 r + q`, lane `i / per` of input `i % per`), from the input pair `p`.
-    const FROM_PICKS: Picks = {
-        let mut t = [[[Pick {
-            idx: [0; 16],
-            mask: 0,
-        }; PAIRS]; SMALL]; SMALL + 1];
-        let mut per = 2;
-        while per <= SMALL {
-            let mut r = 0;
-            while r < per {
+            let mut o = 0;
+            while o < per {
                 let mut q = 0;
                 while q < 16 {
-                    let i = 16 * r + q;
-                    let (l, e) = (i / per, i % per);
-                    let p = e / 2;
-                    t[per][r][p].idx[q] = (l + 16 * (e % 2)) as i32;
-                    t[per][r][p].mask |= 1 << q;
+                    let (p, idx) = if to_lanes {
+                        let i = q * per + o;
+                        (i / 32, i % 32)
+                    } else {
+                        let i = 16 * o + q;
+                        let (l, e) = (i / per, i % per);
+                        (e / 2, l + 16 * (e % 2))
+                    };
+                    t[per][o][p].idx[q] = idx as i32;
+                    t[per][o][p].mask |= 1 << q;
                     q += 1;
                 }
-                r += 1;
+                o += 1;
             }
             per += 1;
         }
         t
-    };
+    }
+
+    /// The permutes of [`to_lanes_small`].
+    const TO_PICKS: Picks = picks(true);
+    /// The permutes of [`from_lanes_small`].
+    const FROM_PICKS: Picks = picks(false);
 
     /// `PER` registers to `PER` registers, each output gathered from the input pairs by
     /// `picks[r]`.
