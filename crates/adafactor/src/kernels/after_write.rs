@@ -173,39 +173,34 @@ pub(crate) fn write_blocks<T: Element>(
         TAIL_BLOCK.div_ceil(unit) * unit
     };
     let (piece, momentum, overwrite) = tail.over(x);
+    // Each job's loop runs in an instruction-set frame of its own: a closure is not inlined
+    // into a frame around its call, and the tails' loops left at the baseline ran at four
+    // lanes.
     let run = |job: Piece<'_, T>| {
-        for p in job.split(block.min(chunk)) {
-            let (s, e) = (p.start, p.start + p.x.len());
-            let local = Grad {
-                g: &grad.g[s..e],
-                acc: match &p.acc {
-                    Some(a) => Some(&a[..]),
-                    None => grad.acc.map(|a| &a[s..e]),
-                },
-                transform: grad.transform,
-            };
-            write(s, &mut *p.x, &local);
-            // In its own instruction-set frame: this closure is not inlined into the one
-            // around it, and the tail's loops left at the baseline ran at four lanes.
-            vectorized(
-                #[inline(always)]
-                || p.finish(momentum, overwrite),
-            );
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for p in job.split(block.min(chunk)) {
+                    let (s, e) = (p.start, p.start + p.x.len());
+                    let local = Grad {
+                        g: &grad.g[s..e],
+                        acc: match &p.acc {
+                            Some(a) => Some(&a[..]),
+                            None => grad.acc.map(|a| &a[s..e]),
+                        },
+                        transform: grad.transform,
+                    };
+                    write(s, &mut *p.x, &local);
+                    p.finish(momentum, overwrite);
+                }
+            },
+        )
     };
     if parallel {
         // Last blocks first: pass 1 reads them last, so they may still be in the last-level
         // cache.
-        piece.split(chunk).into_par_iter().rev().for_each(|job| {
-            vectorized(
-                #[inline(always)]
-                || run(job),
-            )
-        });
+        piece.split(chunk).into_par_iter().rev().for_each(run);
     } else if !piece.x.is_empty() {
-        vectorized(
-            #[inline(always)]
-            || run(piece),
-        );
+        run(piece);
     }
 }
