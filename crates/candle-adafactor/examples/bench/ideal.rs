@@ -363,9 +363,10 @@ fn ask<T>(v: &[T], at: usize) {
     let _ = (from, to);
 }
 
-/// Elements per block of `T`.
-fn block<T>() -> usize {
-    BLOCK_BYTES / std::mem::size_of::<T>().max(1)
+/// The blocks of `BLOCK_BYTES` of a buffer of `len` elements of `T`.
+fn blocks<T>(len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let n = BLOCK_BYTES / std::mem::size_of::<T>().max(1);
+    (0..len).step_by(n).map(move |at| at..(at + n).min(len))
 }
 
 /// The xor of every word of `a` (and of `b`), in blocks whose loops the compiler vectorises,
@@ -375,18 +376,17 @@ where
     T: Copy + Default + std::ops::BitXor<Output = T> + Into<u64>,
 {
     let mut h = T::default();
-    for at in (0..a.len()).step_by(block::<T>()) {
-        let end = (at + block::<T>()).min(a.len());
-        ask(a, at);
+    for r in blocks::<T>(a.len()) {
+        ask(a, r.start);
         match b {
             Some(b) => {
-                ask(b, at);
-                h = a[at..end]
+                ask(b, r.start);
+                h = a[r.clone()]
                     .iter()
-                    .zip(&b[at..end])
+                    .zip(&b[r])
                     .fold(h, |h, (&p, &q)| h ^ p ^ q);
             }
-            None => h = a[at..end].iter().fold(h, |h, &p| h ^ p),
+            None => h = a[r].iter().fold(h, |h, &p| h ^ p),
         }
     }
     h.into()
@@ -396,10 +396,9 @@ where
 /// the results.
 fn flip_words(a: &mut [u32]) -> u64 {
     let mut h = 0u32;
-    for at in (0..a.len()).step_by(block::<u32>()) {
-        let end = (at + block::<u32>()).min(a.len());
-        ask(a, at);
-        for v in a[at..end].iter_mut() {
+    for r in blocks::<u32>(a.len()) {
+        ask(a, r.start);
+        for v in a[r].iter_mut() {
             *v ^= 1;
             h ^= *v;
         }
@@ -413,11 +412,10 @@ where
     T: Copy + std::ops::BitXor<Output = T> + std::ops::BitAnd<Output = T> + Into<u32>,
 {
     let mut h = 0u32;
-    for at in (0..x.len()).step_by(block::<T>()) {
-        let end = (at + block::<T>()).min(x.len());
-        ask(x, at);
-        ask(g, at);
-        for (xi, gi) in x[at..end].iter_mut().zip(&g[at..end]) {
+    for r in blocks::<T>(x.len()) {
+        ask(x, r.start);
+        ask(g, r.start);
+        for (xi, gi) in x[r.clone()].iter_mut().zip(&g[r]) {
             *xi = *xi ^ (*gi & bit);
             h ^= (*xi).into();
         }
