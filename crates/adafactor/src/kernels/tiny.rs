@@ -24,7 +24,7 @@ use super::shaped::{
     add_into, load_grad, update_block, Fresh, Reads, StatArgs, Statistics, Sums, WriteArgs,
     MAX_SHORT_ROW,
 };
-use super::transpose::{from_lanes, to_lanes};
+use super::transpose::{from_lanes, to_lanes, to_lanes_groups};
 use crate::state::Factoring;
 
 /// Matrices (or rows) per group, one per lane.
@@ -720,6 +720,9 @@ fn column_unit<T: Element>(
     }
 }
 
+/// Most groups of [`LANES`] short rows (of at least two elements) in one block of [`CHUNK`].
+const MAX_GROUPS: usize = CHUNK / (2 * LANES);
+
 /// One work unit of short rows of `m` elements (rows `q0..q0 + r_out.len()`), streamed as they
 /// are stored in blocks of whole groups of [`LANES`] rows: the row `l` of each group adds into
 /// the accumulators of lane `l` (the column sums at `[j][l]`). A block's sums are float32
@@ -727,6 +730,11 @@ fn column_unit<T: Element>(
 /// a block whose float32 sums are not finite (huge but finite squares, or a non-finite
 /// gradient) is summed again in f64 from cache ([`rows_block_f64`]). The blocks are fixed by
 /// the unit, so the bits do not depend on the thread count.
+///
+/// A block runs in steps, each a short loop over the whole block in the first-level cache:
+/// the gradient lane-major; its squares into the row and column sums; the rows' new
+/// statistics; the weighted sums. One loop doing all of them per group keeps too many values
+/// live for the registers and leaves the compiler mixing scalar and vector code.
 #[inline(always)]
 fn rows_unit<T: Element>(
     grad: &Grad<'_, T>,
@@ -751,52 +759,64 @@ fn rows_unit<T: Element>(
     };
     let mut c32 = [[0f32; LANES]; MAX_SHORT_ROW];
     let mut w32 = [[0f32; LANES]; MAX_SHORT_ROW];
-    let mut gl = [[0f32; LANES]; MAX_SHORT_ROW];
+    // A block's gradient lane-major (group `t`'s column `j` at `[t * m + j]`), and its rows'
+    // sums of squares and `1 / r_i` by group (zero past the last row).
+    let mut gl = [[0f32; LANES]; CHUNK / LANES];
+    let mut rs = [[0f32; LANES]; MAX_GROUPS];
+    let mut inv = [[0f32; LANES]; MAX_GROUPS];
     let block_rows = LANES * (CHUNK / (LANES * m)).max(1);
     for (bi, out) in r_out.chunks_mut(block_rows).enumerate() {
         let q = q0 + bi * block_rows;
-        let (e0, len) = (q * m, out.len() * m);
+        let (e0, rows) = (q * m, out.len());
+        let len = rows * m;
+        let groups = rows.div_ceil(LANES);
         sums.sum_sq_x += weight_sq(reads, e0, &mut xbuf[..len]);
         let g = load_grad(grad, e0, &mut gbuf[..len], reads.check, &mut sums.probe);
-        let old = &args.r_old[q..q + out.len()];
-        for (c, w) in c32[..m].iter_mut().zip(w32[..m].iter_mut()) {
-            *c = [0.0; LANES];
-            *w = [0.0; LANES];
+        let old = &args.r_old[q..q + rows];
+        let (gl, rs, inv) = (&mut gl[..groups * m], &mut rs[..groups], &mut inv[..groups]);
+        // Sixteen rows lane-major (a zero gradient past the end).
+        to_lanes_groups(g, m, 0.0, gl);
+        // Their squares into the row sums and the block's column sums.
+        for (j, cs) in c32[..m].iter_mut().enumerate() {
+            *cs = [0.0; LANES];
+            w32[j] = [0.0; LANES];
         }
         let (mut sr, mut sg) = ([0f32; LANES], [0f32; LANES]);
-        let groups = g
-            .chunks(LANES * m)
-            .zip(old.chunks(LANES))
-            .zip(out.chunks_mut(LANES));
-        for (t, ((gg, og), rg)) in groups.enumerate() {
+        for (t, (glt, rst)) in gl.chunks_exact(m).zip(rs.iter_mut()).enumerate() {
             ask_ahead(grad, reads.x, e0 + t * LANES * m, LANES * m);
-            let cnt = rg.len();
-            // Sixteen rows lane-major (a zero gradient past the end): their sums of squares,
-            // then the statistics of all sixteen rows at once.
-            to_lanes(gg, m, 0.0, &mut gl[..m]);
-            let mut rs = [0f32; LANES];
-            for (gv, cs) in gl[..m].iter().zip(c32.iter_mut()) {
+            let mut sum = [0f32; LANES];
+            for (gv, cs) in glt.iter().zip(c32.iter_mut()) {
                 let e = mul(gv, gv);
-                rs = add(&rs, &e);
+                sum = add(&sum, &e);
                 *cs = add(cs, &e);
             }
-            let rn = new_stats(&lanes_of(og), &widen(&rs), m, b2, eps, s2);
-            sg = add(&sg, &rs);
-            let inv: Lanes = if cnt == LANES {
-                sr = add(&sr, &rn);
-                per_lane!(|l| 1.0 / rn[l])
-            } else {
-                // Lanes past the end take no part in the sums.
-                let mut inv = [0f32; LANES];
-                for l in 0..cnt {
-                    sr[l] += rn[l];
-                    inv[l] = 1.0 / rn[l];
-                }
-                inv
-            };
-            store_lanes(&rn, rg);
-            for (gv, ws) in gl[..m].iter().zip(w32.iter_mut()) {
-                *ws = add_weighted_sq32(ws, gv, &inv, sc);
+            sg = add(&sg, &sum);
+            *rst = sum;
+        }
+        // The rows' new statistics and their inverses (lanes past the last row take no part).
+        let rs_rows = &rs.as_flattened()[..rows];
+        let inv_rows = inv.as_flattened_mut();
+        for (((rn, iv), s), o) in out
+            .iter_mut()
+            .zip(inv_rows.iter_mut())
+            .zip(rs_rows)
+            .zip(old)
+        {
+            *rn = new_stat(*o, *s as f64, m, b2, eps, s2);
+            *iv = 1.0 / *rn;
+        }
+        inv_rows[rows..].fill(0.0);
+        let (whole, rest) = out.as_chunks::<LANES>();
+        for rg in whole {
+            sr = add(&sr, rg);
+        }
+        for (s, r) in sr.iter_mut().zip(rest) {
+            *s += r;
+        }
+        // The weighted sums `(s g)^2 / r_i` per column and lane.
+        for (glt, it) in gl.chunks_exact(m).zip(inv.iter()) {
+            for (gv, ws) in glt.iter().zip(w32.iter_mut()) {
+                *ws = add_weighted_sq32(ws, gv, it, sc);
             }
         }
         if all_finite(&c32[..m]) && all_finite(&w32[..m]) && all_finite(&[sr, sg]) {
@@ -807,7 +827,8 @@ fn rows_unit<T: Element>(
             tot.sum_r = add64(&tot.sum_r, &widen(&sr));
             tot.sum_g = add64(&tot.sum_g, &widen(&sg));
         } else {
-            rows_block_f64(g, old, out, m, args, &mut tot, &mut gl);
+            let mut lanes = [[0f32; LANES]; MAX_SHORT_ROW];
+            rows_block_f64(g, old, out, m, args, &mut tot, &mut lanes);
         }
     }
     let lanes = |v: &Lanes64| v.iter().sum::<f64>();

@@ -77,6 +77,38 @@ pub(crate) fn from_lanes(src: &[Lanes], per: usize, dst: &mut [f32]) {
     }
 }
 
+/// [`to_lanes`] of consecutive groups of sixteen rows of `per` values (the last group may be
+/// partial, padded with `pad`): group `t` into `dst[t * per..(t + 1) * per]`. One instruction-set
+/// dispatch for the whole run, not one per group.
+#[inline(always)]
+pub(crate) fn to_lanes_groups(src: &[f32], per: usize, pad: f32, dst: &mut [Lanes]) {
+    let whole = src.len() / (16 * per) * (16 * per);
+    let (head, tail) = src.split_at(whole);
+    let (dst_head, dst_tail) = dst.split_at_mut(whole / 16);
+    #[cfg(target_arch = "x86_64")]
+    let done = if per >= 2 && !head.is_empty() && super::cpu::simd() >= super::cpu::Simd::Avx512 {
+        // SAFETY: the CPU has AVX-512 F (`simd` checked it); `head` is whole groups, and
+        // `dst_head` holds `per` rows for each.
+        unsafe { avx512::to_lanes_groups(head, per, dst_head) };
+        true
+    } else {
+        false
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = false;
+    if !done {
+        for (s, d) in head
+            .chunks_exact(16 * per)
+            .zip(dst_head.chunks_exact_mut(per))
+        {
+            to_lanes(s, per, pad, d);
+        }
+    }
+    if !tail.is_empty() {
+        to_lanes(tail, per, pad, dst_tail);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::Lanes;
@@ -314,6 +346,39 @@ mod avx512 {
         }
     }
 
+    /// [`super::to_lanes`] of whole groups of sixteen rows, one after the other.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `src.len()` is a multiple of `16 * per`, and `dst` holds
+    /// `per` rows for each group.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn to_lanes_groups(src: &[f32], per: usize, dst: &mut [Lanes]) {
+        // A plain loop per width (closures would not be compiled for AVX-512).
+        macro_rules! each {
+            ($f:expr) => {
+                for (s, d) in src.chunks_exact(16 * per).zip(dst.chunks_exact_mut(per)) {
+                    // SAFETY: `s` holds `16 * per` floats and `d` `per` rows.
+                    unsafe { $f(s, d) }
+                }
+            };
+        }
+        match per {
+            2 => each!(to_lanes_small::<2>),
+            3 => each!(to_lanes_small::<3>),
+            4 => each!(to_lanes4),
+            5 => each!(to_lanes_small::<5>),
+            6 => each!(to_lanes_small::<6>),
+            7 => each!(to_lanes_small::<7>),
+            _ => {
+                for (s, d) in src.chunks_exact(16 * per).zip(dst.chunks_exact_mut(per)) {
+                    // SAFETY: `s` holds `16 * per` floats and `d` `per` rows.
+                    unsafe { to_lanes(s, per, d) }
+                }
+            }
+        }
+    }
+
     /// The mask of the first `n` (at most 16) lanes.
     #[inline(always)]
     fn first(n: usize) -> __mmask16 {
@@ -413,6 +478,29 @@ mod tests {
             let mut back = vec![f32::NAN; 5 * per];
             from_lanes(&lanes, per, &mut back);
             assert_eq!(back, part, "per {per}: five rows' round trip");
+        }
+    }
+
+    /// Runs of groups, whole and with a partial last group, against the definition.
+    #[test]
+    fn groups_move_every_value_to_its_place() {
+        for per in 1..=20 {
+            for rows in [16usize, 48, 53] {
+                let src: Vec<f32> = (0..rows * per).map(|i| i as f32 + 0.25).collect();
+                let groups = rows.div_ceil(16);
+                let mut lanes = vec![[f32::NAN; 16]; groups * per + 1];
+                to_lanes_groups(&src, per, -2.0, &mut lanes);
+                for t in 0..groups {
+                    for e in 0..per {
+                        for (l, got) in lanes[t * per + e].iter().enumerate() {
+                            let row = 16 * t + l;
+                            let want = if row < rows { src[row * per + e] } else { -2.0 };
+                            assert_eq!(*got, want, "per {per}, rows {rows}");
+                        }
+                    }
+                }
+                assert!(lanes[groups * per].iter().all(|v| v.is_nan()), "wrote past");
+            }
         }
     }
 }
