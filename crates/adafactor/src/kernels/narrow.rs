@@ -20,6 +20,9 @@ use crate::state::Factoring;
 const MIN_COLS: usize = 512;
 const MAX_COLS: usize = 8192;
 
+/// Elements of a row between two asks for the next row's block.
+const PIECE: usize = 128;
+
 /// Columns per work unit of `n` rows: about [`UNIT_ELEMS`] elements.
 fn cols_per_unit(n: usize) -> usize {
     (UNIT_ELEMS / n.max(1)).clamp(MIN_COLS, MAX_COLS)
@@ -42,14 +45,20 @@ fn ask_block<T>(g: &[T], x: Option<&[T]>, start: usize, len: usize) {
 /// f64). The caller checks that the sums are finite (a matrix of few rows adds
 /// at most [`super::shaped::MAX_FEW_ROWS`] squares per column in float32, as the row loops
 /// add a block of rows).
+///
+/// `ask(k)` is called before element `k` of every [`PIECE`], to ask for what comes next.
 #[inline(always)]
-fn squares_into(g: &[f32], col: &mut [f32]) -> f64 {
+fn squares_into(g: &[f32], col: &mut [f32], ask: impl Fn(usize)) -> f64 {
     let mut total = 0f64;
-    for (gb, cb) in g.chunks(CHUNK).zip(col.chunks_mut(CHUNK)) {
+    for (k0, (gb, cb)) in g.chunks(CHUNK).zip(col.chunks_mut(CHUNK)).enumerate() {
         // Two loops over a block in the first-level cache, each of which the compiler
-        // vectorises (one loop doing both does not).
-        for (c, g) in cb.iter_mut().zip(gb) {
-            *c += g * g;
+        // vectorises (one loop doing both does not); the first in pieces (elementwise, so
+        // they change no bits).
+        for (p, (gp, cp)) in gb.chunks(PIECE).zip(cb.chunks_mut(PIECE)).enumerate() {
+            ask(k0 * CHUNK + p * PIECE);
+            for (c, g) in cp.iter_mut().zip(gp) {
+                *c += g * g;
+            }
         }
         total += sum_sq(gb);
     }
@@ -194,20 +203,23 @@ pub(crate) fn statistics<T: Element>(
                 col.fill(0.0);
                 for (i, brow) in block_rows.iter_mut().enumerate() {
                     let start = row_start(i) + k0;
-                    if n > 1 {
-                        let next = if i + 1 < n {
-                            row_start(i + 1) + k0
-                        } else {
-                            start + w
-                        };
-                        ask_block(grad.g, reads.x, next, w);
-                    }
+                    let next = if i + 1 < n {
+                        row_start(i + 1) + k0
+                    } else {
+                        start + w
+                    };
                     if let Some(x) = reads.x {
                         let xv = decayed_view(&x[start..start + w], reads.decay, &mut xbuf[..w]);
                         xrows[i] += sum_sq(xv);
                     }
                     let g = load_grad(grad, start, &mut gbuf[..w], probe_clip, &mut sums.probe);
-                    *brow = squares_into(g, col);
+                    // The next row's block, asked for piece by piece along this one.
+                    let ask = |k: usize| {
+                        if n > 1 {
+                            ask_block(grad.g, reads.x, next + k, PIECE.min(w - k));
+                        }
+                    };
+                    *brow = squares_into(g, col, ask);
                 }
                 let c_old = &args.c_old[slice * m + j0 + k0..slice * m + j0 + k0 + w];
                 let c_new = &mut c_out[k0..k0 + w];
@@ -336,23 +348,30 @@ pub(crate) fn write<T: Element>(
                 }
                 for (i, ca) in ca.iter().enumerate() {
                     let start = (slice * n + i) * m + j0 + k0;
-                    if n > 1 {
-                        let next = if i + 1 < n { start + m } else { start + len };
-                        ask_block(grad.g, None, next, len);
-                        x_at.ask(next, len);
-                    }
-                    let g = grad.view(start, &mut gbuf[..len]);
-                    // SAFETY: units cover disjoint column ranges, so no two touch the same
-                    // elements.
-                    let xs = unsafe { x_at.slice(start, len) };
-                    match T::as_f32_mut(xs) {
-                        // A float32 weight is updated where it is stored.
-                        Some(xf) => update_row(xf, g, b, *ca, w.scale, w.decay),
-                        None => {
-                            let xb = &mut xbuf[..len];
-                            T::load(xs, xb);
-                            update_row(xb, g, b, *ca, w.scale, w.decay);
-                            w.rounding.store_slice(xb, xs, start as u64);
+                    let next = if i + 1 < n { start + m } else { start + len };
+                    // Pieces of the row, each asking for the same piece of the next row's
+                    // block first: the asks spread over the row, not all at its start (the
+                    // update is elementwise, so the pieces change no bits).
+                    for p0 in (0..len).step_by(PIECE) {
+                        let (at, pl) = (start + p0, PIECE.min(len - p0));
+                        if n > 1 {
+                            ask_block(grad.g, None, next + p0, pl);
+                            x_at.ask(next + p0, pl);
+                        }
+                        let g = grad.view(at, &mut gbuf[..pl]);
+                        let b = &b[p0..p0 + pl];
+                        // SAFETY: units cover disjoint column ranges, so no two touch the
+                        // same elements.
+                        let xs = unsafe { x_at.slice(at, pl) };
+                        match T::as_f32_mut(xs) {
+                            // A float32 weight is updated where it is stored.
+                            Some(xf) => update_row(xf, g, b, *ca, w.scale, w.decay),
+                            None => {
+                                let xb = &mut xbuf[..pl];
+                                T::load(xs, xb);
+                                update_row(xb, g, b, *ca, w.scale, w.decay);
+                                w.rounding.store_slice(xb, xs, at as u64);
+                            }
                         }
                     }
                 }
