@@ -999,15 +999,20 @@ fn batch_write<T: Element>(
                 // Blocks of whole groups, as many as the scratch holds; each matrix's factors
                 // in its own layout.
                 let bm = matrices_per_block(k);
-                for (bi, xb) in xs.chunks_mut(bm * k).enumerate() {
+                for bi in 0..xs.len().div_ceil(bm * k) {
                     let l0 = u * mpu + bi * bm;
-                    let cnt = xb.len() / k;
-                    let len = cnt * k;
+                    let len = (xs.len() - bi * bm * k).min(bm * k);
+                    let cnt = len / k;
                     let (r, c) = (&st.r[l0 * n..(l0 + cnt) * n], &st.c[l0 * m..(l0 + cnt) * m]);
                     let groups = s.fac[..len]
                         .chunks_mut(LANES * k)
                         .zip(r.chunks(LANES * n).zip(c.chunks(LANES * m)));
-                    for (fg, (rg, cg)) in groups {
+                    for (t, (fg, (rg, cg))) in groups.enumerate() {
+                        // The gradient and the weight a block ahead, group by group (clipped
+                        // to the unit's weight).
+                        let at = bi * bm * k + t * LANES * k;
+                        prefetch_ahead(grad.g, u * mpu * k + at, LANES * k);
+                        prefetch_ahead(&*xs, at, LANES * k);
                         let GroupLanes { g: fl, row, col, .. } = &mut *s.group;
                         to_lanes(rg, n, 1.0, row);
                         to_lanes(cg, m, 1.0, col);
@@ -1020,6 +1025,7 @@ fn batch_write<T: Element>(
                         from_lanes(fl, k, fg);
                     }
                     let g = load_grad(grad, l0 * k, &mut s.gbuf[..len], false, &mut probe);
+                    let xb = &mut xs[bi * bm * k..bi * bm * k + len];
                     store_block(xb, l0 * k, g, &s.fac[..len], &mut s.xbuf[..len], w);
                 }
             })
