@@ -23,17 +23,7 @@ pub(crate) fn to_lanes(src: &[f32], per: usize, pad: f32, dst: &mut [Lanes]) {
     #[cfg(target_arch = "x86_64")]
     if rows == 16 && per >= 2 && super::cpu::simd() >= super::cpu::Simd::Avx512 {
         // SAFETY: the CPU has AVX-512 F (`simd` checked it); `src` holds `16 * per` values.
-        unsafe {
-            match per {
-                2 => avx512::to_lanes_small::<2>(src, dst),
-                3 => avx512::to_lanes_small::<3>(src, dst),
-                4 => avx512::to_lanes4(src, dst),
-                5 => avx512::to_lanes_small::<5>(src, dst),
-                6 => avx512::to_lanes_small::<6>(src, dst),
-                7 => avx512::to_lanes_small::<7>(src, dst),
-                _ => avx512::to_lanes(src, per, dst),
-            }
-        };
+        unsafe { avx512::to_lanes_group(src, per, dst) };
         return;
     }
     if rows < 16 {
@@ -354,27 +344,29 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn to_lanes_groups(src: &[f32], per: usize, dst: &mut [Lanes]) {
-        // A plain loop per width (closures would not be compiled for AVX-512).
-        macro_rules! each {
-            ($f:expr) => {
-                for (s, d) in src.chunks_exact(16 * per).zip(dst.chunks_exact_mut(per)) {
-                    // SAFETY: `s` holds `16 * per` floats and `d` `per` rows.
-                    unsafe { $f(s, d) }
-                }
-            };
+        for (s, d) in src.chunks_exact(16 * per).zip(dst.chunks_exact_mut(per)) {
+            // SAFETY: `s` holds `16 * per` floats and `d` `per` rows.
+            unsafe { to_lanes_group(s, per, d) }
         }
-        match per {
-            2 => each!(to_lanes_small::<2>),
-            3 => each!(to_lanes_small::<3>),
-            4 => each!(to_lanes4),
-            5 => each!(to_lanes_small::<5>),
-            6 => each!(to_lanes_small::<6>),
-            7 => each!(to_lanes_small::<7>),
-            _ => {
-                for (s, d) in src.chunks_exact(16 * per).zip(dst.chunks_exact_mut(per)) {
-                    // SAFETY: `s` holds `16 * per` floats and `d` `per` rows.
-                    unsafe { to_lanes(s, per, d) }
-                }
+    }
+
+    /// [`super::to_lanes`] of one whole group: the transpose for its width.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `src.len() == 16 * per`, `dst.len() >= per`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn to_lanes_group(src: &[f32], per: usize, dst: &mut [Lanes]) {
+        // SAFETY (every arm): the caller's contract.
+        unsafe {
+            match per {
+                2 => to_lanes_small::<2>(src, dst),
+                3 => to_lanes_small::<3>(src, dst),
+                4 => to_lanes4(src, dst),
+                5 => to_lanes_small::<5>(src, dst),
+                6 => to_lanes_small::<6>(src, dst),
+                7 => to_lanes_small::<7>(src, dst),
+                _ => to_lanes(src, per, dst),
             }
         }
     }
