@@ -16,6 +16,7 @@
 //! their partial sums are added in unit order: results do not depend on the number of threads.
 
 use super::cpu::prefetch_ahead;
+use super::dispatch::RowLoops;
 use super::element::Element;
 use super::factored::{Pass1, Prepared, RowFold};
 use super::grad::{decayed_view, Decay, Grad};
@@ -34,6 +35,37 @@ fn line_len(s: Strided) -> usize {
 /// Number of lines.
 fn line_count(s: Strided) -> usize {
     s.outer * s.low * s.mid
+}
+
+/// The same variable as Keras's batch of row-major matrices, when it is one: with no batch axes
+/// between or after the factored ones (`mid = inner = 1`, as in a `1 x 1` convolution kernel
+/// `[out, in, 1, 1]`), the tensor is `outer` matrices of `low` rows of `high` elements each,
+/// and the row loops of [`super::factored`] run on it at their speed. Their rows are the `low`
+/// axis, whichever of the two factored axes that is; the callers put the statistics and the
+/// factors on the right sides.
+fn as_rows(s: Strided) -> Option<Factoring> {
+    (s.mid == 1 && s.inner == 1).then_some(Factoring {
+        lead: s.outer,
+        n: s.low,
+        m: s.high,
+        strided: None,
+    })
+}
+
+/// `p` seen from the row loops of [`as_rows`]: their rows are the `low` axis, so when that is
+/// the columns' axis, statistics and factors change sides (`coef` then scales the columns'
+/// factor: the same product, rounded in another order).
+fn rows_first(s: Strided, p: &Prepared) -> std::borrow::Cow<'_, Prepared> {
+    if s.rows_low {
+        return std::borrow::Cow::Borrowed(p);
+    }
+    std::borrow::Cow::Owned(Prepared {
+        r: p.c.clone(),
+        c: p.r.clone(),
+        row_factor: p.col_factor.clone(),
+        col_factor: p.row_factor.clone(),
+        row_mean: p.row_mean.clone(),
+    })
 }
 
 /// Lines per work unit: about [`UNIT_ELEMS`] elements or a 32nd of the tensor, whichever is
@@ -282,7 +314,7 @@ fn unit_pass1<A: Acc, T: Element>(
 /// sum of squares after weight decay, and (when `check_finite`) whether the gradient is finite.
 /// Partial sums are float32 over at most [`FLUSH_LINES`] lines; a unit whose sums come out
 /// non-finite is summed again in f64 (huge but finite squares).
-pub fn pass1<T: Element>(
+pub fn pass1<T: RowLoops>(
     grad: &Grad<'_, T>,
     x: &[T],
     decay: Option<Decay>,
@@ -299,7 +331,7 @@ pub fn pass1<T: Element>(
 /// storage order next to the sums, it gives RMS(u) without pass 2 ([`sum_sq_update`]), as
 /// [`super::factored::RowFold`] does for the row loops. `fold.r_old` holds the old statistics
 /// of the `low` axis: `r` when the rows are the first factored axis, else `c`.
-pub fn pass1_fold<T: Element>(
+pub fn pass1_fold<T: RowLoops>(
     grad: &Grad<'_, T>,
     x: &[T],
     decay: Option<Decay>,
@@ -356,7 +388,7 @@ fn unit_fold<T: Element>(
 }
 
 /// [`pass1`], and the fold's accumulator in storage order when there is a `fold`.
-fn pass1_with<T: Element>(
+fn pass1_with<T: RowLoops>(
     grad: &Grad<'_, T>,
     x: &[T],
     decay: Option<Decay>,
@@ -364,6 +396,16 @@ fn pass1_with<T: Element>(
     check_finite: bool,
     fold: Option<RowFold<'_>>,
 ) -> (Pass1, Option<Vec<f64>>) {
+    if let Some(pf) = as_rows(s) {
+        // The row loops' rows are the `low` axis: their column sums (and the fold's weighted
+        // sums) are the `high` statistics', already in storage order.
+        let mut p = super::factored::pass1(grad, x, decay, pf, check_finite, fold);
+        let weighted = p.weighted_cols.take();
+        if !s.rows_low {
+            std::mem::swap(&mut p.row_sums, &mut p.col_sums);
+        }
+        return (p, fold.map(|_| weighted.unwrap_or_default()));
+    }
     let (hr, r) = (line_len(s), s.inner);
     let parts = map_units(
         units(s),
@@ -519,7 +561,10 @@ fn spread(low: &[f32], out: &mut [f32]) {
 }
 
 /// Pass 2: `sum(u^2)` with `u = (s g) a_i b_j`, for RMS(u).
-pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, s: Strided, grad_scale: f32) -> f64 {
+pub fn pass2<T: RowLoops>(grad: &Grad<'_, T>, p: &Prepared, s: Strided, grad_scale: f32) -> f64 {
+    if let Some(pf) = as_rows(s) {
+        return super::factored::pass2(grad, &rows_first(s, p), pf, grad_scale);
+    }
     let (hr, r) = (line_len(s), s.inner);
     let (high, low) = grad_order_factors(s, p, 1.0);
     let sums = map_units(
@@ -550,7 +595,7 @@ pub fn pass2<T: Element>(grad: &Grad<'_, T>, p: &Prepared, s: Strided, grad_scal
 /// Pass 3: `x = decay(x) - (coef a_i) (s g_ij) b_j`, with `coef = alpha / max(1, RMS(u)/d)`,
 /// each 16-bit weight stored with `rounding`.
 #[allow(clippy::too_many_arguments)]
-pub fn pass3<T: Element>(
+pub fn pass3<T: RowLoops>(
     x: &mut [T],
     grad: &Grad<'_, T>,
     p: &Prepared,
@@ -560,6 +605,10 @@ pub fn pass3<T: Element>(
     decay: Option<Decay>,
     rounding: Rounding,
 ) {
+    if let Some(pf) = as_rows(s) {
+        let p = rows_first(s, p);
+        return super::factored::pass3(x, grad, &p, pf, coef, grad_scale, decay, rounding);
+    }
     let (hr, r) = (line_len(s), s.inner);
     if hr == 0 || x.is_empty() {
         return;
@@ -623,11 +672,18 @@ mod tests {
     use crate::axes::FactoredAxes;
     use crate::state::Factoring;
 
-    /// A `[4, 3, 2, 5]` tensor factored over every pair of axes: the passes against the
-    /// paper's formulas in f64 on the same matrices taken out by index.
+    /// A `[4, 3, 2, 5]` tensor factored over every pair of axes, and a `1 x 1` convolution
+    /// kernel `[4, 5, 1, 1]` over its first two (in both orders: the row loops run it, with
+    /// statistics and factors on either side): the passes against the paper's formulas in f64
+    /// on the same matrices taken out by index.
     #[test]
     fn every_axis_pair_follows_the_formulas() {
-        let shape = [4usize, 3, 2, 5];
+        for shape in [[4usize, 3, 2, 5], [4, 5, 1, 1]] {
+            axis_pairs_follow_the_formulas(shape);
+        }
+    }
+
+    fn axis_pairs_follow_the_formulas(shape: [usize; 4]) {
         let len: usize = shape.iter().product();
         let g: Vec<f32> = (0..len)
             .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
@@ -635,10 +691,15 @@ mod tests {
         let x0: Vec<f32> = (0..len)
             .map(|i| ((i * 11 % 17) as f32 - 8.0) / 5.0)
             .collect();
-        let strides = [30usize, 10, 5, 1];
+        let strides = [
+            shape[1] * shape[2] * shape[3],
+            shape[2] * shape[3],
+            shape[3],
+            1,
+        ];
         for row in 0..4 {
             for col in 0..4 {
-                if row == col || (row, col) == (2, 3) {
+                if row == col || (row, col) == (2, 3) || (shape[2] == 1 && row.max(col) > 1) {
                     continue;
                 }
                 let axes = FactoredAxes { row, col };
