@@ -136,14 +136,22 @@ impl Acc for f64 {}
 /// are float32, as Keras computes them. `wide` is scratch space whose length is a multiple of
 /// `l.len()`: blocks of that many elements are added elementwise (one vectorised loop updates
 /// both statistics), then folded into the lanes.
+/// `ask(k, len)` is called before elements `k..k + len`, to ask for what comes next.
 #[inline(always)]
-fn line_squares<A: Acc>(g: &[f32], h: &mut [A], l: &mut [f64], wide: &mut [A]) -> f64 {
+fn line_squares<A: Acc>(
+    g: &[f32],
+    h: &mut [A],
+    l: &mut [f64],
+    wide: &mut [A],
+    ask: impl Fn(usize, usize),
+) -> f64 {
     let r = l.len();
     let w = wide.len();
     wide.fill(A::default());
     let mut gi = g.chunks_exact(w);
     let mut hi = h.chunks_exact_mut(w);
-    for (gc, hc) in (&mut gi).zip(&mut hi) {
+    for (k, (gc, hc)) in (&mut gi).zip(&mut hi).enumerate() {
+        ask(k * w, w);
         for ((wv, hv), gv) in wide.iter_mut().zip(hc.iter_mut()).zip(gc) {
             let e = A::from(gv * gv);
             *hv += e;
@@ -156,11 +164,14 @@ fn line_squares<A: Acc>(g: &[f32], h: &mut [A], l: &mut [f64], wide: &mut [A]) -
         *hv += e;
         *wv += e;
     }
+    // Lane `k` of each block of `r` into `l[k]`, in order (no division per element).
     let mut total = 0.0;
-    for (k, wv) in wide.iter().enumerate() {
-        let v: f64 = (*wv).into();
-        l[k % r] += v;
-        total += v;
+    for block in wide.chunks_exact(r) {
+        for (lv, wv) in l.iter_mut().zip(block) {
+            let v: f64 = (*wv).into();
+            *lv += v;
+            total += v;
+        }
     }
     total
 }
@@ -169,6 +180,9 @@ fn line_squares<A: Acc>(g: &[f32], h: &mut [A], l: &mut [f64], wide: &mut [A]) -
 fn wide_len(inner: usize) -> usize {
     inner.max(1) * (64 / inner.max(1)).max(1)
 }
+
+/// Elements of a line between two asks for what lies ahead, in passes 2 and 3.
+const PIECE: usize = 256;
 
 /// Elements per segment of a line in pass 1 (4 KiB of float32 partial sums).
 const SEGMENT: usize = 1024;
@@ -254,11 +268,13 @@ fn unit_pass1<A: Acc, T: Element>(
         let len = s1 - s0;
         for (k, line) in lines.clone().enumerate() {
             let base = line * hr + s0;
-            // The next line's segment.
-            super::cpu::prefetch(
-                &grad.g[(base + hr).min(grad.g.len())..(base + hr + len).min(grad.g.len())],
-            );
-            super::cpu::prefetch(&x[(base + hr).min(x.len())..(base + hr + len).min(x.len())]);
+            // The next line's segment, asked for piece by piece along this one (a burst of
+            // asks at the start of each segment stalls on the CPU's fill buffers).
+            let ask = |k: usize, n: usize| {
+                let at = base + hr + k;
+                super::cpu::prefetch(&grad.g[at.min(grad.g.len())..(at + n).min(grad.g.len())]);
+                super::cpu::prefetch(&x[at.min(x.len())..(at + n).min(x.len())]);
+            };
             let g = if probe_rows {
                 // Clamping would hide an infinity from the sums: probe before it.
                 probe += grad.load_checked(base, &mut gbuf[..len]);
@@ -268,7 +284,7 @@ fn unit_pass1<A: Acc, T: Element>(
             };
             let pq = outer_mid(s, line) - first_pq;
             let h = &mut part[pq * hr + s0..pq * hr + s1];
-            let total = line_squares(g, h, &mut low[k * r..(k + 1) * r], &mut wide);
+            let total = line_squares(g, h, &mut low[k * r..(k + 1) * r], &mut wide, ask);
             se += total;
             let xv = &x[base..base + len];
             let xbuf_len = if converts { len } else { 0 };
@@ -576,7 +592,9 @@ pub fn pass2<T: RowLoops>(grad: &Grad<'_, T>, p: &Prepared, s: Strided, grad_sca
             let (mut lbuf, mut ubuf) = (vec![0f32; hr], vec![0f32; hr]);
             let mut total = 0f64;
             for line in lines {
-                prefetch_ahead(grad.g, line * hr, hr);
+                for p0 in (0..hr).step_by(PIECE) {
+                    prefetch_ahead(grad.g, line * hr + p0, PIECE.min(hr - p0));
+                }
                 let g = line_of(grad, line * hr, hr, &mut gbuf);
                 let pq = outer_mid(s, line);
                 spread(&low[line * r..(line + 1) * r], &mut lbuf);
@@ -624,10 +642,6 @@ pub fn pass3<T: RowLoops>(
                 let mut xbuf = scratch(hr, T::as_f32(&xs[..0]).is_none());
                 for k in 0..xs.len() / hr {
                     let line = u * per + k;
-                    prefetch_ahead(grad.g, line * hr, hr);
-                    prefetch_ahead(xs, k * hr, hr);
-                    let xl = &mut xs[k * hr..(k + 1) * hr];
-                    let g = line_of(grad, line * hr, hr, &mut gbuf);
                     spread(&low[line * r..(line + 1) * r], &mut lbuf);
                     let pq = outer_mid(s, line);
                     let hf = &high[pq * hr..(pq + 1) * hr];
@@ -637,12 +651,23 @@ pub fn pass3<T: RowLoops>(
                     } else {
                         (hf, &lbuf[..])
                     };
-                    match T::as_f32_mut(xl) {
-                        Some(xf) => update_line(xf, g, a, b, grad_scale, decay),
-                        None => {
-                            T::load(xl, &mut xbuf);
-                            update_line(&mut xbuf, g, a, b, grad_scale, decay);
-                            rounding.store_slice(&xbuf, xl, (line * hr) as u64);
+                    // Piece by piece, each asking for what lies ahead of it first: the asks
+                    // spread over the line, not all at its start.
+                    for p0 in (0..hr).step_by(PIECE) {
+                        let (at, pl) = (line * hr + p0, PIECE.min(hr - p0));
+                        prefetch_ahead(grad.g, at, pl);
+                        prefetch_ahead(xs, k * hr + p0, pl);
+                        let xl = &mut xs[k * hr + p0..k * hr + p0 + pl];
+                        let g = line_of(grad, at, pl, &mut gbuf);
+                        let (a, b) = (&a[p0..p0 + pl], &b[p0..p0 + pl]);
+                        match T::as_f32_mut(xl) {
+                            Some(xf) => update_line(xf, g, a, b, grad_scale, decay),
+                            None => {
+                                let xb = &mut xbuf[..pl];
+                                T::load(xl, xb);
+                                update_line(xb, g, a, b, grad_scale, decay);
+                                rounding.store_slice(xb, xl, at as u64);
+                            }
                         }
                     }
                 }
