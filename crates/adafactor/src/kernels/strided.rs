@@ -68,10 +68,10 @@ fn rows_first(s: Strided, p: &Prepared) -> std::borrow::Cow<'_, Prepared> {
     })
 }
 
-/// Lines per work unit: about [`UNIT_ELEMS`] elements or a 32nd of the tensor, whichever is
+/// Lines per work unit: about [`UNIT_ELEMS`] elements or a 16th of the tensor, whichever is
 /// more (fewer per-unit partial sums to allocate and add), at least one line.
 fn lines_per_unit(s: Strided) -> usize {
-    (UNIT_ELEMS.max(s.len() / 32) / line_len(s).max(1)).max(1)
+    (UNIT_ELEMS.max(s.len() / 16) / line_len(s).max(1)).max(1)
 }
 
 /// The effective gradient of elements `start..start + len`: the stored slice for a plain
