@@ -184,6 +184,14 @@ fn wide_len(inner: usize) -> usize {
 /// Elements of a line between two asks for what lies ahead, in passes 2 and 3.
 const PIECE: usize = 256;
 
+/// Elements of a line per piece where the `low` factor is spread along it: the multiple of
+/// `inner` nearest above [`PIECE`]. A piece starts at lane 0 of the `low` statistic, so one
+/// spread copy of that length serves every piece of the line (not one copy of the whole line).
+fn lane_piece(inner: usize) -> usize {
+    let r = inner.max(1);
+    r * PIECE.div_ceil(r)
+}
+
 /// Elements per segment of a line in pass 1 (4 KiB of float32 partial sums).
 const SEGMENT: usize = 1024;
 
@@ -379,9 +387,11 @@ fn unit_fold<T: Element>(
     fold: RowFold<'_>,
 ) -> Vec<f64> {
     let (hr, r) = (line_len(s), s.inner);
+    // At least one lane's worth, so that an empty line still has room for the spread.
+    let piece = lane_piece(r).min(hr).max(r.max(1));
     let mut w = vec![0f32; part.high.len()];
     let mut inv = vec![0f32; r];
-    let (mut gbuf, mut ibuf) = (Vec::new(), vec![0f32; hr]);
+    let (mut gbuf, mut ibuf) = (Vec::new(), vec![0f32; piece]);
     super::cpu::vectorized(
         #[inline(always)]
         || {
@@ -394,8 +404,10 @@ fn unit_fold<T: Element>(
                 let g = line_of(grad, line * hr, hr, &mut gbuf);
                 let pq = outer_mid(s, line) - part.first_pq;
                 let ws = &mut w[pq * hr..(pq + 1) * hr];
-                for ((wv, gv), q) in ws.iter_mut().zip(g).zip(&ibuf) {
-                    *wv += gv * gv * q;
+                for (wp, gp) in ws.chunks_mut(piece).zip(g.chunks(piece)) {
+                    for ((wv, gv), q) in wp.iter_mut().zip(gp).zip(&ibuf) {
+                        *wv += gv * gv * q;
+                    }
                 }
             }
         },
@@ -638,28 +650,25 @@ pub fn pass3<T: RowLoops>(
         super::cpu::vectorized(
             #[inline(always)]
             || {
-                let (mut gbuf, mut lbuf) = (Vec::new(), vec![0f32; hr]);
-                let mut xbuf = scratch(hr, T::as_f32(&xs[..0]).is_none());
+                let piece = lane_piece(r).min(hr).max(r.max(1));
+                let (mut gbuf, mut lbuf) = (Vec::new(), vec![0f32; piece]);
+                let mut xbuf = scratch(piece, T::as_f32(&xs[..0]).is_none());
                 for k in 0..xs.len() / hr {
                     let line = u * per + k;
                     spread(&low[line * r..(line + 1) * r], &mut lbuf);
                     let pq = outer_mid(s, line);
                     let hf = &high[pq * hr..(pq + 1) * hr];
-                    // `a` carries `coef`; `a` first, as the default kernel multiplies.
-                    let (a, b) = if s.rows_low {
-                        (&lbuf[..], hf)
-                    } else {
-                        (hf, &lbuf[..])
-                    };
                     // Piece by piece, each asking for what lies ahead of it first: the asks
                     // spread over the line, not all at its start.
-                    for p0 in (0..hr).step_by(PIECE) {
-                        let (at, pl) = (line * hr + p0, PIECE.min(hr - p0));
+                    for p0 in (0..hr).step_by(piece) {
+                        let (at, pl) = (line * hr + p0, piece.min(hr - p0));
                         prefetch_ahead(grad.g, at, pl);
                         prefetch_ahead(xs, k * hr + p0, pl);
                         let xl = &mut xs[k * hr + p0..k * hr + p0 + pl];
                         let g = line_of(grad, at, pl, &mut gbuf);
-                        let (a, b) = (&a[p0..p0 + pl], &b[p0..p0 + pl]);
+                        // `a` carries `coef`; `a` first, as the default kernel multiplies.
+                        let (hp, lp) = (&hf[p0..p0 + pl], &lbuf[..pl]);
+                        let (a, b) = if s.rows_low { (lp, hp) } else { (hp, lp) };
                         match T::as_f32_mut(xl) {
                             Some(xf) => update_line(xf, g, a, b, grad_scale, decay),
                             None => {
@@ -697,13 +706,14 @@ mod tests {
     use crate::axes::FactoredAxes;
     use crate::state::Factoring;
 
-    /// A `[4, 3, 2, 5]` tensor factored over every pair of axes, and a `1 x 1` convolution
-    /// kernel `[4, 5, 1, 1]` over its first two (in both orders: the row loops run it, with
-    /// statistics and factors on either side): the passes against the paper's formulas in f64
-    /// on the same matrices taken out by index.
+    /// A `[4, 3, 2, 5]` tensor factored over every pair of axes, a `[3, 40, 3, 3]` one whose
+    /// lines (up to 360 elements) run in more than one piece of pass 3, and a `1 x 1`
+    /// convolution kernel `[4, 5, 1, 1]` over its first two axes (in both orders: the row
+    /// loops run it, with statistics and factors on either side): the passes against the
+    /// paper's formulas in f64 on the same matrices taken out by index.
     #[test]
     fn every_axis_pair_follows_the_formulas() {
-        for shape in [[4usize, 3, 2, 5], [4, 5, 1, 1]] {
+        for shape in [[4usize, 3, 2, 5], [3, 40, 3, 3], [4, 5, 1, 1]] {
             axis_pairs_follow_the_formulas(shape);
         }
     }
