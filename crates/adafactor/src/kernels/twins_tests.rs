@@ -32,6 +32,23 @@ fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Old row statistics (positive) for `count` rows of a test of row length `m`.
+fn old_rows(m: usize, count: usize) -> Vec<f32> {
+    values(m as u64 + 5, count, 1.0)
+        .iter()
+        .map(|v| v.abs() + 0.1)
+        .collect()
+}
+
+/// The row fold the tests run with.
+fn fold_of(r_old: &[f32]) -> RowFold<'_> {
+    RowFold {
+        r_old,
+        beta2: 0.3,
+        epsilon_1: 1e-30,
+    }
+}
+
 type Pass1Fn<T> = fn(Pass1Rows<'_, T>, Pass1Sums<'_>) -> f64;
 type UpdateFn<T> = fn(&mut [T], Grad<'_, T>, usize, &RowUpdate<'_>);
 type Pass2Fn<T> = fn(Grad<'_, T>, &[f32], &[f32], f32) -> f64;
@@ -518,15 +535,8 @@ fn transforms_agree<T: Twinned>(from: impl Fn(&[f32]) -> Vec<T>) {
             let x = from(&values(m as u64 + 99, len, 0.2));
             let xl: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
             let col0 = values(m as u64 + 3, m, 1.0);
-            let r_old: Vec<f32> = values(m as u64 + 5, first + rows, 1.0)
-                .iter()
-                .map(|v| v.abs() + 0.1)
-                .collect();
-            let fold = RowFold {
-                r_old: &r_old,
-                beta2: 0.3,
-                epsilon_1: 1e-30,
-            };
+            let r_old = old_rows(m, first + rows);
+            let fold = fold_of(&r_old);
             let col_factor = values(m as u64 + 7, 3 * m, 4.0);
             let row_factor = values(m as u64 + 11, first + rows, 2.0);
             for (transform, with_acc) in transforms {
@@ -645,4 +655,78 @@ fn gradient_transforms_in_the_row_loops_bf16() {
 #[test]
 fn gradient_transforms_in_the_row_loops_f16() {
     transforms_agree::<f16>(as_f16);
+}
+
+/// The row fold's accumulator is `w_j += (g_ij^2) (1 / r_i)` in row order, in float32, with
+/// `1 / r_i` from each row's sum of squares: the bits of that definition, whether the fold
+/// keeps the rows' squares (short rows) or reads the gradient again (rows longer than
+/// [`super::portable::KEEP_SQUARES_UP_TO`]), on the portable loops and on the vector twins
+/// this CPU has, plain and with a transformed gradient.
+#[test]
+fn the_row_fold_adds_squares_in_row_order_short_or_long_rows() {
+    use super::dispatch::RowLoops;
+    let (rows, first) = (3, 2);
+    for m in [1000usize, 2048, 2049, 4096] {
+        assert_eq!(
+            super::portable::keeps_squares(m),
+            m <= super::portable::KEEP_SQUARES_UP_TO
+        );
+        let len = rows * m;
+        let g = values(m as u64 + 1, len, 2.0);
+        let x = values(m as u64 + 2, len, 0.2);
+        let w0 = values(m as u64 + 3, m, 1.0);
+        let r_old = old_rows(m, first + rows);
+        let fold = fold_of(&r_old);
+        let scaled = GradTransform {
+            loss_scale: Some(128.0),
+            clip_value: Some(0.4),
+            ..GradTransform::default()
+        };
+        for transform in [GradTransform::default(), scaled] {
+            let grad = Grad {
+                g: &g,
+                acc: None,
+                transform,
+            };
+            let mut effective = vec![0f32; len];
+            grad.load(0, &mut effective);
+            let run = |pass1: Pass1Fn<f32>| {
+                let (mut col, mut w, mut row_sums, mut probe) =
+                    (vec![0f32; m], w0.clone(), Vec::new(), 0f32);
+                let mut squares = vec![0f32; 2 * m];
+                let rows_in = Pass1Rows {
+                    g: grad,
+                    x: &x,
+                    m,
+                    decay: None,
+                };
+                let sums = Pass1Sums {
+                    col: &mut col,
+                    fold: Some(FoldRows {
+                        fold,
+                        first_row: first,
+                        w: &mut w,
+                        squares: &mut squares,
+                    }),
+                    row_sums: &mut row_sums,
+                    probe: &mut probe,
+                };
+                pass1(rows_in, sums);
+                (w, row_sums)
+            };
+            let mut want = w0.clone();
+            let (w, row_sums) = run(pass1_rows::<f32>);
+            for (i, sum) in row_sums.iter().enumerate() {
+                let inv = fold.inv_r(first + i, *sum, m) as f32;
+                for (wv, gv) in want.iter_mut().zip(&effective[i * m..(i + 1) * m]) {
+                    let e = gv * gv;
+                    *wv += e * inv;
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&w), bits(&want), "portable, m = {m}, {transform:?}");
+            let (w, _) = run(<f32 as RowLoops>::pass1_rows);
+            assert_eq!(bits(&w), bits(&want), "dispatched, m = {m}, {transform:?}");
+        }
+    }
 }

@@ -9,8 +9,8 @@
 use super::cpu::{prefetch_raw, PREFETCH_BYTES};
 use super::grad::{Decay, Grad};
 use super::portable::{
-    add_scaled, lane_sum, pass1_rows_with, pass2_rows_with, tail_squares, tail_squares_into,
-    tail_weighted_sq, update, update_rows_with, LANES,
+    add_scaled, add_sq_scaled, keeps_squares, lane_sum, pass1_rows_with, pass2_rows_with,
+    tail_squares, tail_squares_into, tail_weighted_sq, update, update_rows_with, LANES,
 };
 use super::reduce::CHUNK;
 use super::row_args::{Pass1Rows, Pass1Sums, RowUpdate};
@@ -227,6 +227,30 @@ mod loops {
         (total_g, total_x)
     }
 
+    /// `w += g^2 * scale`, the row's gradient read again (the same bits as [`add_scaled`] of
+    /// the squares [`pass1`] keeps with `KEEP`).
+    #[inline(always)]
+    pub(super) unsafe fn add_sq_scaled<V: Lanes, W: Wide<V>, const FX: bool>(
+        g: Grad<'_, W>,
+        scale: f32,
+        w: &mut [f32],
+    ) {
+        let len = g.len().min(w.len());
+        let vs = V::splat(scale);
+        let fx = GradLanes::<V>::of(&g);
+        // The sweep has probed these values already.
+        let mut plane = V::zero();
+        let (gp, wp) = (g.g.as_ptr(), w.as_mut_ptr());
+        let (mut j, whole) = (0, len - len % LANES);
+        while j < whole {
+            // SAFETY: j + LANES <= whole <= len, within both slices.
+            let gv = grad16::<V, W, FX>(gp, &fx, j, &mut plane);
+            V::load(wp.add(j)).add(gv.mul(gv).mul(vs)).store(wp.add(j));
+            j += LANES;
+        }
+        super::add_sq_scaled::<W, FX>(g.slice(j, len), scale, &mut w[j..len]);
+    }
+
     #[inline(always)]
     pub(super) unsafe fn add_scaled<V: Lanes>(e: &[f32], scale: f32, w: &mut [f32]) {
         let len = e.len().min(w.len());
@@ -370,8 +394,8 @@ mod loops {
 mod wide_rows {
     use super::simd::{Lanes, Wide};
     use super::{
-        loops, pass1_rows_with, pass2_rows_with, update_rows_with, with_store, Grad, Pass1Rows,
-        Pass1Sums, RowUpdate, Store,
+        keeps_squares, loops, pass1_rows_with, pass2_rows_with, update_rows_with, with_store, Grad,
+        Pass1Rows, Pass1Sums, RowUpdate, Store,
     };
 
     #[inline(always)]
@@ -380,7 +404,8 @@ mod wide_rows {
         sums: Pass1Sums<'_>,
     ) -> f64 {
         let fx = !rows.g.is_plain();
-        match (rows.decay.is_some(), sums.fold.is_some(), fx) {
+        let keep = sums.fold.is_some() && keeps_squares(rows.m);
+        match (rows.decay.is_some(), keep, fx) {
             (false, false, false) => pass1_rows_as::<V, W, false, false, false>(rows, sums),
             (true, false, false) => pass1_rows_as::<V, W, true, false, false>(rows, sums),
             (false, true, false) => pass1_rows_as::<V, W, false, true, false>(rows, sums),
@@ -416,6 +441,8 @@ mod wide_rows {
             |g, x, c, e, p| unsafe { loops::pass1::<V, W, DECAY, KEEP, FX>(g, x, decay, c, e, p) },
             #[inline(always)]
             |e, s, w| unsafe { loops::add_scaled::<V>(e, s, w) },
+            #[inline(always)]
+            |g, s, w| unsafe { loops::add_sq_scaled::<V, W, FX>(g, s, w) },
         )
     }
 
