@@ -184,12 +184,14 @@ fn wide_len(inner: usize) -> usize {
 /// Elements of a line between two asks for what lies ahead, in passes 2 and 3.
 const PIECE: usize = 256;
 
-/// Elements of a line per piece where the `low` factor is spread along it: the multiple of
-/// `inner` nearest above [`PIECE`]. A piece starts at lane 0 of the `low` statistic, so one
-/// spread copy of that length serves every piece of the line (not one copy of the whole line).
-fn lane_piece(inner: usize) -> usize {
+/// Elements per piece of a line of `line` elements where the `low` factor is spread along it:
+/// the multiple of `inner` nearest above [`PIECE`], at most the line (a multiple of `inner`
+/// too), at least one lane's worth so that an empty line still has room for the spread. A
+/// piece starts at lane 0 of the `low` statistic, so one spread copy of that length serves
+/// every piece of the line (not one copy of the whole line).
+fn lane_piece(inner: usize, line: usize) -> usize {
     let r = inner.max(1);
-    r * PIECE.div_ceil(r)
+    (r * PIECE.div_ceil(r)).min(line).max(r)
 }
 
 /// Elements per segment of a line in pass 1 (4 KiB of float32 partial sums).
@@ -387,8 +389,7 @@ fn unit_fold<T: Element>(
     fold: RowFold<'_>,
 ) -> Vec<f64> {
     let (hr, r) = (line_len(s), s.inner);
-    // At least one lane's worth, so that an empty line still has room for the spread.
-    let piece = lane_piece(r).min(hr).max(r.max(1));
+    let piece = lane_piece(r, hr);
     let mut w = vec![0f32; part.high.len()];
     let mut inv = vec![0f32; r];
     let (mut gbuf, mut ibuf) = (Vec::new(), vec![0f32; piece]);
@@ -650,7 +651,7 @@ pub fn pass3<T: RowLoops>(
         super::cpu::vectorized(
             #[inline(always)]
             || {
-                let piece = lane_piece(r).min(hr).max(r.max(1));
+                let piece = lane_piece(r, hr);
                 let (mut gbuf, mut lbuf) = (Vec::new(), vec![0f32; piece]);
                 let mut xbuf = scratch(piece, T::as_f32(&xs[..0]).is_none());
                 for k in 0..xs.len() / hr {
