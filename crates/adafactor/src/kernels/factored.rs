@@ -550,15 +550,15 @@ fn slices_folded<T: RowLoops>(
         jobs,
         parallel_for(f.len()),
         #[inline(always)]
-        |(first, r, c, mean, (a, b))| {
+        |(first, r, c, means, (a, b))| {
             with_scratch(|s| {
                 let Scratch {
                     work,
                     sums,
                     factors,
                 } = s;
-                let mut out = Vec::with_capacity(mean.len());
-                for (k, mean) in mean.iter_mut().enumerate() {
+                let mut out = Vec::with_capacity(means.len());
+                for (k, mean) in means.iter_mut().enumerate() {
                     let slice = first + k;
                     let u = Unit {
                         slice,
@@ -566,23 +566,20 @@ fn slices_folded<T: RowLoops>(
                         rows: n,
                     };
                     job.unit(u, work, sums);
-                    let (rk, ck) = (&mut r[k * n..(k + 1) * n], &mut c[k * m..(k + 1) * m]);
+                    let (rows, cols) = (k * n..(k + 1) * n, k * m..(k + 1) * m);
                     let olds = (
                         &fold.r_old[slice * n..(slice + 1) * n],
                         &c_old[slice * m..(slice + 1) * m],
                     );
-                    new_stats_into((&sums.rows, &sums.col), olds, one, update, (rk, ck));
-                    let Factors {
-                        row_factor,
-                        col_factor,
-                        row_mean,
-                    } = factors;
-                    row_means(rk, one, row_mean);
-                    factors_into(rk, ck, one, row_mean, (row_factor, col_factor));
-                    a[k * n..(k + 1) * n].copy_from_slice(row_factor);
-                    b[k * m..(k + 1) * m].copy_from_slice(col_factor);
-                    *mean = row_mean[0];
-                    let u2 = weighted_sum(&sums.wcol, ck, m, row_mean);
+                    let out_k = (
+                        &mut r[rows.clone()],
+                        &mut c[cols.clone()],
+                        std::slice::from_mut(mean),
+                        &mut a[rows],
+                        &mut b[cols.clone()],
+                    );
+                    prepare_into((&sums.rows, &sums.col), olds, one, update, out_k, factors);
+                    let u2 = weighted_sum(&sums.wcol, &c[cols], m, &[*mean]);
                     out.push((sums.se, sums.sx, sums.probe, u2));
                 }
                 out
@@ -643,12 +640,49 @@ pub fn prepare(
     grad_scale: f32,
 ) -> Prepared {
     let sums = (&p1.row_sums[..], &p1.col_sums[..]);
+    let update = (beta2, epsilon_1, grad_scale);
+    let (n, m) = (f.n, f.m);
+    if f.lead > 1 && n > 0 && m > 0 && parallel_for(f.len()) {
+        // A batch of matrices: jobs of whole slices in parallel (every value is per element or
+        // per slice, so the bits do not depend on the jobs).
+        let mut out = Prepared {
+            r: vec![0f32; f.lead * n],
+            c: vec![0f32; f.lead * m],
+            row_factor: vec![0f32; f.lead * n],
+            col_factor: vec![0f32; f.lead * m],
+            row_mean: vec![0f32; f.lead],
+        };
+        let per = (super::parallel::UNIT_ELEMS / (n * m)).max(1);
+        let jobs: Vec<_> = out
+            .r
+            .chunks_mut(per * n)
+            .zip(out.c.chunks_mut(per * m))
+            .zip(out.row_mean.chunks_mut(per))
+            .zip(out.row_factor.chunks_mut(per * n))
+            .zip(out.col_factor.chunks_mut(per * m))
+            .enumerate()
+            .map(|(k, ((((r, c), mean), a), b))| (k * per, (r, c, mean, a, b)))
+            .collect();
+        map_units(
+            jobs,
+            true,
+            #[inline(always)]
+            |(first, out)| {
+                let k = out.2.len();
+                let (rows, cols) = (first * n..(first + k) * n, first * m..(first + k) * m);
+                let sums = (&sums.0[rows.clone()], &sums.1[cols.clone()]);
+                let olds = (&r_old[rows], &c_old[cols]);
+                let fk = Factoring { lead: k, ..f };
+                with_scratch(|s| prepare_into(sums, olds, fk, update, out, &mut s.factors));
+            },
+        );
+        return out;
+    }
     // Vectorised square roots and divisions: per row and column, this is most of a small
     // matrix's cost outside the passes.
     vectorized(
         #[inline(always)]
         || {
-            let update = (beta2, epsilon_1, grad_scale);
             let (r, c) = new_stats(sums, (r_old, c_old), f, update);
             let mut row_mean = Vec::new();
             row_means(&r, f, &mut row_mean);
@@ -703,6 +737,42 @@ fn new_stats_into(
     for ((c, s), old) in c.iter_mut().zip(col_sums).zip(c_old) {
         *c = new_stat(*old, *s, f.n, beta2, epsilon_1, s2);
     }
+}
+
+/// Some slices' share of [`Prepared`]'s fields: `r`, `c`, `row_mean`, `row_factor`,
+/// `col_factor`.
+type PreparedShare<'a> = (
+    &'a mut [f32],
+    &'a mut [f32],
+    &'a mut [f32],
+    &'a mut [f32],
+    &'a mut [f32],
+);
+
+/// The statistics and factors of the `f.lead` slices whose sums are given, written to `out`
+/// (`r`, `c`, `mean(r)` per slice, `a`, `b`: [`Prepared`]'s fields) through `tmp`: what
+/// [`prepare`] computes, for a share of a batch of matrices.
+#[inline(always)]
+fn prepare_into(
+    sums: (&[f64], &[f64]),
+    olds: (&[f32], &[f32]),
+    f: Factoring,
+    update: (f32, f32, f32),
+    (r, c, mean, a, b): PreparedShare<'_>,
+    tmp: &mut Factors,
+) {
+    new_stats_into(sums, olds, f, update, (&mut *r, &mut *c));
+    row_means(r, f, &mut tmp.row_mean);
+    factors_into(
+        r,
+        c,
+        f,
+        &tmp.row_mean,
+        (&mut tmp.row_factor, &mut tmp.col_factor),
+    );
+    mean.copy_from_slice(&tmp.row_mean);
+    a.copy_from_slice(&tmp.row_factor);
+    b.copy_from_slice(&tmp.col_factor);
 }
 
 /// `mean(r)` per slice into `out` (`lead` values).
@@ -986,21 +1056,27 @@ mod tests {
         }
     }
 
+    /// A gradient and old statistics for `f`, every slice's values different.
+    fn batch_inputs(f: Factoring) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let g = (0..f.len())
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3)
+            .collect();
+        let r_old = (0..f.lead * f.n)
+            .map(|i| 0.5 + (i % 97) as f32 * 1e-3)
+            .collect();
+        let c_old = (0..f.lead * f.m)
+            .map(|j| 0.25 + (j % 89) as f32 * 1e-3)
+            .collect();
+        (g, r_old, c_old)
+    }
+
     fn folded_against_three_steps(shape: &[usize]) {
         {
             let f = Factoring::of(shape).expect("a matrix");
             assert_eq!(slice_units(f), f.lead > 1, "{shape:?}: slice by slice");
-            let g: Vec<f32> = (0..f.len())
-                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3)
-                .collect();
+            let (g, r_old, c_old) = batch_inputs(f);
             let x0: Vec<f32> = (0..f.len())
                 .map(|i| ((i % 37) as f32) * 0.01 - 0.2)
-                .collect();
-            let r_old: Vec<f32> = (0..f.lead * f.n)
-                .map(|i| 0.5 + (i % 97) as f32 * 1e-3)
-                .collect();
-            let c_old: Vec<f32> = (0..f.lead * f.m)
-                .map(|j| 0.25 + (j % 89) as f32 * 1e-3)
                 .collect();
             let fold = RowFold {
                 r_old: &r_old,
@@ -1036,6 +1112,33 @@ mod tests {
                 bits(&x)
             };
             assert_eq!(write(&got.prepared), write(&prep), "{shape:?}: pass 3");
+        }
+    }
+
+    /// [`prepare`] of a batch of matrices gives the same bits in one thread (one sweep) and in
+    /// three (jobs of whole slices), with and without a gradient scale. A mutation that mixes
+    /// up the slices of a job fails it.
+    #[test]
+    fn prepare_gives_the_same_bits_on_any_thread_count() {
+        for shape in [[700usize, 24, 40], [3, 300, 256], [5000, 4, 4]] {
+            let f = Factoring::of(&shape).expect("a batch");
+            let (g, r_old, c_old) = batch_inputs(f);
+            let x = vec![0.5f32; f.len()];
+            let p1 = pass1(&Grad::plain(&g[..]), &x, None, f, false, None);
+            for scale in [1.0f32, 0.375] {
+                let run = |threads| {
+                    super::super::parallel::on_threads(threads, || {
+                        prepare(&p1, &r_old, &c_old, f, 0.75, 1e-30, scale)
+                    })
+                };
+                let (one, three) = (run(1), run(3));
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&one.r), bits(&three.r), "{shape:?}");
+                assert_eq!(bits(&one.c), bits(&three.c), "{shape:?}");
+                assert_eq!(bits(&one.row_mean), bits(&three.row_mean), "{shape:?}");
+                assert_eq!(bits(&one.row_factor), bits(&three.row_factor), "{shape:?}");
+                assert_eq!(bits(&one.col_factor), bits(&three.col_factor), "{shape:?}");
+            }
         }
     }
 
