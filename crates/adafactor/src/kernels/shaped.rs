@@ -6,10 +6,10 @@
 //! convolution kernel `[out, in, kh, kw]` factored over its last two axes is hundreds of
 //! thousands of `kh x kw` matrices; `n x 1`, `n x 4`) or few (`1 x n`, `4 x n`). Those run on
 //! two other kernels:
-//! - [`super::tiny`], rows of at most [`MAX_SHORT_ROW`] elements: the gradient streamed as it
+//! - `kernels/tiny.rs`, rows of at most [`MAX_SHORT_ROW`] elements: the gradient streamed as it
 //!   is stored, each tiny matrix (or row) taken in its own layout, work units across the batch
 //!   of matrices (or the rows);
-//! - [`super::narrow`], at most [`MAX_FEW_ROWS`] rows: work units across columns, so that each
+//! - `kernels/narrow.rs`, at most [`MAX_FEW_ROWS`] rows: work units across columns, so that each
 //!   unit's column statistics are complete and only `n` row sums are combined.
 //!
 //! Both compute the new statistics in one pass over the gradient (the statistics pass), and the
@@ -27,10 +27,10 @@ use super::store::Rounding;
 use super::{narrow, tiny};
 use crate::state::Factoring;
 
-/// Longest row the short-row kernel ([`super::tiny`]) takes.
+/// Longest row the short-row kernel (`kernels/tiny.rs`) takes.
 pub const MAX_SHORT_ROW: usize = 16;
 
-/// Most rows per slice the column-split kernel ([`super::narrow`]) takes.
+/// Most rows per slice the column-split kernel (`kernels/narrow.rs`) takes.
 pub const MAX_FEW_ROWS: usize = 64;
 
 /// The kernel of a factored variable.
@@ -38,7 +38,7 @@ pub const MAX_FEW_ROWS: usize = 64;
 pub enum Kernel {
     /// The row loops of [`super::factored`] (large matrices).
     Rows,
-    /// Batches of at least sixteen matrices of at most [`tiny::MAX_MATRIX`] elements, in groups
+    /// Batches of at least sixteen matrices of at most `tiny::MAX_MATRIX` elements, in groups
     /// of sixteen.
     Tiny,
     /// Rows of at most [`MAX_SHORT_ROW`] elements, in groups of sixteen rows.

@@ -338,7 +338,7 @@ fn unit_pass1<A: Acc, T: Element>(
 
 /// Pass 1: row and column sums of the effective gradient squared (storage order), the weight's
 /// sum of squares after weight decay, and (when `check_finite`) whether the gradient is finite.
-/// Partial sums are float32 over at most [`FLUSH_LINES`] lines; a unit whose sums come out
+/// Partial sums are float32 over at most `FLUSH_LINES` lines; a unit whose sums come out
 /// non-finite is summed again in f64 (huge but finite squares).
 pub fn pass1<T: RowLoops>(
     grad: &Grad<'_, T>,
