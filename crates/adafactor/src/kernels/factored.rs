@@ -481,6 +481,7 @@ pub fn pass1_folded<T: RowLoops>(
                 let sums = &s.sums;
                 let rc = (&sums.rows[..], &sums.col[..]);
                 let (r, c) = new_stats(rc, (fold.r_old, c_old), f, (beta2, eps1, 1.0));
+                s.factors.row_mean.resize(f.lead, 0.0);
                 row_means(&r, f, &mut s.factors.row_mean);
                 let sum_sq_update = weighted_sum(&sums.wcol, &c, f.m, &s.factors.row_mean);
                 Folded {
@@ -526,37 +527,15 @@ fn slices_folded<T: RowLoops>(
     let (n, m) = (f.n, f.m);
     let one = Factoring { lead: 1, ..f };
     let update = (fold.beta2, fold.epsilon_1, 1.0);
-    let mut r = vec![0f32; f.lead * n];
-    let mut c = vec![0f32; f.lead * m];
-    let mut row_mean = vec![0f32; f.lead];
-    let mut row_factor = vec![0f32; f.lead * n];
-    let mut col_factor = vec![0f32; f.lead * m];
-    // Whole slices per job, about a work unit's elements.
-    let per = (super::parallel::UNIT_ELEMS / (n * m)).max(1);
-    let jobs: Vec<_> = r
-        .chunks_mut(per * n)
-        .zip(c.chunks_mut(per * m))
-        .zip(row_mean.chunks_mut(per))
-        .zip(
-            row_factor
-                .chunks_mut(per * n)
-                .zip(col_factor.chunks_mut(per * m)),
-        )
-        .enumerate()
-        .map(|(k, (((r, c), mean), ab))| (k * per, r, c, mean, ab))
-        .collect();
+    let mut prepared = Prepared::zeroed(f);
     // Per slice: sum of g^2, sum of x^2, the finiteness probe and its share of sum(u^2).
     let parts = map_units(
-        jobs,
+        prepared.shares(f),
         parallel_for(f.len()),
         #[inline(always)]
-        |(first, r, c, means, (a, b))| {
+        |(first, (r, c, means, a, b))| {
             with_scratch(|s| {
-                let Scratch {
-                    work,
-                    sums,
-                    factors,
-                } = s;
+                let Scratch { work, sums, .. } = s;
                 let mut out = Vec::with_capacity(means.len());
                 for (k, mean) in means.iter_mut().enumerate() {
                     let slice = first + k;
@@ -578,7 +557,7 @@ fn slices_folded<T: RowLoops>(
                         &mut a[rows],
                         &mut b[cols.clone()],
                     );
-                    prepare_into((&sums.rows, &sums.col), olds, one, update, out_k, factors);
+                    prepare_into((&sums.rows, &sums.col), olds, one, update, out_k);
                     let u2 = weighted_sum(&sums.wcol, &c[cols], m, &[*mean]);
                     out.push((sums.se, sums.sx, sums.probe, u2));
                 }
@@ -595,13 +574,7 @@ fn slices_folded<T: RowLoops>(
         shares.push(u2);
     }
     Folded {
-        prepared: Prepared {
-            r,
-            c,
-            row_factor,
-            col_factor,
-            row_mean,
-        },
+        prepared,
         // As `weighted_sum` adds the slices' shares.
         sum_sq_update: shares.into_iter().sum(),
         sum_sq_grad,
@@ -627,6 +600,53 @@ pub struct Prepared {
     pub row_mean: Vec<f32>,
 }
 
+impl Prepared {
+    /// Zeroed statistics and factors for `f`'s shape.
+    fn zeroed(f: Factoring) -> Prepared {
+        Prepared {
+            r: vec![0f32; f.lead * f.n],
+            c: vec![0f32; f.lead * f.m],
+            row_factor: vec![0f32; f.lead * f.n],
+            col_factor: vec![0f32; f.lead * f.m],
+            row_mean: vec![0f32; f.lead],
+        }
+    }
+
+    /// The fields split into jobs of whole slices, about a work unit's elements each (all of
+    /// them in one job when a slice is empty), each with the index of its first slice.
+    fn shares(&mut self, f: Factoring) -> Vec<(usize, PreparedShare<'_>)> {
+        let (n, m) = (f.n, f.m);
+        let Prepared {
+            r,
+            c,
+            row_factor,
+            col_factor,
+            row_mean,
+        } = self;
+        if n == 0 || m == 0 {
+            return vec![(
+                0,
+                (
+                    &mut r[..],
+                    &mut c[..],
+                    &mut row_mean[..],
+                    &mut row_factor[..],
+                    &mut col_factor[..],
+                ),
+            )];
+        }
+        let per = (super::parallel::UNIT_ELEMS / (n * m)).max(1);
+        r.chunks_mut(per * n)
+            .zip(c.chunks_mut(per * m))
+            .zip(row_mean.chunks_mut(per))
+            .zip(row_factor.chunks_mut(per * n))
+            .zip(col_factor.chunks_mut(per * m))
+            .enumerate()
+            .map(|(k, ((((r, c), mean), a), b))| (k * per, (r, c, mean, a, b)))
+            .collect()
+    }
+}
+
 /// The O(n + m) statistics update: `r = b2 r + (1 - b2) mean_j(q)`, `c` likewise with
 /// `q = (s g)^2 + eps1`, `s` the norm-clipping scale; then `v_ij = r_i c_j / mean(r)` in
 /// factored form.
@@ -642,61 +662,23 @@ pub fn prepare(
     let sums = (&p1.row_sums[..], &p1.col_sums[..]);
     let update = (beta2, epsilon_1, grad_scale);
     let (n, m) = (f.n, f.m);
-    if f.lead > 1 && n > 0 && m > 0 && parallel_for(f.len()) {
-        // A batch of matrices: jobs of whole slices in parallel (every value is per element or
-        // per slice, so the bits do not depend on the jobs).
-        let mut out = Prepared {
-            r: vec![0f32; f.lead * n],
-            c: vec![0f32; f.lead * m],
-            row_factor: vec![0f32; f.lead * n],
-            col_factor: vec![0f32; f.lead * m],
-            row_mean: vec![0f32; f.lead],
-        };
-        let per = (super::parallel::UNIT_ELEMS / (n * m)).max(1);
-        let jobs: Vec<_> = out
-            .r
-            .chunks_mut(per * n)
-            .zip(out.c.chunks_mut(per * m))
-            .zip(out.row_mean.chunks_mut(per))
-            .zip(out.row_factor.chunks_mut(per * n))
-            .zip(out.col_factor.chunks_mut(per * m))
-            .enumerate()
-            .map(|(k, ((((r, c), mean), a), b))| (k * per, (r, c, mean, a, b)))
-            .collect();
-        map_units(
-            jobs,
-            true,
-            #[inline(always)]
-            |(first, out)| {
-                let k = out.2.len();
-                let (rows, cols) = (first * n..(first + k) * n, first * m..(first + k) * m);
-                let sums = (&sums.0[rows.clone()], &sums.1[cols.clone()]);
-                let olds = (&r_old[rows], &c_old[cols]);
-                let fk = Factoring { lead: k, ..f };
-                with_scratch(|s| prepare_into(sums, olds, fk, update, out, &mut s.factors));
-            },
-        );
-        return out;
-    }
-    // Vectorised square roots and divisions: per row and column, this is most of a small
-    // matrix's cost outside the passes.
-    vectorized(
+    let mut out = Prepared::zeroed(f);
+    // A batch of matrices runs in jobs of whole slices, in parallel (every value is per element
+    // or per slice, so the bits do not depend on the jobs); square roots and divisions
+    // vectorised: per row and column, this is most of a small matrix's cost outside the passes.
+    map_units(
+        out.shares(f),
+        parallel_for(f.len()),
         #[inline(always)]
-        || {
-            let (r, c) = new_stats(sums, (r_old, c_old), f, update);
-            let mut row_mean = Vec::new();
-            row_means(&r, f, &mut row_mean);
-            let (mut row_factor, mut col_factor) = (Vec::new(), Vec::new());
-            factors_into(&r, &c, f, &row_mean, (&mut row_factor, &mut col_factor));
-            Prepared {
-                r,
-                c,
-                row_factor,
-                col_factor,
-                row_mean,
-            }
+        |(first, share)| {
+            let k = share.2.len();
+            let (rows, cols) = (first * n..(first + k) * n, first * m..(first + k) * m);
+            let sums = (&sums.0[rows.clone()], &sums.1[cols.clone()]);
+            let olds = (&r_old[rows], &c_old[cols]);
+            prepare_into(sums, olds, Factoring { lead: k, ..f }, update, share);
         },
-    )
+    );
+    out
 }
 
 /// The new statistics `r` and `c` from pass 1's row and column sums;
@@ -749,9 +731,8 @@ type PreparedShare<'a> = (
     &'a mut [f32],
 );
 
-/// The statistics and factors of the `f.lead` slices whose sums are given, written to `out`
-/// (`r`, `c`, `mean(r)` per slice, `a`, `b`: [`Prepared`]'s fields) through `tmp`: what
-/// [`prepare`] computes, for a share of a batch of matrices.
+/// The statistics and factors of the `f.lead` slices whose sums are given, written to their
+/// share of [`Prepared`]'s fields: what [`prepare`] computes, for some slices of a batch.
 #[inline(always)]
 fn prepare_into(
     sums: (&[f64], &[f64]),
@@ -759,27 +740,16 @@ fn prepare_into(
     f: Factoring,
     update: (f32, f32, f32),
     (r, c, mean, a, b): PreparedShare<'_>,
-    tmp: &mut Factors,
 ) {
     new_stats_into(sums, olds, f, update, (&mut *r, &mut *c));
-    row_means(r, f, &mut tmp.row_mean);
-    factors_into(
-        r,
-        c,
-        f,
-        &tmp.row_mean,
-        (&mut tmp.row_factor, &mut tmp.col_factor),
-    );
-    mean.copy_from_slice(&tmp.row_mean);
-    a.copy_from_slice(&tmp.row_factor);
-    b.copy_from_slice(&tmp.col_factor);
+    row_means(r, f, mean);
+    factors_into(r, c, f, mean, (a, b));
 }
 
 /// `mean(r)` per slice into `out` (`lead` values).
 #[inline(always)]
-fn row_means(r: &[f32], f: Factoring, out: &mut Vec<f32>) {
-    out.clear();
-    out.resize(f.lead, 0.0);
+fn row_means(r: &[f32], f: Factoring, out: &mut [f32]) {
+    out.fill(0.0);
     if f.n > 0 {
         for (rs, mean) in r.chunks(f.n).zip(out.iter_mut()) {
             *mean = (rs.iter().map(|v| *v as f64).sum::<f64>() / f.n as f64) as f32;
@@ -795,10 +765,8 @@ fn factors_into(
     c: &[f32],
     f: Factoring,
     row_mean: &[f32],
-    (row_factor, col_factor): (&mut Vec<f32>, &mut Vec<f32>),
+    (row_factor, col_factor): (&mut [f32], &mut [f32]),
 ) {
-    row_factor.clear();
-    row_factor.resize(r.len(), 0.0);
     if f.n > 0 {
         for ((rs, af), mean) in r.chunks(f.n).zip(row_factor.chunks_mut(f.n)).zip(row_mean) {
             for (a, ri) in af.iter_mut().zip(rs) {
@@ -806,8 +774,9 @@ fn factors_into(
             }
         }
     }
-    col_factor.clear();
-    col_factor.extend(c.iter().map(|cj| (1.0 / (*cj as f64).sqrt()) as f32));
+    for (b, cj) in col_factor.iter_mut().zip(c) {
+        *b = (1.0 / (*cj as f64).sqrt()) as f32;
+    }
 }
 
 /// `sum(u^2)` from pass 1's [`RowFold`] sums, when it ran with one: pass 2 is then not needed.
@@ -971,6 +940,9 @@ pub fn pass3_then<T: RowLoops>(
             col_factor,
             row_mean,
         } = &mut s.factors;
+        row_mean.resize(f.lead, 0.0);
+        row_factor.resize(p.r.len(), 0.0);
+        col_factor.resize(p.c.len(), 0.0);
         vectorized(
             #[inline(always)]
             || {
