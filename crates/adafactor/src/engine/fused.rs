@@ -612,11 +612,10 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                     Ok(())
                                 }
                                 (Updated::Shaped(st), Stats::Factored { factoring, .. }) => {
-                                    after_write::write_whole(x, grad, tail, |x, g| {
-                                        shaped::write(
-                                            x, g, st, *factoring, coef, scale, decay, rounding,
-                                        )
-                                    });
+                                    shaped::write_then(
+                                        x, grad, st, *factoring, coef, scale, decay, rounding,
+                                        tail,
+                                    );
                                     Ok(())
                                 }
                                 (Updated::Vector(v), _) => {

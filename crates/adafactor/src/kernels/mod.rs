@@ -33,7 +33,8 @@
 //! kernels themselves ([`factored`], [`strided`] for variables factored over other axes than
 //! their last two, [`vector`], [`elementwise`]); for factored shapes other than large matrices,
 //! [`shaped`] picks the short-row kernel (`tiny.rs`, with `transpose.rs` for its lane-major
-//! groups) or the column-split one (`narrow.rs`).
+//! groups), the column-split one (`narrow.rs`) or, for a single row, the vector's
+//! (`single_row.rs`).
 
 pub mod after_write;
 mod cpu;
@@ -50,6 +51,7 @@ mod row_args;
 pub mod shaped;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+mod single_row;
 mod spare;
 pub mod store;
 pub mod strided;

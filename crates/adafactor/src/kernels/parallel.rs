@@ -47,24 +47,6 @@ pub(crate) fn chunk_units<A>(dst: &mut [A]) -> Vec<(usize, &mut [A])> {
         .collect()
 }
 
-/// [`for_chunks`] whose chunks each return a partial sum; the sum of the partials, in chunk
-/// order. The chunks come from the length alone ([`split_for`]), so the sum has the same bits
-/// on any number of threads.
-pub(crate) fn sum_chunks<A: Send>(
-    dst: &mut [A],
-    f: impl Fn(usize, &mut [A]) -> f64 + Sync + Send,
-) -> f64 {
-    let len = dst.len();
-    let parts = map_units(chunk_units(dst), parallel_for(len), |(start, c)| {
-        f(start, c)
-    });
-    match parts.as_slice() {
-        [] => 0.0,
-        [one] => *one,
-        _ => parts.iter().sum(),
-    }
-}
-
 /// Runs `f` over work units, in parallel when `parallel`, keeping the units' order in the
 /// results (so reductions are deterministic).
 pub(crate) fn map_units<U: Send, R: Send>(

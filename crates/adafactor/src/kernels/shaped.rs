@@ -5,14 +5,16 @@
 //! unit: at the memory limit for large matrices, and far from it when rows are short (a
 //! convolution kernel `[out, in, kh, kw]` factored over its last two axes is hundreds of
 //! thousands of `kh x kw` matrices; `n x 1`, `n x 4`) or few (`1 x n`, `4 x n`). Those run on
-//! two other kernels:
+//! three other kernels:
 //! - `kernels/tiny.rs`, rows of at most [`MAX_SHORT_ROW`] elements: the gradient streamed as it
 //!   is stored, each tiny matrix (or row) taken in its own layout, work units across the batch
 //!   of matrices (or the rows);
 //! - `kernels/narrow.rs`, at most [`MAX_FEW_ROWS`] rows: work units across columns, so that each
-//!   unit's column statistics are complete and only `n` row sums are combined.
+//!   unit's column statistics are complete and only `n` row sums are combined;
+//! - `kernels/single_row.rs`, a single row (`1 x m`): the vector's loops, since with one row
+//!   Keras's `v = (r / mean(r)) c` is `c`.
 //!
-//! Both compute the new statistics in one pass over the gradient (the statistics pass), and the
+//! All compute the new statistics in one pass over the gradient (the statistics pass), and the
 //! update in a second (the write pass) that recomputes the factors `a_i`, `b_j` of
 //! `1/sqrt(v_ij)` from the new statistics instead of storing them. Without norm clipping the
 //! statistics pass is pass 1 itself (the gradient scale is 1), 20 bytes per float32 parameter
@@ -20,11 +22,12 @@
 //! scale is known. Work units are fixed by the shape, never by the number of threads, and their
 //! partial sums are added in unit order: results do not depend on the thread count.
 
+use super::after_write::{write_whole, Tail};
 use super::element::Element;
 use super::grad::{Decay, Grad};
 use super::parallel::UNIT_ELEMS;
 use super::store::Rounding;
-use super::{narrow, tiny};
+use super::{narrow, single_row, tiny};
 use crate::state::Factoring;
 
 /// Longest row the short-row kernel (`kernels/tiny.rs`) takes.
@@ -45,6 +48,8 @@ pub enum Kernel {
     ShortRows,
     /// At most [`MAX_FEW_ROWS`] rows, split across columns.
     FewRows,
+    /// A single row (`1 x m`), on the vector's loops (`kernels/single_row.rs`).
+    SingleRow,
 }
 
 /// The kernel for a factored variable of this shape.
@@ -53,6 +58,8 @@ pub fn kernel(f: Factoring) -> Kernel {
     // (`strided.rs`); the choice here is for Keras's layout only.
     if f.is_empty() || f.strided.is_some() {
         Kernel::Rows
+    } else if single_row::takes(f) {
+        Kernel::SingleRow
     } else if f.n * f.m <= tiny::MAX_MATRIX {
         // Fewer than one group of small matrices is a small tensor: the row loops' per-row
         // costs do not matter there, and its numbers stay as they were.
@@ -172,6 +179,7 @@ pub fn statistics<T: Element>(
 ) -> (Statistics, Sums) {
     debug_assert!(out.r.len() == f.lead * f.n && out.c.len() == f.lead * f.m);
     match kernel(f) {
+        Kernel::SingleRow => single_row::statistics(grad, reads, args, out),
         Kernel::FewRows => narrow::statistics(grad, reads, f, args, out),
         _ => tiny::statistics(grad, reads, f, args, out),
     }
@@ -190,6 +198,24 @@ pub fn write<T: Element>(
     decay: Option<Decay>,
     rounding: Rounding,
 ) {
+    let tail = Tail::default();
+    write_then(x, grad, st, f, coef, scale, decay, rounding, tail);
+}
+
+/// [`write()`], then the [`Tail`] (EMA, overwrite, accumulator zeroing): block by block where the
+/// kernel writes in blocks (a single row), else over the whole tensor.
+#[allow(clippy::too_many_arguments)]
+pub fn write_then<T: Element>(
+    x: &mut [T],
+    grad: &Grad<'_, T>,
+    st: &Statistics,
+    f: Factoring,
+    coef: f32,
+    scale: f32,
+    decay: Option<Decay>,
+    rounding: Rounding,
+    tail: Tail<'_>,
+) {
     let w = WriteArgs {
         coef,
         scale,
@@ -197,8 +223,11 @@ pub fn write<T: Element>(
         rounding: rounding.for_type::<T>(),
     };
     match kernel(f) {
-        Kernel::FewRows => narrow::write(x, grad, st, f, w),
-        _ => tiny::write(x, grad, st, f, w),
+        Kernel::SingleRow => {
+            single_row::write_then(x, grad, st, coef, scale, decay, rounding, tail)
+        }
+        Kernel::FewRows => write_whole(x, grad, tail, |x, g| narrow::write(x, g, st, f, w)),
+        _ => write_whole(x, grad, tail, |x, g| tiny::write(x, g, st, f, w)),
     }
 }
 
@@ -255,12 +284,12 @@ pub(crate) fn load_grad<'b, T: Element>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::factored;
 
     /// Deterministic values in `[lo, lo + span)`.
-    fn values(seed: u64, n: usize, lo: f32, span: f32) -> Vec<f32> {
+    pub(crate) fn values(seed: u64, n: usize, lo: f32, span: f32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..n)
             .map(|_| {
@@ -397,6 +426,7 @@ mod tests {
             (40, 4, 4),
             (2, 100, 3),
             (1, 4, 3000),
+            (1, 1, 3000),
         ] {
             let f = Factoring {
                 lead,
@@ -407,7 +437,7 @@ mod tests {
             let len = f.len();
             let mut g = values(31, len, -1.0, 2.0);
             // Two whole rows near the start and a few scattered values.
-            for i in (m..3 * m).chain((0..len).step_by(997)) {
+            for i in (m.min(len)..(3 * m).min(len)).chain((0..len).step_by(997)) {
                 g[i] = 1.5e19;
             }
             let x0 = values(32, len, -0.5, 1.0);
@@ -450,6 +480,7 @@ mod tests {
             (1, 70000, 1),
             (1, 30000, 4),
             (1, 2, 40000),
+            (1, 1, 100000),
             (3, 50, 1000),
         ] {
             let f = Factoring {

@@ -4,7 +4,7 @@ use super::after_write::{write_blocks, Tail};
 use super::cpu::vectorized_wide;
 use super::element::Element;
 use super::grad::{decayed_view, Decay, Grad};
-use super::parallel::{chunk_units, map_units, parallel_for, split_for, sum_chunks, UNIT_ELEMS};
+use super::parallel::{chunk_units, map_units, parallel_for, split_for, UNIT_ELEMS};
 use super::reduce::{sum_sq, CHUNK};
 use super::shaped::load_grad;
 use super::store::Rounding;
@@ -183,20 +183,52 @@ pub fn pass2<T: Element>(
     epsilon_1: f32,
     grad_scale: f32,
 ) -> f64 {
-    sum_chunks(v_new, |start, vs| {
-        let (mut gbuf, mut ubuf) = ([0f32; CHUNK], [0f32; CHUNK]);
-        let mut total = 0f64;
-        let mut probe = 0f32;
-        for (k, vb) in vs.chunks_mut(CHUNK).enumerate() {
-            let b = start + k * CHUNK;
-            let n = vb.len();
-            let gb = load_grad(grad, b, &mut gbuf[..n], false, &mut probe);
-            let ub = &mut ubuf[..n];
-            velocity_block(gb, &v_old[b..b + n], vb, ub, (beta2, epsilon_1, grad_scale));
-            total += sum_sq(ub);
-        }
-        total
-    })
+    velocity_pass::<T, false>(grad, v_old, v_new, (beta2, epsilon_1, grad_scale)).0
+}
+
+/// [`pass2`], also returning the sum of `g^2` of the effective gradient (as [`pass1`] sums it):
+/// `(sum(u^2), sum(g^2))`, for a single row's row statistic.
+pub(crate) fn pass2_with_sum_sq<T: Element>(
+    grad: &Grad<'_, T>,
+    v_old: &[f32],
+    v_new: &mut [f32],
+    (beta2, epsilon_1, grad_scale): (f32, f32, f32),
+) -> (f64, f64) {
+    velocity_pass::<T, true>(grad, v_old, v_new, (beta2, epsilon_1, grad_scale))
+}
+
+/// The velocity sweep of [`pass2`]: `(sum(u^2), sum(g^2))`, the second only when `SUM_G`.
+fn velocity_pass<T: Element, const SUM_G: bool>(
+    grad: &Grad<'_, T>,
+    v_old: &[f32],
+    v_new: &mut [f32],
+    scalars: (f32, f32, f32),
+) -> (f64, f64) {
+    let len = v_new.len();
+    let outs = map_units(
+        chunk_units(v_new),
+        parallel_for(len),
+        #[inline(always)]
+        |(start, vs)| {
+            let (mut gbuf, mut ubuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+            let (mut total, mut sg) = (0f64, 0f64);
+            let mut probe = 0f32;
+            for (k, vb) in vs.chunks_mut(CHUNK).enumerate() {
+                let b = start + k * CHUNK;
+                let n = vb.len();
+                let gb = load_grad(grad, b, &mut gbuf[..n], false, &mut probe);
+                if SUM_G {
+                    sg += sum_sq(gb);
+                }
+                let ub = &mut ubuf[..n];
+                velocity_block(gb, &v_old[b..b + n], vb, ub, scalars);
+                total += sum_sq(ub);
+            }
+            (total, sg)
+        },
+    );
+    outs.iter()
+        .fold((0f64, 0f64), |(u, g), (pu, pg)| (u + pu, g + pg))
 }
 
 /// Pass 3: `x = decay(x) - coef * s g / sqrt(v_new)`, `coef = alpha / max(1, RMS(u)/d)`,
