@@ -4,6 +4,7 @@
 //! stack where a conversion is needed: no allocation per chunk (a chunk-sized buffer would be
 //! an `mmap` and its page faults on every call).
 
+use super::cpu::vectorized;
 use super::element::Element;
 use super::grad::Grad;
 use super::parallel::{for_chunks, parallel_for, UNIT_ELEMS};
@@ -14,12 +15,19 @@ use rayon::prelude::*;
 /// Whether the unscaled gradient is finite (a read-only pass, for accumulate-only calls).
 pub fn is_finite<T: Element>(grad: &Grad<'_, T>) -> bool {
     let len = grad.len();
+    // Compiled for AVX2 where allowed, as the other elementwise kernels (`for_chunks`): the
+    // 16-bit conversions need it to vectorise.
     let check = |s: usize, e: usize| {
-        let mut buf = [0f32; CHUNK];
-        (s..e).step_by(CHUNK).all(|b| {
-            let n = CHUNK.min(e - b);
-            grad.load_checked(b, &mut buf[..n]) == 0.0
-        })
+        vectorized(
+            #[inline(always)]
+            || {
+                let mut buf = [0f32; CHUNK];
+                (s..e).step_by(CHUNK).all(|b| {
+                    let n = CHUNK.min(e - b);
+                    grad.load_checked(b, &mut buf[..n]) == 0.0
+                })
+            },
+        )
     };
     if parallel_for(len) {
         (0..len)

@@ -136,7 +136,10 @@ impl<'a, T: Element> Grad<'a, T> {
             T::load(&self.g[start..end], out);
         }
         if let Some(l) = t.loss_scale {
-            map_into(out, stored.take(), |g| g / l);
+            match exact_reciprocal(l) {
+                Some(r) => map_into(out, stored.take(), |g| g * r),
+                None => map_into(out, stored.take(), |g| g / l),
+            }
         }
         let probe = match (check, stored) {
             (false, _) => 0.0,
@@ -145,13 +148,23 @@ impl<'a, T: Element> Grad<'a, T> {
         };
         if let (Some(k), Some(acc)) = (t.accumulate_steps, self.acc) {
             let acc = &acc[start..end];
-            match stored.take() {
-                Some(g) => {
+            match (stored.take(), exact_reciprocal(k)) {
+                (Some(g), Some(r)) => {
+                    for ((o, g), a) in out.iter_mut().zip(g).zip(acc) {
+                        *o = (*g + *a) * r;
+                    }
+                }
+                (Some(g), None) => {
                     for ((o, g), a) in out.iter_mut().zip(g).zip(acc) {
                         *o = (*g + *a) / k;
                     }
                 }
-                None => {
+                (None, Some(r)) => {
+                    for (o, a) in out.iter_mut().zip(acc) {
+                        *o = (*o + *a) * r;
+                    }
+                }
+                (None, None) => {
                     for (o, a) in out.iter_mut().zip(acc) {
                         *o = (*o + *a) / k;
                     }
@@ -167,6 +180,19 @@ impl<'a, T: Element> Grad<'a, T> {
         }
         probe
     }
+}
+
+/// `1 / d` when multiplying by it is dividing by `d`, bit for bit: `d` a power of two whose
+/// reciprocal is a float32 (loss scales and accumulation steps usually are). `x * 2^-k` and
+/// `x / 2^k` are the same real number, so they round to the same float32 (subnormals, zeros,
+/// infinities and NaN included); a multiplication costs far less than a division, which would
+/// otherwise bound a loop that reads memory.
+#[inline(always)]
+pub(crate) fn exact_reciprocal(d: f32) -> Option<f32> {
+    let r = 1.0 / d;
+    // A float32 times a float32 is exact in f64: the product is 1 only for the exact
+    // reciprocal, which only a power of two has.
+    (r.is_finite() && r as f64 * d as f64 == 1.0).then_some(r)
 }
 
 /// `out = f(from)` elementwise, or `out = f(out)` in place without `from`.
@@ -218,5 +244,83 @@ pub(crate) fn decayed_view<'b, T: Element>(
 pub(crate) fn decay_in_place(decay: Option<Decay>, x: &mut [f32]) {
     if let Some(d) = decay {
         x.iter_mut().for_each(|v| *v = d.apply(*v));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Float32 values of every kind: zeros, subnormals, normals across the exponent range, the
+    /// largest finite ones, infinities and NaN, with both signs.
+    fn awkward() -> Vec<f32> {
+        let mut v = vec![
+            0.0,
+            f32::MIN_POSITIVE,
+            1e-45,
+            3e-42,
+            f32::MAX,
+            3e38,
+            1.0,
+            0.3,
+        ];
+        v.extend((-149..128).step_by(3).map(|e| 1.37 * 2f32.powi(e)));
+        v.extend([f32::INFINITY, f32::NAN]);
+        let neg: Vec<f32> = v.iter().map(|x| -x).collect();
+        v.extend(neg);
+        v
+    }
+
+    /// A block load with a loss scale and an accumulation average divides by multiplying with
+    /// the reciprocal where that is exact: the bits are those of the per-element definition
+    /// ([`GradTransform::apply`], a division) for powers of two and for other divisors alike.
+    #[test]
+    fn loads_divide_with_the_bits_of_a_division() {
+        let g = awkward();
+        let acc: Vec<f32> = g.iter().rev().copied().collect();
+        let divisors = [
+            1.0,
+            2.0,
+            128.0,
+            0.5,
+            3.0,
+            0.3,
+            0.75,
+            2f32.powi(127),
+            2f32.powi(-126),
+            2f32.powi(-128),
+            1e-45,
+        ];
+        for d in divisors {
+            for (loss_scale, accumulate_steps) in
+                [(Some(d), None), (None, Some(d)), (Some(d), Some(4.0))]
+            {
+                let transform = GradTransform {
+                    loss_scale,
+                    accumulate_steps,
+                    clip_value: None,
+                };
+                let grad = Grad {
+                    g: &g[..],
+                    acc: Some(&acc[..]),
+                    transform,
+                };
+                let mut out = vec![0f32; g.len()];
+                grad.load(0, &mut out);
+                for (i, got) in out.iter().enumerate() {
+                    let want = transform.apply(g[i], Some(acc[i]), &mut 0.0);
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{transform:?}: g {} acc {}",
+                        g[i],
+                        acc[i]
+                    );
+                }
+            }
+        }
+        assert_eq!(exact_reciprocal(128.0), Some(1.0 / 128.0));
+        assert_eq!(exact_reciprocal(0.3), None);
+        assert_eq!(exact_reciprocal(2f32.powi(-128)), None, "1 / d overflows");
     }
 }

@@ -7,7 +7,7 @@
 //! [`Grad::at`].
 
 use super::cpu::{prefetch_raw, PREFETCH_BYTES};
-use super::grad::{Decay, Grad};
+use super::grad::{exact_reciprocal, Decay, Grad};
 use super::portable::{
     add_scaled, add_sq_scaled, keeps_squares, lane_sum, pass1_rows_with, pass2_rows_with,
     tail_squares, tail_squares_into, tail_weighted_sq, update, update_rows_with, LANES,
@@ -22,8 +22,8 @@ use super::store::{with_store, Store};
 mod loops {
     use super::simd::{Lanes, Wide};
     use super::{
-        lane_sum, prefetch_raw, tail_squares, tail_squares_into, tail_weighted_sq, Decay, Grad,
-        Store, CHUNK, LANES, PREFETCH_BYTES,
+        exact_reciprocal, lane_sum, prefetch_raw, tail_squares, tail_squares_into,
+        tail_weighted_sq, Decay, Grad, Store, CHUNK, LANES, PREFETCH_BYTES,
     };
 
     /// Asks for the element [`PREFETCH_BYTES`] past element `j` of the stream at `p`, once per
@@ -53,11 +53,8 @@ mod loops {
         clip: Option<(V, V)>,
     }
 
-    /// A division of every lane by `d`: by a multiplication with `1 / d` where that is exact,
-    /// i.e. `d` is a power of two whose reciprocal is a float32 (loss scales and accumulation
-    /// steps usually are). `x * 2^-k` and `x / 2^k` are the same real number, so they round to
-    /// the same float32 (subnormals, zeros, infinities and NaN included); a multiplication
-    /// costs far less than a division, which would otherwise bound a loop that reads memory.
+    /// A division of every lane by `d`: by a multiplication with `1 / d` where that is exact
+    /// ([`exact_reciprocal`]).
     #[derive(Clone, Copy)]
     enum Divide<V> {
         By(V),
@@ -67,13 +64,9 @@ mod loops {
     impl<V: Lanes> Divide<V> {
         #[inline(always)]
         unsafe fn new(d: f32) -> Self {
-            let r = 1.0 / d;
-            // A float32 times a float32 is exact in f64: the product is 1 only for the exact
-            // reciprocal, which only a power of two has.
-            if r.is_finite() && r as f64 * d as f64 == 1.0 {
-                Divide::Times(V::splat(r))
-            } else {
-                Divide::By(V::splat(d))
+            match exact_reciprocal(d) {
+                Some(r) => Divide::Times(V::splat(r)),
+                None => Divide::By(V::splat(d)),
             }
         }
 
