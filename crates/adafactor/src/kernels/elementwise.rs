@@ -41,22 +41,28 @@ pub fn is_finite<T: Element>(grad: &Grad<'_, T>) -> bool {
 
 /// Gradient accumulation: `acc += g` (the gradient after unscaling).
 pub fn accumulate<T: Element>(acc: &mut [f32], grad: &Grad<'_, T>) {
-    for_chunks(acc, |start, a| {
-        let mut buf = [0f32; CHUNK];
-        for (k, ab) in a.chunks_mut(CHUNK).enumerate() {
-            let g = grad.view(start + k * CHUNK, &mut buf[..ab.len()]);
-            for (a, g) in ab.iter_mut().zip(g) {
-                *a += g;
+    for_chunks(
+        acc,
+        #[inline(always)]
+        |start, a| {
+            let mut buf = [0f32; CHUNK];
+            for (k, ab) in a.chunks_mut(CHUNK).enumerate() {
+                let g = grad.view(start + k * CHUNK, &mut buf[..ab.len()]);
+                for (a, g) in ab.iter_mut().zip(g) {
+                    *a += g;
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// EMA: `avg = m * avg + (1 - m) * x`.
 pub fn ema<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
-    for_chunks(avg, |start, a| {
-        ema_block(a, &x[start..start + a.len()], momentum)
-    });
+    for_chunks(
+        avg,
+        #[inline(always)]
+        |start, a| ema_block(a, &x[start..start + a.len()], momentum),
+    );
 }
 
 /// [`ema`] of one block on the calling thread (also the EMA the write stage folds in,
@@ -80,9 +86,11 @@ pub(crate) fn ema_block<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
 
 /// Overwrite: `x = src` rounded to the weight type by `rounding`.
 pub fn assign<T: Element>(x: &mut [T], src: &[f32], rounding: Rounding) {
-    for_chunks(x, |start, xs| {
-        rounding.store_slice(&src[start..start + xs.len()], xs, start as u64)
-    });
+    for_chunks(
+        x,
+        #[inline(always)]
+        |start, xs| rounding.store_slice(&src[start..start + xs.len()], xs, start as u64),
+    );
 }
 
 /// Sets every element to zero.
