@@ -4,7 +4,7 @@
 //! stack where a conversion is needed: no allocation per chunk (a chunk-sized buffer would be
 //! an `mmap` and its page faults on every call).
 
-use super::cpu::vectorized;
+use super::cpu::{prefetch_raw, vectorized, PREFETCH_BYTES};
 use super::element::Element;
 use super::grad::Grad;
 use super::parallel::{for_chunks, parallel_for, UNIT_ELEMS};
@@ -70,7 +70,12 @@ pub fn ema<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
 #[inline(always)]
 pub(crate) fn ema_block<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
     let mut buf = [0f32; CHUNK];
-    for (ab, xs) in avg.chunks_mut(CHUNK).zip(x.chunks(CHUNK)) {
+    // The average is read here for the first time in the step: each piece asks for the one
+    // `PREFETCH_BYTES` further on, as the passes ask for their streams (the hardware
+    // prefetcher stops at every page).
+    let (base, len) = (avg.as_ptr(), avg.len());
+    let ahead = PREFETCH_BYTES / std::mem::size_of::<f32>();
+    for (k, (ab, xs)) in avg.chunks_mut(CHUNK).zip(x.chunks(CHUNK)).enumerate() {
         let xf = match T::as_f32(xs) {
             Some(xf) => xf,
             None => {
@@ -78,11 +83,24 @@ pub(crate) fn ema_block<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
                 &buf[..ab.len()]
             }
         };
-        for (a, x) in ab.iter_mut().zip(xf) {
-            *a = momentum * *a + (1.0 - momentum) * x;
+        for (p, (ap, xp)) in ab
+            .chunks_mut(EMA_PIECE)
+            .zip(xf.chunks(EMA_PIECE))
+            .enumerate()
+        {
+            let next = k * CHUNK + p * EMA_PIECE + ahead;
+            if next < len {
+                prefetch_raw(base.wrapping_add(next), EMA_PIECE.min(len - next));
+            }
+            for (a, x) in ap.iter_mut().zip(xp) {
+                *a = momentum * *a + (1.0 - momentum) * x;
+            }
         }
     }
 }
+
+/// Elements of the average between two asks for what comes next.
+const EMA_PIECE: usize = 256;
 
 /// Overwrite: `x = src` rounded to the weight type by `rounding`.
 pub fn assign<T: Element>(x: &mut [T], src: &[f32], rounding: Rounding) {
