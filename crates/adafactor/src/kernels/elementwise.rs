@@ -46,10 +46,25 @@ pub fn accumulate<T: Element>(acc: &mut [f32], grad: &Grad<'_, T>) {
         #[inline(always)]
         |start, a| {
             let mut buf = [0f32; CHUNK];
+            // Both streams ask ahead, piece by piece, as the EMA does ([`ema_block`]).
+            let (base, len) = (a.as_ptr(), a.len());
+            let ahead = PREFETCH_BYTES / std::mem::size_of::<f32>();
             for (k, ab) in a.chunks_mut(CHUNK).enumerate() {
                 let g = grad.view(start + k * CHUNK, &mut buf[..ab.len()]);
-                for (a, g) in ab.iter_mut().zip(g) {
-                    *a += g;
+                for (p, (ap, gp)) in ab
+                    .chunks_mut(ASK_PIECE)
+                    .zip(g.chunks(ASK_PIECE))
+                    .enumerate()
+                {
+                    let next = k * CHUNK + p * ASK_PIECE + ahead;
+                    if next < len {
+                        let n = ASK_PIECE.min(len - next);
+                        prefetch_raw(base.wrapping_add(next), n);
+                        prefetch_raw(grad.g[start..].as_ptr().wrapping_add(next), n);
+                    }
+                    for (a, g) in ap.iter_mut().zip(gp) {
+                        *a += g;
+                    }
                 }
             }
         },
@@ -84,13 +99,13 @@ pub(crate) fn ema_block<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
             }
         };
         for (p, (ap, xp)) in ab
-            .chunks_mut(EMA_PIECE)
-            .zip(xf.chunks(EMA_PIECE))
+            .chunks_mut(ASK_PIECE)
+            .zip(xf.chunks(ASK_PIECE))
             .enumerate()
         {
-            let next = k * CHUNK + p * EMA_PIECE + ahead;
+            let next = k * CHUNK + p * ASK_PIECE + ahead;
             if next < len {
-                prefetch_raw(base.wrapping_add(next), EMA_PIECE.min(len - next));
+                prefetch_raw(base.wrapping_add(next), ASK_PIECE.min(len - next));
             }
             for (a, x) in ap.iter_mut().zip(xp) {
                 *a = momentum * *a + (1.0 - momentum) * x;
@@ -99,8 +114,8 @@ pub(crate) fn ema_block<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
     }
 }
 
-/// Elements of the average between two asks for what comes next.
-const EMA_PIECE: usize = 256;
+/// Elements between two asks for what comes next, in the elementwise kernels.
+const ASK_PIECE: usize = 256;
 
 /// Overwrite: `x = src` rounded to the weight type by `rounding`.
 pub fn assign<T: Element>(x: &mut [T], src: &[f32], rounding: Rounding) {
