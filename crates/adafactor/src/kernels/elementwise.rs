@@ -4,7 +4,7 @@
 //! stack where a conversion is needed: no allocation per chunk (a chunk-sized buffer would be
 //! an `mmap` and its page faults on every call).
 
-use super::cpu::{prefetch_raw, vectorized, PREFETCH_BYTES};
+use super::cpu::{prefetch_ahead, vectorized};
 use super::element::Element;
 use super::grad::Grad;
 use super::parallel::{for_chunks, parallel_for, UNIT_ELEMS};
@@ -46,23 +46,16 @@ pub fn accumulate<T: Element>(acc: &mut [f32], grad: &Grad<'_, T>) {
         #[inline(always)]
         |start, a| {
             let mut buf = [0f32; CHUNK];
-            // Both streams ask ahead, piece by piece, as the EMA does ([`ema_block`]).
-            let (base, len) = (a.as_ptr(), a.len());
-            let ahead = PREFETCH_BYTES / std::mem::size_of::<f32>();
-            for (k, ab) in a.chunks_mut(CHUNK).enumerate() {
-                let g = grad.view(start + k * CHUNK, &mut buf[..ab.len()]);
-                for (p, (ap, gp)) in ab
-                    .chunks_mut(ASK_PIECE)
-                    .zip(g.chunks(ASK_PIECE))
-                    .enumerate()
-                {
-                    let next = k * CHUNK + p * ASK_PIECE + ahead;
-                    if next < len {
-                        let n = ASK_PIECE.min(len - next);
-                        prefetch_raw(base.wrapping_add(next), n);
-                        prefetch_raw(grad.g[start..].as_ptr().wrapping_add(next), n);
-                    }
-                    for (a, g) in ap.iter_mut().zip(gp) {
+            let g = &grad.g[start..start + a.len()];
+            for b in (0..a.len()).step_by(CHUNK) {
+                let n = CHUNK.min(a.len() - b);
+                let gb = grad.view(start + b, &mut buf[..n]);
+                // Both streams ask ahead, piece by piece, as the EMA does ([`ema_block`]).
+                for p in (0..n).step_by(ASK_PIECE) {
+                    let (at, pn) = (b + p, ASK_PIECE.min(n - p));
+                    prefetch_ahead(a, at, pn);
+                    prefetch_ahead(g, at, pn);
+                    for (a, g) in a[at..at + pn].iter_mut().zip(&gb[p..p + pn]) {
                         *a += g;
                     }
                 }
@@ -88,26 +81,20 @@ pub(crate) fn ema_block<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
     // The average is read here for the first time in the step: each piece asks for the one
     // `PREFETCH_BYTES` further on, as the passes ask for their streams (the hardware
     // prefetcher stops at every page).
-    let (base, len) = (avg.as_ptr(), avg.len());
-    let ahead = PREFETCH_BYTES / std::mem::size_of::<f32>();
-    for (k, (ab, xs)) in avg.chunks_mut(CHUNK).zip(x.chunks(CHUNK)).enumerate() {
+    for b in (0..avg.len()).step_by(CHUNK) {
+        let n = CHUNK.min(avg.len() - b);
+        let xs = &x[b..b + n];
         let xf = match T::as_f32(xs) {
             Some(xf) => xf,
             None => {
-                T::load(xs, &mut buf[..ab.len()]);
-                &buf[..ab.len()]
+                T::load(xs, &mut buf[..n]);
+                &buf[..n]
             }
         };
-        for (p, (ap, xp)) in ab
-            .chunks_mut(ASK_PIECE)
-            .zip(xf.chunks(ASK_PIECE))
-            .enumerate()
-        {
-            let next = k * CHUNK + p * ASK_PIECE + ahead;
-            if next < len {
-                prefetch_raw(base.wrapping_add(next), ASK_PIECE.min(len - next));
-            }
-            for (a, x) in ap.iter_mut().zip(xp) {
+        for p in (0..n).step_by(ASK_PIECE) {
+            let (at, pn) = (b + p, ASK_PIECE.min(n - p));
+            prefetch_ahead(avg, at, pn);
+            for (a, x) in avg[at..at + pn].iter_mut().zip(&xf[p..p + pn]) {
                 *a = momentum * *a + (1.0 - momentum) * x;
             }
         }

@@ -148,27 +148,9 @@ impl<'a, T: Element> Grad<'a, T> {
         };
         if let (Some(k), Some(acc)) = (t.accumulate_steps, self.acc) {
             let acc = &acc[start..end];
-            match (stored.take(), exact_reciprocal(k)) {
-                (Some(g), Some(r)) => {
-                    for ((o, g), a) in out.iter_mut().zip(g).zip(acc) {
-                        *o = (*g + *a) * r;
-                    }
-                }
-                (Some(g), None) => {
-                    for ((o, g), a) in out.iter_mut().zip(g).zip(acc) {
-                        *o = (*g + *a) / k;
-                    }
-                }
-                (None, Some(r)) => {
-                    for (o, a) in out.iter_mut().zip(acc) {
-                        *o = (*o + *a) * r;
-                    }
-                }
-                (None, None) => {
-                    for (o, a) in out.iter_mut().zip(acc) {
-                        *o = (*o + *a) / k;
-                    }
-                }
+            match exact_reciprocal(k) {
+                Some(r) => average_into(out, stored.take(), acc, |s| s * r),
+                None => average_into(out, stored.take(), acc, |s| s / k),
             }
         }
         if let Some(v) = t.clip_value {
@@ -193,6 +175,24 @@ pub(crate) fn exact_reciprocal(d: f32) -> Option<f32> {
     // A float32 times a float32 is exact in f64: the product is 1 only for the exact
     // reciprocal, which only a power of two has.
     (r.is_finite() && r as f64 * d as f64 == 1.0).then_some(r)
+}
+
+/// `out = f(from + acc)` elementwise, or `out = f(out + acc)` in place without `from`: the
+/// accumulation average, as [`map_into`] maps.
+#[inline(always)]
+fn average_into(out: &mut [f32], from: Option<&[f32]>, acc: &[f32], f: impl Fn(f32) -> f32) {
+    match from {
+        Some(g) => {
+            for ((o, g), a) in out.iter_mut().zip(g).zip(acc) {
+                *o = f(*g + *a);
+            }
+        }
+        None => {
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = f(*o + *a);
+            }
+        }
+    }
 }
 
 /// `out = f(from)` elementwise, or `out = f(out)` in place without `from`.
