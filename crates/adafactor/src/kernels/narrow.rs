@@ -203,11 +203,7 @@ pub(crate) fn statistics<T: Element>(
                 col.fill(0.0);
                 for (i, brow) in block_rows.iter_mut().enumerate() {
                     let start = row_start(i) + k0;
-                    let next = if i + 1 < n {
-                        row_start(i + 1) + k0
-                    } else {
-                        start + w
-                    };
+                    let (next, next_w) = next_block(i, n, row_start, k0, w, width);
                     if let Some(x) = reads.x {
                         let xv = decayed_view(&x[start..start + w], reads.decay, &mut xbuf[..w]);
                         xrows[i] += sum_sq(xv);
@@ -215,8 +211,8 @@ pub(crate) fn statistics<T: Element>(
                     let g = load_grad(grad, start, &mut gbuf[..w], probe_clip, &mut sums.probe);
                     // The next row's block, asked for piece by piece along this one.
                     let ask = |k: usize| {
-                        if n > 1 {
-                            ask_block(grad.g, reads.x, next + k, PIECE.min(w - k));
+                        if n > 1 && k < next_w {
+                            ask_block(grad.g, reads.x, next + k, PIECE.min(next_w - k));
                         }
                     };
                     *brow = squares_into(g, col, ask);
@@ -334,6 +330,7 @@ pub(crate) fn write<T: Element>(
                 .iter()
                 .map(|r| w.coef * (sm / r.sqrt()))
                 .collect();
+            let row_start = |i: usize| (slice * n + i) * m + j0;
             let bw = CHUNK.min(width);
             let (mut b, mut gbuf) = (vec![0f32; bw], vec![0f32; bw]);
             let mut xbuf = vec![0f32; if T::IS_F32 { 0 } else { bw }];
@@ -347,16 +344,17 @@ pub(crate) fn write<T: Element>(
                     *b = 1.0 / c.sqrt();
                 }
                 for (i, ca) in ca.iter().enumerate() {
-                    let start = (slice * n + i) * m + j0 + k0;
-                    let next = if i + 1 < n { start + m } else { start + len };
+                    let start = row_start(i) + k0;
+                    let (next, next_len) = next_block(i, n, row_start, k0, len, width);
                     // Pieces of the row, each asking for the same piece of the next row's
                     // block first: the asks spread over the row, not all at its start (the
                     // update is elementwise, so the pieces change no bits).
                     for p0 in (0..len).step_by(PIECE) {
                         let (at, pl) = (start + p0, PIECE.min(len - p0));
-                        if n > 1 {
-                            ask_block(grad.g, None, next + p0, pl);
-                            x_at.ask(next + p0, pl);
+                        if n > 1 && p0 < next_len {
+                            let nl = PIECE.min(next_len - p0);
+                            ask_block(grad.g, None, next + p0, nl);
+                            x_at.ask(next + p0, nl);
                         }
                         let g = grad.view(at, &mut gbuf[..pl]);
                         let b = &b[p0..p0 + pl];
@@ -378,6 +376,29 @@ pub(crate) fn write<T: Element>(
             }
         },
     );
+}
+
+/// The block a unit reads after row `i`'s block of `w` columns at `k0` (the unit's rows
+/// starting at `row_start(i)`, `width` columns wide), and its width: the next row's same
+/// block, and after the last row the first row's next block (zero wide after the last block).
+/// Asked for while row `i` is read, so that each row's block is on its way before it is read.
+/// (The last row used to ask for its own next block, which the row before it asks for again
+/// in time, and nothing asked for the first row's: `4 x 4194304` took 7% less time with this.)
+#[inline(always)]
+fn next_block(
+    i: usize,
+    n: usize,
+    row_start: impl Fn(usize) -> usize,
+    k0: usize,
+    w: usize,
+    width: usize,
+) -> (usize, usize) {
+    if i + 1 < n {
+        (row_start(i + 1) + k0, w)
+    } else {
+        let k1 = k0 + w;
+        (row_start(0) + k1, CHUNK.min(width - k1))
+    }
 }
 
 /// `x_j = decay(x_j) - ca * (s g_j) * b_j` over one row's columns, the operations of the row
