@@ -1070,9 +1070,15 @@ fn rows_write<T: Element>(
                 let block_rows = s.fac.len() / m;
                 // The rows' `a_i` of a block (of at least two columns).
                 let mut a_buf = [0f32; CHUNK / 2];
-                for (bi, xb) in xs.chunks_mut(block_rows * m).enumerate() {
+                for bi in 0..xs.len().div_ceil(block_rows * m) {
                     let q = slice * n + i0 + bi * block_rows;
-                    let len = xb.len();
+                    let at = bi * block_rows * m;
+                    let len = (xs.len() - at).min(block_rows * m);
+                    // The gradient and the weight a block ahead (clipped to the unit's weight),
+                    // asked for before the block's factors are computed.
+                    prefetch_ahead(grad.g, q * m, len);
+                    prefetch_ahead(&*xs, at, len);
+                    let xb = &mut xs[at..at + len];
                     let fac = &mut s.fac[..len];
                     if m == 1 {
                         for (fv, r) in fac.iter_mut().zip(&st.r[q..q + len]) {
