@@ -1,7 +1,11 @@
 //! Sixteen rows to lane-major and back: the batch-of-tiny-matrices kernel (`tiny.rs`) runs each
 //! step of a matrix on sixteen matrices at once, with element `e` of matrix `l` at `[e][l]`.
 //!
-//! Pure data movement (the bits cannot change). On AVX-512, from eight values per row on, in
+//! Pure data movement (the bits cannot change). On AVX2 without AVX-512, eight rows at a
+//! time: four values per row in 128-bit halves (12 shuffles per sixteen rows), eight and more
+//! in 8 x 8 tiles (24 shuffles each; the columns past the last whole tile in the plain loop),
+//! two and three in one-register permutes and blends (five to seven in the plain loops). On
+//! AVX-512, from eight values per row on, in
 //! 16 x 16 register tiles (64 shuffles and 16 masked loads and stores per tile, instead of a
 //! scalar load and store per element); four values per row (the statistics of 4 x 4
 //! matrices, rows of four columns) in 16 shuffles of four registers with plain loads and
@@ -24,6 +28,12 @@ pub(crate) fn to_lanes(src: &[f32], per: usize, pad: f32, dst: &mut [Lanes]) {
     if rows == 16 && per >= 2 && super::cpu::simd() >= super::cpu::Simd::Avx512 {
         // SAFETY: the CPU has AVX-512 F (`simd` checked it); `src` holds `16 * per` values.
         unsafe { avx512::to_lanes_group(src, per, dst) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if rows == 16 && avx2::takes(per) && super::cpu::simd() >= super::cpu::Simd::Avx2 {
+        // SAFETY: the CPU has AVX2 (`simd` checked it); `src` holds `16 * per` values.
+        unsafe { avx2::to_lanes(src, per, dst) };
         return;
     }
     if rows < 16 {
@@ -60,6 +70,12 @@ pub(crate) fn from_lanes(src: &[Lanes], per: usize, dst: &mut [f32]) {
         };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if rows == 16 && avx2::takes(per) && super::cpu::simd() >= super::cpu::Simd::Avx2 {
+        // SAFETY: the CPU has AVX2 (`simd` checked it); `dst` holds `16 * per` values.
+        unsafe { avx2::from_lanes(src, per, dst) };
+        return;
+    }
     for (l, vals) in dst.chunks_exact_mut(per).enumerate() {
         for (v, s) in vals.iter_mut().zip(&src[..per]) {
             *v = s[l];
@@ -81,6 +97,16 @@ pub(crate) fn to_lanes_groups(src: &[f32], per: usize, pad: f32, dst: &mut [Lane
         // `dst_head` holds `per` rows for each.
         unsafe { avx512::to_lanes_groups(head, per, dst_head) };
         true
+    } else if avx2::takes(per) && !head.is_empty() && super::cpu::simd() >= super::cpu::Simd::Avx2 {
+        for (s, d) in head
+            .chunks_exact(16 * per)
+            .zip(dst_head.chunks_exact_mut(per))
+        {
+            // SAFETY: the CPU has AVX2 (`simd` checked it); `s` is one whole group and `d`
+            // holds its `per` rows.
+            unsafe { avx2::to_lanes(s, per, d) };
+        }
+        true
     } else {
         false
     };
@@ -96,6 +122,302 @@ pub(crate) fn to_lanes_groups(src: &[f32], per: usize, pad: f32, dst: &mut [Lane
     }
     if !tail.is_empty() {
         to_lanes(tail, per, pad, dst_tail);
+    }
+}
+
+/// The transposes on AVX2 (no AVX-512), eight rows (half a group) at a time: two and three
+/// values per row in one-register permutes and blends, four in 128-bit halves,
+/// eight and more in 8 x 8 register tiles (the columns past the last whole tile in the plain
+/// loop).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::Lanes;
+    use std::arch::x86_64::*;
+
+    /// Whether these transposes take rows of `per` values: two to four, or eight and more.
+    /// Five to seven stay in the plain loops: their permutes gather each output from five to
+    /// seven registers, and a batch of `7 x 1` matrices took twice as long with them.
+    #[inline(always)]
+    pub(super) fn takes(per: usize) -> bool {
+        (2..=4).contains(&per) || per >= 8
+    }
+
+    /// One step of a narrow transpose: the lanes `mask` (all bits set) of an output taken
+    /// from one input register, lane `q` from its lane `idx[q]`.
+    #[derive(Clone, Copy)]
+    struct Pick {
+        idx: [i32; 8],
+        mask: [i32; 8],
+    }
+
+    /// Widest row the permutes take.
+    const SMALL: usize = 3;
+
+    type Picks = [[[Pick; SMALL]; SMALL]; SMALL + 1];
+
+    /// The permutes of every row width from 2 to [`SMALL`], for eight rows (one half of a
+    /// group, `8 * per` values in `per` registers): `[per][o][p]` gathers output register `o`
+    /// from input register `p`, lane by lane.
+    /// - `to_lanes`: lane `l` of output `o` is value `i = l * per + o`, lane `i % 8` of input
+    ///   `i / 8`.
+    /// - else: lane `q` of output `o` is value `i = 8 o + q`, row `i / per` (the lane) of
+    ///   input `i % per`.
+    const fn picks(to_lanes: bool) -> Picks {
+        let none = Pick {
+            idx: [0; 8],
+            mask: [0; 8],
+        };
+        let mut t = [[[none; SMALL]; SMALL]; SMALL + 1];
+        let mut per = 2;
+        while per <= SMALL {
+            let mut o = 0;
+            while o < per {
+                let mut q = 0;
+                while q < 8 {
+                    let (p, idx) = if to_lanes {
+                        let i = q * per + o;
+                        (i / 8, i % 8)
+                    } else {
+                        let i = 8 * o + q;
+                        (i % per, i / per)
+                    };
+                    t[per][o][p].idx[q] = idx as i32;
+                    t[per][o][p].mask[q] = -1;
+                    q += 1;
+                }
+                o += 1;
+            }
+            per += 1;
+        }
+        t
+    }
+
+    /// The permutes of [`to_lanes`] for narrow rows.
+    const TO_PICKS: Picks = picks(true);
+    /// The permutes of [`from_lanes`] for narrow rows.
+    const FROM_PICKS: Picks = picks(false);
+
+    /// `PER` registers to `PER` registers, each output gathered from the inputs by
+    /// `picks[o]`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn permute<const PER: usize>(
+        z: &[__m256; PER],
+        picks: &[[Pick; SMALL]; SMALL],
+    ) -> [__m256; PER] {
+        let mut out = [_mm256_setzero_ps(); PER];
+        for (o, pr) in out.iter_mut().zip(picks) {
+            for (zp, pick) in z.iter().zip(pr) {
+                if pick.mask == [0; 8] {
+                    continue;
+                }
+                // SAFETY: `idx` and `mask` are eight i32 each.
+                let (idx, mask) = unsafe {
+                    (
+                        _mm256_loadu_si256(pick.idx.as_ptr().cast()),
+                        _mm256_loadu_si256(pick.mask.as_ptr().cast()),
+                    )
+                };
+                let v = _mm256_permutevar8x32_ps(*zp, idx);
+                *o = _mm256_blendv_ps(*o, v, _mm256_castsi256_ps(mask));
+            }
+        }
+        out
+    }
+
+    /// [`super::to_lanes`] of `PER` (2 or 3) values per row, one half of the group at a time:
+    /// `PER` plain loads, then the permutes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `src.len() == 16 * PER`, `dst.len() >= PER`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn to_lanes_small<const PER: usize>(src: &[f32], dst: &mut [Lanes]) {
+        for h in 0..2 {
+            let mut z = [_mm256_setzero_ps(); PER];
+            for (r, v) in z.iter_mut().enumerate() {
+                // SAFETY: `src` holds `16 * PER` floats.
+                *v = unsafe { _mm256_loadu_ps(src.as_ptr().add(8 * (PER * h + r))) };
+            }
+            let out = permute::<PER>(&z, &TO_PICKS[PER]);
+            for (d, v) in dst[..PER].iter_mut().zip(out) {
+                // SAFETY: lanes `8h..8h + 8` of `d` (sixteen floats).
+                unsafe { _mm256_storeu_ps(d.as_mut_ptr().add(8 * h), v) };
+            }
+        }
+    }
+
+    /// [`super::from_lanes`] of `PER` (2 or 3) values per row: the inverse permutes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `dst.len() == 16 * PER`, `src.len() >= PER`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn from_lanes_small<const PER: usize>(src: &[Lanes], dst: &mut [f32]) {
+        for h in 0..2 {
+            let mut z = [_mm256_setzero_ps(); PER];
+            for (v, s) in z.iter_mut().zip(&src[..PER]) {
+                // SAFETY: lanes `8h..8h + 8` of `s` (sixteen floats).
+                *v = unsafe { _mm256_loadu_ps(s.as_ptr().add(8 * h)) };
+            }
+            let out = permute::<PER>(&z, &FROM_PICKS[PER]);
+            for (r, v) in out.into_iter().enumerate() {
+                // SAFETY: `dst` holds `16 * PER` floats.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(8 * (PER * h + r)), v) };
+            }
+        }
+    }
+
+    /// Transposes eight rows of eight values in registers: `out[j]` element `i` is `r[i]`
+    /// element `j`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn tile(r: [__m256; 8]) -> [__m256; 8] {
+        // Rows 2p, 2p + 1 interleaved, within each 128-bit half.
+        let mut t = [_mm256_setzero_ps(); 8];
+        for p in 0..4 {
+            t[2 * p] = _mm256_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm256_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+        }
+        // Rows 4p..4p + 4 of one column per register, within each half.
+        let mut s = [_mm256_setzero_ps(); 8];
+        for p in 0..2 {
+            let (a, b, c, d) = (t[4 * p], t[4 * p + 1], t[4 * p + 2], t[4 * p + 3]);
+            s[4 * p] = _mm256_shuffle_ps::<0x44>(a, c);
+            s[4 * p + 1] = _mm256_shuffle_ps::<0xEE>(a, c);
+            s[4 * p + 2] = _mm256_shuffle_ps::<0x44>(b, d);
+            s[4 * p + 3] = _mm256_shuffle_ps::<0xEE>(b, d);
+        }
+        // The low halves make columns 0..4, the high halves columns 4..8.
+        let mut out = [_mm256_setzero_ps(); 8];
+        for c in 0..4 {
+            out[c] = _mm256_permute2f128_ps::<0x20>(s[c], s[4 + c]);
+            out[4 + c] = _mm256_permute2f128_ps::<0x31>(s[c], s[4 + c]);
+        }
+        out
+    }
+
+    /// A 4 x 4 transpose within each 128-bit half of four registers: element `i` of half `h`
+    /// of output `j` is element `j` of half `h` of input `i` (its own inverse).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn within(s: [__m256; 4]) -> [__m256; 4] {
+        let t0 = _mm256_castps_pd(_mm256_unpacklo_ps(s[0], s[1]));
+        let t1 = _mm256_castps_pd(_mm256_unpackhi_ps(s[0], s[1]));
+        let t2 = _mm256_castps_pd(_mm256_unpacklo_ps(s[2], s[3]));
+        let t3 = _mm256_castps_pd(_mm256_unpackhi_ps(s[2], s[3]));
+        [
+            _mm256_castpd_ps(_mm256_unpacklo_pd(t0, t2)),
+            _mm256_castpd_ps(_mm256_unpackhi_pd(t0, t2)),
+            _mm256_castpd_ps(_mm256_unpacklo_pd(t1, t3)),
+            _mm256_castpd_ps(_mm256_unpackhi_pd(t1, t3)),
+        ]
+    }
+
+    /// [`super::to_lanes`] of one whole group of sixteen rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `takes(per)`, `src.len() == 16 * per`, `dst.len() >= per`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn to_lanes(src: &[f32], per: usize, dst: &mut [Lanes]) {
+        debug_assert!(takes(per) && src.len() == 16 * per && dst.len() >= per);
+        // SAFETY (every arm): the caller's contract.
+        unsafe {
+            match per {
+                2 => return to_lanes_small::<2>(src, dst),
+                3 => return to_lanes_small::<3>(src, dst),
+                _ => {}
+            }
+        }
+        let p = src.as_ptr();
+        for h in 0..2 {
+            let row = |i: usize| 8 * h + i;
+            if per == 4 {
+                // Rows i and i + 4 of the half in one register, then the values within.
+                let mut z = [_mm256_setzero_ps(); 4];
+                for (i, v) in z.iter_mut().enumerate() {
+                    // SAFETY: rows `8h + i` and `8h + 4 + i` (< 16) hold four values each.
+                    *v = unsafe { _mm256_loadu2_m128(p.add(row(i + 4) * 4), p.add(row(i) * 4)) };
+                }
+                for (d, v) in dst[..4].iter_mut().zip(within(z)) {
+                    // SAFETY: lanes `8h..8h + 8` of `d` (sixteen floats).
+                    unsafe { _mm256_storeu_ps(d.as_mut_ptr().add(8 * h), v) };
+                }
+                continue;
+            }
+            let mut e0 = 0;
+            while e0 + 8 <= per {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (i, v) in r.iter_mut().enumerate() {
+                    // SAFETY: values `e0..e0 + 8` of row `8h + i` lie within `src`.
+                    *v = unsafe { _mm256_loadu_ps(p.add(row(i) * per + e0)) };
+                }
+                for (d, v) in dst[e0..e0 + 8].iter_mut().zip(tile(r)) {
+                    // SAFETY: lanes `8h..8h + 8` of `d` (sixteen floats).
+                    unsafe { _mm256_storeu_ps(d.as_mut_ptr().add(8 * h), v) };
+                }
+                e0 += 8;
+            }
+            for (e, d) in dst[..per].iter_mut().enumerate().skip(e0) {
+                for i in 0..8 {
+                    d[row(i)] = src[row(i) * per + e];
+                }
+            }
+        }
+    }
+
+    /// [`super::from_lanes`] of one whole group: the steps of [`to_lanes`] in reverse.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `takes(per)`, `dst.len() == 16 * per`, `src.len() >= per`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn from_lanes(src: &[Lanes], per: usize, dst: &mut [f32]) {
+        debug_assert!(takes(per) && dst.len() == 16 * per && src.len() >= per);
+        // SAFETY (every arm): the caller's contract.
+        unsafe {
+            match per {
+                2 => return from_lanes_small::<2>(src, dst),
+                3 => return from_lanes_small::<3>(src, dst),
+                _ => {}
+            }
+        }
+        let p = dst.as_mut_ptr();
+        for h in 0..2 {
+            let row = |i: usize| 8 * h + i;
+            if per == 4 {
+                let mut r = [_mm256_setzero_ps(); 4];
+                for (v, s) in r.iter_mut().zip(&src[..4]) {
+                    // SAFETY: lanes `8h..8h + 8` of `s` (sixteen floats).
+                    *v = unsafe { _mm256_loadu_ps(s.as_ptr().add(8 * h)) };
+                }
+                for (i, v) in within(r).into_iter().enumerate() {
+                    // SAFETY: rows `8h + i` and `8h + 4 + i` (< 16) hold four values each.
+                    unsafe { _mm256_storeu2_m128(p.add(row(i + 4) * 4), p.add(row(i) * 4), v) };
+                }
+                continue;
+            }
+            let mut e0 = 0;
+            while e0 + 8 <= per {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (v, s) in r.iter_mut().zip(&src[e0..e0 + 8]) {
+                    // SAFETY: lanes `8h..8h + 8` of `s` (sixteen floats).
+                    *v = unsafe { _mm256_loadu_ps(s.as_ptr().add(8 * h)) };
+                }
+                for (i, v) in tile(r).into_iter().enumerate() {
+                    // SAFETY: values `e0..e0 + 8` of row `8h + i` lie within `dst`.
+                    unsafe { _mm256_storeu_ps(p.add(row(i) * per + e0), v) };
+                }
+                e0 += 8;
+            }
+            for (e, s) in src[..per].iter().enumerate().skip(e0) {
+                for i in 0..8 {
+                    // SAFETY: value `e` of row `8h + i` lies within `dst`.
+                    unsafe { *p.add(row(i) * per + e) = s[row(i)] };
+                }
+            }
+        }
     }
 }
 
