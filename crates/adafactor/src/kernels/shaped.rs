@@ -324,6 +324,13 @@ pub(crate) mod tests {
         (1, 64, 100),
         (3, 17, 9000),
         (1, 2, 170),
+        // Separable convolution kernels, each with its own unrolled loops.
+        (35, 3, 1),
+        (33, 1, 3),
+        (20, 5, 1),
+        (18, 1, 5),
+        (40, 7, 1),
+        (17, 1, 7),
     ];
 
     /// Each shaped kernel against the row loops of [`factored`] on the same step: new

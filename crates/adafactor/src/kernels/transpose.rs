@@ -2,9 +2,10 @@
 //! step of a matrix on sixteen matrices at once, with element `e` of matrix `l` at `[e][l]`.
 //!
 //! Pure data movement (the bits cannot change). On AVX2 without AVX-512, eight rows at a
-//! time: four values per row in 128-bit halves (12 shuffles per sixteen rows), eight and more
-//! in 8 x 8 tiles (24 shuffles each; the columns past the last whole tile in the plain loop),
-//! two and three in one-register permutes and blends (five to seven in the plain loops). On
+//! time: four values per row in 128-bit halves (12 shuffles per sixteen rows), five and more
+//! in 8 x 8 tiles (24 shuffles each; five to seven columns past the last whole tile in one more
+//! tile of overlapping reads and writes, fewer in the plain loop), two and three in
+//! one-register permutes and blends. On
 //! AVX-512, from eight values per row on, in
 //! 16 x 16 register tiles (64 shuffles and 16 masked loads and stores per tile, instead of a
 //! scalar load and store per element); four values per row (the statistics of 4 x 4
@@ -126,20 +127,36 @@ pub(crate) fn to_lanes_groups(src: &[f32], per: usize, pad: f32, dst: &mut [Lane
 }
 
 /// The transposes on AVX2 (no AVX-512), eight rows (half a group) at a time: two and three
-/// values per row in one-register permutes and blends, four in 128-bit halves,
-/// eight and more in 8 x 8 register tiles (the columns past the last whole tile in the plain
-/// loop).
+/// values per row in one-register permutes and blends, four in 128-bit halves, five and more
+/// in 8 x 8 register tiles (see `PART_TILE` for the columns past the last
+/// whole tile).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Lanes;
     use std::arch::x86_64::*;
 
-    /// Whether these transposes take rows of `per` values: two to four, or eight and more.
-    /// Five to seven stay in the plain loops: their permutes gather each output from five to
-    /// seven registers, and a batch of `7 x 1` matrices took twice as long with them.
+    /// Whether these transposes take rows of `per` values: from two on.
     #[inline(always)]
     pub(super) fn takes(per: usize) -> bool {
-        (2..=4).contains(&per) || per >= 8
+        per >= 2
+    }
+
+    /// Fewest columns past the last whole 8 x 8 tile that go through one more tile, eight
+    /// values read from each row (the next row's first values, dropped; the group's last row
+    /// read masked) and written back in ascending rows (each row's write then overwrites the
+    /// values the row before it spilled; the last row written in two overlapping halves).
+    /// Fewer columns stay in the plain loop. Permutes instead of the tile, gathering each
+    /// output from five to seven registers, made a batch of `7 x 1` matrices twice as slow.
+    const PART_TILE: usize = 5;
+
+    /// The first `n` of eight lanes set.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn first(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
     }
 
     /// One step of a narrow transpose: the lanes `mask` (all bits set) of an output taken
@@ -359,6 +376,27 @@ mod avx2 {
                 }
                 e0 += 8;
             }
+            let part = per - e0;
+            if part >= PART_TILE {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (i, v) in r.iter_mut().enumerate() {
+                    let at = row(i) * per + e0;
+                    // SAFETY: a row before the last has at least `8 - part` (< `per`) values
+                    // after its own; the last row's load is masked to its `part` values.
+                    *v = unsafe {
+                        if row(i) == 15 {
+                            _mm256_maskload_ps(p.add(at), first(part))
+                        } else {
+                            _mm256_loadu_ps(p.add(at))
+                        }
+                    };
+                }
+                for (d, v) in dst[e0..per].iter_mut().zip(tile(r)) {
+                    // SAFETY: lanes `8h..8h + 8` of `d` (sixteen floats).
+                    unsafe { _mm256_storeu_ps(d.as_mut_ptr().add(8 * h), v) };
+                }
+                e0 = per;
+            }
             for (e, d) in dst[..per].iter_mut().enumerate().skip(e0) {
                 for i in 0..8 {
                     d[row(i)] = src[row(i) * per + e];
@@ -398,6 +436,36 @@ mod avx2 {
                 }
                 continue;
             }
+            // The columns past the last whole tile first: their eight-value writes spill into
+            // the next row's first values, which the next row and the whole tiles write after.
+            let whole = per / 8 * 8;
+            let part = per - whole;
+            if part >= PART_TILE {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (v, s) in r.iter_mut().zip(&src[whole..per]) {
+                    // SAFETY: lanes `8h..8h + 8` of `s` (sixteen floats).
+                    *v = unsafe { _mm256_loadu_ps(s.as_ptr().add(8 * h)) };
+                }
+                for (i, v) in tile(r).into_iter().enumerate() {
+                    let at = row(i) * per + whole;
+                    // SAFETY: a row before the last has at least `8 - part` (< `per`) values
+                    // after its own; the last row writes its `part` values as the first four
+                    // and the last four (`part > 4`), nothing past them.
+                    unsafe {
+                        if row(i) == 15 {
+                            let tail = _mm256_add_epi32(
+                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                _mm256_set1_epi32(part as i32 - 4),
+                            );
+                            let hi = _mm256_permutevar8x32_ps(v, tail);
+                            _mm_storeu_ps(p.add(at), _mm256_castps256_ps128(v));
+                            _mm_storeu_ps(p.add(at + part - 4), _mm256_castps256_ps128(hi));
+                        } else {
+                            _mm256_storeu_ps(p.add(at), v);
+                        }
+                    }
+                }
+            }
             let mut e0 = 0;
             while e0 + 8 <= per {
                 let mut r = [_mm256_setzero_ps(); 8];
@@ -410,6 +478,9 @@ mod avx2 {
                     unsafe { _mm256_storeu_ps(p.add(row(i) * per + e0), v) };
                 }
                 e0 += 8;
+            }
+            if part >= PART_TILE {
+                continue;
             }
             for (e, s) in src[..per].iter().enumerate().skip(e0) {
                 for i in 0..8 {
@@ -777,9 +848,14 @@ mod tests {
                 lanes[per].iter().all(|v| v.is_nan()),
                 "per {per}: wrote past"
             );
-            let mut back = vec![f32::NAN; 16 * per];
-            from_lanes(&lanes, per, &mut back);
-            assert_eq!(back, src, "per {per}: round trip");
+            // Written inside a larger buffer: a value written past the end shows.
+            let mut back = vec![f32::NAN; 16 * per + 8];
+            from_lanes(&lanes, per, &mut back[..16 * per]);
+            assert_eq!(back[..16 * per], src[..], "per {per}: round trip");
+            assert!(
+                back[16 * per..].iter().all(|v| v.is_nan()),
+                "per {per}: wrote past the rows"
+            );
             // Five rows: the lanes past them padded, and only five rows written back.
             let part = &src[..5 * per];
             to_lanes(part, per, -1.0, &mut lanes);
