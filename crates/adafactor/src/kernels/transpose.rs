@@ -126,6 +126,25 @@ pub(crate) fn to_lanes_groups(src: &[f32], per: usize, pad: f32, dst: &mut [Lane
     }
 }
 
+/// Where the narrow transposes' permutes (`per` values per row, `width` rows in `per`
+/// registers of `width` lanes, value `i` of the rows in lane `i % width` of register
+/// `i / width`) take lane `q` of output register `o` from: `(input register, lane)`.
+/// - `to_lanes`: lane `q` of output `o` is value `o` of row `q`, `i = q * per + o`.
+/// - else (lane-major rows back): lane `q` of output `o` is value `i = width * o + q`, value
+///   `i % per` of row `i / per`, so lane `i / per` of input `i % per`.
+///
+/// Both instruction sets build their tables from this.
+#[cfg(target_arch = "x86_64")]
+const fn source(to_lanes: bool, per: usize, o: usize, q: usize, width: usize) -> (usize, usize) {
+    if to_lanes {
+        let i = q * per + o;
+        (i / width, i % width)
+    } else {
+        let i = width * o + q;
+        (i % per, i / per)
+    }
+}
+
 /// The transposes on AVX2 (no AVX-512), eight rows (half a group) at a time: two and three
 /// values per row in one-register permutes and blends, four in 128-bit halves, five and more
 /// in 8 x 8 register tiles (see `PART_TILE` for the columns past the last
@@ -168,17 +187,13 @@ mod avx2 {
     }
 
     /// Widest row the permutes take.
-    const SMALL: usize = 3;
+    pub(super) const SMALL: usize = 3;
 
     type Picks = [[[Pick; SMALL]; SMALL]; SMALL + 1];
 
     /// The permutes of every row width from 2 to [`SMALL`], for eight rows (one half of a
     /// group, `8 * per` values in `per` registers): `[per][o][p]` gathers output register `o`
-    /// from input register `p`, lane by lane.
-    /// - `to_lanes`: lane `l` of output `o` is value `i = l * per + o`, lane `i % 8` of input
-    ///   `i / 8`.
-    /// - else: lane `q` of output `o` is value `i = 8 o + q`, row `i / per` (the lane) of
-    ///   input `i % per`.
+    /// from input register `p`, lane by lane, as [`super::source`] says.
     const fn picks(to_lanes: bool) -> Picks {
         let none = Pick {
             idx: [0; 8],
@@ -191,13 +206,7 @@ mod avx2 {
             while o < per {
                 let mut q = 0;
                 while q < 8 {
-                    let (p, idx) = if to_lanes {
-                        let i = q * per + o;
-                        (i / 8, i % 8)
-                    } else {
-                        let i = 8 * o + q;
-                        (i % per, i / per)
-                    };
+                    let (p, idx) = super::source(to_lanes, per, o, q, 8);
                     t[per][o][p].idx[q] = idx as i32;
                     t[per][o][p].mask[q] = -1;
                     q += 1;
@@ -213,6 +222,17 @@ mod avx2 {
     const TO_PICKS: Picks = picks(true);
     /// The permutes of [`from_lanes`] for narrow rows.
     const FROM_PICKS: Picks = picks(false);
+
+    /// The inputs, `(register, lane)`, that the tables pick lane `q` of output `o` from.
+    #[cfg(test)]
+    pub(super) fn picked(to_lanes: bool, per: usize, o: usize, q: usize) -> Vec<(usize, usize)> {
+        let table = if to_lanes { &TO_PICKS } else { &FROM_PICKS };
+        let picks = table[per][o].iter().enumerate().take(per);
+        picks
+            .filter(|(_, pick)| pick.mask[q] != 0)
+            .map(|(r, pick)| (r, pick.idx[q] as usize))
+            .collect()
+    }
 
     /// `PER` registers to `PER` registers, each output gathered from the inputs by
     /// `picks[o]`.
@@ -620,17 +640,14 @@ mod avx512 {
     }
 
     /// Widest row the permutes take, and the most register pairs of a row.
-    const SMALL: usize = 7;
+    pub(super) const SMALL: usize = 7;
     const PAIRS: usize = SMALL.div_ceil(2);
 
     type Picks = [[[Pick; PAIRS]; SMALL]; SMALL + 1];
 
     /// The permutes of every row width from 2 to [`SMALL`]: `[per][o][p]` gathers output
-    /// register `o` from the input pair `p`, lane by lane.
-    /// - `to_lanes` ([`to_lanes_small`]): lane `l` of output `o` is value `i = l * per + o`,
-    ///   lane `i % 32` of pair `i / 32`.
-    /// - else ([`from_lanes_small`]): lane `q` of output `o` is value `i = 16 o + q`, lane
-    ///   `i / per` of input `e = i % per`, so of pair `e / 2`, in its register `e % 2`.
+    /// register `o` from the input pair `p`, lane by lane, as [`super::source`] says (for
+    /// [`to_lanes_small`] and [`from_lanes_small`]).
     const fn picks(to_lanes: bool) -> Picks {
         let mut t = [[[Pick {
             idx: [0; 16],
@@ -642,14 +659,9 @@ mod avx512 {
             while o < per {
                 let mut q = 0;
                 while q < 16 {
-                    let (p, idx) = if to_lanes {
-                        let i = q * per + o;
-                        (i / 32, i % 32)
-                    } else {
-                        let i = 16 * o + q;
-                        let (l, e) = (i / per, i % per);
-                        (e / 2, l + 16 * (e % 2))
-                    };
+                    // Register `r` of the inputs is register `r % 2` of pair `r / 2`.
+                    let (r, lane) = super::source(to_lanes, per, o, q, 16);
+                    let (p, idx) = (r / 2, lane + 16 * (r % 2));
                     t[per][o][p].idx[q] = idx as i32;
                     t[per][o][p].mask |= 1 << q;
                     q += 1;
@@ -665,6 +677,26 @@ mod avx512 {
     const TO_PICKS: Picks = picks(true);
     /// The permutes of [`from_lanes_small`].
     const FROM_PICKS: Picks = picks(false);
+
+    /// The inputs, `(register, lane)`, that the tables pick lane `q` of output `o` from, as
+    /// `permutex2var` reads a pair (a row of odd width pairs its last register with itself).
+    #[cfg(test)]
+    pub(super) fn picked(to_lanes: bool, per: usize, o: usize, q: usize) -> Vec<(usize, usize)> {
+        let table = if to_lanes { &TO_PICKS } else { &FROM_PICKS };
+        let pairs = table[per][o].iter().enumerate().take(per.div_ceil(2));
+        pairs
+            .filter(|(_, pick)| pick.mask & (1 << q) != 0)
+            .map(|(p, pick)| {
+                let idx = pick.idx[q] as usize;
+                let r = if idx < 16 {
+                    2 * p
+                } else {
+                    (2 * p + 1).min(per - 1)
+                };
+                (r, idx % 16)
+            })
+            .collect()
+    }
 
     /// `PER` registers to `PER` registers, each output gathered from the input pairs by
     /// `picks[r]`.
@@ -868,6 +900,41 @@ mod tests {
             let mut back = vec![f32::NAN; 5 * per];
             from_lanes(&lanes, per, &mut back);
             assert_eq!(back, part, "per {per}: five rows' round trip");
+        }
+    }
+
+    /// The permute tables of both instruction sets, read as their instructions read them, move
+    /// every value to its place: any x86 CPU checks both (the AVX-512 ones included).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn permute_tables_transpose() {
+        type Picked = fn(bool, usize, usize, usize) -> Vec<(usize, usize)>;
+        let sets: [(&str, usize, usize, Picked); 2] = [
+            ("avx2", 8, avx2::SMALL, avx2::picked),
+            ("avx512", 16, avx512::SMALL, avx512::picked),
+        ];
+        for (name, width, small, picked) in sets {
+            for per in 2..=small {
+                for to_lanes in [true, false] {
+                    // The value (its index in the rows) in lane `l` of input register `r`.
+                    let value = |(r, l): (usize, usize)| {
+                        if to_lanes {
+                            width * r + l
+                        } else {
+                            l * per + r
+                        }
+                    };
+                    for o in 0..per {
+                        for q in 0..width {
+                            let got: Vec<usize> =
+                                picked(to_lanes, per, o, q).into_iter().map(value).collect();
+                            let want = if to_lanes { q * per + o } else { width * o + q };
+                            let what = format!("{name}, per {per}, to_lanes {to_lanes}");
+                            assert_eq!(got, [want], "{what}: output {o}, lane {q}");
+                        }
+                    }
+                }
+            }
         }
     }
 
