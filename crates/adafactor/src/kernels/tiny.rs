@@ -193,19 +193,6 @@ fn matrices_group(
     (su2, sg2)
 }
 
-/// Each lane's `sum(u^2)` (widened) and `sum(g^2)`, zero past the group's `cnt` matrices: the
-/// caller adds them lane by lane over its groups and adds the lanes at the end (a `1 x 1`
-/// matrix has too little work to hide sixteen dependent additions per group).
-#[inline(always)]
-fn lane_sums(u2: &Lanes, g2: &Lanes64, cnt: usize) -> (Lanes64, Lanes64) {
-    let (mut u, mut g) = (widen(u2), *g2);
-    for l in cnt..LANES {
-        u[l] = 0.0;
-        g[l] = 0.0;
-    }
-    (u, g)
-}
-
 /// [`matrix_factors`] of sixteen matrices at once, lane-major, with its bits: their new row
 /// statistics `r` become `a_i`, their column statistics `c` become `b_j`.
 #[inline(always)]
@@ -312,37 +299,76 @@ fn matrix_factors(r: &[f32], c: &[f32], a: &mut [f32], b: &mut [f32]) {
     }
 }
 
-/// One group of at most [`LANES`] `1 x 1` matrices (a `1 x 1` convolution's kernel): the same
-/// steps and bits as [`batch_group`], whose lane-major layout is the gradient's own here, in
-/// plain per-lane loops that compile to vector instructions (`r_i` is the matrix's only row
-/// statistic, so `mean(r) = r` and `a = sqrt(r) / sqrt(r)`).
+/// A block of `1 x 1` matrices (a `1 x 1` convolution's kernel, at most [`CHUNK`]): their new
+/// statistics into `r_out`, `c_out`, and each lane's `sum(u^2)` and `sum(g^2)` (element `i` of
+/// the block in lane `i % LANES`, widened to f64) added to `lane_u2`, `lane_g2`. The same
+/// steps and bits as [`matrices_group`] on one-element matrices (`mean(r) = r`, so
+/// `a = sqrt(r) / sqrt(r)`), in three loops over the block that each compile to vector
+/// instructions: the statistics, the factors (one check of the block for `a = 1`), `u^2`.
+/// `ask(i)` runs before the statistics of the group at element `i`, to ask for data ahead.
 #[inline(always)]
-fn ones_group(
+fn ones_block(
     g: &[f32],
-    r_old: &[f32],
-    c_old: &[f32],
+    (r_old, c_old): (&[f32], &[f32]),
     args: &StatArgs<'_>,
-    r_out: &mut [f32],
-    c_out: &mut [f32],
-) -> (Lanes64, Lanes64) {
-    let cnt = g.len();
-    let (gv, mut ro, mut co) = (lanes_of(g), lanes_of(r_old), lanes_of(c_old));
+    (r_out, c_out): (&mut [f32], &mut [f32]),
+    fac: &mut [f32],
+    (lane_u2, lane_g2): (&mut Lanes64, &mut Lanes64),
+    ask: impl Fn(usize),
+) {
     let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
     let s2 = (sc as f64) * (sc as f64);
-    let (mut e, mut fac, mut u2) = ([0f64; LANES], [0f32; LANES], [0f32; LANES]);
-    for l in 0..LANES {
-        e[l] = (gv[l] * gv[l]) as f64;
-        ro[l] = new_stat(ro[l], e[l], 1, b2, eps, s2);
-        co[l] = new_stat(co[l], e[l], 1, b2, eps, s2);
+    let len = g.len();
+    let (r_old, c_old) = (&r_old[..len], &c_old[..len]);
+    let (r_out, c_out, fac) = (&mut r_out[..len], &mut c_out[..len], &mut fac[..len]);
+    // The new statistics and `sum(g^2)`, sixteen at a time, then the partial group.
+    let stat = |gv: f32, ro: f32, co: f32, rw: &mut f32, cw: &mut f32, acc: &mut f64| {
+        let e = (gv * gv) as f64;
+        *rw = new_stat(ro, e, 1, b2, eps, s2);
+        *cw = new_stat(co, e, 1, b2, eps, s2);
+        *acc += e;
+    };
+    let whole = len - len % LANES;
+    {
+        let (gs, ros, cos) = (
+            g[..whole].as_chunks::<LANES>().0,
+            r_old[..whole].as_chunks::<LANES>().0,
+            c_old[..whole].as_chunks::<LANES>().0,
+        );
+        let (rws, cws) = (
+            r_out[..whole].as_chunks_mut::<LANES>().0,
+            c_out[..whole].as_chunks_mut::<LANES>().0,
+        );
+        let groups = gs.iter().zip(ros).zip(cos).zip(rws).zip(cws);
+        for (t, ((((gv, ro), co), rw), cw)) in groups.enumerate() {
+            ask(t * LANES);
+            for l in 0..LANES {
+                stat(gv[l], ro[l], co[l], &mut rw[l], &mut cw[l], &mut lane_g2[l]);
+            }
+        }
     }
-    ones_factors(&ro, &co, &mut fac);
-    for l in 0..LANES {
-        let t = (sc * gv[l]) * fac[l];
-        u2[l] = t * t;
+    for i in whole..len {
+        let (rw, cw) = (&mut r_out[i], &mut c_out[i]);
+        stat(g[i], r_old[i], c_old[i], rw, cw, &mut lane_g2[i - whole]);
     }
-    store_lanes(&ro, r_out);
-    store_lanes(&co, c_out);
-    lane_sums(&u2, &e, cnt)
+    ones_factors(r_out, c_out, fac);
+    // `u = (s g) a b`, its square per lane.
+    let sq = |gv: f32, f: f32, acc: &mut f64| {
+        let t = (sc * gv) * f;
+        *acc += (t * t) as f64;
+    };
+    let (gs, fs) = (
+        g[..whole].as_chunks::<LANES>().0,
+        fac[..whole].as_chunks::<LANES>().0,
+    );
+    for (gv, fv) in gs.iter().zip(fs) {
+        for l in 0..LANES {
+            sq(gv[l], fv[l], &mut lane_u2[l]);
+        }
+    }
+    for i in whole..len {
+        sq(g[i], fac[i], &mut lane_u2[i - whole]);
+    }
 }
 
 /// Up to [`LANES`] values, zero-padded (a whole group is one vector move, not a copy call).
@@ -379,21 +405,21 @@ fn store_lanes(v: &Lanes, dst: &mut [f32]) {
 /// takes the whole formula.
 #[inline(always)]
 fn ones_factors(r: &[f32], c: &[f32], out: &mut [f32]) {
-    // Positive and finite: no NaN or infinity (`r * 0` sums to zero) and a positive least
-    // value; float lanes, which vectorise where a fold of booleans did not.
-    let (mut probe, mut least) = ([0f32; LANES], [f32::INFINITY; LANES]);
-    let mut it = r.chunks_exact(LANES);
-    for v in &mut it {
+    // Positive and finite: the bits of such a float32 are 1 to 0x7F7F_FFFF, so `bits - 1`
+    // (wrapping) is below 0x7F7F_FFFF; zero, negative values, infinities and NaN land at or
+    // above it. One integer maximum per lane, which vectorises.
+    const TOP: u32 = 0x7F7F_FFFF;
+    let mut worst = [0u32; LANES];
+    let (groups, rest) = r.as_chunks::<LANES>();
+    for v in groups {
         for l in 0..LANES {
-            probe[l] += v[l] * 0.0;
-            least[l] = least[l].min(v[l]);
+            worst[l] = worst[l].max(v[l].to_bits().wrapping_sub(1));
         }
     }
-    for v in it.remainder() {
-        probe[0] += v * 0.0;
-        least[0] = least[0].min(*v);
+    for v in rest {
+        worst[0] = worst[0].max(v.to_bits().wrapping_sub(1));
     }
-    let regular = probe.iter().sum::<f32>() == 0.0 && least.iter().all(|v| *v > 0.0);
+    let regular = worst.iter().fold(0, |a, w| a.max(*w)) < TOP;
     if regular {
         for (o, c) in out.iter_mut().zip(c) {
             *o = 1.0 / c.sqrt();
@@ -484,24 +510,21 @@ fn batch_statistics<T: Element>(
                 let mut su2 = 0f64;
                 let first = u * mpu;
                 if k == 1 {
-                    // Blocks of CHUNK matrices, sixteen at a time; the sums per lane, then the
-                    // lanes in order.
+                    // Blocks of CHUNK matrices; the sums per lane, then the lanes in order.
                     let (mut lane_u2, mut lane_g2) = ([0f64; LANES], [0f64; LANES]);
                     for (bi, (rw, cw)) in r_out.chunks_mut(CHUNK).zip(c_out.chunks_mut(CHUNK)).enumerate() {
                         let (l0, cnt) = (first + bi * CHUNK, rw.len());
                         sums.sum_sq_x += weight_sq(&reads, l0, &mut s.xbuf[..cnt]);
                         let g = load_grad(grad, l0, &mut s.gbuf[..cnt], reads.check, &mut sums.probe);
-                        let (ro, co) = (&args.r_old[l0..l0 + cnt], &args.c_old[l0..l0 + cnt]);
-                        let groups = g
-                            .chunks(LANES)
-                            .zip(ro.chunks(LANES).zip(co.chunks(LANES)))
-                            .zip(rw.chunks_mut(LANES).zip(cw.chunks_mut(LANES)));
-                        for (t, ((gg, (rog, cog)), (rwg, cwg))) in groups.enumerate() {
-                            ask_ahead(grad, reads.x, l0 + t * LANES, LANES);
-                            let (u2, g2) = ones_group(gg, rog, cog, &args, rwg, cwg);
-                            lane_u2 = add64(&lane_u2, &u2);
-                            lane_g2 = add64(&lane_g2, &g2);
-                        }
+                        let old = (&args.r_old[l0..l0 + cnt], &args.c_old[l0..l0 + cnt]);
+                        // Each group asks for its four streams a block ahead.
+                        let ask = |i: usize| {
+                            ask_ahead(grad, reads.x, l0 + i, LANES);
+                            prefetch_ahead(args.r_old, l0 + i, LANES);
+                            prefetch_ahead(args.c_old, l0 + i, LANES);
+                        };
+                        let sums_out = (&mut lane_u2, &mut lane_g2);
+                        ones_block(g, old, &args, (rw, cw), &mut s.fac, sums_out, ask);
                     }
                     su2 = lane_u2.iter().sum();
                     sums.sum_sq_grad = lane_g2.iter().sum();
@@ -973,11 +996,16 @@ fn batch_write<T: Element>(
                 let mut probe = 0f32;
                 if k == 1 {
                     // Elementwise: blocks as large as the scratch, not one group.
-                    for (bi, xb) in xs.chunks_mut(s.fac.len()).enumerate() {
-                        let (e0, len) = (u * mpu + bi * s.fac.len(), xb.len());
+                    let block = s.fac.len();
+                    for at in (0..xs.len()).step_by(block) {
+                        let (e0, len) = (u * mpu + at, block.min(xs.len() - at));
+                        // The gradient and the weight a block ahead (the weight's clipped to the unit).
+                        prefetch_ahead(grad.g, e0, len);
+                        prefetch_ahead(&*xs, at, len);
                         let (r, c) = (&st.r[e0..e0 + len], &st.c[e0..e0 + len]);
                         ones_factors(r, c, &mut s.fac[..len]);
                         let g = load_grad(grad, e0, &mut s.gbuf[..len], false, &mut probe);
+                        let xb = &mut xs[at..at + len];
                         store_block(xb, e0, g, &s.fac[..len], &mut s.xbuf[..len], w);
                     }
                     return;
@@ -1132,19 +1160,35 @@ mod tests {
         (r, c, u2, g2)
     }
 
+    /// Statistics arguments with a fast decay, a tiny epsilon and a clipping scale.
+    fn test_args<'a>(r_old: &'a [f32], c_old: &'a [f32]) -> StatArgs<'a> {
+        StatArgs {
+            r_old,
+            c_old,
+            beta2: 0.8,
+            epsilon_1: 1e-30,
+            scale: 0.75,
+        }
+    }
+
+    /// Values `lo * 10^(span * u)`, `u` uniform in `[0, 1)` from a xorshift stream `seed`:
+    /// spread over `span` binades of ten.
+    fn spread(seed: u64) -> impl FnMut(f32, f32) -> f32 {
+        let mut s = seed;
+        move |lo, span| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            lo * 10f32.powf(span * ((s >> 40) as f32 / (1u64 << 24) as f32))
+        }
+    }
+
     /// A group of sixteen matrices run lane-major, and the partial groups at a batch's end, give
     /// each matrix the bits of [`one_matrix`], for every tiny shape the batches take and
     /// statistics spread over many binades.
     #[test]
     fn lane_major_groups_have_the_bits_of_one_matrix_at_a_time() {
-        let mut s = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |lo: f32, span: f32| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-            lo * 10f32.powf(span * u)
-        };
+        let mut next = spread(0x2545_f491_4f6c_dd1d);
         let mut group = Scratch::new().group;
         for (n, m) in [
             (1, 2),
@@ -1164,13 +1208,7 @@ mod tests {
                     .collect();
                 let r_old: Vec<f32> = (0..cnt * n).map(|_| next(1e-8, 8.0)).collect();
                 let c_old: Vec<f32> = (0..cnt * m).map(|_| next(1e-8, 8.0)).collect();
-                let args = StatArgs {
-                    r_old: &r_old,
-                    c_old: &c_old,
-                    beta2: 0.8,
-                    epsilon_1: 1e-30,
-                    scale: 0.75,
-                };
+                let args = test_args(&r_old, &c_old);
                 let (mut r, mut c) = (vec![0f32; cnt * n], vec![0f32; cnt * m]);
                 let (su2, sg2) =
                     matrices_group(&g, n, m, &r_old, &c_old, &args, &mut r, &mut c, &mut group);
@@ -1192,6 +1230,62 @@ mod tests {
                 let what = format!("{n}x{m}, {cnt} matrices");
                 assert_eq!(su2.to_bits(), want_u2.to_bits(), "{what}: sum(u^2)");
                 assert_eq!(sg2.to_bits(), want_g2.to_bits(), "{what}: sum(g^2)");
+            }
+        }
+    }
+
+    /// Blocks of `1 x 1` matrices give each matrix the bits of [`one_matrix`], and each lane
+    /// (element `i` in lane `i % LANES`) the f64 sum of its matrices' `u^2` and `g^2` in order:
+    /// whole and partial groups, with a zero, NaN, negative or infinite old `r` in some blocks
+    /// (which then take the general formula).
+    #[test]
+    fn ones_blocks_have_the_bits_of_one_matrix_at_a_time() {
+        let mut next = spread(0x9e37_79b9_7f4a_7c15);
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        let same64 = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        let cases = [
+            (CHUNK, None),
+            (37, None),
+            (LANES, Some(0.0)),
+            (5, Some(f32::NAN)),
+            (1000, Some(-1.0)),
+            (21, Some(f32::INFINITY)),
+        ];
+        for (len, odd) in cases {
+            let g: Vec<f32> = (0..len)
+                .map(|i| next(1e-3, 6.0) * if i % 3 == 0 { -1.0 } else { 1.0 })
+                .collect();
+            let mut r_old: Vec<f32> = (0..len).map(|_| next(1e-8, 8.0)).collect();
+            let c_old: Vec<f32> = (0..len).map(|_| next(1e-8, 8.0)).collect();
+            if let Some(v) = odd {
+                r_old[len / 2] = v;
+            }
+            let args = test_args(&r_old, &c_old);
+            let (mut r, mut c, mut fac) = (vec![0f32; len], vec![0f32; len], vec![0f32; CHUNK]);
+            let (mut lane_u2, mut lane_g2) = ([0f64; LANES], [0f64; LANES]);
+            let old = (&r_old[..], &c_old[..]);
+            let out = (&mut r[..], &mut c[..]);
+            let sums = (&mut lane_u2, &mut lane_g2);
+            ones_block(&g, old, &args, out, &mut fac, sums, |_| {});
+            let (mut want_u2, mut want_g2) = ([0f64; LANES], [0f64; LANES]);
+            for i in 0..len {
+                let old = (&r_old[i..i + 1], &c_old[i..i + 1]);
+                let (rw, cw, u2, g2) = one_matrix(&g[i..i + 1], (1, 1), old, &args);
+                assert!(
+                    same(r[i], rw[0]),
+                    "{len} matrices, odd {odd:?}, matrix {i}: r"
+                );
+                assert!(
+                    same(c[i], cw[0]),
+                    "{len} matrices, odd {odd:?}, matrix {i}: c"
+                );
+                want_u2[i % LANES] += u2 as f64;
+                want_g2[i % LANES] += g2;
+            }
+            for l in 0..LANES {
+                let what = format!("{len} matrices, odd {odd:?}, lane {l}");
+                assert!(same64(lane_u2[l], want_u2[l]), "{what}: sum(u^2)");
+                assert!(same64(lane_g2[l], want_g2[l]), "{what}: sum(g^2)");
             }
         }
     }
