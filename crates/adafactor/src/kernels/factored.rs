@@ -9,7 +9,7 @@ use super::after_write::{write_blocks, Tail};
 use super::cpu::vectorized;
 use super::dispatch::RowLoops;
 use super::grad::{decayed_view, Decay, Grad};
-use super::parallel::{map_units, parallel_for, rows_per_unit, split_for};
+use super::parallel::{map_units, parallel_for, rows_per_unit, split_for, with_kept};
 use super::reduce::nonfinite_probe;
 use super::row_args::new_stat;
 pub use super::row_args::{FoldRows, Pass1Rows, Pass1Sums, RowFold, RowUpdate};
@@ -171,10 +171,7 @@ thread_local! {
 
 /// Runs `f` on this thread's [`Scratch`] (taken out meanwhile, so a nested call gets a fresh one).
 fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
-    let mut s = SCRATCH.with(|c| c.take());
-    let out = f(&mut s);
-    SCRATCH.with(|c| c.set(s));
-    out
+    with_kept(&SCRATCH, f)
 }
 
 /// Pass 1's inputs, shared by its units.

@@ -124,6 +124,20 @@ pub(crate) fn parallel_for(len: usize) -> bool {
 }
 
 /// Runs `f` on a rayon pool of `threads` threads (tests of thread-count independence).
+/// Runs `f` on this thread's value of `key`, taken out meanwhile (a nested call gets the
+/// default): what a thread keeps from one work unit to the next, instead of allocating it per
+/// unit.
+#[inline(always)]
+pub(crate) fn with_kept<S: Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<S>>,
+    f: impl FnOnce(&mut S) -> R,
+) -> R {
+    let mut s = key.take();
+    let out = f(&mut s);
+    key.set(s);
+    out
+}
+
 #[cfg(test)]
 pub(crate) fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
     rayon::ThreadPoolBuilder::new()

@@ -17,7 +17,7 @@
 use super::cpu::prefetch_ahead;
 use super::element::Element;
 use super::grad::{decayed_view, Grad};
-use super::parallel::{map_units, map_units_wide, parallel_for, UNIT_ELEMS};
+use super::parallel::{map_units, map_units_wide, parallel_for, with_kept, UNIT_ELEMS};
 use super::reduce::{sum_sq, CHUNK};
 use super::row_args::new_stat;
 use super::shaped::{
@@ -84,36 +84,15 @@ std::thread_local! {
     static KEPT: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
 }
 
-/// This thread's [`Scratch`] for one work unit, given back to the thread when dropped. Its
-/// buffers hold what the last unit left: every use writes before it reads.
-struct Kept(Option<Box<Scratch>>);
-
-impl Kept {
-    fn take() -> Self {
-        let s = KEPT.with(|k| k.take());
-        Kept(Some(s.unwrap_or_else(|| Box::new(Scratch::new()))))
-    }
-}
-
-impl std::ops::Deref for Kept {
-    type Target = Scratch;
-    fn deref(&self) -> &Scratch {
-        // Always `Some` until dropped.
-        self.0.as_deref().unwrap_or_else(|| unreachable!())
-    }
-}
-
-impl std::ops::DerefMut for Kept {
-    fn deref_mut(&mut self) -> &mut Scratch {
-        self.0.as_deref_mut().unwrap_or_else(|| unreachable!())
-    }
-}
-
-impl Drop for Kept {
-    fn drop(&mut self) {
-        let s = self.0.take();
-        KEPT.with(|k| k.set(s));
-    }
+/// Runs `f` on this thread's [`Scratch`], which holds what the last unit left: every use
+/// writes before it reads.
+#[inline(always)]
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    with_kept(
+        &KEPT,
+        #[inline(always)]
+        |s| f(s.get_or_insert_with(|| Box::new(Scratch::new()))),
+    )
 }
 
 /// One group of [`LANES`] tiny matrices lane-major: element `e` of matrix `l` at `[e][l]`, so
@@ -541,60 +520,63 @@ fn batch_statistics<T: Element>(
         parallel_for(f.len()),
         #[inline(always)]
         |(u, (r_out, c_out))| {
-            with_dims!(f, (n, m) => {
-                let k = n * m;
-                let mut kept = Kept::take();
-                let s = &mut *kept;
-                let mut sums = Sums::default();
-                let mut su2 = 0f64;
-                let first = u * mpu;
-                if k == 1 {
-                    // Blocks of CHUNK matrices; the sums per lane, then the lanes in order.
-                    let (mut lane_u2, mut lane_g2) = ([0f64; LANES], [0f64; LANES]);
-                    for (bi, (rw, cw)) in r_out.chunks_mut(CHUNK).zip(c_out.chunks_mut(CHUNK)).enumerate() {
-                        let (l0, cnt) = (first + bi * CHUNK, rw.len());
-                        sums.sum_sq_x += weight_sq(&reads, l0, &mut s.xbuf[..cnt]);
-                        let g = load_grad(grad, l0, &mut s.gbuf[..cnt], reads.check, &mut sums.probe);
-                        let old = (&args.r_old[l0..l0 + cnt], &args.c_old[l0..l0 + cnt]);
-                        // Each group asks for its four streams a block ahead.
-                        let ask = |i: usize| {
-                            ask_ahead(grad, reads.x, l0 + i, LANES);
-                            prefetch_ahead(args.r_old, l0 + i, LANES);
-                            prefetch_ahead(args.c_old, l0 + i, LANES);
-                        };
-                        let sums_out = (&mut lane_u2, &mut lane_g2);
-                        ones_block(g, old, &args, (rw, cw), &mut s.fac, sums_out, ask);
-                    }
-                    su2 = lane_u2.iter().sum();
-                    sums.sum_sq_grad = lane_g2.iter().sum();
-                } else {
-                    // Blocks of whole groups, about CHUNK elements each.
-                    let bm = matrices_per_block(k);
-                    for (bi, (rw, cw)) in r_out.chunks_mut(bm * n).zip(c_out.chunks_mut(bm * m)).enumerate() {
-                        let l0 = first + bi * bm;
-                        let cnt = rw.len() / n;
-                        let (e0, len) = (l0 * k, cnt * k);
-                        sums.sum_sq_x += weight_sq(&reads, e0, &mut s.xbuf[..len]);
-                        let g = load_grad(grad, e0, &mut s.gbuf[..len], reads.check, &mut sums.probe);
-                        let (ro, co) = (
-                            &args.r_old[l0 * n..(l0 + cnt) * n],
-                            &args.c_old[l0 * m..(l0 + cnt) * m],
-                        );
-                        let groups = g
-                            .chunks(LANES * k)
-                            .zip(ro.chunks(LANES * n))
-                            .zip(co.chunks(LANES * m))
-                            .zip(rw.chunks_mut(LANES * n).zip(cw.chunks_mut(LANES * m)));
-                        for (t, (((gg, rog), cog), (rwg, cwg))) in groups.enumerate() {
-                            ask_ahead(grad, reads.x, e0 + t * LANES * k, LANES * k);
-                            let (u2, g2) = matrices_group(gg, n, m, rog, cog, &args, rwg, cwg, &mut s.group);
-                            su2 += u2;
-                            sums.sum_sq_grad += g2;
+            with_scratch(
+                #[inline(always)]
+                |s| {
+                    with_dims!(f, (n, m) => {
+                        let k = n * m;
+                        let mut sums = Sums::default();
+                        let mut su2 = 0f64;
+                        let first = u * mpu;
+                        if k == 1 {
+                            // Blocks of CHUNK matrices; the sums per lane, then the lanes in order.
+                            let (mut lane_u2, mut lane_g2) = ([0f64; LANES], [0f64; LANES]);
+                            for (bi, (rw, cw)) in r_out.chunks_mut(CHUNK).zip(c_out.chunks_mut(CHUNK)).enumerate() {
+                                let (l0, cnt) = (first + bi * CHUNK, rw.len());
+                                sums.sum_sq_x += weight_sq(&reads, l0, &mut s.xbuf[..cnt]);
+                                let g = load_grad(grad, l0, &mut s.gbuf[..cnt], reads.check, &mut sums.probe);
+                                let old = (&args.r_old[l0..l0 + cnt], &args.c_old[l0..l0 + cnt]);
+                                // Each group asks for its four streams a block ahead.
+                                let ask = |i: usize| {
+                                    ask_ahead(grad, reads.x, l0 + i, LANES);
+                                    prefetch_ahead(args.r_old, l0 + i, LANES);
+                                    prefetch_ahead(args.c_old, l0 + i, LANES);
+                                };
+                                let sums_out = (&mut lane_u2, &mut lane_g2);
+                                ones_block(g, old, &args, (rw, cw), &mut s.fac, sums_out, ask);
+                            }
+                            su2 = lane_u2.iter().sum();
+                            sums.sum_sq_grad = lane_g2.iter().sum();
+                        } else {
+                            // Blocks of whole groups, about CHUNK elements each.
+                            let bm = matrices_per_block(k);
+                            for (bi, (rw, cw)) in r_out.chunks_mut(bm * n).zip(c_out.chunks_mut(bm * m)).enumerate() {
+                                let l0 = first + bi * bm;
+                                let cnt = rw.len() / n;
+                                let (e0, len) = (l0 * k, cnt * k);
+                                sums.sum_sq_x += weight_sq(&reads, e0, &mut s.xbuf[..len]);
+                                let g = load_grad(grad, e0, &mut s.gbuf[..len], reads.check, &mut sums.probe);
+                                let (ro, co) = (
+                                    &args.r_old[l0 * n..(l0 + cnt) * n],
+                                    &args.c_old[l0 * m..(l0 + cnt) * m],
+                                );
+                                let groups = g
+                                    .chunks(LANES * k)
+                                    .zip(ro.chunks(LANES * n))
+                                    .zip(co.chunks(LANES * m))
+                                    .zip(rw.chunks_mut(LANES * n).zip(cw.chunks_mut(LANES * m)));
+                                for (t, (((gg, rog), cog), (rwg, cwg))) in groups.enumerate() {
+                                    ask_ahead(grad, reads.x, e0 + t * LANES * k, LANES * k);
+                                    let (u2, g2) = matrices_group(gg, n, m, rog, cog, &args, rwg, cwg, &mut s.group);
+                                    su2 += u2;
+                                    sums.sum_sq_grad += g2;
+                                }
+                            }
                         }
-                    }
-                }
-                (su2, sums)
-            })
+                        (su2, sums)
+                    })
+                },
+            )
         },
     );
     let mut sums = Sums::default();
@@ -1029,60 +1011,63 @@ fn batch_write<T: Element>(
         parallel_for(f.len()),
         #[inline(always)]
         |(u, xs)| {
-            with_dims!(f, (n, m) => {
-                let k = n * m;
-                let mut kept = Kept::take();
-                let s = &mut *kept;
-                let mut probe = 0f32;
-                if k == 1 {
-                    // Elementwise: blocks as large as the scratch, not one group.
-                    let block = s.fac.len();
-                    for at in (0..xs.len()).step_by(block) {
-                        let (e0, len) = (u * mpu + at, block.min(xs.len() - at));
-                        // The gradient and the weight a block ahead (the weight's clipped to the unit).
-                        prefetch_ahead(grad.g, e0, len);
-                        prefetch_ahead(&*xs, at, len);
-                        let (r, c) = (&st.r[e0..e0 + len], &st.c[e0..e0 + len]);
-                        ones_factors(r, c, &mut s.fac[..len]);
-                        let g = load_grad(grad, e0, &mut s.gbuf[..len], false, &mut probe);
-                        let xb = &mut xs[at..at + len];
-                        store_block(xb, e0, g, &s.fac[..len], &mut s.xbuf[..len], w);
-                    }
-                    return;
-                }
-                // Blocks of whole groups, as many as the scratch holds; each matrix's factors
-                // in its own layout.
-                let bm = matrices_per_block(k);
-                for bi in 0..xs.len().div_ceil(bm * k) {
-                    let l0 = u * mpu + bi * bm;
-                    let len = (xs.len() - bi * bm * k).min(bm * k);
-                    let cnt = len / k;
-                    let (r, c) = (&st.r[l0 * n..(l0 + cnt) * n], &st.c[l0 * m..(l0 + cnt) * m]);
-                    let groups = s.fac[..len]
-                        .chunks_mut(LANES * k)
-                        .zip(r.chunks(LANES * n).zip(c.chunks(LANES * m)));
-                    for (t, (fg, (rg, cg))) in groups.enumerate() {
-                        // The gradient and the weight a block ahead, group by group (clipped
-                        // to the unit's weight).
-                        let at = bi * bm * k + t * LANES * k;
-                        prefetch_ahead(grad.g, u * mpu * k + at, LANES * k);
-                        prefetch_ahead(&*xs, at, LANES * k);
-                        let GroupLanes { g: fl, row, col, .. } = &mut *s.group;
-                        to_lanes(rg, n, 1.0, row);
-                        to_lanes(cg, m, 1.0, col);
-                        lane_factors(&mut row[..n], &mut col[..m]);
-                        for (i, av) in row[..n].iter().enumerate() {
-                            for (fv, bv) in fl[i * m..(i + 1) * m].iter_mut().zip(&col[..m]) {
-                                *fv = mul(av, bv);
+            with_scratch(
+                #[inline(always)]
+                |s| {
+                    with_dims!(f, (n, m) => {
+                        let k = n * m;
+                        let mut probe = 0f32;
+                        if k == 1 {
+                            // Elementwise: blocks as large as the scratch, not one group.
+                            let block = s.fac.len();
+                            for at in (0..xs.len()).step_by(block) {
+                                let (e0, len) = (u * mpu + at, block.min(xs.len() - at));
+                                // The gradient and the weight a block ahead (the weight's clipped to the unit).
+                                prefetch_ahead(grad.g, e0, len);
+                                prefetch_ahead(&*xs, at, len);
+                                let (r, c) = (&st.r[e0..e0 + len], &st.c[e0..e0 + len]);
+                                ones_factors(r, c, &mut s.fac[..len]);
+                                let g = load_grad(grad, e0, &mut s.gbuf[..len], false, &mut probe);
+                                let xb = &mut xs[at..at + len];
+                                store_block(xb, e0, g, &s.fac[..len], &mut s.xbuf[..len], w);
                             }
+                            return;
                         }
-                        from_lanes(fl, k, fg);
-                    }
-                    let g = load_grad(grad, l0 * k, &mut s.gbuf[..len], false, &mut probe);
-                    let xb = &mut xs[bi * bm * k..bi * bm * k + len];
-                    store_block(xb, l0 * k, g, &s.fac[..len], &mut s.xbuf[..len], w);
-                }
-            })
+                        // Blocks of whole groups, as many as the scratch holds; each matrix's factors
+                        // in its own layout.
+                        let bm = matrices_per_block(k);
+                        for bi in 0..xs.len().div_ceil(bm * k) {
+                            let l0 = u * mpu + bi * bm;
+                            let len = (xs.len() - bi * bm * k).min(bm * k);
+                            let cnt = len / k;
+                            let (r, c) = (&st.r[l0 * n..(l0 + cnt) * n], &st.c[l0 * m..(l0 + cnt) * m]);
+                            let groups = s.fac[..len]
+                                .chunks_mut(LANES * k)
+                                .zip(r.chunks(LANES * n).zip(c.chunks(LANES * m)));
+                            for (t, (fg, (rg, cg))) in groups.enumerate() {
+                                // The gradient and the weight a block ahead, group by group (clipped
+                                // to the unit's weight).
+                                let at = bi * bm * k + t * LANES * k;
+                                prefetch_ahead(grad.g, u * mpu * k + at, LANES * k);
+                                prefetch_ahead(&*xs, at, LANES * k);
+                                let GroupLanes { g: fl, row, col, .. } = &mut *s.group;
+                                to_lanes(rg, n, 1.0, row);
+                                to_lanes(cg, m, 1.0, col);
+                                lane_factors(&mut row[..n], &mut col[..m]);
+                                for (i, av) in row[..n].iter().enumerate() {
+                                    for (fv, bv) in fl[i * m..(i + 1) * m].iter_mut().zip(&col[..m]) {
+                                        *fv = mul(av, bv);
+                                    }
+                                }
+                                from_lanes(fl, k, fg);
+                            }
+                            let g = load_grad(grad, l0 * k, &mut s.gbuf[..len], false, &mut probe);
+                            let xb = &mut xs[bi * bm * k..bi * bm * k + len];
+                            store_block(xb, l0 * k, g, &s.fac[..len], &mut s.xbuf[..len], w);
+                        }
+                    })
+                },
+            )
         },
     );
 }
@@ -1111,50 +1096,53 @@ fn rows_write<T: Element>(
         parallel_for(f.len()),
         #[inline(always)]
         |((slice, i0), xs)| {
-            with_cols!(m, m => {
-                let mut kept = Kept::take();
-                let s = &mut *kept;
-                let mut probe = 0f32;
-                let sm = st.row_mean[slice].sqrt();
-                let mut b = [0f32; LANES];
-                for (bj, c) in b.iter_mut().zip(&st.c[slice * m..(slice + 1) * m]) {
-                    *bj = 1.0 / c.sqrt();
-                }
-                // Blocks of whole rows, as many as the scratch holds: the factors are per
-                // element, so the blocking changes no bits.
-                let block_rows = s.fac.len() / m;
-                // The rows' `a_i` of a block (of at least two columns).
-                let mut a_buf = [0f32; CHUNK / 2];
-                for bi in 0..xs.len().div_ceil(block_rows * m) {
-                    let q = slice * n + i0 + bi * block_rows;
-                    let at = bi * block_rows * m;
-                    let len = (xs.len() - at).min(block_rows * m);
-                    // The gradient and the weight a block ahead (clipped to the unit's weight),
-                    // asked for before the block's factors are computed.
-                    prefetch_ahead(grad.g, q * m, len);
-                    prefetch_ahead(&*xs, at, len);
-                    let xb = &mut xs[at..at + len];
-                    let fac = &mut s.fac[..len];
-                    if m == 1 {
-                        for (fv, r) in fac.iter_mut().zip(&st.r[q..q + len]) {
-                            *fv = (sm / r.sqrt()) * b[0];
+            with_scratch(
+                #[inline(always)]
+                |s| {
+                    with_cols!(m, m => {
+                        let mut probe = 0f32;
+                        let sm = st.row_mean[slice].sqrt();
+                        let mut b = [0f32; LANES];
+                        for (bj, c) in b.iter_mut().zip(&st.c[slice * m..(slice + 1) * m]) {
+                            *bj = 1.0 / c.sqrt();
                         }
-                    } else {
-                        let rows = len / m;
-                        let a = &mut a_buf[..rows];
-                        for (al, r) in a.iter_mut().zip(&st.r[q..q + rows]) {
-                            *al = sm / r.sqrt();
-                        }
-                        for (frow, al) in fac.chunks_exact_mut(m).zip(a.iter()) {
-                            for (fv, bj) in frow.iter_mut().zip(&b[..m]) {
-                                *fv = al * bj;
+                        // Blocks of whole rows, as many as the scratch holds: the factors are per
+                        // element, so the blocking changes no bits.
+                        let block_rows = s.fac.len() / m;
+                        // The rows' `a_i` of a block (of at least two columns).
+                        let mut a_buf = [0f32; CHUNK / 2];
+                        for bi in 0..xs.len().div_ceil(block_rows * m) {
+                            let q = slice * n + i0 + bi * block_rows;
+                            let at = bi * block_rows * m;
+                            let len = (xs.len() - at).min(block_rows * m);
+                            // The gradient and the weight a block ahead (clipped to the unit's weight),
+                            // asked for before the block's factors are computed.
+                            prefetch_ahead(grad.g, q * m, len);
+                            prefetch_ahead(&*xs, at, len);
+                            let xb = &mut xs[at..at + len];
+                            let fac = &mut s.fac[..len];
+                            if m == 1 {
+                                for (fv, r) in fac.iter_mut().zip(&st.r[q..q + len]) {
+                                    *fv = (sm / r.sqrt()) * b[0];
+                                }
+                            } else {
+                                let rows = len / m;
+                                let a = &mut a_buf[..rows];
+                                for (al, r) in a.iter_mut().zip(&st.r[q..q + rows]) {
+                                    *al = sm / r.sqrt();
+                                }
+                                for (frow, al) in fac.chunks_exact_mut(m).zip(a.iter()) {
+                                    for (fv, bj) in frow.iter_mut().zip(&b[..m]) {
+                                        *fv = al * bj;
+                                    }
+                                }
                             }
+                            let g = load_grad(grad, q * m, &mut s.gbuf[..len], false, &mut probe);
+                            store_block(xb, q * m, g, &s.fac[..len], &mut s.xbuf[..len], w);
                         }
-                    }
-                    let g = load_grad(grad, q * m, &mut s.gbuf[..len], false, &mut probe);
-                    store_block(xb, q * m, g, &s.fac[..len], &mut s.xbuf[..len], w);
-                }
-            })
+                    })
+                },
+            )
         },
     );
 }
