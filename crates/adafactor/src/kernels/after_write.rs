@@ -9,7 +9,7 @@
 
 use super::cpu::vectorized;
 use super::element::Element;
-use super::elementwise::ema_block;
+use super::elementwise::{ema_block, ema_overwrite_block};
 use super::grad::Grad;
 use super::store::Rounding;
 use rayon::prelude::*;
@@ -140,9 +140,9 @@ impl<'a, T: Element> Piece<'a, T> {
     #[inline(always)]
     fn finish(self, momentum: f32, overwrite: Option<Rounding>) {
         if let Some(avg) = self.avg {
-            ema_block(avg, self.x, momentum);
-            if let Some(r) = overwrite {
-                r.store_slice(avg, self.x, self.start as u64);
+            match overwrite {
+                Some(r) => ema_overwrite_block(avg, self.x, momentum, r, self.start as u64),
+                None => ema_block(avg, self.x, momentum),
             }
         }
         if let Some(acc) = self.acc {

@@ -78,25 +78,50 @@ pub fn ema<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
 #[inline(always)]
 pub(crate) fn ema_block<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
     let mut buf = [0f32; CHUNK];
+    for b in (0..avg.len()).step_by(CHUNK) {
+        let n = CHUNK.min(avg.len() - b);
+        ema_chunk(avg, b, &x[b..b + n], momentum, &mut buf);
+    }
+}
+
+/// [`ema_block`] and then the overwrite (`x = avg` rounded by `rounding`, `x[0]` being element
+/// `offset` of the tensor), chunk by chunk while each chunk of the average is in the
+/// first-level cache: the bits of the two one after the other.
+#[inline(always)]
+pub(crate) fn ema_overwrite_block<T: Element>(
+    avg: &mut [f32],
+    x: &mut [T],
+    momentum: f32,
+    rounding: Rounding,
+    offset: u64,
+) {
+    let mut buf = [0f32; CHUNK];
+    for b in (0..avg.len()).step_by(CHUNK) {
+        let n = CHUNK.min(avg.len() - b);
+        ema_chunk(avg, b, &x[b..b + n], momentum, &mut buf);
+        rounding.store_slice(&avg[b..b + n], &mut x[b..b + n], offset + b as u64);
+    }
+}
+
+/// `avg[b..] = m * avg[b..] + (1 - m) * x` for the chunk `x` (at most [`CHUNK`] elements).
+#[inline(always)]
+fn ema_chunk<T: Element>(avg: &mut [f32], b: usize, xs: &[T], momentum: f32, buf: &mut [f32]) {
+    let n = xs.len();
+    let xf = match T::as_f32(xs) {
+        Some(xf) => xf,
+        None => {
+            T::load(xs, &mut buf[..n]);
+            &buf[..n]
+        }
+    };
     // The average is read here for the first time in the step: each piece asks for the one
     // `PREFETCH_BYTES` further on, as the passes ask for their streams (the hardware
     // prefetcher stops at every page).
-    for b in (0..avg.len()).step_by(CHUNK) {
-        let n = CHUNK.min(avg.len() - b);
-        let xs = &x[b..b + n];
-        let xf = match T::as_f32(xs) {
-            Some(xf) => xf,
-            None => {
-                T::load(xs, &mut buf[..n]);
-                &buf[..n]
-            }
-        };
-        for p in (0..n).step_by(ASK_PIECE) {
-            let (at, pn) = (b + p, ASK_PIECE.min(n - p));
-            prefetch_ahead(avg, at, pn);
-            for (a, x) in avg[at..at + pn].iter_mut().zip(&xf[p..p + pn]) {
-                *a = momentum * *a + (1.0 - momentum) * x;
-            }
+    for p in (0..n).step_by(ASK_PIECE) {
+        let (at, pn) = (b + p, ASK_PIECE.min(n - p));
+        prefetch_ahead(avg, at, pn);
+        for (a, x) in avg[at..at + pn].iter_mut().zip(&xf[p..p + pn]) {
+            *a = momentum * *a + (1.0 - momentum) * x;
         }
     }
 }
