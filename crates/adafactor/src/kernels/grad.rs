@@ -2,7 +2,7 @@
 //! clamped), and the decoupled weight decay applied on the fly.
 
 use super::element::Element;
-use super::reduce::nonfinite_probe;
+use super::reduce::{nonfinite_probe, CHUNK};
 
 /// How a stored gradient element becomes the effective gradient, in Keras's order: unscale by
 /// `loss_scale_factor`, average with the accumulator, clamp by `clipvalue`. Norm clipping is a
@@ -245,6 +245,30 @@ pub(crate) fn decay_in_place(decay: Option<Decay>, x: &mut [f32]) {
     if let Some(d) = decay {
         x.iter_mut().for_each(|v| *v = d.apply(*v));
     }
+}
+
+/// 0 when elements `s..e` of the gradient pass the finiteness check of
+/// [`Grad::load_checked`], NaN otherwise, from the sum of squares `sum_sq_grad` of their
+/// effective gradient: NaN and infinities reach that sum (`clipvalue`, which could hide them,
+/// must be probed as the gradient is read instead), so only a range whose sum is not finite
+/// (non-finite values, or huge squares whose float32 sum overflowed) is looked at again. The
+/// passes that sum squares anyway check finiteness this way instead of probing and copying
+/// every block as it is read.
+pub(crate) fn probe_unless_finite<T: Element>(
+    grad: &Grad<'_, T>,
+    (s, e): (usize, usize),
+    sum_sq_grad: f64,
+) -> f32 {
+    if sum_sq_grad.is_finite() {
+        return 0.0;
+    }
+    let mut buf = [0f32; CHUNK];
+    let mut probe = 0f32;
+    for b in (s..e).step_by(CHUNK) {
+        let n = CHUNK.min(e - b);
+        probe += grad.load_checked(b, &mut buf[..n]);
+    }
+    probe
 }
 
 #[cfg(test)]

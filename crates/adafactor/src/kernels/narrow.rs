@@ -462,6 +462,7 @@ impl<T> SharedRows<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::shaped::tests::{batch, half_decay, pass1_reads};
     use crate::kernels::shaped::{self, Fresh};
     use crate::kernels::Rounding;
 
@@ -506,12 +507,7 @@ mod tests {
     }
 
     fn few_rows(n: usize, m: usize) -> Factoring {
-        Factoring {
-            lead: 1,
-            n,
-            m,
-            strided: None,
-        }
+        batch(1, n, m)
     }
 
     /// Squares too large for float32 sums (finite gradients near `1e18`) still give finite
@@ -523,18 +519,7 @@ mod tests {
         let len = f.len();
         let x = vec![0.5f32; len];
         let (r_old, c_old) = (vec![1f32; 3], vec![1f32; 3000]);
-        let args = StatArgs {
-            r_old: &r_old,
-            c_old: &c_old,
-            beta2: 0.5,
-            epsilon_1: 1e-30,
-            scale: 1.0,
-        };
-        let reads = Reads {
-            x: Some(&x[..]),
-            decay: None,
-            check: true,
-        };
+        let (args, reads) = (half_decay(&r_old, &c_old), pass1_reads(&x, true));
         let mut g: Vec<f32> = (0..len).map(|i| 1e18 * (1.0 + (i % 5) as f32)).collect();
         let (st, sums) = statistics(&Grad::plain(&g[..]), reads, f, args, Fresh::zeroed(f));
         assert_eq!(sums.probe, 0.0);

@@ -301,6 +301,46 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Keras's factoring of a `lead x n x m` tensor (its last two axes).
+    pub(crate) fn batch(lead: usize, n: usize, m: usize) -> Factoring {
+        Factoring {
+            lead,
+            n,
+            m,
+            strided: None,
+        }
+    }
+
+    /// The statistics update of `r_old`, `c_old` with `beta2 = 0.5`, `epsilon_1 = 1e-30` and
+    /// no gradient scale.
+    pub(crate) fn half_decay<'a>(r_old: &'a [f32], c_old: &'a [f32]) -> StatArgs<'a> {
+        StatArgs {
+            r_old,
+            c_old,
+            beta2: 0.5,
+            epsilon_1: 1e-30,
+            scale: 1.0,
+        }
+    }
+
+    /// A weight and old row and column statistics for `f`, from seeds `seed` to `seed + 2`.
+    fn step_inputs(f: Factoring, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        (
+            values(seed, f.len(), -0.5, 1.0),
+            values(seed + 1, f.lead * f.n, 0.1, 1.0),
+            values(seed + 2, f.lead * f.m, 0.1, 1.0),
+        )
+    }
+
+    /// Pass 1's reads of the weight `x`, without weight decay.
+    pub(crate) fn pass1_reads<T>(x: &[T], check: bool) -> Reads<'_, T> {
+        Reads {
+            x: Some(x),
+            decay: None,
+            check,
+        }
+    }
+
     fn close(a: f64, b: f64, rel: f64) -> bool {
         (a - b).abs() <= rel * a.abs().max(b.abs()) + 1e-30
     }
@@ -478,6 +518,73 @@ pub(crate) mod tests {
         }
     }
 
+    /// The statistics pass flags a gradient exactly when checking every value as it is read
+    /// would ([`Grad::load_checked`] over the whole tensor): a NaN or an infinity in any unit,
+    /// under a loss scale whose division overflows, and under `clipvalue` (which clamps an
+    /// infinity to a finite value, so that it never reaches the sums); huge finite values whose
+    /// float32 squares overflow are not flagged.
+    #[test]
+    fn the_statistics_pass_flags_exactly_the_non_finite_gradients() {
+        use crate::kernels::GradTransform;
+        for &(lead, n, m) in &[
+            (40000, 1, 1),
+            (9000, 3, 3),
+            (5000, 4, 4),
+            (1, 70000, 1),
+            (1, 40000, 4),
+            (3, 9000, 3),
+            (1, 4, 30000),
+            (1, 1, 70000),
+        ] {
+            let f = batch(lead, n, m);
+            let len = f.len();
+            let (x0, r_old, c_old) = step_inputs(f, 42);
+            let corruptions: [(usize, f32); 6] = [
+                (len - 1, f32::NAN),
+                (len / 2 + 7, f32::INFINITY),
+                (3, f32::NEG_INFINITY),
+                (len / 3, 1.5e19),
+                (len / 3, 3e38),
+                (0, 0.0),
+            ];
+            let transforms = [
+                GradTransform::default(),
+                GradTransform {
+                    loss_scale: Some(0.5),
+                    ..GradTransform::default()
+                },
+                GradTransform {
+                    clip_value: Some(0.25),
+                    ..GradTransform::default()
+                },
+            ];
+            for (at, value) in corruptions {
+                let mut g = values(41, len, -1.0, 2.0);
+                g[at] = value;
+                for transform in transforms {
+                    let grad = Grad {
+                        g: &g[..],
+                        acc: None,
+                        transform,
+                    };
+                    let mut all = vec![0f32; len];
+                    let want = grad.load_checked(0, &mut all).is_nan();
+                    let (args, reads) = (half_decay(&r_old, &c_old), pass1_reads(&x0, true));
+                    let (_, sums) = statistics(&grad, reads, f, args, Fresh::zeroed(f));
+                    assert_eq!(
+                        sums.probe.is_nan(),
+                        want,
+                        "{f:?}: {value} at {at}, {transform:?}, probe {}",
+                        sums.probe
+                    );
+                    if value.is_nan() || value.is_infinite() {
+                        assert!(want, "{value} must be flagged");
+                    }
+                }
+            }
+        }
+    }
+
     /// The same bits with one thread and with three, on shapes large enough to run in parallel.
     #[test]
     fn shaped_kernels_do_not_depend_on_the_thread_count() {
@@ -490,17 +597,10 @@ pub(crate) mod tests {
             (1, 1, 100000),
             (3, 50, 1000),
         ] {
-            let f = Factoring {
-                lead,
-                n,
-                m,
-                strided: None,
-            };
+            let f = batch(lead, n, m);
             let len = f.len();
             let g = values(11, len, -1.0, 2.0);
-            let x0 = values(12, len, -0.5, 1.0);
-            let r_old = values(13, lead * n, 0.1, 1.0);
-            let c_old = values(14, lead * m, 0.1, 1.0);
+            let (x0, r_old, c_old) = step_inputs(f, 12);
             let run = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -508,18 +608,7 @@ pub(crate) mod tests {
                     .expect("a thread pool");
                 pool.install(|| {
                     let grad = Grad::plain(&g[..]);
-                    let args = StatArgs {
-                        r_old: &r_old,
-                        c_old: &c_old,
-                        beta2: 0.5,
-                        epsilon_1: 1e-30,
-                        scale: 1.0,
-                    };
-                    let reads = Reads {
-                        x: Some(&x0[..]),
-                        decay: None,
-                        check: false,
-                    };
+                    let (args, reads) = (half_decay(&r_old, &c_old), pass1_reads(&x0, false));
                     let (st, sums) = statistics(&grad, reads, f, args, Fresh::zeroed(f));
                     let mut x = x0.clone();
                     write(&mut x, &grad, &st, f, 0.01, 1.0, None, Rounding::Nearest);

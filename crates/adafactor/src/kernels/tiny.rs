@@ -16,7 +16,7 @@
 
 use super::cpu::prefetch_ahead;
 use super::element::Element;
-use super::grad::{decayed_view, Grad};
+use super::grad::{decayed_view, probe_unless_finite, Grad};
 use super::parallel::{map_units, map_units_wide, parallel_for, with_kept, UNIT_ELEMS};
 use super::reduce::{sum_sq, CHUNK};
 use super::row_args::new_stat;
@@ -510,6 +510,9 @@ fn batch_statistics<T: Element>(
     let (n, m, k) = (f.n, f.m, f.n * f.m);
     let mpu = matrices_per_unit(k);
     let Fresh { mut r, mut c } = out;
+    // Finiteness from each unit's sum of squares ([`probe_unless_finite`]), unless `clipvalue`
+    // could hide a non-finite value from it.
+    let probe_clip = reads.check && grad.transform.clip_value.is_some();
     let units: Vec<BatchUnit<'_>> = r
         .chunks_mut(mpu * n)
         .zip(c.chunks_mut(mpu * m))
@@ -534,7 +537,7 @@ fn batch_statistics<T: Element>(
                             for (bi, (rw, cw)) in r_out.chunks_mut(CHUNK).zip(c_out.chunks_mut(CHUNK)).enumerate() {
                                 let (l0, cnt) = (first + bi * CHUNK, rw.len());
                                 sums.sum_sq_x += weight_sq(&reads, l0, &mut s.xbuf[..cnt]);
-                                let g = load_grad(grad, l0, &mut s.gbuf[..cnt], reads.check, &mut sums.probe);
+                                let g = load_grad(grad, l0, &mut s.gbuf[..cnt], probe_clip, &mut sums.probe);
                                 let old = (&args.r_old[l0..l0 + cnt], &args.c_old[l0..l0 + cnt]);
                                 // Each group asks for its four streams a block ahead.
                                 let ask = |i: usize| {
@@ -555,7 +558,7 @@ fn batch_statistics<T: Element>(
                                 let cnt = rw.len() / n;
                                 let (e0, len) = (l0 * k, cnt * k);
                                 sums.sum_sq_x += weight_sq(&reads, e0, &mut s.xbuf[..len]);
-                                let g = load_grad(grad, e0, &mut s.gbuf[..len], reads.check, &mut sums.probe);
+                                let g = load_grad(grad, e0, &mut s.gbuf[..len], probe_clip, &mut sums.probe);
                                 let (ro, co) = (
                                     &args.r_old[l0 * n..(l0 + cnt) * n],
                                     &args.c_old[l0 * m..(l0 + cnt) * m],
@@ -572,6 +575,10 @@ fn batch_statistics<T: Element>(
                                     sums.sum_sq_grad += g2;
                                 }
                             }
+                        }
+                        if reads.check && !probe_clip {
+                            let range = (first * k, (first + r_out.len() / n) * k);
+                            sums.probe += probe_unless_finite(grad, range, sums.sum_sq_grad);
                         }
                         (su2, sums)
                     })
@@ -708,6 +715,7 @@ fn column_unit<T: Element>(
     let s2 = (sc as f64) * (sc as f64);
     let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
     let mut sums = Sums::default();
+    let probe_clip = reads.check && grad.transform.clip_value.is_some();
     let (mut sum_g, mut sum_w, mut sum_r) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
     // Lane `l` of the accumulators takes the row `l` of each group of sixteen.
     let mut row = |g: f32, old: f32, l: usize| -> f32 {
@@ -722,7 +730,7 @@ fn column_unit<T: Element>(
     for (bi, out) in r_out.chunks_mut(CHUNK).enumerate() {
         let (q, len) = (q0 + bi * CHUNK, out.len());
         sums.sum_sq_x += weight_sq(reads, q, &mut xbuf[..len]);
-        let g = load_grad(grad, q, &mut gbuf[..len], reads.check, &mut sums.probe);
+        let g = load_grad(grad, q, &mut gbuf[..len], probe_clip, &mut sums.probe);
         let old = &args.r_old[q..q + len];
         let (g16, g_rest) = g.as_chunks::<LANES>();
         let (o16, o_rest) = old.as_chunks::<LANES>();
@@ -741,6 +749,10 @@ fn column_unit<T: Element>(
     }
     let lanes = |v: &Lanes64| v.iter().sum::<f64>();
     sums.sum_sq_grad = lanes(&sum_g);
+    if reads.check && !probe_clip {
+        let range = (q0, q0 + r_out.len());
+        sums.probe += probe_unless_finite(grad, range, sums.sum_sq_grad);
+    }
     RowsPart {
         slice,
         col: vec![sums.sum_sq_grad],
@@ -779,6 +791,7 @@ fn rows_unit<T: Element>(
     let s2 = (sc as f64) * (sc as f64);
     let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
     let mut sums = Sums::default();
+    let probe_clip = reads.check && grad.transform.clip_value.is_some();
     // Column `j` of lane `l` (row `l` of each group) at `[j][l]`: the unit's totals, and one
     // block's float32 sums.
     let mut tot = RowsTotals {
@@ -801,7 +814,7 @@ fn rows_unit<T: Element>(
         let len = rows * m;
         let groups = rows.div_ceil(LANES);
         sums.sum_sq_x += weight_sq(reads, e0, &mut xbuf[..len]);
-        let g = load_grad(grad, e0, &mut gbuf[..len], reads.check, &mut sums.probe);
+        let g = load_grad(grad, e0, &mut gbuf[..len], probe_clip, &mut sums.probe);
         let old = &args.r_old[q..q + rows];
         let (gl, rs, inv) = (&mut gl[..groups * m], &mut rs[..groups], &mut inv[..groups]);
         // Sixteen rows lane-major (a zero gradient past the end).
@@ -865,6 +878,10 @@ fn rows_unit<T: Element>(
     // Column `j`: its lanes added in order.
     let by_lanes = |acc: &[Lanes64]| -> Vec<f64> { acc[..m].iter().map(lanes).collect() };
     sums.sum_sq_grad = lanes(&tot.sum_g);
+    if reads.check && !probe_clip {
+        let range = (q0 * m, (q0 + r_out.len()) * m);
+        sums.probe += probe_unless_finite(grad, range, sums.sum_sq_grad);
+    }
     RowsPart {
         slice,
         col: by_lanes(&tot.col),

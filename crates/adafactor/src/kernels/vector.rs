@@ -3,7 +3,7 @@
 use super::after_write::{write_blocks, Tail};
 use super::cpu::vectorized_wide;
 use super::element::Element;
-use super::grad::{decayed_view, Decay, Grad};
+use super::grad::{decayed_view, probe_unless_finite, Decay, Grad};
 use super::parallel::{chunk_units, map_units, parallel_for, split_for, UNIT_ELEMS};
 use super::reduce::{sum_sq, CHUNK};
 use super::shaped::load_grad;
@@ -92,27 +92,6 @@ fn velocity_block(
         *v = beta2 * old + (1.0 - beta2) * (ge * ge + epsilon_1);
         *u = ge / v.sqrt();
     }
-}
-
-/// 0 when the unit `s..e`'s effective gradient is finite, NaN otherwise, from its sum of
-/// squares `sum_sq_grad`: NaN and infinities reach the sum (clipvalue, which could hide them,
-/// is probed as the gradient is read instead), so only a unit whose sum is not finite, with
-/// infinite values or only squares whose sum overflowed, looks at the unscaled values.
-fn probe_unless_finite<T: Element>(
-    grad: &Grad<'_, T>,
-    (s, e): (usize, usize),
-    sum_sq_grad: f64,
-) -> f32 {
-    if sum_sq_grad.is_finite() {
-        return 0.0;
-    }
-    let mut buf = [0f32; CHUNK];
-    let mut probe = 0f32;
-    for b in (s..e).step_by(CHUNK) {
-        let n = CHUNK.min(e - b);
-        probe += grad.load_checked(b, &mut buf[..n]);
-    }
-    probe
 }
 
 /// Passes 1 and 2 in one sweep, when the gradient scale is 1 (no norm clipping): the sums of
