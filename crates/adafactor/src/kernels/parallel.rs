@@ -123,7 +123,6 @@ pub(crate) fn parallel_for(len: usize) -> bool {
     len >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1
 }
 
-/// Runs `f` on a rayon pool of `threads` threads (tests of thread-count independence).
 /// Runs `f` on this thread's value of `key`, taken out meanwhile (a nested call gets the
 /// default): what a thread keeps from one work unit to the next, instead of allocating it per
 /// unit.
@@ -138,6 +137,7 @@ pub(crate) fn with_kept<S: Default, R>(
     out
 }
 
+/// Runs `f` on a rayon pool of `threads` threads (tests of thread-count independence).
 #[cfg(test)]
 pub(crate) fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
     rayon::ThreadPoolBuilder::new()

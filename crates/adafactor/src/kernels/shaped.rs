@@ -378,18 +378,11 @@ pub(crate) mod tests {
     #[test]
     fn shaped_kernels_agree_with_the_row_loops() {
         for (case, &(lead, n, m)) in SHAPES.iter().enumerate() {
-            let f = Factoring {
-                lead,
-                n,
-                m,
-                strided: None,
-            };
+            let f = batch(lead, n, m);
             assert_ne!(kernel(f), Kernel::Rows, "{f:?}");
             let len = f.len();
             let g = values(case as u64 * 7 + 1, len, -1.0, 2.0);
-            let x0 = values(case as u64 * 7 + 2, len, -0.5, 1.0);
-            let r_old = values(case as u64 * 7 + 3, lead * n, 0.1, 1.0);
-            let c_old = values(case as u64 * 7 + 4, lead * m, 0.1, 1.0);
+            let (x0, r_old, c_old) = step_inputs(f, case as u64 * 7 + 2);
             for (scale, decay) in [
                 (1.0f32, None),
                 (
@@ -475,21 +468,14 @@ pub(crate) mod tests {
             (1, 4, 3000),
             (1, 1, 3000),
         ] {
-            let f = Factoring {
-                lead,
-                n,
-                m,
-                strided: None,
-            };
+            let f = batch(lead, n, m);
             let len = f.len();
             let mut g = values(31, len, -1.0, 2.0);
             // Two whole rows near the start and a few scattered values.
             for i in (m.min(len)..(3 * m).min(len)).chain((0..len).step_by(997)) {
                 g[i] = 1.5e19;
             }
-            let x0 = values(32, len, -0.5, 1.0);
-            let r_old = values(33, lead * n, 0.1, 1.0);
-            let c_old = values(34, lead * m, 0.1, 1.0);
+            let (x0, r_old, c_old) = step_inputs(f, 32);
             let grad = Grad::plain(&g[..]);
             let (b2, eps) = (0.9f32, 1e-30f32);
             let p1 = factored::pass1(&grad, &x0, None, f, true, None);
