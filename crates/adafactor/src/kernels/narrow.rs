@@ -16,8 +16,11 @@ use super::shaped::{add_into, load_grad, Fresh, Reads, StatArgs, Statistics, Sum
 use crate::state::Factoring;
 
 /// Fewest and most columns per unit: long enough runs for the prefetcher, a buffer that stays
-/// in the first-level cache.
-const MIN_COLS: usize = 512;
+/// in the first-level cache. At least one block of [`CHUNK`] columns, so that each visit to a
+/// row reads a whole block (4 KiB of float32): with 512 columns, `64 x 262144` read 2 KiB runs
+/// a megabyte apart and took 17.0 to 18.3 ms a step against 13.2 to 15.3 ms with 1024
+/// (BENCHMARKS.md).
+const MIN_COLS: usize = CHUNK;
 const MAX_COLS: usize = 8192;
 
 /// Elements of a row between two asks for the next row's block.

@@ -362,6 +362,8 @@ pub(crate) mod tests {
         (1, 4, 3000),
         (2, 3, 700),
         (1, 64, 100),
+        // Few rows over several work units of one block of columns each, the last one partial.
+        (2, 40, 2500),
         (3, 17, 9000),
         (1, 2, 170),
         // Separable convolution kernels, each with its own unrolled loops.
