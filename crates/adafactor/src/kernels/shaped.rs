@@ -362,8 +362,11 @@ pub(crate) mod tests {
         (1, 4, 3000),
         (2, 3, 700),
         (1, 64, 100),
-        // Few rows over several work units of one block of columns each, the last one partial.
+        // Few rows over several work units (of one block of columns each for 40 rows, of
+        // several for 3 and 6), the last one partial.
         (2, 40, 2500),
+        (1, 3, 20000),
+        (2, 6, 9000),
         (3, 17, 9000),
         (1, 2, 170),
         // Separable convolution kernels, each with its own unrolled loops.
