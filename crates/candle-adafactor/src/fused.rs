@@ -7,6 +7,7 @@ use crate::optimizer::{err, Adafactor};
 use crate::slot::Slot;
 use adafactor::engine::fused::{Buffer, ElementType, Slice, SliceMut, SliceStore};
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, StorageRef, Tensor};
+use rayon::prelude::*;
 use std::cell::Cell;
 
 /// Whether a tensor can take the fused path: contiguous, on the CPU, f32/bf16/f16.
@@ -23,28 +24,30 @@ fn storage_addr(t: &Tensor) -> usize {
 }
 
 /// The fused path applies when every slot and gradient is supported and no gradient shares
-/// storage with a weight or optimizer tensor (it would be read while written).
+/// storage with a weight or optimizer tensor (it would be read while written). The tensors are
+/// looked at in parallel: with thousands of them, each look waits on memory for the tensor's
+/// metadata, one after another on a single thread.
 pub(crate) fn eligible(opt: &Adafactor, items: &[(usize, Tensor)]) -> bool {
     // Empty variables have nothing to fuse (and candle refuses in-place writes to them).
     if !opt
         .slots
-        .iter()
+        .par_iter()
         .all(|s| supports(&s.var) && s.var.elem_count() > 0)
-        || !items.iter().all(|(_, g)| supports(g))
+        || !items.par_iter().all(|(_, g)| supports(g))
     {
         return false;
     }
     // A sorted list, not a hash set: one allocation for thousands of tensors.
-    let mut owned = Vec::with_capacity(opt.slots.len());
-    for s in &opt.slots {
-        owned.push(storage_addr(&s.var));
-        for t in s.kept_tensors() {
-            owned.push(storage_addr(t));
-        }
-    }
-    owned.sort_unstable();
+    let mut owned: Vec<usize> = opt
+        .slots
+        .par_iter()
+        .flat_map_iter(|s| {
+            std::iter::once(storage_addr(&s.var)).chain(s.kept_tensors().map(storage_addr))
+        })
+        .collect();
+    owned.par_sort_unstable();
     items
-        .iter()
+        .par_iter()
         .all(|(_, g)| owned.binary_search(&storage_addr(g)).is_err())
 }
 

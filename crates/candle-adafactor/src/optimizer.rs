@@ -10,6 +10,7 @@ use adafactor::kernels::Spare;
 use adafactor::{AdafactorConfig, LearningRate, NameExclusions, OnNonFinite, Stats, StepPlan};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId, Var};
+use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 
 /// Converts a core error into a candle error, keeping its message.
@@ -436,53 +437,81 @@ impl Adafactor {
     }
 
     /// Checks every pair before anything changes; returns `(slot index, gradient)` for the
-    /// gradients that are present.
+    /// gradients that are present. The error is the first pair's, in order, as a check of one
+    /// pair after another would report it.
     pub(crate) fn check_pairs(
         &self,
         pairs: &[(Option<&Tensor>, &Var)],
     ) -> Result<Vec<(usize, Tensor)>> {
+        // Each pair's own checks run in parallel: with thousands of tensors, every check waits
+        // on memory for the tensors' metadata, one after another on a single thread (a tenth
+        // of a step of 10,000 tensors of 64 x 64).
+        let checked: Vec<(Result<usize>, Result<()>)> = pairs
+            .par_iter()
+            .enumerate()
+            .map(|(k, (g, v))| match self.slot_at(k, v) {
+                Ok(i) => (Ok(i), g.map_or(Ok(()), |g| self.check_gradient(i, g))),
+                Err(e) => (Err(e), Ok(())),
+            })
+            .collect();
         let mut seen = vec![false; self.slots.len()];
         let mut items = Vec::with_capacity(pairs.len());
-        for (g, v) in pairs {
-            let i = self.slot_index(v)?;
-            let slot = &self.slots[i];
+        for ((g, _), (i, fits)) in pairs.iter().zip(checked) {
+            let i = i?;
             if std::mem::replace(&mut seen[i], true) {
                 return Err(err(format!(
                     "variable `{}` appears twice in one apply_gradients call",
-                    slot.name
+                    self.slots[i].name
                 )));
             }
-            let Some(g) = g else { continue };
-            if g.dims() != slot.var.dims() {
-                return Err(err(format!(
-                    "gradient for variable `{}` has shape {:?}, but the variable has shape {:?}",
-                    slot.name,
-                    g.dims(),
-                    slot.var.dims()
-                )));
+            fits?;
+            if let Some(g) = g {
+                items.push((i, (*g).clone()));
             }
-            if g.dtype() != slot.var.dtype() {
-                return Err(err(format!(
-                    "gradient for variable `{}` has dtype {:?}, but the variable has dtype {:?}",
-                    slot.name,
-                    g.dtype(),
-                    slot.var.dtype()
-                )));
-            }
-            if !g.device().same_device(slot.var.device()) {
-                return Err(err(format!(
-                    "gradient for variable `{}` is on {:?}, but the variable is on {:?}",
-                    slot.name,
-                    g.device().location(),
-                    slot.var.device().location()
-                )));
-            }
-            items.push((i, (*g).clone()));
         }
         if items.is_empty() {
             return Err(err("No gradients provided for any variable."));
         }
         Ok(items)
+    }
+
+    /// [`Adafactor::slot_index`], without the hash lookup when the `k`-th pair is the `k`-th
+    /// slot's variable (the usual order: the list the optimizer was built with).
+    fn slot_at(&self, k: usize, var: &Var) -> Result<usize> {
+        match self.slots.get(k) {
+            Some(s) if s.var.id() == var.id() => Ok(k),
+            _ => self.slot_index(var),
+        }
+    }
+
+    /// A gradient's shape, dtype and device against slot `i`'s variable.
+    fn check_gradient(&self, i: usize, g: &Tensor) -> Result<()> {
+        let slot = &self.slots[i];
+        if g.dims() != slot.var.dims() {
+            return Err(err(format!(
+                "gradient for variable `{}` has shape {:?}, but the variable has shape {:?}",
+                slot.name,
+                g.dims(),
+                slot.var.dims()
+            )));
+        }
+        if g.dtype() != slot.var.dtype() {
+            return Err(err(format!(
+                "gradient for variable `{}` has dtype {:?}, but the variable has dtype {:?}",
+                slot.name,
+                g.dtype(),
+                slot.var.dtype()
+            )));
+        }
+        if !g.device().same_device(slot.var.device()) {
+            return Err(err(format!(
+                "gradient for variable `{}` is on {:?}, but the variable is on {:?}",
+                slot.name,
+                g.device().location(),
+                slot.var.device().location()
+            )));
+        }
+        Ok(())
     }
 
     /// Runs one planned apply on checked items, on the fused or the composed path.

@@ -1289,3 +1289,38 @@ fn constructors_validate() {
         }
     }
 }
+
+/// The pairs are checked in parallel, but the error is the first bad pair's in the caller's
+/// order, and pairs in another order than the optimizer's variables train the same bits.
+#[test]
+fn the_first_bad_pair_names_the_error_and_pair_order_does_not_matter() {
+    for jit in PATHS {
+        let cfg = base(jit);
+        let mut t = twins(&cfg, DType::F32);
+        good_step(&mut t.a, &t.a_vars, 0);
+        good_step(&mut t.b, &t.b_vars, 0);
+        // Pair 1 has a bad shape, pair 3 a bad dtype: the shape error is reported.
+        let (mut g, v, expect) = bad_call(Bad::ShapeSameCount, &t.a_vars, 1, 1);
+        let (n, var) = (t.a_vars[3].1.elem_count(), &t.a_vars[3].1);
+        g[3] = Some(tensor(&values(n, 9), var.dims(), DType::F64));
+        let before = snapshot(&t.a, &t.a_vars);
+        let e =
+            t.a.apply_gradients(&pairs(&g, &v))
+                .expect_err("two bad pairs");
+        assert!(
+            e.to_string().contains(&expect),
+            "jit={jit}: `{e}` lacks `{expect}`"
+        );
+        assert_same(&before, &snapshot(&t.a, &t.a_vars), &format!("jit={jit}"));
+        // The same good step on `a` with its pairs reversed, on `b` in order.
+        let mut g: Vec<Option<Tensor>> = grads(&t.a_vars, 1).into_iter().map(Some).collect();
+        let mut v: Vec<Var> = t.a_vars.iter().map(|(_, v)| v.clone()).collect();
+        g.reverse();
+        v.reverse();
+        t.a.apply_gradients(&pairs(&g, &v)).expect("reversed pairs");
+        good_step(&mut t.b, &t.b_vars, 1);
+        let what = format!("jit={jit}, reversed pairs");
+        let (a, b) = (snapshot(&t.a, &t.a_vars), snapshot(&t.b, &t.b_vars));
+        assert_same(&b, &a, &what);
+    }
+}
