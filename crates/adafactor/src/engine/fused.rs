@@ -307,6 +307,31 @@ impl<S: SliceStore> Fused<'_, S> {
     }
 }
 
+/// What a [`Measured`] record holds, taken out (`None` when pass 1 left it empty).
+fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
+    m.lock().map_or(None, |mut s| s.take())
+}
+
+/// The update stage's result for a target whose pass 1 folded the statistics update in
+/// (`None` otherwise): no buffer is read.
+fn take_folded(st: &Stats, first: &Measured) -> Option<Result<(f32, Updated), Error>> {
+    let rms = |sum_u2: f64, len: usize| (sum_u2 / len.max(1) as f64).sqrt() as f32;
+    Some(match (st, first) {
+        (Stats::Factored { factoring, .. }, Measured::Prepared(done)) => take(done)
+            .map(|(prep, sum_u2)| (rms(sum_u2, factoring.len()), Updated::Factored(prep)))
+            .ok_or_else(kind_mismatch),
+        (Stats::Factored { factoring, .. }, Measured::Shaped(st)) => {
+            // Not folded under norm clipping: the statistics pass runs here.
+            let st = take(st)?;
+            Ok((rms(st.sum_sq_update, factoring.len()), Updated::Shaped(st)))
+        }
+        (Stats::Unfactored { v }, Measured::VectorFolded(done)) => take(done)
+            .map(|(v_new, sum_u2)| (rms(sum_u2, v.len()), Updated::Vector(v_new)))
+            .ok_or_else(kind_mismatch),
+        _ => return None,
+    })
+}
+
 /// What the measure stage keeps per target (the pass-1 sums).
 #[derive(Debug)]
 pub enum Measured {
@@ -510,6 +535,11 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
             .zip(measured)
             .zip(scales)
             .map(|((tg, (_, first)), scale)| {
+                // What pass 1 folded in is ready: no buffer is reached again (with thousands of
+                // small tensors, reaching each one's buffers costs as much as a pass).
+                if let Some(done) = take_folded(&stats[tg.var], first) {
+                    return done.map_err(S::core_error);
+                }
                 let scale = scale.factor();
                 with_type!(self.store.element_type(tg.var), T => {
                     self.with_grad::<T, _>(tg.var, ctx.transform, |grad| {
@@ -526,11 +556,6 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                         None => factored::pass2(grad, &prep, *factoring, scale),
                                     },
                                 };
-                                Ok(((sum_u2 / len).sqrt() as f32, Updated::Factored(prep)))
-                            }
-                            (Stats::Factored { .. }, Measured::Prepared(done)) => {
-                                let done = done.lock().map_or(None, |mut s| s.take());
-                                let (prep, sum_u2) = done.ok_or_else(kind_mismatch)?;
                                 Ok(((sum_u2 / len).sqrt() as f32, Updated::Factored(prep)))
                             }
                             (Stats::Factored { factoring, r, c }, Measured::Shaped(st)) => {
@@ -552,11 +577,6 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                 };
                                 let rms_u = (st.sum_sq_update / len).sqrt() as f32;
                                 Ok((rms_u, Updated::Shaped(st)))
-                            }
-                            (Stats::Unfactored { .. }, Measured::VectorFolded(folded)) => {
-                                let folded = folded.lock().map_or(None, |mut s| s.take());
-                                let (v_new, u2) = folded.ok_or_else(kind_mismatch)?;
-                                Ok(((u2 / len).sqrt() as f32, Updated::Vector(v_new)))
                             }
                             (Stats::Unfactored { v }, Measured::Vector(_)) => {
                                 let mut v_new = self.buffer(v.len());

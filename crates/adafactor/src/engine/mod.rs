@@ -527,7 +527,19 @@ fn refuse<C: Combine>(
 
 /// Installs new statistics, in parallel (moving thousands of vectors one by one takes as long
 /// as a pass); returns the replaced ones.
-fn commit_stats(stats: &mut [Stats], targets: &[Target], new: Vec<Stats>) -> Vec<Stats> {
+fn commit_stats(stats: &mut [Stats], targets: &[Target], mut new: Vec<Stats>) -> Vec<Stats> {
+    // The usual step, every variable's gradient in the variables' order: swapped in place, the
+    // replaced statistics taking the new ones' places (no list of the step built for it).
+    let in_order = targets.len() == new.len()
+        && targets.len() <= stats.len()
+        && targets.par_iter().enumerate().all(|(k, t)| t.var == k);
+    if in_order {
+        stats[..new.len()]
+            .par_iter_mut()
+            .zip(new.par_iter_mut())
+            .for_each(|(old, fresh)| std::mem::swap(old, fresh));
+        return new;
+    }
     let mut by_var: Vec<Option<Stats>> = (0..stats.len()).map(|_| None).collect();
     for (t, s) in targets.iter().zip(new) {
         by_var[t.var] = Some(s);
@@ -537,4 +549,43 @@ fn commit_stats(stats: &mut [Stats], targets: &[Target], new: Vec<Stats>) -> Vec
         .zip(by_var)
         .filter_map(|(slot, s)| s.map(|s| std::mem::replace(slot, s)))
         .collect()
+}
+
+#[cfg(test)]
+mod commit_tests {
+    use super::*;
+
+    fn v(x: f32) -> Stats {
+        Stats::Unfactored { v: vec![x] }
+    }
+
+    fn target(var: usize) -> Target {
+        Target { var, decays: true }
+    }
+
+    #[test]
+    fn new_statistics_land_on_their_variables_in_any_target_order() {
+        // In order (swapped in place), a prefix in order, out of order and with gaps (the
+        // general path): each variable gets its own new statistics, the others keep theirs,
+        // and the replaced ones come back in the variables' order.
+        let cases: [&[usize]; 4] = [&[0, 1, 2, 3], &[0, 1], &[3, 1, 0], &[2, 0]];
+        for vars in cases {
+            let mut stats: Vec<Stats> = (0..4).map(|i| v(i as f32)).collect();
+            let targets: Vec<Target> = vars.iter().map(|&i| target(i)).collect();
+            let new: Vec<Stats> = vars.iter().map(|&i| v(10.0 + i as f32)).collect();
+            let old = commit_stats(&mut stats, &targets, new);
+            for (i, st) in stats.iter().enumerate() {
+                let want = if vars.contains(&i) {
+                    10.0 + i as f32
+                } else {
+                    i as f32
+                };
+                assert_eq!(*st, v(want), "variable {i}, targets {vars:?}");
+            }
+            let mut sorted = vars.to_vec();
+            sorted.sort_unstable();
+            let want_old: Vec<Stats> = sorted.iter().map(|&i| v(i as f32)).collect();
+            assert_eq!(old, want_old, "replaced statistics, targets {vars:?}");
+        }
+    }
 }
