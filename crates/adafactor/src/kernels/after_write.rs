@@ -7,7 +7,7 @@
 //! ([`super::elementwise::ema`], [`super::elementwise::assign`], [`super::elementwise::zero`]),
 //! so the bits do not depend on whether the step runs them here or as separate passes.
 
-use super::cpu::vectorized;
+use super::cpu::{vectorized, vectorized_wide};
 use super::element::Element;
 use super::elementwise::{ema_block, ema_overwrite_block};
 use super::grad::Grad;
@@ -172,29 +172,25 @@ pub(crate) fn write_blocks<T: Element>(
     } else {
         TAIL_BLOCK.div_ceil(unit) * unit
     };
+    // The EMA and its overwrite (elementwise loops) run at the widest vectors there are.
+    let wide = tail.ema.is_some();
     let (piece, momentum, overwrite) = tail.over(x);
     // Each job's loop runs in an instruction-set frame of its own: a closure is not inlined
     // into a frame around its call, and the tails' loops left at the baseline ran at four
     // lanes.
     let run = |job: Piece<'_, T>| {
-        vectorized(
-            #[inline(always)]
-            || {
-                for p in job.split(block.min(chunk)) {
-                    let (s, e) = (p.start, p.start + p.x.len());
-                    let local = Grad {
-                        g: &grad.g[s..e],
-                        acc: match &p.acc {
-                            Some(a) => Some(&a[..]),
-                            None => grad.acc.map(|a| &a[s..e]),
-                        },
-                        transform: grad.transform,
-                    };
-                    write(s, &mut *p.x, &local);
-                    p.finish(momentum, overwrite);
-                }
-            },
-        )
+        let go = (block.min(chunk), momentum, overwrite);
+        if wide {
+            vectorized_wide(
+                #[inline(always)]
+                || write_job(job, grad, &write, go),
+            )
+        } else {
+            vectorized(
+                #[inline(always)]
+                || write_job(job, grad, &write, go),
+            )
+        }
     };
     if parallel {
         // Last blocks first: pass 1 reads them last, so they may still be in the last-level
@@ -202,5 +198,28 @@ pub(crate) fn write_blocks<T: Element>(
         piece.split(chunk).into_par_iter().rev().for_each(run);
     } else if !piece.x.is_empty() {
         run(piece);
+    }
+}
+
+/// One job of [`write_blocks`]: its blocks written, each followed by its tail.
+#[inline(always)]
+fn write_job<T: Element>(
+    job: Piece<'_, T>,
+    grad: &Grad<'_, T>,
+    write: &impl Fn(usize, &mut [T], &Grad<'_, T>),
+    (block, momentum, overwrite): (usize, f32, Option<Rounding>),
+) {
+    for p in job.split(block) {
+        let (s, e) = (p.start, p.start + p.x.len());
+        let local = Grad {
+            g: &grad.g[s..e],
+            acc: match &p.acc {
+                Some(a) => Some(&a[..]),
+                None => grad.acc.map(|a| &a[s..e]),
+            },
+            transform: grad.transform,
+        };
+        write(s, &mut *p.x, &local);
+        p.finish(momentum, overwrite);
     }
 }
