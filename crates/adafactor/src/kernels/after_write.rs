@@ -67,22 +67,29 @@ impl<'a> Tail<'a> {
         if self.is_empty() {
             return;
         }
+        let wide = self.ema.is_some();
         let (piece, momentum, overwrite) = self.over(x);
+        // The EMA and its overwrite at the widest vectors there are, as in `write_blocks`.
+        let run = |p: Piece<'_, T>| {
+            if wide {
+                vectorized_wide(
+                    #[inline(always)]
+                    || p.finish(momentum, overwrite),
+                )
+            } else {
+                vectorized(
+                    #[inline(always)]
+                    || p.finish(momentum, overwrite),
+                )
+            }
+        };
         if super::parallel::parallel_for(piece.x.len()) {
             piece
                 .split(super::parallel::UNIT_ELEMS)
                 .into_par_iter()
-                .for_each(|p| {
-                    vectorized(
-                        #[inline(always)]
-                        || p.finish(momentum, overwrite),
-                    )
-                });
+                .for_each(run);
         } else {
-            vectorized(
-                #[inline(always)]
-                || piece.finish(momentum, overwrite),
-            );
+            run(piece);
         }
     }
 }
