@@ -723,7 +723,6 @@ fn grouped_rows_statistics<T: Element>(
     k: usize,
 ) -> (Statistics, Sums) {
     let (n, m) = (f.n, f.m);
-    let s2 = (args.scale as f64) * (args.scale as f64);
     let Fresh { mut r, mut c } = out;
     let mut row_mean = vec![0f32; f.lead];
     let units: Vec<_> = r
@@ -748,19 +747,10 @@ fn grouped_rows_statistics<T: Element>(
                     } else {
                         with_cols!(m, m => rows_unit(grad, &reads, &args, m, slice, slice * n, r_s))
                     };
-                    // As `finish_slices` and `weighted_sum` compute them for this slice.
-                    let c_old = &args.c_old[slice * m..(slice + 1) * m];
-                    for ((cv, s), old) in c_s.iter_mut().zip(&p.col).zip(c_old) {
-                        *cv = new_stat(*old, *s, n, args.beta2, args.epsilon_1, s2);
-                    }
-                    *mean = (p.sum_r / n as f64) as f32;
-                    let per_stat: f64 = p
-                        .weighted
-                        .iter()
-                        .zip(c_s.iter())
-                        .map(|(w, q)| w / *q as f64)
-                        .sum();
-                    (*mean as f64 * per_stat, p.sums)
+                    let (mu, share) =
+                        finish_slice(&p.col, &p.weighted, p.sum_r, n, slice, &args, c_s);
+                    *mean = mu;
+                    (share, p.sums)
                 })
                 .collect::<Vec<_>>()
         },
@@ -1047,13 +1037,45 @@ fn finish_slices(
     args: &StatArgs<'_>,
     c: &mut [f32],
 ) -> (Vec<f32>, f64) {
+    let m = f.m;
+    let mut shares = Vec::with_capacity(sum_r.len());
+    let row_mean: Vec<f32> = sum_r
+        .iter()
+        .zip(c.chunks_mut(m))
+        .enumerate()
+        .map(|(s, (sr, c_s))| {
+            let at = s * m..(s + 1) * m;
+            let (mean, share) =
+                finish_slice(&col[at.clone()], &weighted[at], *sr, f.n, s, args, c_s);
+            shares.push(share);
+            mean
+        })
+        .collect();
+    // As `weighted_sum` adds the slices' shares.
+    (row_mean, shares.into_iter().sum())
+}
+
+/// [`finish_slices`] of slice `slice` (its `m` column sums, weighted sums and new `c`, its sum
+/// of new row statistics over `n` rows): its `mean(r)` and share of `sum(u^2)`.
+fn finish_slice(
+    col: &[f64],
+    weighted: &[f64],
+    sum_r: f64,
+    n: usize,
+    slice: usize,
+    args: &StatArgs<'_>,
+    c: &mut [f32],
+) -> (f32, f64) {
     let s2 = (args.scale as f64) * (args.scale as f64);
-    for ((c, s), old) in c.iter_mut().zip(col).zip(args.c_old) {
-        *c = new_stat(*old, *s, f.n, args.beta2, args.epsilon_1, s2);
+    let c_old = &args.c_old[slice * c.len()..(slice + 1) * c.len()];
+    for ((cv, s), old) in c.iter_mut().zip(col).zip(c_old) {
+        *cv = new_stat(*old, *s, n, args.beta2, args.epsilon_1, s2);
     }
-    let row_mean: Vec<f32> = sum_r.iter().map(|s| (s / f.n as f64) as f32).collect();
-    let total = super::factored::weighted_sum(weighted, c, f.m, &row_mean);
-    (row_mean, total)
+    let mean = (sum_r / n as f64) as f32;
+    (
+        mean,
+        super::factored::weighted_sum(weighted, c, c.len(), &[mean]),
+    )
 }
 
 /// The write pass of a batch of tiny matrices or of short rows.
@@ -1210,11 +1232,7 @@ fn rows_write<T: Element>(
                 |s| {
                     // Each slice of the unit as a unit of its own (the factors are per element,
                     // so the units change no bits).
-                    let per = if unit.len() > n * m {
-                        n * m
-                    } else {
-                        unit.len()
-                    };
+                    let per = (n * m).min(unit.len());
                     for (j, xs) in unit.chunks_mut(per).enumerate() {
                         let slice = first + j;
                         with_cols!(m, m => {
