@@ -51,13 +51,14 @@ macro_rules! per_lane {
 /// A batch's work unit: its index and its matrices' new `r` and `c`.
 type BatchUnit<'a> = (usize, (&'a mut [f32], &'a mut [f32]));
 
-/// Per-unit scratch: a block's gradient, weight and factors in their layout, and one group's
-/// matrices lane-major.
+/// Per-unit scratch: a block's gradient, weight and factors in their layout, one group's
+/// matrices lane-major, and the short-row loop's block and sums.
 struct Scratch {
     gbuf: Vec<f32>,
     xbuf: Vec<f32>,
     fac: Vec<f32>,
     group: Box<GroupLanes>,
+    rows: Box<RowsLanes>,
 }
 
 impl Scratch {
@@ -74,13 +75,27 @@ impl Scratch {
                 row_sq: [[0.0; LANES]; MAX_MATRIX],
                 col_sq: [[0.0; LANES]; MAX_MATRIX],
             }),
+            rows: Box::new(RowsLanes {
+                gl: [[0.0; LANES]; CHUNK / LANES],
+                rs: [[0.0; LANES]; MAX_GROUPS],
+                inv: [[0.0; LANES]; MAX_GROUPS],
+                c32: [[0.0; LANES]; MAX_SHORT_ROW],
+                w32: [[0.0; LANES]; MAX_SHORT_ROW],
+                tot: RowsTotals {
+                    col: [[0.0; LANES]; MAX_SHORT_ROW],
+                    weighted: [[0.0; LANES]; MAX_SHORT_ROW],
+                    sum_r: [0.0; LANES],
+                    sum_g: [0.0; LANES],
+                },
+            }),
         }
     }
 }
 
 std::thread_local! {
-    /// Each thread's [`Scratch`], kept between work units (about 40 KiB per thread): a
-    /// new one per unit was zeroed and moved into place, a few per cent of a batch's time.
+    /// Each thread's [`Scratch`], kept between work units (about 60 KiB per thread): a
+    /// new one per unit was zeroed and moved into place, a few per cent of a batch's time
+    /// (and, in a batch of short-row matrices, more than the matrix itself).
     static KEPT: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
 }
 
@@ -109,6 +124,19 @@ struct GroupLanes {
     row_sq: [Lanes64; MAX_MATRIX],
     /// Column sums of `g^2`.
     col_sq: [Lanes64; MAX_MATRIX],
+}
+
+/// What [`rows_unit`] works in: a block's gradient lane-major (group `t`'s column `j` at
+/// `[t * m + j]`), its rows' sums of squares and `1 / r_i` by group, one block's float32 column
+/// sums, and the unit's f64 totals. Every use writes before it reads (the totals are reset per
+/// unit), so nothing is zeroed per matrix.
+struct RowsLanes {
+    gl: [Lanes; CHUNK / LANES],
+    rs: [Lanes; MAX_GROUPS],
+    inv: [Lanes; MAX_GROUPS],
+    c32: [Lanes; MAX_SHORT_ROW],
+    w32: [Lanes; MAX_SHORT_ROW],
+    tot: RowsTotals,
 }
 
 /// Asks for the gradient and the weight of elements `start..start + len`, [`PREFETCH_BYTES`]
@@ -630,13 +658,13 @@ macro_rules! with_cols {
     };
 }
 
-/// One unit's partial sums of a slice of short rows.
+/// One unit's partial sums of a slice of short rows (columns past `m` are zero).
 struct RowsPart {
     slice: usize,
     /// Column sums of `g^2`.
-    col: Vec<f64>,
+    col: [f64; MAX_SHORT_ROW],
     /// Per column, `sum_i (s g_ij)^2 / r_i`.
-    weighted: Vec<f64>,
+    weighted: [f64; MAX_SHORT_ROW],
     /// Sum of the new row statistics.
     sum_r: f64,
     sums: Sums,
@@ -681,10 +709,16 @@ fn rows_statistics<T: Element>(
         parallel_for(f.len()),
         #[inline(always)]
         |((slice, i0), r_out)| {
-            if m == 1 {
-                return column_unit(grad, &reads, &args, slice, slice * n + i0, r_out);
-            }
-            with_cols!(m, m => rows_unit(grad, &reads, &args, m, slice, slice * n + i0, r_out))
+            with_scratch(
+                #[inline(always)]
+                |s| {
+                    let q0 = slice * n + i0;
+                    if m == 1 {
+                        return column_unit(grad, &reads, &args, slice, q0, r_out, s);
+                    }
+                    with_cols!(m, m => rows_unit(grad, &reads, &args, m, (slice, q0), r_out, s))
+                },
+            )
         },
     );
     // Each slice's units, added in order.
@@ -694,8 +728,8 @@ fn rows_statistics<T: Element>(
     let mut sums = Sums::default();
     for p in &parts {
         let at = p.slice * m..(p.slice + 1) * m;
-        add_into(&mut col[at.clone()], &p.col);
-        add_into(&mut weighted[at], &p.weighted);
+        add_into(&mut col[at.clone()], &p.col[..m]);
+        add_into(&mut weighted[at], &p.weighted[..m]);
         sum_r[p.slice] += p.sum_r;
         sums.add(&p.sums);
     }
@@ -737,22 +771,30 @@ fn grouped_rows_statistics<T: Element>(
         parallel_for(f.len()),
         #[inline(always)]
         |(first, r_out, c_out, means)| {
-            let slices = r_out.chunks_mut(n).zip(c_out.chunks_mut(m)).zip(means);
-            slices
-                .enumerate()
-                .map(|(j, ((r_s, c_s), mean))| {
-                    let slice = first + j;
-                    let p = if m == 1 {
-                        column_unit(grad, &reads, &args, slice, slice * n, r_s)
-                    } else {
-                        with_cols!(m, m => rows_unit(grad, &reads, &args, m, slice, slice * n, r_s))
-                    };
-                    let (mu, share) =
-                        finish_slice(&p.col, &p.weighted, p.sum_r, n, slice, &args, c_s);
-                    *mean = mu;
-                    (share, p.sums)
-                })
-                .collect::<Vec<_>>()
+            with_scratch(
+                #[inline(always)]
+                |s| {
+                    // A plain loop, not an iterator's closure: a closure left out of line
+                    // would be compiled for the baseline, not for the unit's instruction set.
+                    let slices = r_out.chunks_mut(n).zip(c_out.chunks_mut(m)).zip(means);
+                    let mut out = Vec::with_capacity(k);
+                    for (j, ((r_s, c_s), mean)) in slices.enumerate() {
+                        let slice = first + j;
+                        let q0 = slice * n;
+                        let p = if m == 1 {
+                            column_unit(grad, &reads, &args, slice, q0, r_s, s)
+                        } else {
+                            with_cols!(m, m => rows_unit(grad, &reads, &args, m, (slice, q0), r_s, s))
+                        };
+                        let (col, weighted) = (&p.col[..m], &p.weighted[..m]);
+                        let (mu, share) =
+                            finish_slice(col, weighted, p.sum_r, n, slice, &args, c_s);
+                        *mean = mu;
+                        out.push((share, p.sums));
+                    }
+                    out
+                },
+            )
         },
     );
     let mut sums = Sums::default();
@@ -783,10 +825,11 @@ fn column_unit<T: Element>(
     slice: usize,
     q0: usize,
     r_out: &mut [f32],
+    scratch: &mut Scratch,
 ) -> RowsPart {
     let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
     let s2 = (sc as f64) * (sc as f64);
-    let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+    let (gbuf, xbuf) = (&mut scratch.gbuf[..CHUNK], &mut scratch.xbuf[..CHUNK]);
     let mut sums = Sums::default();
     let probe_clip = reads.check && grad.transform.clip_value.is_some();
     let (mut sum_g, mut sum_w, mut sum_r) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
@@ -826,10 +869,12 @@ fn column_unit<T: Element>(
         let range = (q0, q0 + r_out.len());
         sums.probe += probe_unless_finite(grad, range, sums.sum_sq_grad);
     }
+    let (mut col, mut weighted) = ([0f64; MAX_SHORT_ROW], [0f64; MAX_SHORT_ROW]);
+    (col[0], weighted[0]) = (sums.sum_sq_grad, lanes(&sum_w));
     RowsPart {
         slice,
-        col: vec![sums.sum_sq_grad],
-        weighted: vec![lanes(&sum_w)],
+        col,
+        weighted,
         sum_r: lanes(&sum_r),
         sums,
     }
@@ -849,37 +894,42 @@ const MAX_GROUPS: usize = CHUNK / (2 * LANES);
 /// A block runs in steps, each a short loop over the whole block in the first-level cache:
 /// the gradient lane-major; its squares into the row and column sums; the rows' new
 /// statistics; the weighted sums. One loop doing all of them per group keeps too many values
-/// live for the registers and leaves the compiler mixing scalar and vector code.
+/// live for the registers and leaves the compiler mixing scalar and vector code. The block
+/// buffers and the totals live in the thread's [`Scratch`]: a batch of small matrices calls
+/// this once per matrix, and setting up 24 KiB of arrays per call took longer than the matrix.
 #[inline(always)]
 fn rows_unit<T: Element>(
     grad: &Grad<'_, T>,
     reads: &Reads<'_, T>,
     args: &StatArgs<'_>,
     m: usize,
-    slice: usize,
-    q0: usize,
+    (slice, q0): (usize, usize),
     r_out: &mut [f32],
+    scratch: &mut Scratch,
 ) -> RowsPart {
     let (b2, eps, sc) = (args.beta2, args.epsilon_1, args.scale);
     let s2 = (sc as f64) * (sc as f64);
-    let (mut gbuf, mut xbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+    let (gbuf, xbuf) = (&mut scratch.gbuf[..CHUNK], &mut scratch.xbuf[..CHUNK]);
     let mut sums = Sums::default();
     let probe_clip = reads.check && grad.transform.clip_value.is_some();
     // Column `j` of lane `l` (row `l` of each group) at `[j][l]`: the unit's totals, and one
-    // block's float32 sums.
-    let mut tot = RowsTotals {
-        col: [[0f64; LANES]; MAX_SHORT_ROW],
-        weighted: [[0f64; LANES]; MAX_SHORT_ROW],
-        sum_r: [0f64; LANES],
-        sum_g: [0f64; LANES],
-    };
-    let mut c32 = [[0f32; LANES]; MAX_SHORT_ROW];
-    let mut w32 = [[0f32; LANES]; MAX_SHORT_ROW];
-    // A block's gradient lane-major (group `t`'s column `j` at `[t * m + j]`), and its rows'
-    // sums of squares and `1 / r_i` by group (zero past the last row).
-    let mut gl = [[0f32; LANES]; CHUNK / LANES];
-    let mut rs = [[0f32; LANES]; MAX_GROUPS];
-    let mut inv = [[0f32; LANES]; MAX_GROUPS];
+    // block's float32 sums; a block's gradient lane-major, and its rows' sums of squares and
+    // `1 / r_i` by group (zero past the last row). Kept by the thread: only the totals start
+    // at zero.
+    let RowsLanes {
+        gl,
+        rs,
+        inv,
+        c32,
+        w32,
+        tot,
+    } = &mut *scratch.rows;
+    for j in 0..m {
+        tot.col[j] = [0.0; LANES];
+        tot.weighted[j] = [0.0; LANES];
+    }
+    tot.sum_r = [0.0; LANES];
+    tot.sum_g = [0.0; LANES];
     let block_rows = LANES * (CHUNK / (LANES * m)).max(1);
     for (bi, out) in r_out.chunks_mut(block_rows).enumerate() {
         let q = q0 + bi * block_rows;
@@ -944,12 +994,19 @@ fn rows_unit<T: Element>(
             tot.sum_g = add64(&tot.sum_g, &widen(&sg));
         } else {
             let mut lanes = [[0f32; LANES]; MAX_SHORT_ROW];
-            rows_block_f64(g, old, out, m, args, &mut tot, &mut lanes);
+            rows_block_f64(g, old, out, m, args, tot, &mut lanes);
         }
     }
     let lanes = |v: &Lanes64| v.iter().sum::<f64>();
     // Column `j`: its lanes added in order.
-    let by_lanes = |acc: &[Lanes64]| -> Vec<f64> { acc[..m].iter().map(lanes).collect() };
+    // Column `j`: its lanes added in order.
+    let by_lanes = |acc: &[Lanes64; MAX_SHORT_ROW]| {
+        let mut out = [0f64; MAX_SHORT_ROW];
+        for (o, a) in out[..m].iter_mut().zip(acc) {
+            *o = lanes(a);
+        }
+        out
+    };
     sums.sum_sq_grad = lanes(&tot.sum_g);
     if reads.check && !probe_clip {
         let range = (q0 * m, (q0 + r_out.len()) * m);
@@ -1233,6 +1290,9 @@ fn rows_write<T: Element>(
                     // Each slice of the unit as a unit of its own (the factors are per element,
                     // so the units change no bits).
                     let per = (n * m).min(unit.len());
+                    // The rows' `a_i` of a block (of at least two columns), written before
+                    // they are read: set up once per unit, not per slice.
+                    let mut a_buf = [0f32; CHUNK / 2];
                     for (j, xs) in unit.chunks_mut(per).enumerate() {
                         let slice = first + j;
                         with_cols!(m, m => {
@@ -1245,8 +1305,6 @@ fn rows_write<T: Element>(
                             // Blocks of whole rows, as many as the scratch holds: the factors are per
                             // element, so the blocking changes no bits.
                             let block_rows = s.fac.len() / m;
-                            // The rows' `a_i` of a block (of at least two columns).
-                            let mut a_buf = [0f32; CHUNK / 2];
                             for bi in 0..xs.len().div_ceil(block_rows * m) {
                                 let q = slice * n + i0 + bi * block_rows;
                                 let at = bi * block_rows * m;
