@@ -93,7 +93,7 @@ impl Scratch {
 }
 
 std::thread_local! {
-    /// Each thread's [`Scratch`], kept between work units (about 60 KiB per thread): a
+    /// Each thread's [`Scratch`], kept between work units (about 55 KiB per thread): a
     /// new one per unit was zeroed and moved into place, a few per cent of a batch's time
     /// (and, in a batch of short-row matrices, more than the matrix itself).
     static KEPT: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
