@@ -469,6 +469,8 @@ pub(crate) mod tests {
             (1, 300, 4),
             (1, 5000, 2),
             (40, 4, 4),
+            // A batch of short-row matrices, several per work unit.
+            (64, 8, 16),
             (2, 100, 3),
             (1, 4, 3000),
             (1, 1, 3000),

@@ -81,12 +81,7 @@ impl Scratch {
                 inv: [[0.0; LANES]; MAX_GROUPS],
                 c32: [[0.0; LANES]; MAX_SHORT_ROW],
                 w32: [[0.0; LANES]; MAX_SHORT_ROW],
-                tot: RowsTotals {
-                    col: [[0.0; LANES]; MAX_SHORT_ROW],
-                    weighted: [[0.0; LANES]; MAX_SHORT_ROW],
-                    sum_r: [0.0; LANES],
-                    sum_g: [0.0; LANES],
-                },
+                tot: RowsTotals::ZERO,
             }),
         }
     }
@@ -914,8 +909,8 @@ fn rows_unit<T: Element>(
     let probe_clip = reads.check && grad.transform.clip_value.is_some();
     // Column `j` of lane `l` (row `l` of each group) at `[j][l]`: the unit's totals, and one
     // block's float32 sums; a block's gradient lane-major, and its rows' sums of squares and
-    // `1 / r_i` by group (zero past the last row). Kept by the thread: only the totals start
-    // at zero.
+    // `1 / r_i` by group (zero past the last row). Kept by the thread: the first block sets the
+    // totals (below).
     let RowsLanes {
         gl,
         rs,
@@ -924,12 +919,9 @@ fn rows_unit<T: Element>(
         w32,
         tot,
     } = &mut *scratch.rows;
-    for j in 0..m {
-        tot.col[j] = [0.0; LANES];
-        tot.weighted[j] = [0.0; LANES];
+    if r_out.is_empty() {
+        *tot = RowsTotals::ZERO;
     }
-    tot.sum_r = [0.0; LANES];
-    tot.sum_g = [0.0; LANES];
     let block_rows = LANES * (CHUNK / (LANES * m)).max(1);
     for (bi, out) in r_out.chunks_mut(block_rows).enumerate() {
         let q = q0 + bi * block_rows;
@@ -986,13 +978,27 @@ fn rows_unit<T: Element>(
             }
         }
         if all_finite(&c32[..m]) && all_finite(&w32[..m]) && all_finite(&[sr, sg]) {
-            for j in 0..m {
-                tot.col[j] = add64(&tot.col[j], &widen(&c32[j]));
-                tot.weighted[j] = add64(&tot.weighted[j], &widen(&w32[j]));
+            if bi == 0 {
+                // The totals start at zero, and `0.0 + s` is `s` for these sums (squares
+                // times positive factors: never -0.0): the first block's sums are the totals.
+                // Most units of a batch of small matrices are one block.
+                for j in 0..m {
+                    tot.col[j] = widen(&c32[j]);
+                    tot.weighted[j] = widen(&w32[j]);
+                }
+                (tot.sum_r, tot.sum_g) = (widen(&sr), widen(&sg));
+            } else {
+                for j in 0..m {
+                    tot.col[j] = add64(&tot.col[j], &widen(&c32[j]));
+                    tot.weighted[j] = add64(&tot.weighted[j], &widen(&w32[j]));
+                }
+                tot.sum_r = add64(&tot.sum_r, &widen(&sr));
+                tot.sum_g = add64(&tot.sum_g, &widen(&sg));
             }
-            tot.sum_r = add64(&tot.sum_r, &widen(&sr));
-            tot.sum_g = add64(&tot.sum_g, &widen(&sg));
         } else {
+            if bi == 0 {
+                *tot = RowsTotals::ZERO;
+            }
             let mut lanes = [[0f32; LANES]; MAX_SHORT_ROW];
             rows_block_f64(g, old, out, m, args, tot, &mut lanes);
         }
@@ -1028,6 +1034,16 @@ struct RowsTotals {
     weighted: [Lanes64; MAX_SHORT_ROW],
     sum_r: Lanes64,
     sum_g: Lanes64,
+}
+
+impl RowsTotals {
+    /// Every total zero.
+    const ZERO: RowsTotals = RowsTotals {
+        col: [[0.0; LANES]; MAX_SHORT_ROW],
+        weighted: [[0.0; LANES]; MAX_SHORT_ROW],
+        sum_r: [0.0; LANES],
+        sum_g: [0.0; LANES],
+    };
 }
 
 /// One block of [`rows_unit`] again with every sum in f64 (its new row statistics rewritten
