@@ -123,8 +123,8 @@ struct GroupLanes {
 
 /// What [`rows_unit`] works in: a block's gradient lane-major (group `t`'s column `j` at
 /// `[t * m + j]`), its rows' sums of squares and `1 / r_i` by group, one block's float32 column
-/// sums, and the unit's f64 totals. Every use writes before it reads (the totals are reset per
-/// unit), so nothing is zeroed per matrix.
+/// sums, and the unit's f64 totals. Every use writes before it reads (a call's first block sets
+/// the totals), so nothing is zeroed per matrix.
 struct RowsLanes {
     gl: [Lanes; CHUNK / LANES],
     rs: [Lanes; MAX_GROUPS],
@@ -1004,7 +1004,6 @@ fn rows_unit<T: Element>(
         }
     }
     let lanes = |v: &Lanes64| v.iter().sum::<f64>();
-    // Column `j`: its lanes added in order.
     // Column `j`: its lanes added in order.
     let by_lanes = |acc: &[Lanes64; MAX_SHORT_ROW]| {
         let mut out = [0f64; MAX_SHORT_ROW];
