@@ -240,6 +240,28 @@ fn f16_column_with_clipvalue() {
     check(&c, DType::F16, 2f64.powi(-10)).expect("fused and composed agree");
 }
 
+/// A case the property test found: gradients near 2e19 (after unscaling by
+/// `loss_scale_factor` 0.5) square past float32's range, so a row statistic becomes `inf`.
+/// Element by element RMS(u) is then NaN (that row's `sqrt(mean(r) / r_i)` is `inf / inf`),
+/// which the update clipping's `max(1, RMS(u))` ignores; the fused kernels' folded `sum(u^2)`
+/// was `inf` instead, clipping every update of the matrix to NaN or zero.
+#[test]
+fn overflowed_statistics_clip_as_composed() {
+    let c = Case {
+        shapes: vec![vec![], vec![1, 1, 2, 4]],
+        config: AdafactorConfig {
+            learning_rate: 0.001.into(),
+            loss_scale_factor: Some(0.5),
+            ..Default::default()
+        },
+        scale: 1e19,
+        seed: 11011535601897498325,
+        steps: 3,
+    };
+    check(&c, DType::F32, 0.0).expect("fused and composed agree");
+    check(&c, DType::BF16, 2f64.powi(-7)).expect("fused and composed agree");
+}
+
 /// Every shape family at sizes the fused kernels split across threads, under every
 /// configuration that keeps state (`common::configs`), for float32 and bfloat16 weights.
 ///

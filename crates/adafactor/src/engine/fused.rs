@@ -312,18 +312,35 @@ fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
     m.lock().map_or(None, |mut s| s.take())
 }
 
+/// `sqrt(sum_u2 / len)` as float32: RMS(u) of `len` elements.
+fn rms(sum_u2: f64, len: usize) -> f32 {
+    (sum_u2 / len.max(1) as f64).sqrt() as f32
+}
+
+/// RMS(u) of a factored variable from its `sum(u^2)` and new statistics, NaN wherever the
+/// element-wise sum is ([`factored::elementwise_sum_sq_update`]).
+fn factored_rms(sum_u2: f64, r: &[f32], c: &[f32], f: Factoring) -> f32 {
+    rms(
+        factored::elementwise_sum_sq_update(sum_u2, r, c, f),
+        f.len(),
+    )
+}
+
 /// The update stage's result for a target whose pass 1 folded the statistics update in
 /// (`None` otherwise): no buffer is read.
 fn take_folded(st: &Stats, first: &Measured) -> Option<Result<(f32, Updated), Error>> {
-    let rms = |sum_u2: f64, len: usize| (sum_u2 / len.max(1) as f64).sqrt() as f32;
     Some(match (st, first) {
         (Stats::Factored { factoring, .. }, Measured::Prepared(done)) => take(done)
-            .map(|(prep, sum_u2)| (rms(sum_u2, factoring.len()), Updated::Factored(prep)))
+            .map(|(prep, sum_u2)| {
+                let rms_u = factored_rms(sum_u2, &prep.r, &prep.c, *factoring);
+                (rms_u, Updated::Factored(prep))
+            })
             .ok_or_else(kind_mismatch),
         (Stats::Factored { factoring, .. }, Measured::Shaped(st)) => {
             // Not folded under norm clipping: the statistics pass runs here.
             let st = take(st)?;
-            Ok((rms(st.sum_sq_update, factoring.len()), Updated::Shaped(st)))
+            let rms_u = factored_rms(st.sum_sq_update, &st.r, &st.c, *factoring);
+            Ok((rms_u, Updated::Shaped(st)))
         }
         (Stats::Unfactored { v }, Measured::VectorFolded(done)) => take(done)
             .map(|(v_new, sum_u2)| (rms(sum_u2, v.len()), Updated::Vector(v_new)))
@@ -556,7 +573,8 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                         None => factored::pass2(grad, &prep, *factoring, scale),
                                     },
                                 };
-                                Ok(((sum_u2 / len).sqrt() as f32, Updated::Factored(prep)))
+                                let rms_u = factored_rms(sum_u2, &prep.r, &prep.c, *factoring);
+                                Ok((rms_u, Updated::Factored(prep)))
                             }
                             (Stats::Factored { factoring, r, c }, Measured::Shaped(st)) => {
                                 let folded = st.lock().map_or(None, |mut s| s.take());
@@ -575,7 +593,7 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                         shaped::statistics(grad, reads, *factoring, args, out).0
                                     }
                                 };
-                                let rms_u = (st.sum_sq_update / len).sqrt() as f32;
+                                let rms_u = factored_rms(st.sum_sq_update, &st.r, &st.c, *factoring);
                                 Ok((rms_u, Updated::Shaped(st)))
                             }
                             (Stats::Unfactored { v }, Measured::Vector(_)) => {

@@ -776,6 +776,28 @@ fn factors_into(
     }
 }
 
+/// `sum(u^2)` as the element-wise sum `sum((g_ij a_i b_j)^2)` has it, from a fold's `sum_u2`
+/// and the new statistics `r` and `c`. The two differ only when the statistics overflowed: a
+/// fold computes `mean(r) * sum_j w_j / c_j` with `w_j = sum_i g_ij^2 / r_i`, which is `inf`
+/// where a row of `r_i = inf` makes `mean(r) = inf`, while element by element that row's
+/// `a_i = sqrt(inf / inf)` is NaN and so is the sum (a slice of zero `r`, or a NaN `r_i` or
+/// `c_j`, likewise). The composed path and Keras take RMS(u) element by element, so a NaN
+/// there must be a NaN here too: `max(1, NaN)` and `max(1, inf)` clip differently. Only a
+/// non-finite `sum_u2` is looked at, so a finite step pays nothing.
+pub fn elementwise_sum_sq_update(sum_u2: f64, r: &[f32], c: &[f32], f: Factoring) -> f64 {
+    if sum_u2.is_finite() || f.n == 0 {
+        return sum_u2;
+    }
+    let undefined_row = r
+        .chunks(f.n)
+        .any(|rs| rs.iter().all(|v| *v == 0.0) || rs.iter().any(|v| v.is_nan() || v.is_infinite()));
+    if undefined_row || c.iter().any(|v| v.is_nan()) {
+        f64::NAN
+    } else {
+        sum_u2
+    }
+}
+
 /// `sum(u^2)` from pass 1's [`RowFold`] sums, when it ran with one: pass 2 is then not needed.
 pub fn sum_sq_update(p1: &Pass1, p: &Prepared, f: Factoring) -> Option<f64> {
     let w = p1.weighted_cols.as_ref()?;
@@ -1023,6 +1045,53 @@ mod tests {
         for (shape, threads) in shapes.iter().flat_map(|s| [(*s, 1), (*s, 3)]) {
             super::super::parallel::on_threads(threads, || folded_against_three_steps(shape));
         }
+    }
+
+    /// A row statistic that overflowed to `inf` in an earlier step (a gradient above 1.9e19
+    /// squares past float32's range) stays `inf`: the row fold's `sum(u^2)` is `inf`, the element-wise sum over `u_ij = g_ij a_i b_j`
+    /// is NaN (the overflowed row has `a_i = sqrt(inf / inf)`), and RMS(u) must follow the
+    /// element-wise sum, as the composed path computes it. With finite statistics the fold is
+    /// kept as it is, and an `inf` fold with only finite factors stays `inf`.
+    #[test]
+    fn overflowed_statistics_give_the_element_wise_sum() {
+        let f = Factoring::of(&[2, 4]).expect("a matrix");
+        let g = [3e18f32, -4e18, 5e18, 1e18, -2e18, -6e18, 3e18, 9e18];
+        let x = [0.5f32; 8];
+        let grad = Grad::plain(&g[..]);
+        let (r_old, c_old) = (
+            [6e37f32, f32::INFINITY],
+            [4e37f32, 7e37, 1e38, f32::INFINITY],
+        );
+        let fold = RowFold {
+            r_old: &r_old,
+            beta2: 0.5,
+            epsilon_1: 1e-30,
+        };
+        let p1 = pass1(&grad, &x, None, f, true, Some(fold));
+        let prep = prepare(&p1, &r_old, &c_old, f, 0.5, 1e-30, 1.0);
+        let folded = sum_sq_update(&p1, &prep, f).expect("a fold");
+        let mut elementwise = 0f64;
+        for i in 0..f.n {
+            for j in 0..f.m {
+                let u = g[i * f.m + j] * prep.row_factor[i] * prep.col_factor[j];
+                elementwise += (u as f64) * (u as f64);
+            }
+        }
+        assert!(elementwise.is_nan(), "element-wise {elementwise}");
+        assert_eq!(folded, f64::INFINITY, "the fold alone");
+        let got = elementwise_sum_sq_update(folded, &prep.r, &prep.c, f);
+        assert!(got.is_nan(), "{got}");
+        // Finite statistics: the fold is returned as it is, finite or not.
+        let (r, c) = ([1.0f32, 0.0], [1.0f32; 4]);
+        assert_eq!(elementwise_sum_sq_update(2.5, &r, &c, f), 2.5);
+        assert_eq!(
+            elementwise_sum_sq_update(f64::INFINITY, &r, &c, f),
+            f64::INFINITY
+        );
+        // A slice of zero `r` (0 / 0) or a NaN column statistic is NaN.
+        assert!(elementwise_sum_sq_update(f64::INFINITY, &[0.0; 2], &c, f).is_nan());
+        let c_nan = [1.0, f32::NAN, 1.0, 1.0];
+        assert!(elementwise_sum_sq_update(f64::INFINITY, &r, &c_nan, f).is_nan());
     }
 
     /// A gradient and old statistics for `f`, every slice's values different.
