@@ -978,22 +978,14 @@ fn rows_unit<T: Element>(
             }
         }
         if all_finite(&c32[..m]) && all_finite(&w32[..m]) && all_finite(&[sr, sg]) {
+            // The totals start at zero, and `0.0 + s` is `s` for these sums (squares times
+            // positive factors: never -0.0): the first block's sums are the totals. Most
+            // units of a batch of small matrices are one block.
+            let block = (&c32[..m], &w32[..m], &sr, &sg);
             if bi == 0 {
-                // The totals start at zero, and `0.0 + s` is `s` for these sums (squares
-                // times positive factors: never -0.0): the first block's sums are the totals.
-                // Most units of a batch of small matrices are one block.
-                for j in 0..m {
-                    tot.col[j] = widen(&c32[j]);
-                    tot.weighted[j] = widen(&w32[j]);
-                }
-                (tot.sum_r, tot.sum_g) = (widen(&sr), widen(&sg));
+                tot.add_block::<true>(block);
             } else {
-                for j in 0..m {
-                    tot.col[j] = add64(&tot.col[j], &widen(&c32[j]));
-                    tot.weighted[j] = add64(&tot.weighted[j], &widen(&w32[j]));
-                }
-                tot.sum_r = add64(&tot.sum_r, &widen(&sr));
-                tot.sum_g = add64(&tot.sum_g, &widen(&sg));
+                tot.add_block::<false>(block);
             }
         } else {
             if bi == 0 {
@@ -1043,7 +1035,36 @@ impl RowsTotals {
         sum_r: [0.0; LANES],
         sum_g: [0.0; LANES],
     };
+
+    /// A block's float32 sums (per column: `g^2` and weighted; the row statistics, `g^2`)
+    /// widened and added to the totals, or, with `FIRST`, set as the totals (the same bits
+    /// when the totals are zero, without reading them). A constant, not a closure or a
+    /// runtime flag: each branch gets its own loop, inlined into the caller's instruction-set
+    /// frame.
+    #[inline(always)]
+    fn add_block<const FIRST: bool>(&mut self, (col, weighted, sr, sg): BlockSums<'_>) {
+        for (j, (c, w)) in col.iter().zip(weighted).enumerate() {
+            add_widened::<FIRST>(&mut self.col[j], c);
+            add_widened::<FIRST>(&mut self.weighted[j], w);
+        }
+        add_widened::<FIRST>(&mut self.sum_r, sr);
+        add_widened::<FIRST>(&mut self.sum_g, sg);
+    }
 }
+
+/// `total += widen(v)`, or with `FIRST`, `total = widen(v)`.
+#[inline(always)]
+fn add_widened<const FIRST: bool>(total: &mut Lanes64, v: &Lanes) {
+    *total = if FIRST {
+        widen(v)
+    } else {
+        add64(total, &widen(v))
+    };
+}
+
+/// One block's float32 sums of a short-row unit: `g^2` and weighted sums per column, the new
+/// row statistics and `g^2`.
+type BlockSums<'a> = (&'a [Lanes], &'a [Lanes], &'a Lanes, &'a Lanes);
 
 /// One block of [`rows_unit`] again with every sum in f64 (its new row statistics rewritten
 /// into `out`): the rare block whose float32 sums are not finite. A row of huge but finite
@@ -1110,20 +1131,15 @@ fn finish_slices(
     c: &mut [f32],
 ) -> (Vec<f32>, f64) {
     let m = f.m;
+    let mut row_mean = Vec::with_capacity(sum_r.len());
     let mut shares = Vec::with_capacity(sum_r.len());
-    let row_mean: Vec<f32> = sum_r
-        .iter()
-        .zip(c.chunks_mut(m))
-        .enumerate()
-        .map(|(s, (sr, c_s))| {
-            let at = s * m..(s + 1) * m;
-            let (mean, share) =
-                finish_slice(&col[at.clone()], &weighted[at], *sr, f.n, s, args, c_s);
-            shares.push(share);
-            mean
-        })
-        .collect();
-    // As `weighted_sum` adds the slices' shares.
+    for (s, (sr, c_s)) in sum_r.iter().zip(c.chunks_mut(m)).enumerate() {
+        let at = s * m..(s + 1) * m;
+        let (mean, share) = finish_slice(&col[at.clone()], &weighted[at], *sr, f.n, s, args, c_s);
+        row_mean.push(mean);
+        shares.push(share);
+    }
+    // As `weighted_sum` adds the slices' shares: in slice order, after all of them.
     (row_mean, shares.into_iter().sum())
 }
 
