@@ -784,7 +784,7 @@ fn factors_into(
 /// `c_j`, likewise). The composed path and Keras take RMS(u) element by element, so a NaN
 /// there must be a NaN here too: `max(1, NaN)` and `max(1, inf)` clip differently. Only a
 /// non-finite `sum_u2` is looked at, so a finite step pays nothing.
-pub fn elementwise_sum_sq_update(sum_u2: f64, r: &[f32], c: &[f32], f: Factoring) -> f64 {
+pub(crate) fn elementwise_sum_sq_update(sum_u2: f64, r: &[f32], c: &[f32], f: Factoring) -> f64 {
     if sum_u2.is_finite() || f.n == 0 {
         return sum_u2;
     }
