@@ -560,7 +560,6 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                 let scale = scale.factor();
                 with_type!(self.store.element_type(tg.var), T => {
                     self.with_grad::<T, _>(tg.var, ctx.transform, |grad| {
-                        let len = grad.len().max(1) as f64;
                         match (&stats[tg.var], first) {
                             (Stats::Factored { factoring, r, c }, Measured::Factored(p1)) => {
                                 let prep = factored::prepare(
@@ -601,7 +600,7 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
                                 let sum_u2 = vector::pass2(
                                     grad, v, &mut v_new, u.beta2_t, u.epsilon_1, scale,
                                 );
-                                Ok(((sum_u2 / len).sqrt() as f32, Updated::Vector(v_new)))
+                                Ok((rms(sum_u2, v.len()), Updated::Vector(v_new)))
                             }
                             _ => Err(kind_mismatch()),
                         }

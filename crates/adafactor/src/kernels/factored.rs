@@ -790,7 +790,7 @@ pub(crate) fn elementwise_sum_sq_update(sum_u2: f64, r: &[f32], c: &[f32], f: Fa
     }
     let undefined_row = r
         .chunks(f.n)
-        .any(|rs| rs.iter().all(|v| *v == 0.0) || rs.iter().any(|v| v.is_nan() || v.is_infinite()));
+        .any(|rs| rs.iter().all(|v| *v == 0.0) || rs.iter().any(|v| !v.is_finite()));
     if undefined_row || c.iter().any(|v| v.is_nan()) {
         f64::NAN
     } else {
@@ -1048,9 +1048,10 @@ mod tests {
     }
 
     /// A row statistic that overflowed to `inf` in an earlier step (a gradient above 1.9e19
-    /// squares past float32's range) stays `inf`: the row fold's `sum(u^2)` is `inf`, the element-wise sum over `u_ij = g_ij a_i b_j`
-    /// is NaN (the overflowed row has `a_i = sqrt(inf / inf)`), and RMS(u) must follow the
-    /// element-wise sum, as the composed path computes it. With finite statistics the fold is
+    /// squares past float32's range) stays `inf`: the row fold's `sum(u^2)` is `inf`, the
+    /// element-wise sum over `u_ij = g_ij a_i b_j` is NaN (the overflowed row has
+    /// `a_i = sqrt(inf / inf)`), and RMS(u) must follow the element-wise sum, as the composed
+    /// path computes it. With finite statistics the fold is
     /// kept as it is, and an `inf` fold with only finite factors stays `inf`.
     #[test]
     fn overflowed_statistics_give_the_element_wise_sum() {
