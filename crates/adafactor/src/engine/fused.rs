@@ -719,17 +719,20 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
     fn ema(&mut self, vars: &[usize], ema: EmaPlan) -> Result<(), S::Error> {
         vars.par_iter().try_for_each(|&v| {
             with_type!(self.store.element_type(v), T => {
-                self.read_as::<T, _>(v, Buffer::Weight, |x| {
-                    self.write_as::<f32, _>(v, Buffer::Average, |avg| {
-                        elementwise::ema(avg, x, ema.momentum)
-                    })
-                })??;
                 if ema.overwrite {
+                    // One pass: each chunk of the new average is rounded into the weight while
+                    // it is in cache, instead of a second pass that reads the average again.
                     let rounding =
                         Rounding::for_variable(ema.rounding, v, RoundingStream::EmaOverwrite);
-                    self.read_as::<f32, _>(v, Buffer::Average, |avg| {
+                    self.write_as::<f32, _>(v, Buffer::Average, |avg| {
                         self.write_as::<T, _>(v, Buffer::Weight, |x| {
-                            elementwise::assign(x, avg, rounding)
+                            elementwise::ema_overwrite(avg, x, ema.momentum, rounding)
+                        })
+                    })??;
+                } else {
+                    self.read_as::<T, _>(v, Buffer::Weight, |x| {
+                        self.write_as::<f32, _>(v, Buffer::Average, |avg| {
+                            elementwise::ema(avg, x, ema.momentum)
                         })
                     })??;
                 }
