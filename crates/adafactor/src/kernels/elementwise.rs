@@ -75,8 +75,8 @@ pub fn ema<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
 
 /// [`ema`] and then [`assign`] of the new average to the weight (the EMA overwrite), in one
 /// pass: each chunk of the average is rounded into the weight while it is in the first-level
-/// cache (the block loop the write pass folds in), the bits of the two passes one after the other. Runs over
-/// the first `min(avg.len(), x.len())` elements.
+/// cache (the block loop the write pass folds in), the bits of the two passes one after the
+/// other. Runs over the first `min(avg.len(), x.len())` elements.
 pub fn ema_overwrite<T: Element>(avg: &mut [f32], x: &mut [T], momentum: f32, rounding: Rounding) {
     let len = avg.len().min(x.len());
     let (avg, x) = (&mut avg[..len], &mut x[..len]);
