@@ -65,4 +65,4 @@ pub use error::{Error, Result};
 pub use exclusions::NameExclusions;
 pub use plan::{Accumulation, Clip, EmaPlan, StepPlan, UpdateScalars};
 pub use schedule::LearningRateSchedule;
-pub use state::{Factoring, Stats};
+pub use state::{touched_zeros, Factoring, Stats};

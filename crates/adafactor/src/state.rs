@@ -8,6 +8,32 @@
 use crate::axes::{batch_dims, FactoredAxes, Strided};
 use crate::error::{Error, Result};
 
+/// Float32 elements per 4 KiB memory page.
+const PAGE_ELEMS: usize = 4096 / std::mem::size_of::<f32>();
+
+/// `len` float32 zeros whose memory pages are already mapped, by a write to each page.
+///
+/// A large zeroed allocation comes from the operating system with no page mapped. A buffer
+/// that the first step reads before it writes it (an EMA average, an accumulator, a vector's
+/// statistics) then maps the shared zero page on the read and copies it on the write: two
+/// faults per 4 KiB page, the second of which also flushes the page from the other cores'
+/// translation buffers. On a 2-core machine that made the first step of t5-small with
+/// `use_ema` take 424 ms instead of about 28 ms. Written first, each page faults once, here.
+///
+/// ```
+/// let v = adafactor::touched_zeros(10_000);
+/// assert_eq!(v.len(), 10_000);
+/// assert!(v.iter().all(|x| x.to_bits() == 0));
+/// ```
+pub fn touched_zeros(len: usize) -> Vec<f32> {
+    let mut v = vec![0f32; len];
+    for i in (0..len).step_by(PAGE_ELEMS) {
+        // A value the compiler cannot see, so that the store of the zero already there stays.
+        v[i] = std::hint::black_box(0.0);
+    }
+    v
+}
+
 /// How a variable of a given shape is factored: `lead` independent `n x m` matrices (each
 /// normalised by its own `mean(r)`, as Keras does). By default the matrices are the last two
 /// axes; with other [`FactoredAxes`] they are strided through the variable ([`Strided`]).
@@ -94,11 +120,11 @@ impl Stats {
         match Factoring::with_axes(shape, axes) {
             Some(f) => Stats::Factored {
                 factoring: f,
-                r: vec![0.0; f.lead * f.n],
-                c: vec![0.0; f.lead * f.m],
+                r: touched_zeros(f.lead * f.n),
+                c: touched_zeros(f.lead * f.m),
             },
             None => Stats::Unfactored {
-                v: vec![0.0; shape.iter().product()],
+                v: touched_zeros(shape.iter().product()),
             },
         }
     }

@@ -39,7 +39,7 @@ impl Slot {
     /// Keras) and a zero accumulator, as configured.
     pub fn new(info: &ParamInfo, cfg: &AdafactorConfig) -> Self {
         let n = info.shape.iter().product::<usize>();
-        let zeros = || f32_tensor(vec![0.0; n], &info.device);
+        let zeros = || f32_tensor(adafactor::touched_zeros(n), &info.device);
         Slot {
             path: info.path.clone(),
             id: info.id,

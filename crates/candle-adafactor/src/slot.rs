@@ -6,8 +6,8 @@
 //! its inputs, so an EMA average stored as computed would keep the previous average (and so
 //! every earlier one) alive, one copy of the weights per step.
 
-use adafactor::{AdafactorConfig, Stats};
-use candle_core::{DType, Result, Tensor, Var};
+use adafactor::{touched_zeros, AdafactorConfig, Stats};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// A variable and everything the optimizer keeps for it.
 #[derive(Debug)]
@@ -35,7 +35,14 @@ impl Slot {
     /// A slot with zero state; `full_state` false keeps none (a variable another rank owns in
     /// sharded data parallelism).
     pub fn new(name: String, var: Var, cfg: &AdafactorConfig, full_state: bool) -> Result<Self> {
-        let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
+        // On the CPU, zeros whose pages are mapped now ([`touched_zeros`]): the first step
+        // reads the average and the accumulator before it writes them.
+        let zeros = || match var.device() {
+            Device::Cpu => {
+                Tensor::from_vec(touched_zeros(var.elem_count()), var.shape(), &Device::Cpu)
+            }
+            dev => Tensor::zeros(var.shape(), DType::F32, dev),
+        };
         Ok(Slot {
             stats: if full_state {
                 Stats::zeros_with(var.dims(), cfg.axes_of(&name))
