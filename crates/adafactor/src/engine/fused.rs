@@ -720,13 +720,23 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
         vars.par_iter().try_for_each(|&v| {
             with_type!(self.store.element_type(v), T => {
                 if ema.overwrite {
-                    // One pass: each chunk of the new average is rounded into the weight while
-                    // it is in cache, instead of a second pass that reads the average again.
+                    // One pass, as the write stage's tail runs it: each block of the new
+                    // average is rounded into the weight while it is in cache, instead of a
+                    // second pass that reads the average again.
                     let rounding =
                         Rounding::for_variable(ema.rounding, v, RoundingStream::EmaOverwrite);
                     self.write_as::<f32, _>(v, Buffer::Average, |avg| {
                         self.write_as::<T, _>(v, Buffer::Weight, |x| {
-                            elementwise::ema_overwrite(avg, x, ema.momentum, rounding)
+                            let ema = after_write::Ema {
+                                avg,
+                                momentum: ema.momentum,
+                                overwrite: Some(rounding),
+                            };
+                            Tail {
+                                ema: Some(ema),
+                                zero_acc: None,
+                            }
+                            .finish(x)
                         })
                     })??;
                 } else {

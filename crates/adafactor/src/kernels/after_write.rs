@@ -230,3 +230,47 @@ fn write_job<T: Element>(
         p.finish(momentum, overwrite);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::elementwise::{assign, ema};
+    use crate::kernels::UNIT_ELEMS;
+    use crate::rounding::{RoundingKey, RoundingStream};
+
+    /// The tail's EMA and overwrite of a whole tensor (the separate EMA stage's overwrite) give
+    /// the bits of the whole-tensor EMA and then the overwrite, on a tensor split into parallel
+    /// pieces, with both roundings (stochastic rounding keys its bits by element index, so a
+    /// piece's offset must be its place in the tensor).
+    #[test]
+    fn finished_ema_overwrite_has_the_bits_of_ema_then_assign() {
+        let len = 2 * UNIT_ELEMS + 1000;
+        let x0: Vec<half::bf16> = (0..len)
+            .map(|i| half::bf16::from_f32(((i * 7919) % 1013) as f32 * 0.37 - 180.0))
+            .collect();
+        let avg0: Vec<f32> = (0..len)
+            .map(|i| ((i * 104_729) % 997) as f32 * 0.011 - 5.0)
+            .collect();
+        let key = RoundingKey::new(7, 2, 3, RoundingStream::EmaOverwrite);
+        for rounding in [Rounding::Nearest, Rounding::Stochastic(key)] {
+            let (mut avg_a, mut x_a) = (avg0.clone(), x0.clone());
+            ema(&mut avg_a, &x_a, 0.9);
+            assign(&mut x_a, &avg_a, rounding);
+            let (mut avg_b, mut x_b) = (avg0.clone(), x0.clone());
+            let ema = Ema {
+                avg: &mut avg_b,
+                momentum: 0.9,
+                overwrite: Some(rounding),
+            };
+            Tail {
+                ema: Some(ema),
+                zero_acc: None,
+            }
+            .finish(&mut x_b);
+            let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&avg_a), bits(&avg_b), "{rounding:?}");
+            assert_eq!(x_a, x_b, "{rounding:?}");
+            assert_ne!(x_b, x0, "the overwrite wrote the weight");
+        }
+    }
+}

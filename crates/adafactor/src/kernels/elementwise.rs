@@ -73,29 +73,6 @@ pub fn ema<T: Element>(avg: &mut [f32], x: &[T], momentum: f32) {
     );
 }
 
-/// [`ema`] and then [`assign`] of the new average to the weight (the EMA overwrite), in one
-/// pass: each chunk of the average is rounded into the weight while it is in the first-level
-/// cache (the block loop the write pass folds in), the bits of the two passes one after the
-/// other. Runs over the first `min(avg.len(), x.len())` elements.
-pub fn ema_overwrite<T: Element>(avg: &mut [f32], x: &mut [T], momentum: f32, rounding: Rounding) {
-    let len = avg.len().min(x.len());
-    let (avg, x) = (&mut avg[..len], &mut x[..len]);
-    let run = |start: usize, a: &mut [f32], xs: &mut [T]| {
-        vectorized(
-            #[inline(always)]
-            || ema_overwrite_block(a, xs, momentum, rounding, start as u64),
-        )
-    };
-    if parallel_for(len) {
-        avg.par_chunks_mut(UNIT_ELEMS)
-            .zip(x.par_chunks_mut(UNIT_ELEMS))
-            .enumerate()
-            .for_each(|(i, (a, xs))| run(i * UNIT_ELEMS, a, xs));
-    } else if len > 0 {
-        run(0, avg, x);
-    }
-}
-
 /// [`ema`] of one block on the calling thread (also the EMA the write stage folds in,
 /// [`super::after_write`]): every element on its own, so any split gives the same bits.
 #[inline(always)]
@@ -169,7 +146,6 @@ pub fn zero(a: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rounding::{RoundingKey, RoundingStream};
 
     #[test]
     fn elementwise_kernels() {
@@ -188,31 +164,5 @@ mod tests {
         assert!(is_finite(&Grad::plain(&g[..])));
         assert!(!is_finite(&Grad::plain(&[1.0, f32::NAN][..])));
         assert!(!is_finite(&Grad::plain(&[f32::NEG_INFINITY][..])));
-    }
-
-    /// The one-pass EMA overwrite gives the bits of the EMA and then the overwrite, on a
-    /// tensor split into parallel chunks, with both roundings (stochastic rounding keys its
-    /// bits by element index, so a chunk's offset must be its place in the tensor).
-    #[test]
-    fn ema_overwrite_has_the_bits_of_ema_then_assign() {
-        let len = 2 * UNIT_ELEMS + 1000;
-        let x0: Vec<half::bf16> = (0..len)
-            .map(|i| half::bf16::from_f32(((i * 7919) % 1013) as f32 * 0.37 - 180.0))
-            .collect();
-        let avg0: Vec<f32> = (0..len)
-            .map(|i| ((i * 104_729) % 997) as f32 * 0.011 - 5.0)
-            .collect();
-        let key = RoundingKey::new(7, 2, 3, RoundingStream::EmaOverwrite);
-        for rounding in [Rounding::Nearest, Rounding::Stochastic(key)] {
-            let (mut avg_a, mut x_a) = (avg0.clone(), x0.clone());
-            ema(&mut avg_a, &x_a, 0.9);
-            assign(&mut x_a, &avg_a, rounding);
-            let (mut avg_b, mut x_b) = (avg0.clone(), x0.clone());
-            ema_overwrite(&mut avg_b, &mut x_b, 0.9, rounding);
-            let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&avg_a), bits(&avg_b), "{rounding:?}");
-            assert_eq!(x_a, x_b, "{rounding:?}");
-            assert_ne!(x_b, x0, "the overwrite wrote the weight");
-        }
     }
 }
