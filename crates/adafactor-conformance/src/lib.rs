@@ -31,6 +31,27 @@ pub fn load(path: &Path) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// Every case file (`*.json`) in `dir`, in file-name order.
+///
+/// # Panics
+/// The folder or a file cannot be read (a broken test setup, named in the message).
+pub fn load_dir(dir: &Path) -> Vec<Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("conformance folder {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    files.iter().map(|f| load(f)).collect()
+}
+
+/// The recorded Keras `Conv2D` runs (`conformance/conv/`, kernels in Keras's `[kh, kw, in, out]`).
+pub fn conv_cases() -> Vec<Value> {
+    let cases = load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conformance/conv"));
+    assert_eq!(cases.len(), 2, "the two recorded Conv2D runs");
+    cases
+}
+
 /// Reads the case of this name (`defaults` reads `defaults.json`).
 pub fn load_case(name: &str) -> Value {
     load(&case_dir().join(format!("{name}.json")))
@@ -145,23 +166,17 @@ pub fn gradients(step: &Value) -> Vec<Option<Vec<f32>>> {
 /// The case folder cannot be read or holds no case.
 pub fn run_suite(label: &str, replay: impl Fn(&Value, bool) -> Result<(), String>) -> Vec<String> {
     let dir = case_dir();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("conformance folder {}: {e}", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no *.json cases in {}", dir.display());
+    let cases = load_dir(&dir);
+    assert!(!cases.is_empty(), "no *.json cases in {}", dir.display());
     let mut failures = Vec::new();
     let mut passed = 0;
-    for file in &files {
-        let case = load(file);
+    for case in &cases {
         let mut ok = true;
         for (jit, path) in [(true, "fused"), (false, "composed")] {
-            match replay(&case, jit) {
-                Ok(()) => println!("{:<40} {path:<8} ok", name(&case)),
+            match replay(case, jit) {
+                Ok(()) => println!("{:<40} {path:<8} ok", name(case)),
                 Err(m) => {
-                    println!("{:<40} {path:<8} FAILED: {m}", name(&case));
+                    println!("{:<40} {path:<8} FAILED: {m}", name(case));
                     failures.push(m);
                     ok = false;
                 }
@@ -171,7 +186,7 @@ pub fn run_suite(label: &str, replay: impl Fn(&Value, bool) -> Result<(), String
     }
     println!(
         "{label}keras conformance: {passed}/{} cases passed",
-        files.len()
+        cases.len()
     );
     failures
 }

@@ -207,6 +207,72 @@ pub fn check_checkpoint_axes(
     Ok(())
 }
 
+/// New factored axes for some variables of a built optimizer that has not stepped yet: `config`
+/// with `changes` (variable name, new axes; `None`: the last two) applied to its
+/// `factored_axes`, each checked against the variable's shape, and each changed variable's
+/// index with its fresh (zero) statistics. `find` gives a name's index and shape. An adapter
+/// applies both only when this returns `Ok`, so an error changes nothing.
+///
+/// ```
+/// use adafactor::{axes, AdafactorConfig, FactoredAxes, Stats};
+/// use adafactor::engine::Counters;
+/// let shapes = [("conv/w", vec![8usize, 4, 3, 3])];
+/// let find = |n: &str| shapes.iter().position(|(m, _)| *m == n).map(|i| (i, &shapes[i].1[..]));
+/// let changes = vec![("conv/w".to_string(), Some(FactoredAxes::CONVOLUTION))];
+/// let cfg = AdafactorConfig::default();
+/// let (next, fresh) = axes::refactor(&cfg, &Counters::default(), changes, find)?;
+/// assert_eq!(next.axes_of("conv/w"), Some(FactoredAxes::CONVOLUTION));
+/// assert_eq!(fresh[0].1.bytes(), 4 * 9 * (4 + 8));
+/// # Ok::<(), adafactor::Error>(())
+/// ```
+///
+/// # Errors
+/// The optimizer has already applied gradients (its statistics would be lost); no variable has
+/// a changed name; axes equal or out of range for the variable's rank. Each names the variable
+/// and the value.
+pub fn refactor<'a>(
+    config: &crate::AdafactorConfig,
+    counters: &crate::engine::Counters,
+    changes: Vec<(String, Option<FactoredAxes>)>,
+    find: impl Fn(&str) -> Option<(usize, &'a [usize])>,
+) -> Result<(crate::AdafactorConfig, Vec<(usize, crate::Stats)>)> {
+    if counters.raw_iterations != 0 || counters.skipped_steps != 0 {
+        return Err(Error::invalid(
+            "factored_axes",
+            format!(
+                "optimizer `{}` has already applied gradients: changing the factored axes would \
+                 discard the statistics; set them before the first step",
+                config.name
+            ),
+        ));
+    }
+    let mut next = config.clone();
+    let mut fresh = Vec::with_capacity(changes.len());
+    for (name, axes) in changes {
+        let (i, shape) = find(&name).ok_or_else(|| {
+            Error::invalid(
+                "factored_axes",
+                format!(
+                    "cannot set the factored axes of variable `{name}`: the optimizer has no \
+                     variable of that name"
+                ),
+            )
+        })?;
+        match axes {
+            Some(a) => {
+                a.check(&name, shape)?;
+                next.factored_axes.insert(name, a);
+            }
+            None => {
+                next.factored_axes.remove(&name);
+            }
+        }
+        fresh.push((i, crate::Stats::zeros_with(shape, axes)));
+    }
+    next.validate()?;
+    Ok((next, fresh))
+}
+
 /// The batch axes of `shape` (all but the two factored ones), in order.
 pub(crate) fn batch_dims(shape: &[usize], axes: FactoredAxes) -> Vec<usize> {
     shape

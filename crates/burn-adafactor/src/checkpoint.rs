@@ -196,6 +196,7 @@ impl Adafactor {
             .map_err(|e| corrupt(format!("`keras_config` is not JSON: {e}")))?;
         AdafactorConfig::from_keras_config(&stored_config)
             .map_err(|e| corrupt(format!("`keras_config` is not a valid config: {e}")))?;
+        adafactor::axes::check_checkpoint_axes(&stored_config, &self.config)?;
         let diffs = config_differences(&stored_config, &self.get_config());
         if !diffs.is_empty() {
             return Err(invalid(format!(

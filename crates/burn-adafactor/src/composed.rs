@@ -249,8 +249,47 @@ impl Backend for Composed<'_> {
 }
 
 /// Keras `Adafactor.update_step`'s direction on float32 tensors: the new statistics and
-/// `u = g / sqrt(v)` before update clipping.
+/// `u = g / sqrt(v)` before update clipping. A parameter factored over other axes than its last
+/// two (`factored_axes`) is permuted to `[batch axes..., row, col]`, the storage order of its
+/// statistics, updated as Keras updates its last two axes, and its update permuted back.
 fn direction(
+    g: Tensor<1>,
+    stats: &Stats,
+    u: &UpdateScalars,
+    slot: &Slot,
+) -> Result<(Tensor<1>, Stats), Error> {
+    let Stats::Factored {
+        factoring: Factoring {
+            strided: Some(s), ..
+        },
+        ..
+    } = stats
+    else {
+        return keras_direction(g, stats, u, slot);
+    };
+    // `[outer, low, mid, high, inner]`, the factored axes `low` and `high` in memory order.
+    let dims = [s.outer, s.low, s.mid, s.high, s.inner];
+    let (row, col) = if s.rows_low { (1, 3) } else { (3, 1) };
+    let to_keras = [0, 2, 4, row, col];
+    let mut back = [0; 5];
+    for (k, p) in to_keras.iter().enumerate() {
+        back[*p] = k;
+    }
+    let len = s.len();
+    if g.dims()[0] != len {
+        return Err(invalid(format!(
+            "internal: `{}` does not split as {dims:?}",
+            slot.path
+        )));
+    }
+    let g = g.reshape(dims).permute(to_keras).reshape([len]);
+    let (update, stats) = keras_direction(g, stats, u, slot)?;
+    let permuted = to_keras.map(|k| dims[k]);
+    Ok((update.reshape(permuted).permute(back).reshape([len]), stats))
+}
+
+/// [`direction`] over the last two axes, as Keras factors them.
+fn keras_direction(
     g: Tensor<1>,
     stats: &Stats,
     u: &UpdateScalars,

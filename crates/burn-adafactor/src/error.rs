@@ -70,13 +70,16 @@ impl<M> fmt::Display for StepError<M> {
 
 impl<M> std::error::Error for StepError<M> {}
 
-/// Refuses the configuration keys this adapter does not implement yet, so that none is ignored
-/// silently.
-pub(crate) fn check_supported(config: &adafactor::AdafactorConfig) -> Result<()> {
+/// Refuses the configuration keys the per-tensor optimizer cannot honour, so that none is
+/// ignored silently: `factored_axes` names parameters by path, and burn's per-tensor
+/// `Optimizer::step` is given the tensor without its path.
+pub(crate) fn check_per_tensor(config: &adafactor::AdafactorConfig) -> Result<()> {
     if let Some((name, axes)) = config.factored_axes.iter().next() {
         return Err(invalid(format!(
-            "`factored_axes` (here {axes:?} for `{name}`) is not supported by burn-adafactor yet: \
-             every variable is factored over its last two axes, as Keras does"
+            "`factored_axes` (here [{}, {}] for `{name}`) names parameters by path, which burn's \
+             per-tensor Optimizer does not see: use burn_adafactor::Adafactor::step on the module \
+             (and `factor_convolutions`) instead",
+            axes.row, axes.col
         )));
     }
     Ok(())

@@ -11,6 +11,7 @@
 mod checkpoint;
 mod composed;
 mod error;
+mod factored_axes;
 #[cfg(feature = "flex")]
 mod fused;
 mod optimizer;
@@ -19,7 +20,7 @@ mod per_tensor;
 mod slot;
 
 pub use adafactor::{
-    AdafactorConfig, LearningRate, LearningRateSchedule, OnNonFinite, WeightRounding,
+    AdafactorConfig, FactoredAxes, LearningRate, LearningRateSchedule, OnNonFinite, WeightRounding,
 };
 pub use checkpoint::{STATE_FORMAT, STATE_FORMAT_VERSION};
 pub use error::{Error, Result, StepError};

@@ -1,7 +1,7 @@
 //! `Adafactor`: the module-level optimizer with Keras semantics over a whole burn `Module`.
 
 use crate::composed::Composed;
-use crate::error::{Error, Result, StepError, check_supported, invalid};
+use crate::error::{Error, Result, StepError, invalid};
 use crate::params::{self, ParamInfo, Taken, with_rank};
 use crate::slot::Slot;
 use adafactor::engine::{self, Counters, Local, Step, Target};
@@ -74,7 +74,6 @@ impl Adafactor {
     /// An invalid config (see [`AdafactorConfig::validate`]).
     pub fn new(config: AdafactorConfig) -> Result<Self> {
         config.validate()?;
-        check_supported(&config)?;
         Ok(Adafactor {
             config,
             slots: Vec::new(),
@@ -575,11 +574,13 @@ fn has_grad(grads: &GradientsParams, info: &ParamInfo) -> bool {
     with_rank!(info.shape.len(), D => grads.get::<D>(info.id).is_some(), false)
 }
 
-/// Slots for every float parameter (paths must be unique).
+/// Slots for every float parameter (paths must be unique; `factored_axes` must name parameters
+/// of the module, with axes in range).
 fn build_slots(
     infos: &[ParamInfo],
     cfg: &AdafactorConfig,
 ) -> Result<(Vec<Slot>, HashMap<ParamId, usize>)> {
+    cfg.check_factored_axes(infos.iter().map(|i| (i.path.as_str(), i.shape.as_slice())))?;
     let mut slots = Vec::with_capacity(infos.len());
     let mut index = HashMap::new();
     for info in infos {

@@ -68,10 +68,11 @@ impl KerasAdafactor {
     ///
     /// # Errors
     /// An invalid config; `global_clipnorm`, which needs every gradient before the first
-    /// update (use the module-level [`crate::Adafactor`]).
+    /// update, and `factored_axes`, which names parameters by path (use the module-level
+    /// [`crate::Adafactor`] for both).
     pub fn new(config: AdafactorConfig) -> Result<Self> {
         config.validate()?;
-        crate::error::check_supported(&config)?;
+        crate::error::check_per_tensor(&config)?;
         if config.global_clipnorm.is_some() {
             return Err(invalid(
                 "`global_clipnorm` needs every gradient before the first update, which burn's \

@@ -35,8 +35,9 @@ pub(crate) fn host_f32(t: &Tensor<1>) -> Vec<f32> {
 }
 
 impl Slot {
-    /// Fresh state for a parameter: zero statistics, the EMA average starting at zero (as in
-    /// Keras) and a zero accumulator, as configured.
+    /// Fresh state for a parameter: zero statistics (factored over the config's
+    /// `factored_axes` for its path, else Keras's last two axes), the EMA average starting at
+    /// zero (as in Keras) and a zero accumulator, as configured.
     pub fn new(info: &ParamInfo, cfg: &AdafactorConfig) -> Self {
         let n = info.shape.iter().product::<usize>();
         let zeros = || f32_tensor(adafactor::touched_zeros(n), &info.device);
@@ -46,7 +47,7 @@ impl Slot {
             shape: info.shape.clone(),
             dtype: info.dtype,
             device: info.device.clone(),
-            stats: Stats::zeros(&info.shape),
+            stats: Stats::zeros_with(&info.shape, cfg.axes_of(&info.path)),
             ema: cfg.use_ema.then(zeros),
             accumulator: cfg.gradient_accumulation_steps.map(|_| zeros()),
         }

@@ -5,7 +5,6 @@
 
 mod common;
 
-use adafactor::NameExclusions;
 use adafactor_conformance as conf;
 use burn::tensor::{DType, Device};
 use burn_adafactor::{Adafactor, DataPath};
@@ -25,17 +24,7 @@ fn run_case(case: &Value, jit_compile: bool) -> Result<(), String> {
         .collect();
     let (mut model, handles) = common::build(&init, &device, None);
     // Keras excludes by variable name; the same variables are excluded here by module path.
-    let fragments = conf::excluded_names(case);
-    let keras = NameExclusions::new(&fragments).map_err(|e| fail(e.to_string()))?;
-    let paths: Vec<String> = vars
-        .iter()
-        .zip(&handles)
-        .filter(|(v, _)| keras.excludes(&v.name))
-        .map(|(_, h)| format!("^{}$", h.path().replace('.', "\\.")))
-        .collect();
-    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-    opt.exclude_from_weight_decay(&refs)
-        .map_err(|e| fail(e.to_string()))?;
+    common::exclude_as_keras(&mut opt, case, &handles).map_err(fail)?;
     let want_path = if jit_compile {
         DataPath::Fused
     } else {

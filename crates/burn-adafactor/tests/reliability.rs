@@ -199,31 +199,6 @@ fn config_round_trips_through_keras_json() {
     assert!(e.to_string().contains("ema_momentum"), "{e}");
 }
 
-/// `factored_axes` is not implemented by this adapter: both optimizers refuse a config that sets
-/// it, naming the key and the variable, instead of factoring over the last two axes silently.
-#[test]
-fn factored_axes_are_refused_not_ignored() {
-    let json = serde_json::json!({"factored_axes": {"conv.weight": [1, 0]}});
-    let config = AdafactorConfig::from_keras_config(&json).expect("a valid config");
-    for e in [
-        Adafactor::new(config.clone())
-            .map(|_| ())
-            .expect_err("refused"),
-        Adafactor::from_config(&json)
-            .map(|_| ())
-            .expect_err("refused"),
-        burn_adafactor::KerasAdafactor::new(config)
-            .map(|_| ())
-            .expect_err("refused"),
-    ] {
-        let msg = e.to_string();
-        assert!(
-            msg.contains("`factored_axes`") && msg.contains("conv.weight"),
-            "{msg}"
-        );
-    }
-}
-
 /// Stochastic rounding runs on the fused path; the composed path refuses 16-bit parameters with
 /// it, naming the key and the parameter, and changes nothing (float32 parameters are fine).
 #[test]

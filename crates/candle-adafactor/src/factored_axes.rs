@@ -2,7 +2,7 @@
 //! convolution weights (see [`adafactor::axes`] for the storage order of the statistics).
 
 use crate::optimizer::{core_err, err, Adafactor};
-use adafactor::{FactoredAxes, Stats};
+use adafactor::{axes, FactoredAxes};
 use candle_core::Result;
 
 impl Adafactor {
@@ -70,40 +70,14 @@ impl Adafactor {
                 self.config.name
             )));
         }
-        if self.counters.raw_iterations != 0 || self.counters.skipped_steps != 0 {
-            return Err(err(format!(
-                "optimizer `{}` has already applied gradients: changing the factored axes would \
-                 discard the statistics; set them before the first step",
-                self.config.name
-            )));
-        }
-        let mut config = self.config.clone();
-        let mut rebuilt = Vec::with_capacity(changes.len());
-        for (name, axes) in changes {
-            let i = self
-                .slots
-                .iter()
-                .position(|s| s.name == name)
-                .ok_or_else(|| {
-                    err(format!(
-                        "cannot set the factored axes of variable `{name}`: the optimizer has no \
-                         variable of that name"
-                    ))
-                })?;
-            let dims = self.slots[i].var.dims();
-            match axes {
-                Some(a) => {
-                    a.check(&name, dims).map_err(core_err)?;
-                    config.factored_axes.insert(name, a);
-                }
-                None => {
-                    config.factored_axes.remove(&name);
-                }
-            }
-            rebuilt.push((i, Stats::zeros_with(dims, axes)));
-        }
-        config.validate().map_err(core_err)?;
-        for (i, stats) in rebuilt {
+        let slots = &self.slots;
+        let find = |name: &str| {
+            let i = slots.iter().position(|s| s.name == name)?;
+            Some((i, slots[i].var.dims()))
+        };
+        let (config, fresh) =
+            axes::refactor(&self.config, &self.counters, changes, find).map_err(core_err)?;
+        for (i, stats) in fresh {
             self.slots[i].stats = stats;
         }
         self.config = config;

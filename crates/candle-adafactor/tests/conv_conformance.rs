@@ -11,7 +11,6 @@ use candle_adafactor::{Adafactor, DataPath};
 use candle_core::{Device, Tensor, Var};
 use common::close;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 
 fn floats(v: &Value) -> Vec<f32> {
     v.as_array()
@@ -154,18 +153,7 @@ fn run_case(case: &Value, jit: bool) -> Result<(), String> {
 }
 
 fn cases() -> Vec<Value> {
-    let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conformance/conv");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    assert_eq!(files.len(), 2, "the two recorded Conv2D runs");
-    files
-        .iter()
-        .map(|f| serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap())
-        .collect()
+    adafactor_conformance::conv_cases()
 }
 
 #[test]

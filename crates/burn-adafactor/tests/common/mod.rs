@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses only some of them
 
+use adafactor::NameExclusions;
+use adafactor_conformance as conf;
 use burn::module::{Module, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
@@ -149,4 +151,24 @@ pub fn requires_grad(m: &Vars, h: &Handle) -> bool {
         4 => m.r4[h.pos].val().is_require_grad(),
         r => panic!("rank {r}"),
     }
+}
+
+/// Excludes from weight decay the parameters whose recorded Keras variables the case excludes:
+/// Keras matches variable names, burn parameter paths, so each excluded variable's path is
+/// matched exactly.
+pub fn exclude_as_keras(
+    opt: &mut burn_adafactor::Adafactor,
+    case: &serde_json::Value,
+    handles: &[Handle],
+) -> Result<(), String> {
+    let keras = NameExclusions::new(&conf::excluded_names(case)).map_err(|e| e.to_string())?;
+    let paths: Vec<String> = conf::variables(case)
+        .iter()
+        .zip(handles)
+        .filter(|(v, _)| keras.excludes(&v.name))
+        .map(|(_, h)| format!("^{}$", h.path().replace('.', "\\.")))
+        .collect();
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    opt.exclude_from_weight_decay(&refs)
+        .map_err(|e| e.to_string())
 }
