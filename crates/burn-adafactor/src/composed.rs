@@ -7,9 +7,11 @@
 use crate::error::{Error, invalid};
 use crate::slot::{Slot, f32_tensor, host_f32};
 use adafactor::engine::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
-use adafactor::kernels::GradTransform;
+use adafactor::kernels::{GradTransform, Rounding};
+use adafactor::rounding::RoundingStream;
 use adafactor::{EmaPlan, Factoring, Stats, UpdateScalars};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Tensor, TensorData};
+use half::{bf16, f16};
 
 /// `sum(t^2)` as a host float32.
 fn sum_sq(t: &Tensor<1>) -> f32 {
@@ -200,13 +202,11 @@ impl Backend for Composed<'_> {
         ctx: &UpdateContext,
     ) -> Result<Vec<Stats>, Error> {
         let mut out = Vec::with_capacity(targets.len());
-        for tg in targets {
-            refuse_stochastic(&self.slots[tg.var], ctx.rounding.is_some())?;
-        }
         for ((tg, (_, up)), w) in targets.iter().zip(updated).zip(scalars) {
             let x = up.x - up.update.div_scalar(w.divisor).mul_scalar(w.alpha);
             // Rounded to the weight's dtype here: the EMA reads the stored weight.
-            self.staged[tg.var].x = Some(x.cast(self.slots[tg.var].dtype));
+            let rounding = Rounding::for_variable(ctx.rounding, tg.var, RoundingStream::Update);
+            self.staged[tg.var].x = Some(round_to(x, self.slots[tg.var].dtype, rounding));
             out.push(up.stats);
         }
         Ok(out)
@@ -222,11 +222,6 @@ impl Backend for Composed<'_> {
     }
 
     fn ema(&mut self, vars: &[usize], ema: EmaPlan) -> Result<(), Error> {
-        if ema.overwrite {
-            for &i in vars {
-                refuse_stochastic(&self.slots[i], ema.rounding.is_some())?;
-            }
-        }
         for &i in vars {
             let slot = &self.slots[i];
             let x = self.staged[i]
@@ -240,7 +235,9 @@ impl Backend for Composed<'_> {
                 .ok_or_else(|| invalid("internal: EMA average missing"))?;
             let avg = avg.mul_scalar(ema.momentum) + x.mul_scalar(1.0 - ema.momentum);
             if ema.overwrite {
-                self.staged[i].x = Some(avg.clone().cast(slot.dtype));
+                let rounding =
+                    Rounding::for_variable(ema.rounding, i, RoundingStream::EmaOverwrite);
+                self.staged[i].x = Some(round_to(avg.clone(), slot.dtype, rounding));
             }
             self.staged[i].ema = Some(avg);
         }
@@ -345,18 +342,28 @@ fn keras_direction(
     }
 }
 
-/// `weight_rounding = "stochastic"` on this path: the fused path (Flex) rounds 16-bit weights
-/// stochastically; these burn ops would round to nearest, so a 16-bit weight is refused (before
-/// anything is written) rather than rounded otherwise than configured. float32 weights are
-/// written exactly either way.
-fn refuse_stochastic(slot: &Slot, stochastic: bool) -> Result<(), Error> {
-    if stochastic && matches!(slot.dtype, DType::BF16 | DType::F16) {
-        return Err(invalid(format!(
-            "`weight_rounding` \"stochastic\" for the {:?} parameter `{}` needs the fused path \
-             (the Flex backend, `jit_compile` true); burn-adafactor's composed path rounds to \
-             nearest only",
-            slot.dtype, slot.path
-        )));
+/// The float32 flat tensor `x` as `dtype`, rounded by `rounding`. Stochastic rounding of a
+/// 16-bit weight runs on the host with the core's [`Rounding`] (element `i` of the flat tensor
+/// with index `i`, as the fused kernels index it, so both paths give the same bits): burn's
+/// integer ops differ between backends, so the generator is not written in them. One more round
+/// trip of the tensor per write.
+fn round_to(x: Tensor<1>, dtype: DType, rounding: Rounding) -> Tensor<1> {
+    fn host<T: adafactor::kernels::Element + burn::tensor::Element>(
+        x: Tensor<1>,
+        dtype: DType,
+        rounding: Rounding,
+        zero: T,
+    ) -> Tensor<1> {
+        let device = x.device();
+        let v = host_f32(&x);
+        let mut out = vec![zero; v.len()];
+        rounding.store_slice(&v, &mut out, 0);
+        let n = out.len();
+        Tensor::from_data(TensorData::new(out, [n]), (&device, dtype))
     }
-    Ok(())
+    match (rounding, dtype) {
+        (Rounding::Stochastic(_), DType::BF16) => host(x, dtype, rounding, bf16::ZERO),
+        (Rounding::Stochastic(_), DType::F16) => host(x, dtype, rounding, f16::ZERO),
+        _ => x.cast(dtype),
+    }
 }
