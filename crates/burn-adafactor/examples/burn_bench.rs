@@ -2,8 +2,12 @@
 //! own Adafactor (`burn::optim::AdafactorConfig`, defaults) on the same parameters in the same
 //! run.
 //!
-//! cargo run --release -p burn-adafactor --example burn_bench -- --set <t5-small|tiny>
+//! cargo run --release -p burn-adafactor --example burn_bench -- --set <t5-small|resnet50|tiny>
 //!     [--path fused|composed] [--dtype f32|bf16|f16] [--steps N] [--warmup N]
+//!     [--factor-convolutions on|off]
+//!
+//! `--factor-convolutions on` calls `Adafactor::factor_convolutions` (Keras's factoring of the
+//! convolution kernels, see the README); burn's own Adafactor factors the last two axes.
 //!
 //! The last line: `bench framework=burn set=.. path=.. dtype=.. params=.. median_ms=..
 //! burn_adafactor_ms=..` (medians over the timed steps).
@@ -16,9 +20,10 @@ use std::time::Instant;
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-/// A model's parameters: matrices and vectors.
+/// A model's parameters: convolution kernels, matrices and vectors.
 #[derive(Module, Debug)]
 struct Params {
+    kernels: Vec<Param<Tensor<4>>>,
     matrices: Vec<Param<Tensor<2>>>,
     vectors: Vec<Param<Tensor<1>>>,
 }
@@ -29,6 +34,7 @@ struct Args {
     dtype: DType,
     steps: usize,
     warmup: usize,
+    factor_convolutions: bool,
 }
 
 fn parse_args() -> BoxResult<Args> {
@@ -38,6 +44,7 @@ fn parse_args() -> BoxResult<Args> {
         dtype: DType::F32,
         steps: 10,
         warmup: 1,
+        factor_convolutions: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -55,6 +62,17 @@ fn parse_args() -> BoxResult<Args> {
             }
             "--steps" => a.steps = value()?.parse()?,
             "--warmup" => a.warmup = value()?.parse()?,
+            "--factor-convolutions" => {
+                a.factor_convolutions = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    v => {
+                        return Err(
+                            format!("--factor-convolutions `{v}`: expected on or off").into()
+                        );
+                    }
+                }
+            }
             other => return Err(format!("unknown argument `{other}`").into()),
         }
     }
@@ -81,14 +99,40 @@ fn shapes(set: &str) -> BoxResult<Vec<Vec<usize>>> {
             blocks(&mut s, 6, 512, 2048);
             Ok(s)
         }
+        "resnet50" => Ok(resnet50()),
         "tiny" => Ok(vec![
             vec![256, 256],
             vec![256],
             vec![256, 1024],
             vec![1024, 256],
         ]),
-        other => Err(format!("--set `{other}`: expected t5-small or tiny").into()),
+        other => Err(format!("--set `{other}`: expected t5-small, resnet50 or tiny").into()),
     }
+}
+
+/// ResNet-50's 161 parameter tensors in burn's layout (`[out, in, kh, kw]` convolution kernels,
+/// then batch-norm scale and shift vectors), as the candle bench's set of that name.
+fn resnet50() -> Vec<Vec<usize>> {
+    let mut s = vec![vec![64, 3, 7, 7], vec![64], vec![64]];
+    let mut cin = 64;
+    for (mid, out, n) in [(64, 256, 3), (128, 512, 4), (256, 1024, 6), (512, 2048, 3)] {
+        for b in 0..n {
+            for conv in [
+                vec![mid, cin, 1, 1],
+                vec![mid, mid, 3, 3],
+                vec![out, mid, 1, 1],
+            ] {
+                let c = conv[0];
+                s.extend([conv, vec![c], vec![c]]);
+            }
+            if b == 0 {
+                s.extend([vec![out, cin, 1, 1], vec![out], vec![out]]);
+            }
+            cin = out;
+        }
+    }
+    s.extend([vec![1000, 2048], vec![1000]]);
+    s
 }
 
 /// Deterministic values in [-0.5, 0.5) (xorshift).
@@ -120,41 +164,68 @@ fn tensor<const D: usize>(
     }
 }
 
-/// The model (on the autodiff device) and one gradient per parameter (plain tensors).
-fn build(shapes: &[Vec<usize>], dtype: DType) -> (Params, Vec<Tensor<2>>, Vec<Tensor<1>>) {
+/// One gradient per parameter (plain tensors), in the model's lists.
+struct Grads {
+    kernels: Vec<Tensor<4>>,
+    matrices: Vec<Tensor<2>>,
+    vectors: Vec<Tensor<1>>,
+}
+
+/// The model (on the autodiff device) and one gradient per parameter.
+fn build(shapes: &[Vec<usize>], dtype: DType) -> (Params, Grads) {
     let dev = Device::flex();
     let mut m = Params {
+        kernels: vec![],
         matrices: vec![],
         vectors: vec![],
     };
-    let (mut gm, mut gv) = (vec![], vec![]);
+    let mut g = Grads {
+        kernels: vec![],
+        matrices: vec![],
+        vectors: vec![],
+    };
     for (i, s) in shapes.iter().enumerate() {
         let seed = i as u64 + 1;
-        if s.len() == 2 {
-            m.matrices.push(Param::from_tensor(
-                tensor::<2>(seed, s, 0.2, dtype, &dev).autodiff(),
-            ));
-            gm.push(tensor::<2>(seed + 1000, s, 0.01, dtype, &dev));
-        } else {
-            m.vectors.push(Param::from_tensor(
-                tensor::<1>(seed, s, 0.2, dtype, &dev).autodiff(),
-            ));
-            gv.push(tensor::<1>(seed + 1000, s, 0.01, dtype, &dev));
+        match s.len() {
+            4 => {
+                m.kernels.push(Param::from_tensor(
+                    tensor::<4>(seed, s, 0.2, dtype, &dev).autodiff(),
+                ));
+                g.kernels
+                    .push(tensor::<4>(seed + 1000, s, 0.01, dtype, &dev));
+            }
+            2 => {
+                m.matrices.push(Param::from_tensor(
+                    tensor::<2>(seed, s, 0.2, dtype, &dev).autodiff(),
+                ));
+                g.matrices
+                    .push(tensor::<2>(seed + 1000, s, 0.01, dtype, &dev));
+            }
+            _ => {
+                m.vectors.push(Param::from_tensor(
+                    tensor::<1>(seed, s, 0.2, dtype, &dev).autodiff(),
+                ));
+                g.vectors
+                    .push(tensor::<1>(seed + 1000, s, 0.01, dtype, &dev));
+            }
         }
     }
-    (m, gm, gv)
+    (m, g)
 }
 
 /// This step's gradients (handles to the same buffers every step, as backward would give).
-fn grads(m: &Params, gm: &[Tensor<2>], gv: &[Tensor<1>]) -> GradientsParams {
-    let mut g = GradientsParams::new();
-    for (p, t) in m.matrices.iter().zip(gm) {
-        g.register(p.id, t.clone());
+fn grads(m: &Params, g: &Grads) -> GradientsParams {
+    let mut out = GradientsParams::new();
+    for (p, t) in m.kernels.iter().zip(&g.kernels) {
+        out.register(p.id, t.clone());
     }
-    for (p, t) in m.vectors.iter().zip(gv) {
-        g.register(p.id, t.clone());
+    for (p, t) in m.matrices.iter().zip(&g.matrices) {
+        out.register(p.id, t.clone());
     }
-    g
+    for (p, t) in m.vectors.iter().zip(&g.vectors) {
+        out.register(p.id, t.clone());
+    }
+    out
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -209,16 +280,20 @@ fn run() -> BoxResult<()> {
         shapes.len()
     );
 
-    let (model, gm, gv) = build(&shapes, args.dtype);
+    let (model, g) = build(&shapes, args.dtype);
     let config = AdafactorConfig {
         jit_compile: args.path == "fused",
         ..Default::default()
     };
     let mut opt = Adafactor::new(config)?;
+    if args.factor_convolutions {
+        let set = opt.factor_convolutions(&model)?;
+        println!("factor_convolutions: {} kernels", set.len());
+    }
     let mut copies = 0;
     let ours = time(model, args.warmup, args.steps, |m| {
-        let g = grads(&m, &gm, &gv);
-        let m = opt.step(m, g)?;
+        let step_grads = grads(&m, &g);
+        let m = opt.step(m, step_grads)?;
         copies += opt.last_step_copies();
         Ok(m)
     })?;
@@ -239,11 +314,11 @@ fn run() -> BoxResult<()> {
     );
     drop(opt);
 
-    let (model, gm, gv) = build(&shapes, args.dtype);
+    let (model, g) = build(&shapes, args.dtype);
     let mut burn_opt = burn::optim::AdafactorConfig::new().init();
     let theirs = time(model, args.warmup, args.steps, |m| {
-        let g = grads(&m, &gm, &gv);
-        Ok(burn_opt.step(1e-3, m, g))
+        let step_grads = grads(&m, &g);
+        Ok(burn_opt.step(1e-3, m, step_grads))
     })?;
     println!(
         "burn-adafactor step_ms {}",
@@ -257,9 +332,14 @@ fn run() -> BoxResult<()> {
     let (median_ms, burn_ms) = (median(ours), median(theirs));
     println!(
         "bench framework=burn set={} path={path} dtype={dtype} params={params} median_ms={median_ms:.2} \
-         burn_adafactor_ms={burn_ms:.2} speedup={:.1}",
+         burn_adafactor_ms={burn_ms:.2} speedup={:.1} factor_convolutions={}",
         args.set,
-        burn_ms / median_ms
+        burn_ms / median_ms,
+        if args.factor_convolutions {
+            "on"
+        } else {
+            "off"
+        }
     );
     Ok(())
 }
