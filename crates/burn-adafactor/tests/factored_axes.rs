@@ -8,7 +8,7 @@ mod common;
 
 use adafactor_conformance as conf;
 use burn::tensor::{DType, Device};
-use burn_adafactor::{Adafactor, AdafactorConfig, DataPath, FactoredAxes, KerasAdafactor};
+use burn_adafactor::{Adafactor, AdafactorConfig, FactoredAxes, KerasAdafactor};
 use common::{Handle, Vars};
 use serde_json::Value;
 
@@ -61,65 +61,27 @@ fn model_of(case: &Value, device: &Device) -> (Vars, Vec<Handle>) {
     common::build(&init, device, None)
 }
 
+/// Kernels in burn's layout `[out, in, kh, kw]`.
+const BURN_LAYOUT: common::Layout = common::Layout {
+    shape: burn_shape,
+    values: relayout,
+};
+
 /// Replays one case. `helper`: factor the kernels as Keras does (else burn's last two axes).
 fn run_case(case: &Value, jit_compile: bool, helper: bool) -> Result<(), String> {
-    let name = conf::name(case);
-    let fail = |m: String| format!("case {name} (jit_compile={jit_compile}): {m}");
-    let device = Device::flex().autodiff();
-    let vars = conf::variables(case);
-    let (mut model, handles) = model_of(case, &device);
-    let mut opt = Adafactor::from_config(&conf::config(case, jit_compile))
-        .map_err(|e| fail(format!("from_config: {e}")))?;
-    if helper {
-        let set = opt
-            .factor_convolutions(&model)
-            .map_err(|e| fail(e.to_string()))?;
-        let kernels: Vec<String> = vars
-            .iter()
-            .zip(&handles)
-            .filter(|(v, _)| KERNELS.contains(&v.name.as_str()))
-            .map(|(_, h)| h.path())
-            .collect();
-        assert_eq!(set, kernels, "the kernels, none of the biases");
-    }
-    common::exclude_as_keras(&mut opt, case, &handles).map_err(fail)?;
-    let want_path = if jit_compile {
-        DataPath::Fused
-    } else {
-        DataPath::Composed
-    };
-    for (k, step) in case["steps"].as_array().into_iter().flatten().enumerate() {
-        let at = |m: String| fail(format!("step {}: {m}", k + 1));
-        let grads: Vec<Option<Vec<f32>>> = conf::gradients(step)
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, v)| g.map(|g| relayout(&g, &v.shape, true)))
-            .collect();
-        let grads = common::grads(&handles, &grads, &device, DType::F32);
-        model = opt
-            .step(model, grads)
-            .map_err(|e| at(format!("step: {e}")))?;
-        if opt.data_path() != want_path {
-            return Err(at(format!("ran on {:?}", opt.data_path())));
+    common::replay(case, jit_compile, &BURN_LAYOUT, |opt, model, handles| {
+        if helper {
+            let set = opt.factor_convolutions(model).map_err(|e| e.to_string())?;
+            let kernels: Vec<String> = conf::variables(case)
+                .iter()
+                .zip(handles)
+                .filter(|(v, _)| KERNELS.contains(&v.name.as_str()))
+                .map(|(_, h)| h.path())
+                .collect();
+            assert_eq!(set, kernels, "the kernels, none of the biases");
         }
-        let recorded = step["variables"].as_array().into_iter().flatten();
-        for ((v, h), want) in vars.iter().zip(&handles).zip(recorded) {
-            let got = relayout(&common::values(&model, h), &v.shape, false);
-            conf::compare(&format!("variable {}", v.name), &got, want).map_err(at)?;
-        }
-        if let Some(emas) = step.get("ema").and_then(Value::as_array) {
-            for ((v, h), want) in vars.iter().zip(&handles).zip(emas) {
-                let avg = opt
-                    .moving_average(&h.path())
-                    .map_err(|e| at(e.to_string()))?
-                    .ok_or_else(|| at(format!("no EMA average for {}", v.name)))?;
-                let avg = avg.try_to_vec::<f32>().map_err(|e| at(format!("{e:?}")))?;
-                let got = relayout(&avg, &v.shape, false);
-                conf::compare(&format!("EMA of {}", v.name), &got, want).map_err(at)?;
-            }
-        }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: a module holding parameters of any rank, built
-//! from shapes and values, with gradients registered by position.
+//! from shapes and values, with gradients registered by position; the replay of a recorded Keras
+//! run on it.
 
 #![allow(dead_code)] // each test file uses only some of them
 
@@ -8,6 +9,8 @@ use adafactor_conformance as conf;
 use burn::module::{Module, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+use burn_adafactor::{Adafactor, DataPath};
+use serde_json::Value;
 
 /// Parameters of ranks 1 to 4, in lists by rank (paths `r1.0`, `r2.0`, ...).
 #[derive(Module, Debug)]
@@ -158,7 +161,7 @@ pub fn requires_grad(m: &Vars, h: &Handle) -> bool {
 /// matched exactly.
 pub fn exclude_as_keras(
     opt: &mut burn_adafactor::Adafactor,
-    case: &serde_json::Value,
+    case: &Value,
     handles: &[Handle],
 ) -> Result<(), String> {
     let keras = NameExclusions::new(&conf::excluded_names(case)).map_err(|e| e.to_string())?;
@@ -171,4 +174,113 @@ pub fn exclude_as_keras(
     let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
     opt.exclude_from_weight_decay(&refs)
         .map_err(|e| e.to_string())
+}
+
+/// How a recorded case's values, in Keras's layout, map to the module's parameters.
+pub struct Layout {
+    /// The module's shape of a variable of Keras shape `shape`.
+    pub shape: fn(&[usize]) -> Vec<usize>,
+    /// Values of a variable of Keras shape `shape` to the module's layout (`true`) or back.
+    pub values: fn(&[f32], &[usize], bool) -> Vec<f32>,
+}
+
+fn same_shape(shape: &[usize]) -> Vec<usize> {
+    shape.to_vec()
+}
+
+fn same_values(values: &[f32], _: &[usize], _: bool) -> Vec<f32> {
+    values.to_vec()
+}
+
+/// Every parameter as Keras stores it.
+pub const KERAS_LAYOUT: Layout = Layout {
+    shape: same_shape,
+    values: same_values,
+};
+
+/// Replays one recorded case on one path (`jit_compile`) on a module of its variables in
+/// `layout`, `setup` running on the fresh optimizer first; compares every parameter, EMA
+/// average and `iterations` after every step, and the finalized values when recorded. `Err`
+/// names the case, step, variable, index, expected and got.
+pub fn replay(
+    case: &Value,
+    jit_compile: bool,
+    layout: &Layout,
+    setup: impl FnOnce(&mut Adafactor, &Vars, &[Handle]) -> Result<(), String>,
+) -> Result<(), String> {
+    let name = conf::name(case);
+    let fail = |m: String| format!("case {name} (jit_compile={jit_compile}): {m}");
+    let mut opt = Adafactor::from_config(&conf::config(case, jit_compile))
+        .map_err(|e| fail(format!("from_config: {e}")))?;
+    let device = Device::flex().autodiff();
+    let vars = conf::variables(case);
+    let to_module = |v: &[f32], shape: &[usize]| (layout.values)(v, shape, true);
+    let to_keras = |v: &[f32], shape: &[usize]| (layout.values)(v, shape, false);
+    let init: Vec<(Vec<usize>, Vec<f32>)> = vars
+        .iter()
+        .map(|v| ((layout.shape)(&v.shape), to_module(&v.initial, &v.shape)))
+        .collect();
+    let (mut model, handles) = build(&init, &device, None);
+    setup(&mut opt, &model, &handles).map_err(fail)?;
+    // Keras excludes by variable name; the same variables are excluded here by module path.
+    exclude_as_keras(&mut opt, case, &handles).map_err(fail)?;
+    let want_path = if jit_compile {
+        DataPath::Fused
+    } else {
+        DataPath::Composed
+    };
+
+    for (k, step) in case["steps"].as_array().into_iter().flatten().enumerate() {
+        let at = |m: String| fail(format!("step {}: {m}", k + 1));
+        let g: Vec<Option<Vec<f32>>> = conf::gradients(step)
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| g.map(|g| to_module(&g, &v.shape)))
+            .collect();
+        model = opt
+            .step(model, grads(&handles, &g, &device, DType::F32))
+            .map_err(|e| at(format!("step: {e}")))?;
+        if opt.data_path() != want_path {
+            return Err(at(format!(
+                "ran on {:?}, expected {want_path:?}",
+                opt.data_path()
+            )));
+        }
+        let want_it = step["iterations"]
+            .as_u64()
+            .ok_or_else(|| at("no iterations".into()))?;
+        if opt.iterations() != want_it {
+            return Err(at(format!(
+                "iterations: expected {want_it}, got {}",
+                opt.iterations()
+            )));
+        }
+        let recorded = step["variables"].as_array().into_iter().flatten();
+        for ((v, h), want) in vars.iter().zip(&handles).zip(recorded) {
+            let got = to_keras(&values(&model, h), &v.shape);
+            conf::compare(&format!("variable {}", v.name), &got, want).map_err(at)?;
+        }
+        if let Some(emas) = step.get("ema").and_then(Value::as_array) {
+            for ((v, h), want) in vars.iter().zip(&handles).zip(emas) {
+                let avg = opt
+                    .moving_average(&h.path())
+                    .map_err(|e| at(e.to_string()))?
+                    .ok_or_else(|| at(format!("no EMA average for {}", v.name)))?;
+                let avg = avg.try_to_vec::<f32>().map_err(|e| at(format!("{e:?}")))?;
+                let got = to_keras(&avg, &v.shape);
+                conf::compare(&format!("EMA of {}", v.name), &got, want).map_err(at)?;
+            }
+        }
+    }
+    if let Some(fin) = case.get("finalized").and_then(Value::as_array) {
+        let model = opt
+            .finalize_variable_values(model)
+            .map_err(|e| fail(e.to_string()))?;
+        for ((v, h), want) in vars.iter().zip(&handles).zip(fin) {
+            let got = to_keras(&values(&model, h), &v.shape);
+            conf::compare(&format!("finalized {}", v.name), &got, want)
+                .map_err(|m| fail(format!("after finalize_variable_values: {m}")))?;
+        }
+    }
+    Ok(())
 }
