@@ -131,11 +131,23 @@ pub(crate) fn prefetch_raw<T>(p: *const T, len: usize) {
 /// prefetcher alone leaves passes that compute between short runs short of the bandwidth.
 pub(crate) const PREFETCH_BYTES: usize = 4096;
 
+/// How far ahead a pass asks when it computes more per byte than the others (the short-row
+/// statistics pass: a transpose, each row's new statistic, weighted sums): at
+/// [`PREFETCH_BYTES`] its loads still waited, `4194304 x 4` took 11.7 ms a pass against 10.3
+/// ms at this distance (with the old row statistics asked for too; BENCHMARKS.md).
+pub(crate) const FAR_PREFETCH_BYTES: usize = 8192;
+
 /// Asks for elements `start + ahead .. start + ahead + len` of `v` (clipped to it), `ahead`
 /// being [`PREFETCH_BYTES`] of `v`'s elements.
 #[inline(always)]
 pub(crate) fn prefetch_ahead<T>(v: &[T], start: usize, len: usize) {
-    let ahead = PREFETCH_BYTES / std::mem::size_of::<T>().max(1);
+    prefetch_ahead_by(v, start, len, PREFETCH_BYTES);
+}
+
+/// [`prefetch_ahead`], `bytes` ahead.
+#[inline(always)]
+pub(crate) fn prefetch_ahead_by<T>(v: &[T], start: usize, len: usize, bytes: usize) {
+    let ahead = bytes / std::mem::size_of::<T>().max(1);
     let from = (start + ahead).min(v.len());
     prefetch(&v[from..(from + len).min(v.len())]);
 }

@@ -16,6 +16,7 @@
 use super::cpu::{prefetch, PREFETCH_BYTES};
 use super::element::Element;
 use super::grad::{Decay, Grad};
+pub(crate) use super::reduce::lane_sum;
 use super::reduce::CHUNK;
 use super::row_args::{Pass1Rows, Pass1Sums, RowUpdate};
 use super::store::{with_store, Store};
@@ -23,21 +24,6 @@ use super::store::{with_store, Store};
 /// Lanes of a reduction: element `j` of a block adds into lane `j % LANES`, and the lanes are
 /// summed by [`lane_sum`] at the end of the block (every version reduces this way).
 pub(crate) const LANES: usize = 16;
-
-/// The sum of the lanes as a tree (lane `i` plus lane `i + 8`, then `i + 4`, ...): four
-/// dependent additions instead of fifteen, on the path from one row's sums to the next step.
-#[inline(always)]
-pub(crate) fn lane_sum(lanes: &[f32; LANES]) -> f32 {
-    let mut v = *lanes;
-    let mut half = LANES / 2;
-    while half > 0 {
-        for i in 0..half {
-            v[i] += v[i + half];
-        }
-        half /= 2;
-    }
-    v[0]
-}
 
 /// Pass 1 over one row, in one sweep: the float32 sum of squares of `g` ([`LANES`] lanes,
 /// blocked by [`CHUNK`], blocks added in float32), each square added into `col` (and written to

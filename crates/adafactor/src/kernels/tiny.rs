@@ -14,7 +14,7 @@
 //! order: the bits do not depend on the thread count. The update runs in the weight's own
 //! layout with the factors `a_i b_j` laid out alongside. See [`super::shaped`] for the passes.
 
-use super::cpu::prefetch_ahead;
+use super::cpu::{prefetch_ahead, prefetch_ahead_by, FAR_PREFETCH_BYTES, PREFETCH_BYTES};
 use super::element::Element;
 use super::grad::{decayed_view, probe_unless_finite, Grad};
 use super::parallel::{map_units, map_units_wide, parallel_for, with_kept, UNIT_ELEMS};
@@ -136,13 +136,23 @@ struct RowsLanes {
 
 /// Asks for the gradient and the weight of elements `start..start + len`, [`PREFETCH_BYTES`]
 /// ahead.
-///
-/// [`PREFETCH_BYTES`]: super::cpu::PREFETCH_BYTES
 #[inline(always)]
 fn ask_ahead<T: Element>(grad: &Grad<'_, T>, x: Option<&[T]>, start: usize, len: usize) {
-    prefetch_ahead(grad.g, start, len);
+    ask_ahead_by(grad, x, start, len, PREFETCH_BYTES);
+}
+
+/// [`ask_ahead`], `bytes` ahead.
+#[inline(always)]
+fn ask_ahead_by<T: Element>(
+    grad: &Grad<'_, T>,
+    x: Option<&[T]>,
+    start: usize,
+    len: usize,
+    bytes: usize,
+) {
+    prefetch_ahead_by(grad.g, start, len, bytes);
     if let Some(x) = x {
-        prefetch_ahead(x, start, len);
+        prefetch_ahead_by(x, start, len, bytes);
     }
 }
 
@@ -941,7 +951,11 @@ fn rows_unit<T: Element>(
         }
         let (mut sr, mut sg) = ([0f32; LANES], [0f32; LANES]);
         for (t, (glt, rst)) in gl.chunks_exact(m).zip(rs.iter_mut()).enumerate() {
-            ask_ahead(grad, reads.x, e0 + t * LANES * m, LANES * m);
+            // Further ahead than the other passes, and the old row statistics too: this
+            // pass computes more per byte ([`FAR_PREFETCH_BYTES`]).
+            let far = FAR_PREFETCH_BYTES;
+            ask_ahead_by(grad, reads.x, e0 + t * LANES * m, LANES * m, far);
+            prefetch_ahead_by(args.r_old, q + t * LANES, LANES, far);
             let mut sum = [0f32; LANES];
             for (gv, cs) in glt.iter().zip(c32.iter_mut()) {
                 let e = mul(gv, gv);

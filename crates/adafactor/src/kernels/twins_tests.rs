@@ -730,3 +730,39 @@ fn the_row_fold_adds_squares_in_row_order_short_or_long_rows() {
         }
     }
 }
+
+#[test]
+fn the_sum_of_squares_twin_matches_the_portable_lanes() {
+    use super::reduce::{avx2, portable_block_sum_sq, CHUNK};
+    if !available("AVX2", has_avx2()) {
+        return;
+    }
+    // Whole lanes, a remainder, shorter than one set of lanes, empty, a whole block; values
+    // of mixed sizes so that the order of the additions shows in the bits.
+    for (seed, len) in [
+        (1u64, 1024usize),
+        (2, 1000),
+        (3, 31),
+        (4, 0),
+        (5, 33),
+        (6, 96),
+    ] {
+        let mut v = values(seed, len, 2.0);
+        for (i, x) in v.iter_mut().enumerate() {
+            *x *= 2f32.powi((i * 7 % 23) as i32 - 11);
+        }
+        let want = portable_block_sum_sq(&v);
+        // SAFETY: the CPU has AVX2 (checked above).
+        let got = unsafe { avx2::block_sum_sq(&v) };
+        assert_eq!(got.to_bits(), want.to_bits(), "length {len}");
+        // The portable lanes add in halves, not in order: a plain running sum differs.
+        if len == CHUNK {
+            let running = v.iter().fold(0f32, |s, x| s + x * x);
+            assert_ne!(
+                running.to_bits(),
+                want.to_bits(),
+                "a running sum gave the same bits"
+            );
+        }
+    }
+}
