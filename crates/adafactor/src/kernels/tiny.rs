@@ -14,7 +14,9 @@
 //! order: the bits do not depend on the thread count. The update runs in the weight's own
 //! layout with the factors `a_i b_j` laid out alongside. See [`super::shaped`] for the passes.
 
-use super::cpu::{prefetch_ahead, prefetch_ahead_by, FAR_PREFETCH_BYTES, PREFETCH_BYTES};
+use super::cpu::{
+    prefetch_ahead, prefetch_ahead_by, prefetch_raw, FAR_PREFETCH_BYTES, PREFETCH_BYTES,
+};
 use super::element::Element;
 use super::grad::{decayed_view, probe_unless_finite, Grad};
 use super::parallel::{map_units, map_units_wide, parallel_for, with_kept, UNIT_ELEMS};
@@ -26,6 +28,13 @@ use super::shaped::{
 };
 use super::transpose::{from_lanes, to_lanes, to_lanes_groups};
 use crate::state::Factoring;
+
+/// Elements per piece of the short-row write pass, each of which asks for its own data ahead.
+const WRITE_PIECE: usize = 128;
+
+/// How far ahead the short-row write pass asks for the gradient, the weight and the row
+/// statistics.
+const WRITE_AHEAD: usize = PREFETCH_BYTES;
 
 /// Matrices (or rows) per group, one per lane.
 pub const LANES: usize = 16;
@@ -1354,10 +1363,9 @@ fn rows_write<T: Element>(
                                 let q = slice * n + i0 + bi * block_rows;
                                 let at = bi * block_rows * m;
                                 let len = (xs.len() - at).min(block_rows * m);
-                                // The gradient and the weight a block ahead (clipped to the unit's weight),
-                                // asked for before the block's factors are computed.
-                                prefetch_ahead(grad.g, q * m, len);
-                                prefetch_ahead(&*xs, at, len);
+                                // The weight's place, to ask ahead in it while a block of it
+                                // is borrowed for the update (a prefetch reads nothing).
+                                let (x_ptr, x_len) = (xs.as_ptr(), xs.len());
                                 let xb = &mut xs[at..at + len];
                                 let fac = &mut s.fac[..len];
                                 if m == 1 {
@@ -1377,7 +1385,24 @@ fn rows_write<T: Element>(
                                     }
                                 }
                                 let g = load_grad(grad, q * m, &mut s.gbuf[..len], false, &mut probe);
-                                store_block(xb, q * m, g, &s.fac[..len], &mut s.xbuf[..len], w);
+                                // In pieces, each asking for the gradient and the weight a
+                                // distance ahead (clipped to the unit's weight) and the row
+                                // statistics with them: the asks spread over the block instead
+                                // of a burst at its start that stalled on the memory system
+                                // (the update is elementwise: the pieces change no bits).
+                                let pieces = xb
+                                    .chunks_mut(WRITE_PIECE)
+                                    .zip(g.chunks(WRITE_PIECE))
+                                    .zip(s.fac[..len].chunks(WRITE_PIECE))
+                                    .zip(s.xbuf[..len].chunks_mut(WRITE_PIECE));
+                                for (p, (((xp, gp), fp), bp)) in pieces.enumerate() {
+                                    let e = q * m + p * WRITE_PIECE;
+                                    prefetch_ahead_by(grad.g, e, gp.len(), WRITE_AHEAD);
+                                    let from = (at + p * WRITE_PIECE + WRITE_AHEAD / size_of::<T>()).min(x_len);
+                                    prefetch_raw(x_ptr.wrapping_add(from), gp.len().min(x_len - from));
+                                    prefetch_ahead_by(&st.r, e / m, gp.len() / m, WRITE_AHEAD);
+                                    store_block(xp, e, gp, fp, bp, w);
+                                }
                             }
                         })
                     }
