@@ -7,13 +7,14 @@
 //! write pass of the kernels for shapes other than large matrices (`kernels::shaped`: batches
 //! of tiny matrices, short rows, few rows, a single row) and, in the same iterations, an ideal
 //! statistics pass (reads gradient, weight and old statistics, writes the new statistics to
-//! separate buffers, as the kernels do) and an ideal write pass (reads gradient, weight and statistics, writes the weight), words moved
-//! as integers with trivial arithmetic, over rayon with jobs of 32768 elements. It prints the
-//! median of each and their ratios:
+//! separate buffers, as the kernels do) and an ideal write pass (reads gradient, weight and
+//! statistics, writes the weight), words moved as integers with trivial arithmetic, over rayon
+//! with jobs of 32768 elements. It prints the median of each and their ratios (one line):
 //!
 //! ```text
 //! cargo run --release -p adafactor --example pass_bench -- 4194304x4 [REPS]
-//! pass_bench shape=4194304x4 kernel=ShortRows stats_ms=.. ideal_stats_ms=.. write_ms=.. ideal_write_ms=.. vs_ideal=..
+//! pass_bench shape=4194304x4 kernel=ShortRows stats_ms=.. ideal_stats_ms=.. stats_vs_ideal=..
+//!     write_ms=.. ideal_write_ms=.. write_vs_ideal=.. vs_ideal=..
 //! ```
 //!
 //! Float32 gradient and weight, `epsilon_1` 1e-30 (Keras's default), no clipping and no weight

@@ -133,8 +133,7 @@ pub(crate) const PREFETCH_BYTES: usize = 4096;
 
 /// How far ahead a pass asks when it computes more per byte than the others (the short-row
 /// statistics pass: a transpose, each row's new statistic, weighted sums): at
-/// [`PREFETCH_BYTES`] its loads still waited, `4194304 x 4` took 11.7 ms a pass against 10.3
-/// ms at this distance (with the old row statistics asked for too; BENCHMARKS.md).
+/// [`PREFETCH_BYTES`] its loads still waited (BENCHMARKS.md, 2026-12-05 09:10 UTC).
 pub(crate) const FAR_PREFETCH_BYTES: usize = 8192;
 
 /// Asks for elements `start + ahead .. start + ahead + len` of `v` (clipped to it), `ahead`

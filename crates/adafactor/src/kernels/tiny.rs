@@ -1398,8 +1398,10 @@ fn rows_write<T: Element>(
                                 for (p, (((xp, gp), fp), bp)) in pieces.enumerate() {
                                     let e = q * m + p * WRITE_PIECE;
                                     prefetch_ahead_by(grad.g, e, gp.len(), WRITE_AHEAD);
-                                    let from = (at + p * WRITE_PIECE + WRITE_AHEAD / size_of::<T>()).min(x_len);
-                                    prefetch_raw(x_ptr.wrapping_add(from), gp.len().min(x_len - from));
+                                    let ahead = WRITE_AHEAD / size_of::<T>();
+                                    let from = (at + p * WRITE_PIECE + ahead).min(x_len);
+                                    let ask = gp.len().min(x_len - from);
+                                    prefetch_raw(x_ptr.wrapping_add(from), ask);
                                     prefetch_ahead_by(&st.r, e / m, gp.len() / m, WRITE_AHEAD);
                                     store_block(xp, e, gp, fp, bp, w);
                                 }
