@@ -95,6 +95,21 @@ pub fn compare(what: &str, got: &[f32], want: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks the optimizer's iteration count after a recorded step against the step's
+/// `iterations`.
+///
+/// # Errors
+/// The step records no count, or `got` differs from it.
+pub fn check_iterations(step: &Value, got: u64) -> Result<(), String> {
+    let want = step["iterations"]
+        .as_u64()
+        .ok_or_else(|| "no iterations".to_string())?;
+    if got != want {
+        return Err(format!("iterations: expected {want}, got {got}"));
+    }
+    Ok(())
+}
+
 /// One recorded variable: name, shape and initial values.
 #[derive(Debug, Clone)]
 pub struct Variable {

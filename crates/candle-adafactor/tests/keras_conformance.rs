@@ -75,15 +75,7 @@ fn run_case(case: &Value, jit_compile: bool) -> Result<(), String> {
         opt.apply_gradients(&pairs)
             .map_err(|e| at(format!("apply_gradients: {e}")))?;
 
-        let want_it = step["iterations"]
-            .as_u64()
-            .ok_or_else(|| at("no iterations".into()))?;
-        if opt.iterations() != want_it {
-            return Err(at(format!(
-                "iterations: expected {want_it}, got {}",
-                opt.iterations()
-            )));
-        }
+        conf::check_iterations(step, opt.iterations()).map_err(at)?;
         for ((vname, var), want) in vars
             .iter()
             .zip(step["variables"].as_array().into_iter().flatten())

@@ -246,15 +246,7 @@ pub fn replay(
                 opt.data_path()
             )));
         }
-        let want_it = step["iterations"]
-            .as_u64()
-            .ok_or_else(|| at("no iterations".into()))?;
-        if opt.iterations() != want_it {
-            return Err(at(format!(
-                "iterations: expected {want_it}, got {}",
-                opt.iterations()
-            )));
-        }
+        conf::check_iterations(step, opt.iterations()).map_err(at)?;
         let recorded = step["variables"].as_array().into_iter().flatten();
         for ((v, h), want) in vars.iter().zip(&handles).zip(recorded) {
             let got = to_keras(&values(&model, h), &v.shape);
