@@ -13,8 +13,8 @@ use super::{Backend, GradScale, Measure, Target, UpdateContext, WriteScalars};
 use crate::error::Error;
 use crate::kernels::shaped::{self, Fresh, Kernel, Reads, StatArgs, Statistics};
 use crate::kernels::{
-    after_write, elementwise, factored, strided, vector, Grad, GradTransform, Rounding, RowLoops,
-    Spare, Tail,
+    after_write, elementwise, factored, prefetch_head, strided, vector, Grad, GradTransform,
+    Rounding, RowLoops, Spare, Tail,
 };
 use crate::plan::{Clip, EmaPlan};
 use crate::rounding::RoundingStream;
@@ -378,6 +378,18 @@ pub enum Updated {
     Shaped(Statistics),
 }
 
+impl Updated {
+    /// Where its new statistics are (address and length of each buffer), for asking ahead.
+    fn statistics_at(&self) -> [(usize, usize); 2] {
+        let at = |v: &[f32]| (v.as_ptr() as usize, v.len());
+        match self {
+            Updated::Factored(p) => [at(&p.r), at(&p.c)],
+            Updated::Shaped(st) => [at(&st.r), at(&st.c)],
+            Updated::Vector(v) => [at(v), (0, 0)],
+        }
+    }
+}
+
 fn kind_mismatch() -> Error {
     Error::Internal("statistics kind mismatch".into())
 }
@@ -622,12 +634,26 @@ impl<S: SliceStore> Backend for Fused<'_, S> {
         // In the reverse order of pass 1, so that the data pass 1 read last, still in the
         // last-level cache, is read first; each target's new statistics come out of the same
         // parallel job (with thousands of small tensors, a job of its own costs as much).
+        // While it writes a target, a job asks for the new statistics of the one it writes
+        // next (the one before): with thousands of small tensors, each one's factors otherwise
+        // wait on statistics that pass 1 wrote thousands of tensors earlier (BENCHMARKS.md,
+        // 2026-12-05 12:50 UTC).
+        let at: Vec<[(usize, usize); 2]> = updated
+            .par_iter()
+            .map(|(_, up)| up.statistics_at())
+            .collect();
         let mut new: Vec<Stats> = updated
             .into_par_iter()
             .zip(targets)
             .zip(scalars)
+            .enumerate()
             .rev()
-            .map(|(((_, up), tg), w)| {
+            .map(|(k, (((_, up), tg), w))| {
+                if let Some(next) = k.checked_sub(1).and_then(|j| at.get(j)) {
+                    for &(p, len) in next {
+                        prefetch_head(p as *const f32, len);
+                    }
+                }
                 let coef = w.alpha / w.divisor;
                 let scale = w.scale.factor();
                 let decay = ctx.decay(tg);

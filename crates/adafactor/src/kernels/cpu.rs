@@ -127,6 +127,13 @@ pub(crate) fn prefetch_raw<T>(p: *const T, len: usize) {
     let _ = (p, len);
 }
 
+/// Asks for the first [`PREFETCH_BYTES`] (at most) of the `len` elements at `p`: a buffer the
+/// caller reaches next, started early (a prefetch reads nothing, so `p` may be any address).
+#[inline(always)]
+pub(crate) fn prefetch_head<T>(p: *const T, len: usize) {
+    prefetch_raw(p, len.min(PREFETCH_BYTES / std::mem::size_of::<T>().max(1)));
+}
+
 /// How far ahead the streaming passes ask for the data they will read: the hardware
 /// prefetcher alone leaves passes that compute between short runs short of the bandwidth.
 pub(crate) const PREFETCH_BYTES: usize = 4096;

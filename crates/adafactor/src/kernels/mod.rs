@@ -64,6 +64,7 @@ pub mod vector;
 mod wide;
 
 pub use after_write::Tail;
+pub(crate) use cpu::prefetch_head;
 pub use dispatch::RowLoops;
 pub use element::Element;
 pub use grad::{Decay, Grad, GradTransform};
