@@ -153,9 +153,22 @@ pub(crate) fn prefetch_ahead<T>(v: &[T], start: usize, len: usize) {
 /// [`prefetch_ahead`], `bytes` ahead.
 #[inline(always)]
 pub(crate) fn prefetch_ahead_by<T>(v: &[T], start: usize, len: usize, bytes: usize) {
+    prefetch_ahead_raw(v.as_ptr(), v.len(), start, len, bytes);
+}
+
+/// [`prefetch_ahead_by`] in the buffer of `buf_len` elements at `p`, for a buffer that another
+/// borrow holds meanwhile (a prefetch reads nothing, so no reference to it is made).
+#[inline(always)]
+pub(crate) fn prefetch_ahead_raw<T>(
+    p: *const T,
+    buf_len: usize,
+    start: usize,
+    len: usize,
+    bytes: usize,
+) {
     let ahead = bytes / std::mem::size_of::<T>().max(1);
-    let from = (start + ahead).min(v.len());
-    prefetch(&v[from..(from + len).min(v.len())]);
+    let from = (start + ahead).min(buf_len);
+    prefetch_raw(p.wrapping_add(from), len.min(buf_len - from));
 }
 
 /// Runs `f` compiled for AVX2 when the row loops may use it ([`simd`]), else for

@@ -739,9 +739,7 @@ fn prepare_into(
     (r, c, mean, a, b): PreparedShare<'_>,
 ) {
     new_stats_into(sums, olds, f, update, (&mut *r, &mut *c));
-    col_factors_into(c, b);
-    row_means(r, f, mean);
-    row_factors_into(r, f, mean, a);
+    means_and_factors_into(r, c, f, mean, (a, b));
 }
 
 /// `mean(r)` per slice into `out` (`lead` values).
@@ -755,27 +753,32 @@ fn row_means(r: &[f32], f: Factoring, out: &mut [f32]) {
     }
 }
 
-/// The row factors of `1/sqrt(v_ij) = a_i b_j`: `a_i = sqrt(mean(r) / r_i)` into
-/// `row_factor`.
+/// `mean(r)` per slice into `row_mean`, and the factors of `1/sqrt(v_ij) = a_i b_j`:
+/// `a_i = sqrt(mean(r) / r_i)` into `row_factor`, `b_j = 1 / sqrt(c_j)` into `col_factor`. The
+/// column factors come first: independent of the means, their divisions and square roots run
+/// while each mean's one-after-another sum does (BENCHMARKS.md, 2026-12-05 12:30 UTC).
 #[inline(always)]
-fn row_factors_into(r: &[f32], f: Factoring, row_mean: &[f32], row_factor: &mut [f32]) {
+fn means_and_factors_into(
+    r: &[f32],
+    c: &[f32],
+    f: Factoring,
+    row_mean: &mut [f32],
+    (row_factor, col_factor): (&mut [f32], &mut [f32]),
+) {
+    for (b, cj) in col_factor.iter_mut().zip(c) {
+        *b = (1.0 / (*cj as f64).sqrt()) as f32;
+    }
+    row_means(r, f, row_mean);
     if f.n > 0 {
-        for ((rs, af), mean) in r.chunks(f.n).zip(row_factor.chunks_mut(f.n)).zip(row_mean) {
+        for ((rs, af), mean) in r
+            .chunks(f.n)
+            .zip(row_factor.chunks_mut(f.n))
+            .zip(&*row_mean)
+        {
             for (a, ri) in af.iter_mut().zip(rs) {
                 *a = (*mean as f64 / *ri as f64).sqrt() as f32;
             }
         }
-    }
-}
-
-/// The column factors of `1/sqrt(v_ij) = a_i b_j`: `b_j = 1 / sqrt(c_j)` into `col_factor`.
-/// Callers compute them before `mean(r)`: independent of the means, their divisions and square
-/// roots then run while each mean's one-after-another sum does (BENCHMARKS.md, 2026-12-05 12:30
-/// UTC).
-#[inline(always)]
-fn col_factors_into(c: &[f32], col_factor: &mut [f32]) {
-    for (b, cj) in col_factor.iter_mut().zip(c) {
-        *b = (1.0 / (*cj as f64).sqrt()) as f32;
     }
 }
 
@@ -968,9 +971,7 @@ pub fn pass3_then<T: RowLoops>(
         vectorized(
             #[inline(always)]
             || {
-                col_factors_into(&p.c, col_factor);
-                row_means(&p.r, f, row_mean);
-                row_factors_into(&p.r, f, row_mean, row_factor);
+                means_and_factors_into(&p.r, &p.c, f, row_mean, (row_factor, col_factor));
             },
         );
         run(row_factor, col_factor)

@@ -15,7 +15,7 @@
 //! layout with the factors `a_i b_j` laid out alongside. See [`super::shaped`] for the passes.
 
 use super::cpu::{
-    prefetch_ahead, prefetch_ahead_by, prefetch_raw, FAR_PREFETCH_BYTES, PREFETCH_BYTES,
+    prefetch_ahead, prefetch_ahead_by, prefetch_ahead_raw, FAR_PREFETCH_BYTES, PREFETCH_BYTES,
 };
 use super::element::Element;
 use super::grad::{decayed_view, probe_unless_finite, Grad};
@@ -1398,10 +1398,8 @@ fn rows_write<T: Element>(
                                 for (p, (((xp, gp), fp), bp)) in pieces.enumerate() {
                                     let e = q * m + p * WRITE_PIECE;
                                     prefetch_ahead_by(grad.g, e, gp.len(), WRITE_AHEAD);
-                                    let ahead = WRITE_AHEAD / size_of::<T>();
-                                    let from = (at + p * WRITE_PIECE + ahead).min(x_len);
-                                    let ask = gp.len().min(x_len - from);
-                                    prefetch_raw(x_ptr.wrapping_add(from), ask);
+                                    let x_at = at + p * WRITE_PIECE;
+                                    prefetch_ahead_raw(x_ptr, x_len, x_at, gp.len(), WRITE_AHEAD);
                                     prefetch_ahead_by(&st.r, e / m, gp.len() / m, WRITE_AHEAD);
                                     store_block(xp, e, gp, fp, bp, w);
                                 }
